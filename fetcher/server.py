@@ -1,0 +1,278 @@
+"""The HTTP API, v1, as an ASGI app served by hypercorn on trio.
+
+CAS role (``lazycaf cas serve``) over a ``CasDir``:
+
+    GET  /v1/blobs/{hex}     the blob (Range supported; zstd frames when the client accepts)
+    HEAD /v1/blobs/{hex}     200 with its size, or 404
+    PUT  /v1/blobs/{hex}     store (verified; idempotent: 201 new, 200 already there)
+    POST /v1/blobs:missing   {"digests": [hex, ...]} -> {"missing": [hex, ...]}
+    GET  /v1/refs/{name}     the manifest digest a ref names (text)
+    PUT  /v1/refs/{name}     set a ref (the blob must be stored)
+    GET  /v1/stats           request and byte counters (for tests and operators)
+
+Writes need ``Authorization: Bearer <token>`` when the server has a token. A path that is not
+a well-formed digest or ref name is a 400; nothing outside the store is ever served.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from lazycaf import framing
+from lazycaf.casdir import CasDir
+from lazycaf.digest import Digest
+from lazycaf.errors import IntegrityError, NotFound, UsageError
+
+__all__ = ["CasApp", "CasStatistics", "bind_socket", "serve_app"]
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_BODY: Final = 512 << 20
+_BLOBS: Final = "/v1/blobs/"
+_REFS: Final = "/v1/refs/"
+
+
+@dataclass
+class CasStatistics:
+    blob_gets: int = 0
+    blob_heads: int = 0
+    blob_puts: int = 0
+    blobs_stored: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    missing_queries: int = 0
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class CasApp:
+    """ASGI app of the CAS role. Disk work runs in threads under one limiter."""
+
+    def __init__(self, store: CasDir, *, token: str | None = None) -> None:
+        self.store = store
+        self._token = token
+        self._limiter = trio.CapacityLimiter(16)
+        self.stats = CasStatistics()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            await self._route(scope, receive, send)
+        except HttpError as exc:
+            await _respond(send, exc.status, (str(exc) + "\n").encode())
+        except NotFound as exc:
+            await _respond(send, 404, (str(exc) + "\n").encode())
+        except (IntegrityError, UsageError) as exc:
+            await _respond(send, 400, (str(exc) + "\n").encode())
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        if path.startswith(_BLOBS):
+            digest = _digest_from(path[len(_BLOBS) :])
+            if method in ("GET", "HEAD"):
+                await self._get_blob(scope, send, digest, head=method == "HEAD")
+            elif method == "PUT":
+                self._check_token(scope)
+                await self._put_blob(scope, receive, send, digest)
+            else:
+                raise HttpError(405, f"{method} not allowed on blobs")
+        elif path == "/v1/blobs:missing" and method == "POST":
+            await self._missing(receive, send)
+        elif path.startswith(_REFS):
+            name = path[len(_REFS) :]
+            if method == "GET":
+                digest = await self._thread(self.store.read_ref, name)
+                await _respond(send, 200, digest.hex.encode() + b"\n")
+            elif method == "PUT":
+                self._check_token(scope)
+                text = (await _read_body(receive, 1024)).decode("ascii", "replace").strip()
+                await self._thread(self.store.write_ref, name, Digest.parse(text))
+                await _respond(send, 200, b"ok\n")
+            else:
+                raise HttpError(405, f"{method} not allowed on refs")
+        elif path == "/v1/stats" and method == "GET":
+            await _respond(send, 200, json.dumps(asdict(self.stats)).encode(), "application/json")
+        else:
+            raise HttpError(404, f"no such endpoint: {method} {path}")
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _check_token(self, scope: Scope) -> None:
+        if self._token is None:
+            return
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if not hmac.compare_digest(auth, f"Bearer {self._token}"):
+            raise HttpError(401, "writes need a valid bearer token")
+
+    async def _get_blob(self, scope: Scope, send: Send, digest: Digest, *, head: bool) -> None:
+        encoding, payload = await self._thread(self.store.read_encoded, digest)
+        headers = dict(scope["headers"])
+        accepts_zstd = b"zstd" in headers.get(b"accept-encoding", b"")
+        range_header = headers.get(b"range")
+        if head:
+            self.stats.blob_heads += 1
+            await _respond(send, 200, b"", head=True)
+            return
+        self.stats.blob_gets += 1
+        if encoding == framing.ZSTD and accepts_zstd and range_header is None:
+            self.stats.bytes_sent += len(payload)
+            await _respond(send, 200, payload, extra=[(b"content-encoding", b"zstd")])
+            return
+        data = await self._thread(framing.decode, encoding, payload)
+        if range_header is None:
+            self.stats.bytes_sent += len(data)
+            await _respond(send, 200, data)
+            return
+        start, end = _parse_range(range_header.decode("latin-1"), len(data))
+        part = data[start:end]
+        self.stats.bytes_sent += len(part)
+        content_range = f"bytes {start}-{end - 1}/{len(data)}".encode()
+        await _respond(send, 206, part, extra=[(b"content-range", content_range)])
+
+    async def _put_blob(self, scope: Scope, receive: Receive, send: Send, digest: Digest) -> None:
+        self.stats.blob_puts += 1
+        body = await _read_body(receive, MAX_BODY)
+        self.stats.bytes_received += len(body)
+        encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").decode()
+        stored = await self._thread(self.store.write_encoded, digest, encoding, body)
+        self.stats.blobs_stored += int(stored)
+        await _respond(send, 201 if stored else 200, b"stored\n" if stored else b"exists\n")
+
+    async def _missing(self, receive: Receive, send: Send) -> None:
+        self.stats.missing_queries += 1
+        try:
+            request = json.loads(await _read_body(receive, 64 << 20))
+            digests = [Digest.parse(h) for h in request["digests"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HttpError(400, f'expected {{"digests": [hex, ...]}}: {exc}') from None
+        missing = await self._thread(self.store.find_missing, digests)
+        body = json.dumps({"missing": [d.hex for d in missing]}).encode()
+        await _respond(send, 200, body, "application/json")
+
+
+def _digest_from(text: str) -> Digest:
+    if not Digest.is_hex(text):
+        raise HttpError(400, f"not a blob digest: {text[:80]!r}")
+    return Digest.parse(text)
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int]:
+    """One ``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` range as [start, end)."""
+    unit, _, spec = header.partition("=")
+    first, dash, last = spec.strip().partition("-")
+    try:
+        if unit.strip() != "bytes" or not dash or "," in spec:
+            raise ValueError
+        if first == "":
+            start, end = max(size - int(last), 0), size
+        else:
+            start = int(first)
+            end = min(int(last) + 1, size) if last else size
+    except ValueError:
+        raise HttpError(400, f"unsupported Range header {header!r}") from None
+    if start >= end:
+        raise HttpError(416, f"range {header!r} not satisfiable for {size} bytes")
+    return start, end
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise HttpError(400, "client disconnected")
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise HttpError(413, f"body larger than {limit} bytes")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str = "application/octet-stream",
+    *,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    head: bool = False,
+) -> None:
+    headers = [(b"content-type", content_type.encode())]
+    if not head:
+        headers.append((b"content-length", str(len(body)).encode()))
+    headers.extend(extra or [])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def bind_socket(listen: str) -> socket.socket:
+    """A listening TCP socket for ``HOST:PORT`` (port 0 picks a free one)."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise UsageError(f"--listen wants HOST:PORT, got {listen!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port_text)))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {listen}: {exc.strerror}") from exc
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_app(
+    app: Any,
+    sock: socket.socket,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on an already bound socket until cancelled."""
+    config = Config()
+    config.bind = [f"fd://{sock.fileno()}"]
+    config.accesslog = None
+    config.errorlog = log
+    config.keep_alive_timeout = 75
+    config.h11_max_incomplete_size = 64 * 1024
+    config.workers = 1
+    await serve(app, config, mode="asgi", task_status=task_status)  # type: ignore[arg-type]

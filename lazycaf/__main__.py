@@ -1,0 +1,3 @@
+from lazycaf.cli import console_main
+
+console_main()

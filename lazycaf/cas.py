@@ -1,0 +1,248 @@
+"""The CAS interface and its backends: a local directory and the HTTP CAS (httpx client).
+
+``open_cas(spec)`` picks the backend: an ``http(s)://`` URL is the project's HTTP CAS server,
+anything else a local directory (default ``~/.cache/lazycaf/cas``, or ``$LAZYCAF_CAS``).
+Every backend verifies what it returns: ``get`` never yields bytes that do not hash to the
+digest asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeVar
+
+import httpx
+import trio
+
+from lazycaf import framing
+from lazycaf.casdir import CasDir, check_ref_name
+from lazycaf.digest import Digest
+from lazycaf.errors import (
+    AccessDenied,
+    BlobNotFound,
+    CasUnavailable,
+    IntegrityError,
+    LazyCafError,
+    RefNotFound,
+    UsageError,
+)
+from lazycaf.manifest import Manifest
+
+__all__ = ["CAS", "HttpCAS", "LocalCAS", "default_cas_spec", "load_manifest", "open_cas", "resolve"]
+
+T = TypeVar("T")
+MISSING_BATCH: Final = 4096
+_DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
+
+
+class CAS(Protocol):
+    """A content-addressed blob store plus named refs."""
+
+    where: str
+
+    async def has(self, digest: Digest) -> bool: ...
+    async def find_missing(self, digests: Sequence[Digest]) -> set[Digest]: ...
+    async def get(self, digest: Digest) -> bytes: ...
+    async def get_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]: ...
+    async def put(self, digest: Digest, data: bytes) -> bool: ...
+    async def get_ref(self, name: str) -> Digest: ...
+    async def set_ref(self, name: str, digest: Digest) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+def default_cas_spec() -> str:
+    return os.environ.get("LAZYCAF_CAS") or str(Path.home() / ".cache" / "lazycaf" / "cas")
+
+
+def open_cas(spec: str | None = None, *, token: str | None = None) -> CAS:
+    """Open the CAS named by ``spec`` (URL or directory; None means the default)."""
+    spec = spec or default_cas_spec()
+    if spec.startswith(("http://", "https://")):
+        return HttpCAS(spec, token=token if token is not None else _token_from_env())
+    if "://" in spec:
+        raise UsageError(f"unsupported CAS address {spec!r} (use http(s)://… or a directory)")
+    return LocalCAS(spec)
+
+
+def _token_from_env() -> str | None:
+    if token := os.environ.get("LAZYCAF_CAS_TOKEN"):
+        return token
+    if path := os.environ.get("LAZYCAF_CAS_TOKEN_FILE"):
+        return Path(path).read_text().strip()
+    return None
+
+
+async def resolve(cas: CAS, ref: str) -> Digest:
+    """A manifest digest from a ref: 64 hex characters are a digest, anything else a name."""
+    if Digest.is_hex(ref):
+        return Digest.parse(ref)
+    return await cas.get_ref(ref)
+
+
+class LocalCAS:
+    """The embedded CAS: a ``CasDir`` reached through worker threads (no server needed)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        try:
+            self._dir = CasDir(root)
+        except OSError as exc:
+            raise CasUnavailable(str(root), exc.strerror or str(exc)) from exc
+        self.where = str(self._dir.root)
+        self._limiter = trio.CapacityLimiter(8)
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except OSError as exc:
+            raise CasUnavailable(
+                self.where, f"{exc.strerror or exc} ({exc.filename or ''})"
+            ) from exc
+
+    async def has(self, digest: Digest) -> bool:
+        return await self._call(self._dir.has, digest)
+
+    async def find_missing(self, digests: Sequence[Digest]) -> set[Digest]:
+        return set(await self._call(self._dir.find_missing, list(digests)))
+
+    async def get(self, digest: Digest) -> bytes:
+        return await self._call(self._dir.read, digest)
+
+    async def get_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]:
+        return await self._call(self._dir.read_encoded, digest)
+
+    async def put(self, digest: Digest, data: bytes) -> bool:
+        return await self._call(self._dir.write, digest, data)
+
+    async def get_ref(self, name: str) -> Digest:
+        return await self._call(self._dir.read_ref, name)
+
+    async def set_ref(self, name: str, digest: Digest) -> None:
+        await self._call(self._dir.write_ref, name, digest)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class HttpCAS:
+    """Client of the HTTP CAS API v1 (httpx, pooled connections).
+
+    Transport failures and 5xx answers become ``CasUnavailable`` naming the URL; every request
+    is bounded by ``timeout``. Blobs travel as zstd frames (``Accept-Encoding: zstd``) and are
+    decoded and verified here, never trusted.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout: httpx.Timeout = _DEFAULT_TIMEOUT,
+        max_connections: int = 16,
+    ) -> None:
+        self.where = url.rstrip("/")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.AsyncClient(
+            base_url=self.where,
+            headers=headers,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=max_connections),
+            transport=httpx.AsyncHTTPTransport(retries=2),
+        )
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise CasUnavailable(self.where, f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 500:
+            raise CasUnavailable(self.where, f"{method} {path}: HTTP {response.status_code}")
+        if response.status_code in (401, 403):
+            raise AccessDenied(f"CAS {self.where} refused {method} {path}: {response.text.strip()}")
+        return response
+
+    async def has(self, digest: Digest) -> bool:
+        r = await self._request("HEAD", f"/v1/blobs/{digest.hex}")
+        return r.status_code == 200
+
+    async def find_missing(self, digests: Sequence[Digest]) -> set[Digest]:
+        missing: set[Digest] = set()
+        unique = list(dict.fromkeys(digests))
+        for start in range(0, len(unique), MISSING_BATCH):
+            batch = [d.hex for d in unique[start : start + MISSING_BATCH]]
+            r = await self._request("POST", "/v1/blobs:missing", json={"digests": batch})
+            self._expect(r, "POST /v1/blobs:missing")
+            missing.update(Digest.parse(h) for h in r.json()["missing"])
+        return missing
+
+    async def get_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]:
+        path = f"/v1/blobs/{digest.hex}"
+        try:
+            async with self._client.stream(
+                "GET", path, headers={"accept-encoding": "zstd"}
+            ) as response:
+                if response.status_code == 404:
+                    raise BlobNotFound(digest, self.where)
+                if response.status_code >= 500:
+                    raise CasUnavailable(self.where, f"GET {path}: HTTP {response.status_code}")
+                if response.status_code != 200:
+                    raise CasUnavailable(self.where, f"GET {path}: HTTP {response.status_code}")
+                payload = b"".join([chunk async for chunk in response.aiter_raw()])
+                encoding = response.headers.get("content-encoding", framing.IDENTITY)
+        except httpx.TransportError as exc:
+            raise CasUnavailable(self.where, f"{type(exc).__name__}: {exc}") from exc
+        if encoding not in (framing.IDENTITY, framing.ZSTD):
+            raise IntegrityError(f"blob {digest}: unexpected content encoding {encoding!r}")
+        return encoding, payload
+
+    async def get(self, digest: Digest) -> bytes:
+        encoding, payload = await self.get_encoded(digest)
+        data = await trio.to_thread.run_sync(_decode_verify, digest, encoding, payload)
+        return data
+
+    async def put(self, digest: Digest, data: bytes) -> bool:
+        encoding, payload = await trio.to_thread.run_sync(framing.encode, data)
+        headers = {"content-encoding": encoding} if encoding != framing.IDENTITY else {}
+        r = await self._request("PUT", f"/v1/blobs/{digest.hex}", content=payload, headers=headers)
+        self._expect(r, f"PUT blob {digest}")
+        return r.status_code == 201
+
+    async def get_ref(self, name: str) -> Digest:
+        check_ref_name(name)
+        r = await self._request("GET", f"/v1/refs/{name}")
+        if r.status_code == 404:
+            raise RefNotFound(name, self.where)
+        self._expect(r, f"GET ref {name!r}")
+        return Digest.parse(r.text.strip())
+
+    async def set_ref(self, name: str, digest: Digest) -> None:
+        check_ref_name(name)
+        r = await self._request("PUT", f"/v1/refs/{name}", content=digest.hex.encode())
+        self._expect(r, f"PUT ref {name!r}")
+
+    def _expect(self, r: httpx.Response, what: str) -> None:
+        if r.status_code >= 400:
+            detail = r.text.strip()[:200]
+            if r.status_code == 404:
+                raise LazyCafError(f"CAS {self.where}: {what}: not found ({detail})")
+            raise LazyCafError(f"CAS {self.where}: {what}: HTTP {r.status_code} {detail}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _decode_verify(digest: Digest, encoding: str, payload: bytes) -> bytes:
+    data = framing.decode(encoding, payload, what=f"blob {digest}")
+    digest.verify(data)
+    return data
+
+
+async def load_manifest(cas: CAS, ref: str) -> tuple[Digest, Manifest]:
+    """Resolve ``ref`` and fetch, verify and decode its manifest."""
+    digest = await resolve(cas, ref)
+    data = await cas.get(digest)
+    name = f"manifest {digest}" + (f" (ref {ref!r})" if ref != digest.hex else "")
+    manifest = await trio.to_thread.run_sync(functools.partial(Manifest.decode, data, name=name))
+    return digest, manifest

@@ -1,0 +1,135 @@
+"""Shared fixtures: the real CLI as a subprocess, a real HTTP CAS server, capabilities.
+
+A test that needs a capability the machine lacks (root, /dev/fuse, Btrfs, netns) skips on a
+developer machine but fails under ``CI=true``: CI must never silently skip them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require(ok: bool, why: str) -> None:
+    """Skip (or fail under CI=true) when a capability is missing."""
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must have this capability: {why}")
+    pytest.skip(why)
+
+
+def run_cli(
+    *args: str | os.PathLike[str],
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m lazycaf ARGS`` the way a user would; check=True wants exit 0."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazycaf", *map(str, args)],
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+        input=input,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"lazycaf {' '.join(map(str, args))} exited {proc.returncode}:\n"
+            f"{proc.stderr.decode(errors='replace')}"
+        )
+    return proc
+
+
+@dataclass
+class CasServer:
+    url: str
+    root: Path
+    token: str
+    token_file: Path
+    proc: subprocess.Popen[bytes]
+
+    def stats(self) -> dict[str, int]:
+        result: dict[str, int] = httpx.get(f"{self.url}/v1/stats", timeout=5).json()
+        return result
+
+
+def start_cas_server(root: Path, token_dir: Path) -> CasServer:
+    token = secrets.token_hex(16)
+    token_file = token_dir / "cas-token"
+    token_file.write_text(token + "\n")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lazycaf",
+            "cas",
+            "serve",
+            "--root",
+            str(root),
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            str(token_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if "http://" not in line:
+        proc.kill()
+        raise AssertionError(f"CAS server did not start: {line!r} {proc.stderr.read()!r}")  # type: ignore[union-attr]
+    url = line.strip().rpartition(" on ")[2]
+    return CasServer(url, root, token, token_file, proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+@pytest.fixture
+def cas_server(tmp_path: Path) -> Iterator[CasServer]:
+    server = start_cas_server(tmp_path / "cas-server", tmp_path)
+    try:
+        yield server
+    finally:
+        stop(server.proc)
+
+
+@pytest.fixture(scope="session")
+def sample_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample executable (interpreter prefix + numpy), built once per session."""
+    require(
+        subprocess.run(["which", "patchelf"], capture_output=True).returncode == 0,
+        "patchelf is needed to build the sample executable",
+    )
+    out = tmp_path_factory.mktemp("sample") / "exe"
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_sample.py"), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return out
