@@ -3,7 +3,7 @@
 CAS role (``lazycaf cas serve``) over a ``CasDir``:
 
     GET  /v1/blobs/{hex}     the blob (Range supported; zstd frames when the client accepts)
-    HEAD /v1/blobs/{hex}     200 with its size, or 404
+    HEAD /v1/blobs/{hex}     200 with its decoded size in content-length, or 404
     PUT  /v1/blobs/{hex}     store (verified; idempotent: 201 new, 200 already there)
     POST /v1/blobs:missing   {"digests": [hex, ...]} -> {"missing": [hex, ...]}
     GET  /v1/refs/{name}     the manifest digest a ref names (text)
@@ -16,9 +16,11 @@ a well-formed digest or ref name is a 400; nothing outside the store is ever ser
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import asdict, dataclass
@@ -33,7 +35,16 @@ from lazycaf.casdir import CasDir
 from lazycaf.digest import Digest
 from lazycaf.errors import IntegrityError, NotFound, UsageError
 
-__all__ = ["CasApp", "CasStatistics", "bind_socket", "serve_app"]
+__all__ = [
+    "CasApp",
+    "CasStatistics",
+    "HttpError",
+    "bind_socket",
+    "lifespan",
+    "read_body",
+    "respond",
+    "serve_app",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +70,12 @@ class CasStatistics:
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, *, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or []
 
 
 class CasApp:
@@ -75,18 +89,18 @@ class CasApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
         try:
             await self._route(scope, receive, send)
         except HttpError as exc:
-            await _respond(send, exc.status, (str(exc) + "\n").encode())
+            await respond(send, exc.status, (str(exc) + "\n").encode(), extra=exc.headers)
         except NotFound as exc:
-            await _respond(send, 404, (str(exc) + "\n").encode())
+            await respond(send, 404, (str(exc) + "\n").encode())
         except (IntegrityError, UsageError) as exc:
-            await _respond(send, 400, (str(exc) + "\n").encode())
+            await respond(send, 400, (str(exc) + "\n").encode())
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
@@ -105,16 +119,16 @@ class CasApp:
             name = path[len(_REFS) :]
             if method == "GET":
                 digest = await self._thread(self.store.read_ref, name)
-                await _respond(send, 200, digest.hex.encode() + b"\n")
+                await respond(send, 200, digest.hex.encode() + b"\n")
             elif method == "PUT":
                 self._check_token(scope)
-                text = (await _read_body(receive, 1024)).decode("ascii", "replace").strip()
+                text = (await read_body(receive, 1024)).decode("ascii", "replace").strip()
                 await self._thread(self.store.write_ref, name, Digest.parse(text))
-                await _respond(send, 200, b"ok\n")
+                await respond(send, 200, b"ok\n")
             else:
                 raise HttpError(405, f"{method} not allowed on refs")
         elif path == "/v1/stats" and method == "GET":
-            await _respond(send, 200, json.dumps(asdict(self.stats)).encode(), "application/json")
+            await respond(send, 200, json.dumps(asdict(self.stats)).encode(), "application/json")
         else:
             raise HttpError(404, f"no such endpoint: {method} {path}")
 
@@ -124,54 +138,65 @@ class CasApp:
     def _check_token(self, scope: Scope) -> None:
         if self._token is None:
             return
-        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        if not hmac.compare_digest(auth, f"Bearer {self._token}"):
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, credentials = auth.partition(b" ")
+        # The scheme is case-insensitive (RFC 9110 11.1); the token is compared in constant time.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(
+            credentials.strip(), self._token.encode()
+        ):
             raise HttpError(401, "writes need a valid bearer token")
 
     async def _get_blob(self, scope: Scope, send: Send, digest: Digest, *, head: bool) -> None:
+        if head:
+            size = await self._thread(self.store.size, digest)
+            self.stats.blob_heads += 1
+            await respond(send, 200, b"", head=True, length=size)
+            return
         encoding, payload = await self._thread(self.store.read_encoded, digest)
         headers = dict(scope["headers"])
-        accepts_zstd = b"zstd" in headers.get(b"accept-encoding", b"")
+        accepts_zstd = _accepts(headers.get(b"accept-encoding", b""), b"zstd")
         range_header = headers.get(b"range")
-        if head:
-            self.stats.blob_heads += 1
-            await _respond(send, 200, b"", head=True)
-            return
         self.stats.blob_gets += 1
         if encoding == framing.ZSTD and accepts_zstd and range_header is None:
             self.stats.bytes_sent += len(payload)
-            await _respond(send, 200, payload, extra=[(b"content-encoding", b"zstd")])
+            await respond(send, 200, payload, extra=[(b"content-encoding", b"zstd")])
             return
         data = await self._thread(framing.decode, encoding, payload)
         if range_header is None:
             self.stats.bytes_sent += len(data)
-            await _respond(send, 200, data)
+            await respond(send, 200, data)
             return
         start, end = _parse_range(range_header.decode("latin-1"), len(data))
         part = data[start:end]
         self.stats.bytes_sent += len(part)
         content_range = f"bytes {start}-{end - 1}/{len(data)}".encode()
-        await _respond(send, 206, part, extra=[(b"content-range", content_range)])
+        await respond(send, 206, part, extra=[(b"content-range", content_range)])
 
     async def _put_blob(self, scope: Scope, receive: Receive, send: Send, digest: Digest) -> None:
         self.stats.blob_puts += 1
-        body = await _read_body(receive, MAX_BODY)
+        body = await read_body(receive, MAX_BODY)
         self.stats.bytes_received += len(body)
-        encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").decode()
-        stored = await self._thread(self.store.write_encoded, digest, encoding, body)
+        raw_encoding = dict(scope["headers"]).get(b"content-encoding", b"identity")
+        encoding = raw_encoding.decode("latin-1").strip().lower()  # codings ignore case
+        stored = await self._thread(
+            functools.partial(self.store.write_encoded, max_size=MAX_BODY),
+            digest,
+            encoding,
+            body,
+        )
         self.stats.blobs_stored += int(stored)
-        await _respond(send, 201 if stored else 200, b"stored\n" if stored else b"exists\n")
+        await respond(send, 201 if stored else 200, b"stored\n" if stored else b"exists\n")
 
     async def _missing(self, receive: Receive, send: Send) -> None:
         self.stats.missing_queries += 1
         try:
-            request = json.loads(await _read_body(receive, 64 << 20))
+            request = json.loads(await read_body(receive, 64 << 20))
             digests = [Digest.parse(h) for h in request["digests"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise HttpError(400, f'expected {{"digests": [hex, ...]}}: {exc}') from None
         missing = await self._thread(self.store.find_missing, digests)
         body = json.dumps({"missing": [d.hex for d in missing]}).encode()
-        await _respond(send, 200, body, "application/json")
+        await respond(send, 200, body, "application/json")
 
 
 def _digest_from(text: str) -> Digest:
@@ -195,11 +220,35 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
     except ValueError:
         raise HttpError(400, f"unsupported Range header {header!r}") from None
     if start >= end:
-        raise HttpError(416, f"range {header!r} not satisfiable for {size} bytes")
+        raise HttpError(
+            416,
+            f"range {header!r} not satisfiable for {size} bytes",
+            headers=[(b"content-range", f"bytes */{size}".encode())],
+        )
     return start, end
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+def _accepts(header: bytes, coding: bytes) -> bool:
+    """Whether an Accept-Encoding value accepts ``coding`` (``zstd;q=0`` refuses it)."""
+    wildcard: bool | None = None
+    for item in header.lower().split(b","):
+        name, *params = (part.strip() for part in item.split(b";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition(b"=")
+            if key.strip() == b"q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if name == coding:
+            return q > 0
+        if name == b"*":
+            wildcard = q > 0
+    return bool(wildcard)
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
     parts: list[bytes] = []
     total = 0
     while True:
@@ -215,7 +264,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
-async def _respond(
+async def respond(
     send: Send,
     status: int,
     body: bytes,
@@ -223,16 +272,20 @@ async def _respond(
     *,
     extra: list[tuple[bytes, bytes]] | None = None,
     head: bool = False,
+    length: int | None = None,
 ) -> None:
+    """Send one response. A HEAD answer sends no body; ``length`` is then the content-length
+    a GET would have (when known)."""
     headers = [(b"content-type", content_type.encode())]
-    if not head:
-        headers.append((b"content-length", str(len(body)).encode()))
+    if not head or length is not None:
+        size = len(body) if length is None else length
+        headers.append((b"content-length", str(size).encode()))
     headers.extend(extra or [])
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
@@ -267,9 +320,13 @@ async def serve_app(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on an already bound socket until cancelled."""
+    """Serve ``app`` on an already bound socket until cancelled.
+
+    Hypercorn closes the socket it serves when it stops, so it gets a duplicate of ``sock``'s
+    descriptor: ``sock`` stays the caller's to close.
+    """
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
+    config.bind = [f"fd://{os.dup(sock.fileno())}"]
     config.accesslog = None
     config.errorlog = log
     config.keep_alive_timeout = 75

@@ -24,6 +24,7 @@ from lazycaf.errors import (
     AccessDenied,
     BlobNotFound,
     CasUnavailable,
+    DigestMismatch,
     IntegrityError,
     LazyCafError,
     RefNotFound,
@@ -206,6 +207,12 @@ class HttpCAS:
         encoding, payload = await trio.to_thread.run_sync(framing.encode, data)
         headers = {"content-encoding": encoding} if encoding != framing.IDENTITY else {}
         r = await self._request("PUT", f"/v1/blobs/{digest.hex}", content=payload, headers=headers)
+        if r.status_code == 400:
+            # The server refuses what does not verify; name the mismatch as LocalCAS does.
+            actual = await trio.to_thread.run_sync(Digest.of, data)
+            if actual != digest:
+                raise DigestMismatch(digest, actual)
+            raise IntegrityError(f"CAS {self.where} refused blob {digest}: {_detail(r)}")
         self._expect(r, f"PUT blob {digest}")
         return r.status_code == 201
 
@@ -220,17 +227,24 @@ class HttpCAS:
     async def set_ref(self, name: str, digest: Digest) -> None:
         check_ref_name(name)
         r = await self._request("PUT", f"/v1/refs/{name}", content=digest.hex.encode())
+        if r.status_code == 404:  # the server refuses a ref to a blob it does not hold
+            raise BlobNotFound(digest, f"{self.where} (ref {name!r} must name a stored blob)")
+        if r.status_code == 400:  # the name is valid here, so it conflicts with another ref
+            raise UsageError(f"CAS {self.where} refused ref {name!r}: {_detail(r)}")
         self._expect(r, f"PUT ref {name!r}")
 
     def _expect(self, r: httpx.Response, what: str) -> None:
         if r.status_code >= 400:
-            detail = r.text.strip()[:200]
             if r.status_code == 404:
-                raise LazyCafError(f"CAS {self.where}: {what}: not found ({detail})")
-            raise LazyCafError(f"CAS {self.where}: {what}: HTTP {r.status_code} {detail}")
+                raise LazyCafError(f"CAS {self.where}: {what}: not found ({_detail(r)})")
+            raise LazyCafError(f"CAS {self.where}: {what}: HTTP {r.status_code} {_detail(r)}")
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _detail(r: httpx.Response) -> str:
+    return r.text.strip()[:200]
 
 
 def _decode_verify(digest: Digest, encoding: str, payload: bytes) -> bytes:

@@ -9,8 +9,12 @@ Layout::
 
 Invariants: a blob file appears only after its content was verified against its name, and
 only by ``os.replace`` of a fully written, fsynced temp file, so a crash leaves at most a
-stray temp file, never a blob that reads wrong. Both the embedded local CAS and the HTTP CAS
-server use this class; async callers reach it through a thread.
+stray temp file, never a blob that reads wrong. A ``.zst`` file always has the layout
+``framing.encode`` gives (aligned frames of 128 KiB of data); uploads in any other layout are
+re-encoded. A ref name is never also a directory of refs (``p`` and ``p/x`` conflict).
+
+Both the embedded local CAS and the HTTP CAS server use this class; async callers reach it
+through a thread.
 """
 
 from __future__ import annotations
@@ -91,18 +95,44 @@ class CasDir:
         self._commit(digest, encoding, payload)
         return True
 
-    def write_encoded(self, digest: Digest, encoding: str, payload: bytes) -> bool:
-        """Store a blob received encoded: decode, verify, keep frames as they came."""
-        data = framing.decode(encoding, payload, what=f"blob {digest}")
+    def write_encoded(
+        self,
+        digest: Digest,
+        encoding: str,
+        payload: bytes,
+        *,
+        max_size: int = framing.MAX_DECODED,
+    ) -> bool:
+        """Store a blob received encoded: decode (at most ``max_size`` bytes), verify, store.
+
+        Frames are kept as they came when they have the layout ``framing.encode`` gives and
+        save space; anything else (an identity upload, one big frame, frames that do not
+        shrink the data) is re-encoded, so the store holds only the canonical layout.
+        """
+        data = framing.decode(encoding, payload, what=f"blob {digest}", max_size=max_size)
         digest.verify(data)
         if self.has(digest):
             return False
-        if encoding == framing.ZSTD and len(payload) >= len(data):
-            encoding, payload = framing.IDENTITY, data
-        self._commit(
-            digest, framing.ZSTD if encoding == framing.ZSTD else framing.IDENTITY, payload
+        keep = (
+            encoding == framing.ZSTD
+            and framing.is_canonical(encoding, payload)
+            and len(payload) < len(data)
         )
+        if not keep:
+            encoding, payload = framing.encode(data)
+        self._commit(digest, encoding, payload)
         return True
+
+    def size(self, digest: Digest) -> int:
+        """The blob's content size, from a stat or the frame headers (nothing decoded)."""
+        p = self._path(digest)
+        with contextlib.suppress(FileNotFoundError):
+            payload = p.with_suffix(".zst").read_bytes()
+            return framing.decoded_size(framing.ZSTD, payload, what=f"blob {digest}")
+        try:
+            return p.stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(digest, str(self.root)) from None
 
     def _commit(self, digest: Digest, encoding: str, payload: bytes) -> None:
         final = self._path(digest)
@@ -138,5 +168,16 @@ class CasDir:
         if not self.has(digest):
             raise BlobNotFound(digest, f"{self.root} (ref {name!r} must name a stored blob)")
         final = self.root / "refs" / name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self._atomic_write(final, (digest.hex + "\n").encode())
+        # As in git, ``p`` and ``p/x`` cannot both be refs: one would be a file, the other
+        # need it as a directory.
+        if final.is_dir():
+            raise _ref_conflict(name)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._atomic_write(final, (digest.hex + "\n").encode())
+        except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+            raise _ref_conflict(name) from exc
+
+
+def _ref_conflict(name: str) -> UsageError:
+    return UsageError(f"ref name {name!r} conflicts with an existing ref (as 'p' and 'p/x' do)")

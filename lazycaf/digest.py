@@ -6,6 +6,8 @@ Digests travel between modules only as ``Digest`` values, never as hex strings o
 from __future__ import annotations
 
 import re
+from collections import deque
+from itertools import repeat
 from typing import Final
 
 import blake3
@@ -36,6 +38,9 @@ class Digest:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Digest is immutable")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Digest is immutable")
+
     @classmethod
     def from_bytes(cls, raw: bytes) -> Digest:
         return cls(bytes(raw))
@@ -46,6 +51,21 @@ class Digest:
         d = _new_digest(Digest)
         _set(d, "raw", raw)
         return d
+
+    @staticmethod
+    def trusted_column(column: bytes) -> list[Digest]:
+        """Wrap each 32-byte slice of ``column`` (whose length is a multiple of 32), as
+        ``trusted`` does, with no Python-level work per digest."""
+        n = len(column)
+        if n % DIGEST_SIZE:
+            raise ValueError(f"a digest column is a multiple of {DIGEST_SIZE} bytes, got {n}")
+        raws = map(
+            column.__getitem__,
+            map(slice, range(0, n, DIGEST_SIZE), range(DIGEST_SIZE, n + DIGEST_SIZE, DIGEST_SIZE)),
+        )
+        out = list(map(_new_digest, repeat(Digest, n // DIGEST_SIZE)))
+        deque(map(_set_raw, out, raws), maxlen=0)
+        return out
 
     @classmethod
     def parse(cls, text: str) -> Digest:
@@ -79,8 +99,27 @@ class Digest:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Digest) and other.raw == self.raw
 
-    def __lt__(self, other: Digest) -> bool:
+    # Explicit methods rather than functools.total_ordering: each is one bytes comparison,
+    # and anything but a Digest gives NotImplemented, so ``d < 5`` is a TypeError.
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Digest):
+            return NotImplemented
         return self.raw < other.raw
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, Digest):
+            return NotImplemented
+        return self.raw <= other.raw
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, Digest):
+            return NotImplemented
+        return self.raw > other.raw
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, Digest):
+            return NotImplemented
+        return self.raw >= other.raw
 
     def __hash__(self) -> int:
         return hash(self.raw)
@@ -97,6 +136,7 @@ class Digest:
 
 _new_digest = object.__new__
 _set = object.__setattr__
+_set_raw = Digest.__dict__["raw"].__set__  # the slot's descriptor: no attribute lookup
 
 
 class Hasher:

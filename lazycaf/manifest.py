@@ -19,16 +19,24 @@ Layout (little-endian), a header then eight length-prefixed (u64) columns::
     digests 32 bytes per f entry: blake3 of the whole content
     chunks  32 bytes per chunk of each f entry above chunk_size, in entry order
 
-Columns decode with one C call each, which keeps decoding 100k entries well under 0.3 s.
+The fields fixed at 0 above must be 0 and every length must be exact, so that one tree has
+exactly one encoding: decoding accepts only bytes that re-encode to themselves.
+
+Columns decode with one C call each and validate with whole-column operations (per-entry
+Python only for links, chunked files and on the failure path), which keeps decoding 100k
+entries well under 0.3 s.
 """
 
 from __future__ import annotations
 
 import gc
+import re
 import stat
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Final, NamedTuple
 
 from lazycaf.chunking import DEFAULT_CHUNK_SIZE, chunk_count, chunk_spans, validate_chunk_size
@@ -41,6 +49,9 @@ MAGIC: Final = b"LZCAFMAN"
 VERSION: Final = 1
 _HEADER: Final = struct.Struct("<8sHHIIqI")
 _U64: Final = struct.Struct("<Q")
+_I64_MIN: Final = -(1 << 63)
+_I64_MAX: Final = (1 << 63) - 1
+_U64_MAX: Final = (1 << 64) - 1
 
 DIR: Final = "d"
 FILE: Final = "f"
@@ -101,7 +112,8 @@ class Manifest:
 
     Invariants: entries are sorted by path without duplicates; every parent is a directory
     entry (or the root); file sizes agree with their chunk lists; every hard link names an
-    earlier file entry and carries its attributes.
+    earlier file entry and carries its attributes; symlinks have mode 0o777 and directories
+    size 0 (what decoding gives back), so whatever constructs also round-trips.
     """
 
     __slots__ = ("__dict__", "chunk_size", "entries", "root_mode", "root_mtime_ns")
@@ -114,11 +126,14 @@ class Manifest:
         root_mode: int = 0o755,
         root_mtime_ns: int = 0,
     ) -> None:
+        _check_header(chunk_size, root_mode)
+        if not _I64_MIN <= root_mtime_ns <= _I64_MAX:
+            raise ManifestError(f"root: mtime {root_mtime_ns} does not fit 64 bits")
         self.chunk_size = chunk_size
         self.root_mode = root_mode
         self.root_mtime_ns = root_mtime_ns
         self.entries: tuple[Entry, ...] = tuple(sorted(entries, key=lambda e: e.path))
-        _validate(self.entries, chunk_size, root_mode)
+        _validate(self.entries, chunk_size)
 
     # -- queries ---------------------------------------------------------------------------
     @cached_property
@@ -229,10 +244,40 @@ def _decode(data: bytes) -> Manifest:
     _, version, flags, chunk_size, root_mode, root_mtime, n = _HEADER.unpack_from(data)
     if version != VERSION or flags:
         raise ManifestError(f"unsupported manifest version {version} (flags {flags})")
-    try:
-        validate_chunk_size(chunk_size)
-    except ValueError as exc:
-        raise ManifestError(str(exc)) from None
+    _check_header(chunk_size, root_mode)
+    kinds_b, modes_b, mtimes_b, sizes_b, paths_b, targets_b, digests_b, chunks_b = _columns(data)
+    if len(kinds_b) != n or len(modes_b) != 2 * n or len(mtimes_b) != 8 * n:
+        raise ManifestError("column lengths disagree with the entry count")
+    if len(sizes_b) != 8 * n:
+        raise ManifestError("column lengths disagree with the entry count")
+    kinds = kinds_b.decode("ascii")
+    modes = struct.unpack(f"<{n}H", modes_b)
+    mtimes = struct.unpack(f"<{n}q", mtimes_b)
+    sizes = struct.unpack(f"<{n}Q", sizes_b)
+    paths = paths_b.decode("utf-8").split("\0") if n else []
+    links = [m.start() for m in _LINK_RE.finditer(kinds)]
+    targets = targets_b.decode("utf-8").split("\0") if links else []
+    if len(paths) != n or len(targets) != len(links):
+        raise ManifestError("path or target count disagrees with the entry count")
+    if len(digests_b) != DIGEST_SIZE * kinds.count(FILE) or len(chunks_b) % DIGEST_SIZE:
+        raise ManifestError("digest column length disagrees with the file count")
+    _check_columns(kinds, modes, mtimes, sizes, paths, links)
+    entries = _build_entries(
+        kinds, modes, mtimes, sizes, paths, links, targets, digests_b, chunks_b, chunk_size
+    )
+    m = Manifest.__new__(Manifest)
+    m.chunk_size, m.root_mode, m.root_mtime_ns, m.entries = (
+        chunk_size,
+        root_mode,
+        root_mtime,
+        entries,
+    )
+    _check_tree(entries, paths, kinds, modes)
+    return m
+
+
+def _columns(data: bytes) -> list[bytes]:
+    """The eight length-prefixed columns after the header; they must fill ``data`` exactly."""
     cols: list[bytes] = []
     pos = _HEADER.size
     for _ in range(8):
@@ -246,43 +291,60 @@ def _decode(data: bytes) -> Manifest:
         pos += length
     if pos != len(data):
         raise ManifestError(f"{len(data) - pos} trailing bytes")
-    kinds_b, modes_b, mtimes_b, sizes_b, paths_b, targets_b, digests_b, chunks_b = cols
-    if len(kinds_b) != n or len(modes_b) != 2 * n or len(mtimes_b) != 8 * n:
-        raise ManifestError("column lengths disagree with the entry count")
-    if len(sizes_b) != 8 * n:
-        raise ManifestError("column lengths disagree with the entry count")
-    kinds = kinds_b.decode("ascii")
-    modes = struct.unpack(f"<{n}H", modes_b)
-    mtimes = struct.unpack(f"<{n}q", mtimes_b)
-    sizes = struct.unpack(f"<{n}Q", sizes_b)
-    paths = paths_b.decode("utf-8").split("\0") if n else []
-    nlinks = kinds.count(SYMLINK) + kinds.count(HARDLINK)
-    targets = targets_b.decode("utf-8").split("\0") if nlinks else []
-    if len(paths) != n or len(targets) != nlinks:
-        raise ManifestError("path or target count disagrees with the entry count")
-    if len(digests_b) != DIGEST_SIZE * kinds.count(FILE) or len(chunks_b) % DIGEST_SIZE:
-        raise ManifestError("digest column length disagrees with the file count")
-    entries = _build_entries(
-        kinds, modes, mtimes, sizes, paths, targets, digests_b, chunks_b, chunk_size
-    )
+    return cols
+
+
+def _check_header(chunk_size: int, root_mode: int) -> None:
+    try:
+        validate_chunk_size(chunk_size)
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
+    if not 0 <= root_mode <= 0o7777:
+        raise ManifestError(f"root: mode {root_mode:o} is not just permission bits")
+
+
+_LINK_RE: Final = re.compile(f"[{SYMLINK}{HARDLINK}]")
+_NOT_A_KIND_RE: Final = re.compile(f"[^{DIR}{FILE}{SYMLINK}{HARDLINK}]")
+
+
+def _mask(kind: str, kinds: str) -> bytes:
+    """One byte per entry, 1 where the entry is of ``kind``: selectors for ``compress``."""
+    return kinds.encode("ascii").translate(_MASKS[kind])
+
+
+_MASKS: Final = {k: bytes(int(c == ord(k)) for c in range(256)) for k in _KINDS}
+
+
+def _check_columns(
+    kinds: str,
+    modes: tuple[int, ...],
+    mtimes: tuple[int, ...],
+    sizes: tuple[int, ...],
+    paths: list[str],
+    links: list[int],
+) -> None:
+    """What only decoding needs: known kinds, and the fields the format fixes, so that one
+    tree has exactly one encoding (links store mode 0, hard links also mtime and size 0,
+    directories size 0). Whole-column checks; the loop runs over links only."""
+    bad = _NOT_A_KIND_RE.search(kinds)
+    if bad:
+        i = bad.start()
+        raise ManifestError(f"entry {paths[i]!r}: unknown kind {kinds[i]!r}")
     if max(modes, default=0) > 0o7777:
-        raise ManifestError("a mode has more than permission bits")
-    m = Manifest.__new__(Manifest)
-    m.chunk_size, m.root_mode, m.root_mtime_ns, m.entries = (
-        chunk_size,
-        root_mode,
-        root_mtime,
-        entries,
-    )
-    _validate(entries, chunk_size, root_mode, columns=(paths, kinds))
-    return m
-
-
-# Substrings that mark a bad path in "\0" + "\0".join(paths) + "\0": leading or trailing '/',
-# empty components or paths, and '.' or '..' components. Plain ``in`` tests run at memchr speed.
-_BAD_PATH_MARKS: Final = tuple(
-    a + mid + b for mid in ("", ".", "..") for a in ("\0", "/") for b in ("\0", "/")
-)
+        i = next(i for i, mode in enumerate(modes) if mode > 0o7777)
+        raise ManifestError(f"entry {paths[i]!r}: mode {modes[i]:o} has more than permission bits")
+    for i in links:
+        if modes[i]:
+            raise ManifestError(f"entry {paths[i]!r}: a link stores mode 0, not {modes[i]:o}")
+        if kinds[i] == HARDLINK and (mtimes[i] or sizes[i]):
+            raise ManifestError(
+                f"entry {paths[i]!r}: a hard link stores mtime and size 0 (its file has them)"
+            )
+    if any(compress(sizes, _mask(DIR, kinds))):
+        i = next(
+            i for i, (k, size) in enumerate(zip(kinds, sizes, strict=True)) if k == DIR and size
+        )
+        raise ManifestError(f"entry {paths[i]!r}: a directory stores size 0, not {sizes[i]}")
 
 
 def _build_entries(
@@ -291,6 +353,7 @@ def _build_entries(
     mtimes: tuple[int, ...],
     sizes: tuple[int, ...],
     paths: list[str],
+    links: list[int],
     targets: list[str],
     digests_b: bytes,
     chunks_b: bytes,
@@ -298,91 +361,74 @@ def _build_entries(
 ) -> tuple[Entry, ...]:
     """Assemble entries column by column (per-entry Python work kept to one comprehension)."""
     n = len(kinds)
-    trusted = Digest.trusted
-    file_digests = iter(
-        [trusted(digests_b[j : j + DIGEST_SIZE]) for j in range(0, len(digests_b), DIGEST_SIZE)]
-    )
+    file_digests = iter(Digest.trusted_column(digests_b))
     digests = [next(file_digests) if k == FILE else None for k in kinds]
-    chunks: list[tuple[Digest, ...]] = [()] * n
-    ci = 0
-    for i in (i for i, s in enumerate(sizes) if s > chunk_size and kinds[i] == FILE):
-        end = ci + chunk_count(sizes[i], chunk_size) * DIGEST_SIZE
-        if end > len(chunks_b):
-            raise ManifestError(f"entry {paths[i]!r}: chunk list shorter than its size needs")
-        chunks[i] = tuple(
-            trusted(chunks_b[j : j + DIGEST_SIZE]) for j in range(ci, end, DIGEST_SIZE)
-        )
-        ci = end
-    if ci != len(chunks_b):
-        raise ManifestError(f"{(len(chunks_b) - ci) // DIGEST_SIZE} chunk digests left over")
+    chunks = _chunk_lists(kinds, sizes, paths, chunks_b, chunk_size)
     link_targets: list[str | None] = [None] * n
     modes_l = list(modes)
-    tnext = iter(targets)
-    for i in (i for i, k in enumerate(kinds) if k in (SYMLINK, HARDLINK)):
-        link_targets[i] = next(tnext)
+    for i, target in zip(links, targets, strict=True):
+        link_targets[i] = target
         if kinds[i] == SYMLINK:
             modes_l[i] = 0o777
-    new = tuple.__new__
-    entries = [
-        new(Entry, t)
-        for t in zip(
-            paths, kinds, modes_l, mtimes, sizes, digests, chunks, link_targets, strict=True
+    entries = list(
+        map(
+            tuple.__new__,
+            repeat(Entry),
+            zip(paths, kinds, modes_l, mtimes, sizes, digests, chunks, link_targets, strict=True),
         )
-    ]
-    if HARDLINK in kinds:
-        by_path = {e.path: e for e in entries if e.kind == FILE}
-        for i in (i for i, k in enumerate(kinds) if k == HARDLINK):
-            f = by_path.get(link_targets[i] or "")
-            if f is None:
+    )
+    hard_links = [i for i in links if kinds[i] == HARDLINK]
+    if hard_links:
+        files = dict(compress(zip(paths, entries, strict=True), _mask(FILE, kinds)))
+        for i in hard_links:
+            f = files.get(link_targets[i] or "")
+            if f is None or not f.path < paths[i]:  # sorted: an earlier entry has a lesser path
                 raise ManifestError(
-                    f"entry {paths[i]!r}: hard link to {link_targets[i]!r}, not a file"
+                    f"entry {paths[i]!r}: hard link to {link_targets[i]!r}, not an earlier file"
                 )
             entries[i] = f._replace(path=paths[i], kind=HARDLINK, target=f.path)
     return tuple(entries)
 
 
-def _validate(
-    entries: tuple[Entry, ...],
-    chunk_size: int,
-    root_mode: int,
-    *,
-    columns: tuple[list[str], str] | None = None,
-) -> None:
-    """Check every invariant of ``Manifest``; name the first bad entry in the error.
-
-    The common all-good case runs as whole-column C operations; only a failure walks entries
-    one by one to find the culprit. ``columns`` (paths, kinds) come from the decoder, whose
-    construction already guarantees chunk counts and hard-link attributes.
-    """
-    if root_mode > 0o7777:
-        raise ManifestError(f"root: mode {root_mode:o} has more than permission bits")
-    if columns is None:
-        paths, kinds = [e.path for e in entries], "".join(e.kind for e in entries)
-    else:
-        paths, kinds = columns
-    dirs = {p for p, k in zip(paths, kinds, strict=True) if k == DIR}
-    dirs.add("")
-    ok = (
-        not _has_bad_path("\0" + "\0".join(paths) + "\0")
-        and all(map(str.__lt__, paths, paths[1:]))
-        and not (set(kinds) - _KINDS)
-        and {p.rpartition("/")[0] for p in paths} <= dirs
-        and (
-            not entries
-            or 0 <= min(e.mode for e in entries) <= max(e.mode for e in entries) <= 0o7777
+def _chunk_lists(
+    kinds: str, sizes: tuple[int, ...], paths: list[str], chunks_b: bytes, chunk_size: int
+) -> list[tuple[Digest, ...]]:
+    """Each entry's chunk digests: the column holds those of every file above the chunk size,
+    in entry order, and nothing else."""
+    chunks: list[tuple[Digest, ...]] = [()] * len(kinds)
+    big = [
+        i for i in compress(range(len(sizes)), map(chunk_size.__lt__, sizes)) if kinds[i] == FILE
+    ]
+    ci = 0
+    for i in big:
+        end = ci + chunk_count(sizes[i], chunk_size) * DIGEST_SIZE
+        if end > len(chunks_b):
+            raise ManifestError(f"entry {paths[i]!r}: chunk list shorter than its size needs")
+        chunks[i] = tuple(Digest.trusted_column(chunks_b[ci:end]))
+        ci = end
+    if ci != len(chunks_b):
+        extra = (len(chunks_b) - ci) // DIGEST_SIZE
+        if not big:
+            raise ManifestError(f"{extra} chunk digests, but no file is above the chunk size")
+        raise ManifestError(
+            f"entry {paths[big[-1]]!r}: {extra} chunk digests left over after the chunk list "
+            "of this last chunked file (a size too small here or before)"
         )
-    )
-    if not ok:
-        _find_bad_entry(entries, dirs)
-        raise ManifestError("invalid manifest")  # unreachable unless the checks disagree
-    for i in (i for i, k in enumerate(kinds) if k == SYMLINK):
-        e = entries[i]
-        if not e.target or "\0" in e.target or e.size != len(e.target.encode()):
-            raise ManifestError(f"entry {e.path!r}: bad symlink target")
-    if columns is not None:
-        return
+    return chunks
+
+
+def _validate(entries: tuple[Entry, ...], chunk_size: int) -> None:
+    """Check what the constructor is given: the tree, then each entry (the decoder's columns
+    guarantee the per-entry part by construction)."""
+    kinds_l = [e.kind for e in entries]
+    if not _KINDS.issuperset(kinds_l):
+        e = next(e for e in entries if e.kind not in _KINDS)
+        raise ManifestError(f"entry {e.path!r}: unknown kind {e.kind!r}")
+    _check_tree(entries, [e.path for e in entries], "".join(kinds_l), [e.mode for e in entries])
     files: dict[str, Entry] = {}
     for e in entries:
+        if not (_I64_MIN <= e.mtime_ns <= _I64_MAX and 0 <= e.size <= _U64_MAX):
+            raise ManifestError(f"entry {e.path!r}: mtime or size does not fit 64 bits")
         if e.kind == FILE:
             _check_file(e, chunk_size)
             files[e.path] = e
@@ -390,10 +436,54 @@ def _validate(
             f = files.get(e.target or "")
             if f is None or f._replace(path=e.path, kind=HARDLINK, target=e.target) != e:
                 raise ManifestError(f"entry {e.path!r}: hard link does not match file {e.target!r}")
+        elif e.digest is not None or e.chunks:
+            raise ManifestError(f"entry {e.path!r}: only files have digests")
+        elif e.kind == SYMLINK and e.mode != 0o777:
+            raise ManifestError(f"entry {e.path!r}: a symlink has mode 777, not {e.mode:o}")
+        elif e.kind == DIR and e.size:
+            raise ManifestError(f"entry {e.path!r}: a directory has size 0, not {e.size}")
 
 
-def _has_bad_path(joined: str) -> bool:
-    return any(mark in joined for mark in _BAD_PATH_MARKS)
+def _check_tree(
+    entries: tuple[Entry, ...], paths: list[str], kinds: str, modes: Sequence[int]
+) -> None:
+    """Check paths, order, parents, modes and symlink targets; name the first bad entry.
+
+    The common all-good case runs as whole-column C operations; only a failure walks entries
+    one by one to find the culprit.
+    """
+    dirs = set(compress(paths, _mask(DIR, kinds)))
+    dirs.add("")
+    ok = (
+        _paths_ok(paths, dirs)
+        and all(map(str.__lt__, paths, paths[1:]))
+        and (not modes or 0 <= min(modes) <= max(modes) <= 0o7777)
+    )
+    if not ok:
+        _find_bad_entry(entries, dirs)
+        raise ManifestError("invalid manifest")  # unreachable unless the checks disagree
+    for m in re.finditer(SYMLINK, kinds):
+        e = entries[m.start()]
+        if not e.target or "\0" in e.target or e.size != len(e.target.encode()):
+            raise ManifestError(f"entry {e.path!r}: bad symlink target")
+
+
+def _paths_ok(paths: list[str], dirs: set[str]) -> bool:
+    """Whether every path is valid (``check_path``) and has a directory entry as its parent.
+
+    Only each path's last component is looked at: its parent is a directory entry, whose own
+    last component was looked at, and so on up to the root, so every component is covered.
+    A leading '/' is the one defect this misses (it looks like the root) and is searched for;
+    NULs inside paths are counted.
+    """
+    if not paths:
+        return True
+    joined = "\0".join(paths)
+    if joined.count("\0") != len(paths) - 1 or joined.startswith("/") or "\0/" in joined:
+        return False
+    split = list(map(str.rpartition, paths, repeat("/")))
+    names = set(map(itemgetter(2), split))
+    return names.isdisjoint(("", ".", "..")) and set(map(itemgetter(0), split)) <= dirs
 
 
 def _find_bad_entry(entries: tuple[Entry, ...], dirs: set[str]) -> None:

@@ -64,9 +64,17 @@ def entry_json(entry: Entry, nlink: int) -> str:
 
 @dataclass(frozen=True)
 class Change:
+    """One path present in both manifests whose entry differs.
+
+    ``content_of`` names the file whose bytes this entry shows in the second manifest: the
+    path itself, or for a hard link the first path of its inode group. Totals count the
+    changed bytes of each such file once, however many links show them.
+    """
+
     path: str
     what: tuple[str, ...]
     bytes_differ: int
+    content_of: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,11 @@ class Diff:
         out.sort(key=lambda line: line[2:])
         added = sum(e.size for e in self.added if e.kind == FILE)
         removed = sum(e.size for e in self.removed if e.kind == FILE)
-        changed = sum(c.bytes_differ for c in self.changed)
+        per_content: dict[str, int] = {}
+        for c in self.changed:
+            key = c.content_of or c.path
+            per_content[key] = max(per_content.get(key, 0), c.bytes_differ)
+        changed = sum(per_content.values())
         out.append(
             f"{len(self.added)} added ({added} bytes), {len(self.removed)} removed "
             f"({removed} bytes), {len(self.changed)} changed ({changed} bytes differ); "
@@ -132,7 +144,8 @@ def diff_manifests(a: Manifest, b: Manifest) -> Diff:
             continue
         what = _what_changed(ea, eb, b.chunk_size)
         if what:
-            changed.append(Change(p, what, _changed_bytes(ea, eb, b.chunk_size)))
+            content_of = eb.target if eb.kind == HARDLINK and eb.target else p
+            changed.append(Change(p, what, _changed_bytes(ea, eb, b.chunk_size), content_of))
     blobs_a = a.blobs()
     new_blob_bytes = sum(size for d, size in b.blobs().items() if d not in blobs_a)
     return Diff(added, removed, changed, new_blob_bytes)
