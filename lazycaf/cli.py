@@ -1,32 +1,27 @@
 """The ``lazycaf`` command line: ``main(argv) -> int``.
 
 Only this module configures logging or decides exit codes: a ``LazyCafError`` becomes one
-line on stderr (``lazycaf: error: ...``) and its ``exit_code``.
+line on stderr (``lazycaf: error: ...``) and its ``exit_code``. Command modules are imported
+only for the command that runs (``lazycaf mount`` never loads httpx or hypercorn), which
+keeps start-up, and so mount-ready time, short.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from lazycaf import __version__
-from lazycaf.cas import CAS, load_manifest, open_cas
-from lazycaf.chunking import DEFAULT_CHUNK_SIZE, validate_chunk_size
-from lazycaf.digest import Hasher
-from lazycaf.errors import DigestMismatch, LazyCafError, PathNotFound, UsageError
-from lazycaf.manifest import DIR
-from lazycaf.packer import PackProgress, pack
-from lazycaf.readouts import diff_manifests, entry_json, format_ls, link_counts
+from lazycaf.chunking import DEFAULT_CHUNK_SIZE
+from lazycaf.errors import LazyCafError, first_error
 
 __all__ = ["console_main", "main"]
-
-log = logging.getLogger("lazycaf")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-setid", action="store_true", help="keep setuid/setgid bits")
     sp.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
     sp.add_argument("--jobs", type=int, default=8, help="concurrent uploads (default 8)")
-    sp.set_defaults(run=_cmd_pack)
+    sp.add_argument(
+        "--rehash",
+        action="store_true",
+        help="hash every file again (default: trust digests of files whose stat is unchanged)",
+    )
+    sp.set_defaults(run="store:pack_tree")
 
     sp = sub.add_parser("ls", help="list a packed tree like ls -l (UTC times)")
     sp.add_argument("ref")
@@ -57,19 +57,74 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("-R", "--recursive", action="store_true", help="every entry below PATH")
     sp.add_argument("--json", action="store_true", help="one JSON object per entry")
     cas_opt(sp)
-    sp.set_defaults(run=_cmd_ls)
+    sp.set_defaults(run="store:ls")
 
     sp = sub.add_parser("cat", help="write a packed file's bytes to stdout (verified)")
     sp.add_argument("ref")
     sp.add_argument("path")
     cas_opt(sp)
-    sp.set_defaults(run=_cmd_cat)
+    sp.set_defaults(run="store:cat")
 
     sp = sub.add_parser("diff", help="what changed between two packed trees")
     sp.add_argument("ref_a")
     sp.add_argument("ref_b")
     cas_opt(sp)
-    sp.set_defaults(run=_cmd_diff)
+    sp.set_defaults(run="store:diff")
+
+    def cache_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--cache",
+            type=Path,
+            help="host cache (default: $LAZYCAF_CACHE or ~/.cache/lazycaf/host)",
+        )
+        sp.add_argument("--socket", type=Path, help="daemon socket (default: CACHE/fetcher.sock)")
+
+    sp = sub.add_parser("mount", help="mount a packed tree; bytes are fetched on first read")
+    sp.add_argument("ref")
+    sp.add_argument("mountpoint", type=Path)
+    cas_opt(sp)
+    cache_opts(sp)
+    sp.add_argument("--foreground", action="store_true", help="serve in this process")
+    sp.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a read whose blob is not fetched by then fails with EIO (default 30)",
+    )
+    sp.add_argument(
+        "--open-roundtrips",
+        action="store_true",
+        help="answer every open/opendir in the mount (stock pyfuse3 behaviour; for comparison)",
+    )
+    sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    sp.set_defaults(run="host:mount")
+
+    sp = sub.add_parser("umount", help="unmount a lazycaf mount")
+    sp.add_argument("mountpoint", type=Path)
+    sp.add_argument("--lazy", action="store_true", help="detach now even if files are open")
+    sp.set_defaults(run="host:umount")
+
+    sp = sub.add_parser("stats", help="the fetcher daemon's statistics")
+    cache_opts(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(run="host:stats")
+
+    sp = sub.add_parser("fetcher", help="the per-host fetcher daemon")
+    fsub = sp.add_subparsers(dest="fetcher_command", required=True, metavar="SUBCOMMAND")
+    fserve = fsub.add_parser("serve", help="run the daemon in the foreground")
+    cas_opt(fserve)
+    cache_opts(fserve)
+    fserve.set_defaults(run="host:fetcher_serve")
+    fstop = fsub.add_parser("stop", help="stop the daemon of a cache (mounts restart it)")
+    cache_opts(fstop)
+    fstop.set_defaults(run="host:fetcher_stop")
+
+    sp = sub.add_parser("cache", help="manage the host cache")
+    csub = sp.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    cinit = csub.add_parser("init", help="create a cache dir (zstd compression on Btrfs)")
+    cinit.add_argument("dir", type=Path)
+    cinit.set_defaults(run="host:cache_init")
 
     sp = sub.add_parser("cas", help="run the HTTP CAS server")
     cas_sub = sp.add_subparsers(dest="cas_command", required=True, metavar="SUBCOMMAND")
@@ -77,172 +132,50 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--root", type=Path, required=True)
     serve.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT")
     serve.add_argument("--token-file", type=Path, help="writes need this bearer token")
-    serve.set_defaults(run=_cmd_cas_serve)
+    serve.set_defaults(run="store:cas_serve")
     return p
 
 
-async def _with_cas(args: argparse.Namespace, fn: Callable[[CAS], Awaitable[int]]) -> int:
-    cas = open_cas(args.cas)
-    try:
-        return await fn(cas)
-    finally:
-        with trio.CancelScope(shield=True):
-            await cas.aclose()
-
-
-# -- pack ----------------------------------------------------------------------------------
-async def _cmd_pack(args: argparse.Namespace) -> int:
-    try:
-        validate_chunk_size(args.chunk_size)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    progress = PackProgress()
-
-    async def run(cas: CAS) -> int:
-        async with trio.open_nursery() as nursery:
-            if sys.stderr.isatty():
-                nursery.start_soon(_show_progress, progress)
-            result = await pack(
-                args.dir,
-                cas,
-                tag=args.tag,
-                chunk_size=args.chunk_size,
-                keep_setid=args.keep_setid,
-                concurrency=args.jobs,
-                progress=progress,
-            )
-            nursery.cancel_scope.cancel()
-        if sys.stderr.isatty():
-            sys.stderr.write("\r\x1b[K" + _progress_line(progress) + "\n")
-        log.info("packed %s: %s", args.dir, _progress_line(progress))
-        print(result.digest.hex)
-        return 0
-
-    return await _with_cas(args, run)
-
-
-def _progress_line(p: PackProgress) -> str:
-    mb = 1e6
-    return (
-        f"{p.phase}: {p.files_hashed}/{p.files} files, {p.bytes_hashed / mb:.1f}/"
-        f"{p.bytes_total / mb:.1f} MB hashed, {p.blobs_uploaded}/{p.blobs_missing} blobs "
-        f"uploaded ({p.bytes_uploaded / mb:.1f} MB), {p.blobs_skipped} already stored"
-    )
-
-
-async def _show_progress(progress: PackProgress) -> None:
-    while True:
-        sys.stderr.write("\r\x1b[K" + _progress_line(progress))
-        sys.stderr.flush()
-        await trio.sleep(0.2)
-
-
-# -- read-outs -----------------------------------------------------------------------------
-async def _cmd_ls(args: argparse.Namespace) -> int:
-    async def run(cas: CAS) -> int:
-        digest, manifest = await load_manifest(cas, args.ref)
-        path = args.path.strip("/")
-        nlinks = link_counts(manifest)
-        entry = manifest.get(path) if path else None
-        if path and entry is None:
-            raise PathNotFound(path, f"manifest {digest}")
-        by_name = False
-        if entry is not None and entry.kind != DIR:
-            shown = [entry]
-        elif args.recursive:
-            prefix = path + "/" if path else ""
-            shown = [e for e in manifest.entries if e.path.startswith(prefix)]
-        else:
-            shown, by_name = manifest.children(path), True
-        for e in shown:
-            n = nlinks[e.path]
-            name = e.path.rpartition("/")[2] if by_name else e.path
-            sys.stdout.write((entry_json(e, n) if args.json else format_ls(e, n, name)) + "\n")
-        return 0
-
-    return await _with_cas(args, run)
-
-
-async def _cmd_cat(args: argparse.Namespace) -> int:
-    async def run(cas: CAS) -> int:
-        digest, manifest = await load_manifest(cas, args.ref)
-        entry = manifest.follow(args.path)
-        if entry is None:
-            raise PathNotFound(args.path, f"manifest {digest}")
-        if entry.kind == DIR or entry.digest is None:
-            raise UsageError(f"{args.path} is a directory, not a file")
-        whole = Hasher()
-        out = sys.stdout.buffer
-        for blob in entry.blob_digests():
-            data = await cas.get(blob)
-            whole.update(data)
-            await trio.to_thread.run_sync(out.write, data)
-        await trio.to_thread.run_sync(out.flush)
-        actual = whole.digest()
-        if actual != entry.digest:
-            raise DigestMismatch(entry.digest, actual, f"file {args.path!r}")
-        return 0
-
-    return await _with_cas(args, run)
-
-
-async def _cmd_diff(args: argparse.Namespace) -> int:
-    async def run(cas: CAS) -> int:
-        _, a = await load_manifest(cas, args.ref_a)
-        _, b = await load_manifest(cas, args.ref_b)
-        for line in diff_manifests(a, b).lines():
-            print(line)
-        return 0
-
-    return await _with_cas(args, run)
-
-
-# -- servers -------------------------------------------------------------------------------
-async def _cmd_cas_serve(args: argparse.Namespace) -> int:
-    from fetcher.server import CasApp, bind_socket, serve_app  # the CLI is fetcher's only door
-    from lazycaf.casdir import CasDir
-
-    token = None
-    if args.token_file is not None:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from exc
-        if not token:
-            raise UsageError(f"--token-file {args.token_file} is empty")
-    store = CasDir(args.root)
-    sock = bind_socket(args.listen)
-    host, port = sock.getsockname()[:2]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
-        await nursery.start(serve_app, CasApp(store, token=token), sock)
-        print(f"lazycaf cas: serving {store.root} on http://{host}:{port}", flush=True)
-    sock.close()
-    return 0
-
-
-async def _cancel_on_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
+def _command(spec: str) -> Any:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(f"lazycaf.cmd_{module}"), name)
 
 
 # -- entry points --------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG
+        if args.verbose
+        else logging.INFO
+        if args.command in _SERVICES
+        else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if args.command == "mount" and not args.foreground:
+        from lazycaf.cmd_host import mount_background
+
+        try:
+            return mount_background(args, run_command)
+        except LazyCafError as exc:
+            print(f"lazycaf: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+    return run_command(args)
+
+
+_SERVICES = frozenset({"mount", "fetcher", "cas"})
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become one line on stderr and an exit code."""
     try:
-        code: int = trio.run(args.run, args)
+        code: int = trio.run(_command(args.run), args)
         return code
     except LazyCafError as exc:
         print(f"lazycaf: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except BaseExceptionGroup as group:  # errors raised inside nurseries
-        leaf = _first_leaf(group)
+        leaf = first_error(group)
         if not isinstance(leaf, LazyCafError):
             raise
         print(f"lazycaf: error: {leaf}", file=sys.stderr)
@@ -252,14 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 141
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    """The first LazyCafError inside nested exception groups, else the first leaf."""
-    if not isinstance(exc, BaseExceptionGroup):
-        return exc
-    leaves = [_first_leaf(e) for e in exc.exceptions]
-    return next((e for e in leaves if isinstance(e, LazyCafError)), leaves[0])
 
 
 def console_main() -> None:

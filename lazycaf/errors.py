@@ -22,6 +22,7 @@ lmdb, OSError) are mapped at the boundary with ``raise X(...) from exc``.
 from __future__ import annotations
 
 __all__ = [
+    "first_error",
     "AccessDenied",
     "BlobNotFound",
     "CasUnavailable",
@@ -104,3 +105,11 @@ class ManifestError(IntegrityError):
 
 class PackError(LazyCafError):
     exit_code = 2
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The first LazyCafError inside (nested) exception groups, else the first leaf."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = [first_error(e) for e in exc.exceptions]
+    return next((e for e in leaves if isinstance(e, LazyCafError)), leaves[0])

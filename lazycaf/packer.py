@@ -22,6 +22,7 @@ from lazycaf.chunking import DEFAULT_CHUNK_SIZE, chunk_spans
 from lazycaf.digest import Digest, Hasher
 from lazycaf.errors import PackError
 from lazycaf.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest
+from lazycaf.statcache import StatCache, StatKey
 
 __all__ = ["PackProgress", "PackResult", "pack", "scan_tree"]
 
@@ -66,6 +67,7 @@ class Scanned(NamedTuple):
     size: int
     target: str | None = None
     inode: tuple[int, int] | None = None
+    key: StatKey | None = None
 
 
 def scan_tree(root: Path, *, keep_setid: bool = False) -> tuple[os.stat_result, list[Scanned]]:
@@ -85,7 +87,8 @@ def scan_tree(root: Path, *, keep_setid: bool = False) -> tuple[os.stat_result, 
             out.append(Scanned(rel, DIR, mode, st.st_mtime_ns, 0))
         elif stat.S_ISREG(m):
             inode = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
-            out.append(Scanned(rel, FILE, mode, st.st_mtime_ns, st.st_size, inode=inode))
+            key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+            out.append(Scanned(rel, FILE, mode, st.st_mtime_ns, st.st_size, inode=inode, key=key))
         elif stat.S_ISLNK(m):
             target = os.readlink(root / rel)
             _check_utf8(target, f"{rel} (symlink target)")
@@ -256,6 +259,7 @@ async def pack(
     keep_setid: bool = False,
     concurrency: int = 8,
     progress: PackProgress | None = None,
+    stat_cache_dir: Path | None = None,
 ) -> PackResult:
     """Pack ``root`` into ``cas``; returns the manifest digest that names the executable."""
     progress = progress if progress is not None else PackProgress()
@@ -273,7 +277,20 @@ async def pack(
             unique.append(s)
             if s.inode is not None:
                 seen.add(s.inode)
-    hashes = await _hash_all(root, unique, chunk_size, progress)
+    statcache = (
+        StatCache.for_tree(stat_cache_dir, root, chunk_size) if stat_cache_dir is not None else None
+    )
+    hashes: dict[str, tuple[Digest, tuple[Digest, ...]]] = {}
+    if statcache is not None:
+        for s in unique:
+            assert s.key is not None
+            known = statcache.lookup(s.path, s.key)
+            if known is not None:
+                hashes[s.path] = known
+                progress.files_hashed += 1
+                progress.bytes_hashed += s.size
+    todo = [s for s in unique if s.path not in hashes]
+    hashes.update(await _hash_all(root, todo, chunk_size, progress))
     manifest = build_manifest(root_st, scanned, hashes, chunk_size, keep_setid=keep_setid)
     progress.phase = "checking"
     sources = blob_sources(manifest)
@@ -289,6 +306,11 @@ async def pack(
     await cas.put(digest, encoded)
     if tag:
         await cas.set_ref(tag, digest)
+    if statcache is not None:
+        for s in unique:
+            assert s.key is not None
+            statcache.record(s.path, s.key, *hashes[s.path])
+        await trio.to_thread.run_sync(statcache.save)
     progress.phase = "done"
     return PackResult(digest, manifest, progress)
 

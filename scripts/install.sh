@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND=noninteractive
 # fuse3/libfuse3-dev/pkg-config: pyfuse3 has no wheel, pip builds it against libfuse3.
 # btrfs-progs: the host cache on a Btrfs loop image. patchelf: the relocatable sample.
 # squashfs-tools: the XAR-like baseline in benchmarks. iproute2: network namespaces.
-PKGS=(fuse3 libfuse3-dev pkg-config btrfs-progs patchelf squashfs-tools zstd iproute2 util-linux)
+PKGS=(fuse3 libfuse3-dev pkg-config patch btrfs-progs patchelf squashfs-tools zstd iproute2 util-linux)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,8 +23,20 @@ fi
 PY=${PYTHON:-python3}
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "LazyCAF needs Python 3.11+"'
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[fuse,test]' 2>&1 \
-  | grep -v "^WARNING: Location" || true
-.venv/bin/python -c 'import pyfuse3, lmdb, blake3, trio, httpx, zstandard, hypercorn' \
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# pyfuse3, patched so the kernel can skip open/opendir round trips (see README, "FUSE"):
+# built from its sdist with the patch in patches/, never from a copied tree.
+if ! .venv/bin/python -c 'import sys, pyfuse3; sys.exit(not getattr(pyfuse3, "LAZYCAF_FH_IS_INODE", 0))' 2>/dev/null; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary pyfuse3 \
+    pyfuse3==3.5.0 -d "$tmp" 2>&1 | grep -v "^WARNING: Location" || true
+  tar xzf "$tmp"/pyfuse3-3.5.0.tar.gz -C "$tmp"
+  patch -s -d "$tmp/pyfuse3-3.5.0" -p1 < patches/pyfuse3-3.5.0-fh-inode.patch
+  "${PIP[@]}" --force-reinstall --no-deps "$tmp/pyfuse3-3.5.0" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+"${PIP[@]}" -e '.[fuse,test]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c 'import pyfuse3, lmdb, blake3, trio, httpx, zstandard, hypercorn
+assert pyfuse3.LAZYCAF_FH_IS_INODE' \
   || { echo "install.sh: the venv is incomplete" >&2; exit 1; }
 echo "install.sh: ready (.venv/bin/lazycaf)"

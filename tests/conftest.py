@@ -6,8 +6,10 @@ developer machine but fails under ``CI=true``: CI must never silently skip them.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -133,3 +135,81 @@ def sample_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     return out
+
+
+def _fuse_available() -> bool:
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+@pytest.fixture(scope="session")
+def btrfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real Btrfs filesystem (loop image, zstd compression), torn down after the session."""
+    require(os.geteuid() == 0, "root is needed to mount a Btrfs loop image")
+    require(shutil.which("mkfs.btrfs") is not None, "btrfs-progs (mkfs.btrfs) is not installed")
+    base = tmp_path_factory.mktemp("btrfs")
+    image, mnt = base / "cache.img", base / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(4 << 30)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-o", "loop,compress=zstd", str(image), str(mnt)], check=True, capture_output=True
+    )
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        if _is_mountpoint(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        image.unlink(missing_ok=True)
+
+
+def _is_mountpoint(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+@dataclass
+class Host:
+    """One host's LazyCAF state: a cache on Btrfs, its daemon, and mountpoints to use."""
+
+    cache: Path
+    base: Path
+    env: dict[str, str]
+    mounts: list[Path]
+
+    def mountpoint(self, name: str = "mnt") -> Path:
+        path = self.base / name
+        path.mkdir(exist_ok=True)
+        self.mounts.append(path)
+        return path
+
+    def cli(
+        self, *args: str | os.PathLike[str], check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[bytes]:
+        return run_cli(*args, check=check, env=self.env, timeout=timeout)
+
+    def stats(self) -> dict[str, int]:
+        stats: dict[str, int] = json.loads(self.cli("stats", "--json").stdout)
+        return stats
+
+
+@pytest.fixture
+def host(btrfs_dir: Path, tmp_path: Path) -> Iterator[Host]:
+    """A cache directory on the session's Btrfs and cleanup of every mount and daemon."""
+    require(_fuse_available(), "/dev/fuse, fusermount3 and pyfuse3 are needed for mounts")
+    cache = btrfs_dir / f"cache-{secrets.token_hex(4)}"
+    run_cli("cache", "init", cache)
+    h = Host(cache, tmp_path, {"LAZYCAF_CACHE": str(cache)}, [])
+    try:
+        yield h
+    finally:
+        for mnt in h.mounts:
+            if _is_mountpoint(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        run_cli("fetcher", "stop", env=h.env, check=False, timeout=30)
+        shutil.rmtree(cache, ignore_errors=True)

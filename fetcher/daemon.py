@@ -1,0 +1,152 @@
+"""The fetcher daemon's composition root: one per host cache.
+
+Holds ``<cache>/fetcher.lock`` for its lifetime (a second daemon for the same cache exits at
+once), reconciles the cache, then serves mounts on ``<cache>/fetcher.sock`` until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+
+from fetcher.blobcache import BlobCache
+from fetcher.service import FetchService
+from fetcher.socketapi import MountApi
+from lazycaf.cas import open_cas
+from lazycaf.errors import LazyCafError, UsageError
+
+__all__ = ["DaemonRunning", "default_socket", "run_daemon", "stop_daemon"]
+
+log = logging.getLogger(__name__)
+
+
+class DaemonRunning(LazyCafError):
+    exit_code = 0
+
+
+def default_socket(cache_root: Path) -> Path:
+    return cache_root / "fetcher.sock"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DaemonRunning(f"a fetcher daemon already serves {lock_path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _unix_listener(path: Path) -> socket.socket:
+    if len(os.fsencode(path)) > 100:
+        raise UsageError(f"socket path too long for AF_UNIX: {path}")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # stale: we hold the lock, so no live daemon owns it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o660)
+    sock.listen(1024)
+    return sock
+
+
+async def run_daemon(
+    cache_root: Path,
+    cas_spec: str | None,
+    socket_path: Path | None = None,
+    *,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await trio.to_thread.run_sync(functools.partial(cache_root.mkdir, parents=True, exist_ok=True))
+    socket_path = socket_path or default_socket(cache_root)
+    with _exclusive(cache_root / "fetcher.lock"):
+        cache = await trio.to_thread.run_sync(BlobCache, cache_root)
+        try:
+            rec = await trio.to_thread.run_sync(cache.reconcile)
+            log.info("cache %s reconciled: %s", cache_root, rec)
+            cas = open_cas(cas_spec)
+            service = FetchService(cache, cas)
+            sock = _unix_listener(socket_path)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+                    await nursery.start(service.run)
+                    await nursery.start(MountApi(service).serve, sock)
+                    nursery.start_soon(_flush_periodically, cache)
+                    log.info(
+                        "fetcher daemon serving %s on %s (CAS %s)",
+                        cache_root,
+                        socket_path,
+                        cas.where,
+                    )
+                    task_status.started(socket_path)
+            finally:
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    socket_path.unlink()
+                with trio.CancelScope(shield=True):
+                    await cas.aclose()
+        finally:
+            cache.index.sync()
+            cache.close()
+
+
+async def _flush_periodically(cache: BlobCache) -> None:
+    """Batch the durability of new blobs: one syncfs a second instead of an fsync a blob."""
+    try:
+        while True:
+            await trio.sleep(1.0)
+            await trio.to_thread.run_sync(cache.flush)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(cache.flush)
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("fetcher daemon stopping on signal %d", signum)
+            scope.cancel()
+            return
+
+
+def stop_daemon(cache_root: Path, *, timeout: float = 15.0) -> int | None:
+    """SIGTERM the daemon serving ``cache_root`` and wait for it to exit (sync).
+
+    Returns its pid, or None when no daemon holds the cache's lock.
+    """
+    lock_path = cache_root / "fetcher.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            return None  # nobody holds it: no daemon
+        pid = int(os.pread(fd, 32, 0).decode().strip() or 0)
+        if pid <= 0:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the daemon exits
+        return pid
+    finally:
+        os.close(fd)

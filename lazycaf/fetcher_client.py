@@ -1,0 +1,136 @@
+"""The client of the local fetcher daemon's Unix socket, and starting a daemon on demand.
+
+Mounts never import ``fetcher``: they talk to the daemon through this client. When no daemon
+serves a cache, ``ensure_daemon`` starts one (``lazycaf fetcher serve``) detached, as
+sccache starts its server, and waits until its socket answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from lazycaf.digest import Digest
+from lazycaf.errors import Unavailable, UsageError
+from lazycaf.wire import LineReader, parse_reply
+
+__all__ = ["FetcherClient", "default_cache_dir", "ensure_daemon", "socket_answers"]
+
+_START_TIMEOUT: Final = 20.0
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LAZYCAF_CACHE") or Path.home() / ".cache" / "lazycaf" / "host")
+
+
+class FetcherClient:
+    """Async client of one daemon with a pool of connections; errors come back typed."""
+
+    def __init__(self, socket_path: Path, *, timeout: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self._timeout = timeout
+        self._idle: list[tuple[trio.SocketStream, LineReader]] = []
+
+    async def _connect(self) -> tuple[trio.SocketStream, LineReader]:
+        try:
+            stream = await trio.open_unix_socket(str(self.socket_path))
+        except OSError as exc:
+            raise Unavailable(
+                f"fetcher daemon ({self.socket_path}) unreachable: {exc.strerror or exc}"
+            ) from exc
+        return stream, LineReader(stream)
+
+    async def _call(self, request: str) -> Any:
+        conn = self._idle.pop() if self._idle else await self._connect()
+        try:
+            with trio.fail_after(self._timeout):
+                await conn[0].send_all(request.encode() + b"\n")
+                line = await conn[1].readline()
+        except trio.TooSlowError:
+            await conn[0].aclose()
+            raise Unavailable(
+                f"fetcher daemon ({self.socket_path}) did not answer {request!r} "
+                f"within {self._timeout:g} s"
+            ) from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await conn[0].aclose()
+            raise Unavailable(f"fetcher daemon ({self.socket_path}) failed: {exc}") from exc
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await conn[0].aclose()  # mid-exchange: the connection's state is unknown
+            raise
+        if line is None:
+            await conn[0].aclose()
+            raise Unavailable(f"fetcher daemon ({self.socket_path}) closed the connection")
+        self._idle.append(conn)
+        return parse_reply(line)
+
+    async def ensure(self, digest: Digest, *, prefetch: bool = False) -> int:
+        reply = await self._call(f"ensure {digest.hex} {'prefetch' if prefetch else 'demand'}")
+        return int(reply["size"])
+
+    async def resolve(self, ref: str) -> Digest:
+        if not ref or any(c.isspace() for c in ref):
+            raise UsageError(f"invalid ref {ref!r}")
+        return Digest.parse(await self._call(f"resolve {ref}"))
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("stats")
+        return result
+
+    async def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("info")
+        return result
+
+    async def aclose(self) -> None:
+        while self._idle:
+            await self._idle.pop()[0].aclose()
+
+
+def socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def ensure_daemon(cache_dir: Path, cas_spec: str | None, socket_path: Path) -> None:
+    """Start ``lazycaf fetcher serve`` for ``cache_dir`` unless one already answers (sync)."""
+    if socket_answers(socket_path):
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log_path = cache_dir / "fetcher.log"
+    cmd = [sys.executable, "-m", "lazycaf", "fetcher", "serve", "--cache", str(cache_dir)]
+    cmd += ["--socket", str(socket_path)]
+    if cas_spec:
+        cmd += ["--cas", cas_spec]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if socket_answers(socket_path):
+            return
+        if proc.poll() is not None:
+            if socket_answers(socket_path):  # lost a start race to another daemon: fine
+                return
+            break
+        time.sleep(0.05)
+    tail: list[str] = []
+    with contextlib.suppress(OSError):
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+    raise Unavailable(
+        f"could not start the fetcher daemon for {cache_dir} (log {log_path}: {' '.join(tail)})"
+    )

@@ -1,0 +1,141 @@
+"""A mount's composition root: resolve the ref, build the inode table, serve FUSE.
+
+``run_mount`` serves one mount in this process until it is unmounted; ``lazycaf mount``
+runs it in a forked child and returns once the child reports the tree visible (or why not).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from lazycaf.blobreader import BlobReader
+from lazycaf.errors import UsageError
+from lazycaf.fetcher_client import FetcherClient, ensure_daemon
+from lazycaf.index import Index
+from lazycaf.inodes import InodeTable
+from lazycaf.manifest import Manifest
+
+__all__ = ["MountConfig", "check_mountpoint", "is_mounted", "run_mount"]
+
+log = logging.getLogger(__name__)
+_READY_TIMEOUT: Final = 120.0
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    ref: str
+    mountpoint: Path
+    cache_dir: Path
+    socket_path: Path
+    cas_spec: str | None
+    fetch_timeout: float = 30.0
+    readahead_kb: int = 1024
+    open_roundtrips: bool = False  # answer open/opendir even when the kernel could skip them
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def _mount_bdi(target: str) -> str | None:
+    """major:minor of the mount at ``target`` (a real path: never stat inside our own mount,
+    the thread that would answer is the one asking)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                return fields[2]
+    return None
+
+
+def check_mountpoint(path: Path) -> str:
+    """Refuse a missing, non-directory, mounted or non-empty mountpoint; its real path."""
+    if not path.exists():
+        raise UsageError(f"mountpoint {path} does not exist")
+    if not path.is_dir():
+        raise UsageError(f"mountpoint {path} is not a directory")
+    if is_mounted(path):
+        raise UsageError(f"mountpoint {path} is already a mount point (lazycaf umount it first)")
+    if any(path.iterdir()):
+        raise UsageError(f"mountpoint {path} is not empty")
+    return os.path.realpath(path)
+
+
+def _load_manifest(cache_dir: Path, digest_hex: str, name: str) -> Manifest:
+    data = (cache_dir / "blobs" / digest_hex[:2] / digest_hex).read_bytes()
+    return Manifest.decode(data, name=name)
+
+
+def _set_readahead(mountpoint: str, kb: int) -> None:
+    bdi = _mount_bdi(mountpoint)
+    if bdi is None:
+        return
+    try:
+        Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").write_text(str(kb))
+    except OSError as exc:  # not root: the kernel default stays
+        log.info("could not set read_ahead_kb of %s: %s", bdi, exc)
+
+
+async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> None:
+    """Mount and serve until unmounted or signalled; ``ready(digest)`` once visible."""
+    from lazycaf import fuse_ops  # pyfuse3 only where a mount really runs
+
+    real_mountpoint = await trio.to_thread.run_sync(check_mountpoint, config.mountpoint)
+    await trio.to_thread.run_sync(
+        ensure_daemon, config.cache_dir, config.cas_spec, config.socket_path
+    )
+    client = FetcherClient(config.socket_path, timeout=config.fetch_timeout + 5)
+    try:
+        digest = await client.resolve(config.ref)
+        await client.ensure(digest)
+        name = f"manifest {digest}" + (f" (ref {config.ref!r})" if config.ref != digest.hex else "")
+        manifest = await trio.to_thread.run_sync(_load_manifest, config.cache_dir, digest.hex, name)
+        table = InodeTable(manifest)
+        index = Index(config.cache_dir / "index.lmdb", readonly=True)
+        reader = BlobReader(
+            config.cache_dir,
+            index,
+            client,
+            chunk_size=manifest.chunk_size,
+            timeout=config.fetch_timeout,
+        )
+        skip_open = fuse_ops.can_skip_open() and not config.open_roundtrips
+        ops = fuse_ops.LazyOperations(table, reader, skip_open=skip_open)
+        options = {"fsname=lazycaf", "subtype=lazycaf", "ro", "nosuid", "nodev"}
+        options |= {"default_permissions"}
+        if os.getuid() == 0:
+            options.add("allow_other")
+        fuse_ops.fuse_init(ops, real_mountpoint, options)
+        try:
+            _set_readahead(real_mountpoint, config.readahead_kb)
+            log.info("mounted %s (%d entries) at %s", digest, len(table), config.mountpoint)
+            ready(digest.hex)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_terminate_on_signals, fuse_ops.fuse_terminate)
+                await fuse_ops.fuse_main()
+                nursery.cancel_scope.cancel()
+        finally:
+            fuse_ops.fuse_close(unmount=True)
+            reader.close()
+            index.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+async def _terminate_on_signals(terminate: Callable[[], None]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("unmounting on signal %d", signum)
+            terminate()
+            return

@@ -1,0 +1,747 @@
+#!/usr/bin/env python3
+"""Benchmark ``lazycaf mount`` against the same tree on local disk, side by side.
+
+Prints figures and asserts nothing: speed targets are read off the printed table, never checked
+by timed test assertions. Every figure is a median over ``--runs`` runs taken in this one
+invocation on this one machine; mount and local runs are interleaved so drift hits both.
+
+Needs root (drop_caches, a Btrfs loop image, FUSE ``allow_other``). Measured:
+
+1. mount-ready: wall time of ``lazycaf mount REF MNT`` (the command returns once the tree is
+   visible) with the manifest already in the host cache and the fetcher daemon running,
+   for the sample and for a synthetic tree of 100k small files (1000 dirs x 100 files);
+2. ``python -c "import numpy"`` run from the mount: cold (a fresh, empty host cache per run,
+   the previous daemon stopped, the mount made ready first, then ``sync`` + ``drop_caches``;
+   only the python run is timed) and warm (later runs in the same mount); the same tree on
+   local disk, cold (after ``drop_caches``) and warm. Cold runs record the daemon's fetch
+   statistics (``lazycaf stats --json``, before and after the run);
+3. sequential read of a 1 GiB file of random bytes with 1 MiB ``readinto`` calls: through
+   the mount once its blobs are cached (read once fully to fetch them), after
+   ``drop_caches`` ("first read") and again ("warm re-read"); local disk cold and warm.
+
+The host caches live on a fresh Btrfs loop image (``mount -o loop,compress=zstd``), prepared
+with ``lazycaf cache init``; the CAS is a local directory. Everything made here -- mounts,
+daemons, the loop image, temp dirs -- is removed in a ``finally`` (also on Ctrl-C and
+SIGTERM), and the script warns about any FUSE mount, loop device or process of its own that
+is left.
+
+Usage: python scripts/bench_mount.py [--sample DIR] [--runs N] [--tmpdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Final
+
+REPO: Final = Path(__file__).resolve().parent.parent
+MIB: Final = 1 << 20
+BIG_FILE_MIB: Final = 1024
+SMALL_DIRS: Final = 1000
+SMALL_FILES_PER_DIR: Final = 100
+IMAGE_SIZE: Final = "4G"
+MOUNT_READY_TARGET_S: Final = 0.5
+IMPORT_WARM_TARGET: Final = 1.2
+IMPORT_COLD_TARGET: Final = 1.4
+READ_TARGET_GBPS: Final = 2.0
+CMD_TIMEOUT_S: Final = 600.0
+EXIT_WAIT_S: Final = 15.0
+IMPORT_CMD: Final = ("-c", "import numpy")
+STAT_KEYS: Final = ("fetches", "bytes_fetched", "misses", "hits", "wait_seconds")
+_DIGEST_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and why."""
+
+
+def say(msg: str) -> None:
+    """Progress goes to stderr; the report alone goes to stdout."""
+    print(f"[bench_mount {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- processes -----------------------------------------------------------------------------
+def run(
+    cmd: Sequence[str],
+    *,
+    what: str,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float = CMD_TIMEOUT_S,
+) -> str:
+    """Run ``cmd`` to completion; its stdout, or a BenchError carrying the tail of stderr."""
+    try:
+        res = subprocess.run(
+            list(cmd), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{what} timed out after {timeout:.0f} s: {' '.join(cmd)}") from exc
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout)[-2000:].strip()
+        raise BenchError(f"{what} failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
+    return res.stdout
+
+
+def timed(
+    cmd: Sequence[str], *, what: str, env: dict[str, str] | None = None, cwd: str | None = None
+) -> float:
+    t0 = time.perf_counter()
+    run(cmd, what=what, env=env, cwd=cwd)
+    return time.perf_counter() - t0
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def pids_mentioning(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker`` (our unique temp dir)."""
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        with contextlib.suppress(OSError):
+            if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace"
+            ):
+                found.append(int(entry.name))
+    return found
+
+
+def wait_for_exit(marker: str, timeout: float = EXIT_WAIT_S) -> list[int]:
+    """Wait until no process mentions ``marker``; the pids still alive at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (left := pids_mentioning(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def mount_table() -> list[tuple[str, str, str]]:
+    """(source, target, fstype) of every mount, targets unescaped."""
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        src, target, fstype = line.split()[:3]
+        out.append((src, target.replace("\\040", " "), fstype))
+    return out
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    return any(t == target for _, t, _ in mount_table())
+
+
+# -- lazycaf -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lazycaf:
+    """The CLI, run as a subprocess (so figures include interpreter start-up)."""
+
+    exe: Path
+    cas: Path
+
+    def env(self, cache: Path | None) -> dict[str, str]:
+        env = dict(os.environ)
+        if cache is not None:
+            env["LAZYCAF_CACHE"] = str(cache)
+        return env
+
+    def pack(self, tree: Path) -> str:
+        out = run([str(self.exe), "pack", str(tree), "--cas", str(self.cas)], what="pack")
+        digest = out.strip().splitlines()[-1] if out.strip() else ""
+        if not _DIGEST_RE.fullmatch(digest):
+            raise BenchError(f"pack {tree}: expected a manifest digest, got {out!r:.200}")
+        return digest
+
+    def mount(self, ref: str, mnt: Path, cache: Path) -> float:
+        cmd = [str(self.exe), "mount", ref, str(mnt), "--cas", str(self.cas)]
+        secs = timed(cmd, what=f"mount {ref[:12]} at {mnt}", env=self.env(cache))
+        if not is_mounted(mnt):
+            raise BenchError(f"lazycaf mount returned but {mnt} is not a mount point")
+        return secs
+
+    def umount(self, mnt: Path) -> None:
+        run([str(self.exe), "umount", str(mnt)], what=f"umount {mnt}")
+        # The mount process exits after the kernel lets go; wait, so it costs no CPU later.
+        left = wait_for_exit(f" {mnt} ")
+        if left:
+            say(f"mount process(es) {left} for {mnt} still running after umount")
+
+    def fetcher_stop(self, cache: Path) -> None:
+        run([str(self.exe), "fetcher", "stop"], what=f"fetcher stop ({cache})", env=self.env(cache))
+
+    def stats(self, cache: Path) -> dict[str, float]:
+        out = run([str(self.exe), "stats", "--json"], what="stats --json", env=self.env(cache))
+        raw = json.loads(out)
+        return {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
+
+    def cache_init(self, cache: Path) -> None:
+        out = run([str(self.exe), "cache", "init", str(cache)], what="cache init")
+        if "compression on" not in out:
+            raise BenchError(f"cache init {cache} did not turn compression on: {out.strip()}")
+
+
+# -- bookkeeping for cleanup ---------------------------------------------------------------
+@dataclass
+class Made:
+    """Everything this run created, undone in reverse by ``cleanup``."""
+
+    tmp: Path
+    mounts: list[Path] = field(default_factory=list)
+    caches: list[Path] = field(default_factory=list)
+    btrfs_mnt: Path | None = None
+    image: Path | None = None
+
+    def mountpoint(self, name: str) -> Path:
+        mnt = self.tmp / name
+        mnt.mkdir(exist_ok=True)
+        if mnt not in self.mounts:
+            self.mounts.append(mnt)
+        return mnt
+
+    def cache(self, lz: Lazycaf, name: str) -> Path:
+        assert self.btrfs_mnt is not None
+        cache = self.btrfs_mnt / name
+        self.caches.append(cache)
+        lz.cache_init(cache)
+        return cache
+
+
+def cleanup(made: Made, lz: Lazycaf | None) -> list[str]:
+    """Undo everything in ``made``; returns warnings about what could not be undone."""
+    warnings: list[str] = []
+    t0 = time.perf_counter()
+    for mnt in made.mounts:
+        if not is_mounted(mnt):
+            continue
+        try:
+            if lz is None:
+                raise BenchError("no lazycaf")
+            run([str(lz.exe), "umount", str(mnt)], what=f"umount {mnt}", timeout=60)
+        except BenchError as exc:
+            say(f"lazycaf umount {mnt} failed ({exc}); fusermount3 -u -z")
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    for cache in made.caches:
+        if lz is not None and (cache / "fetcher.lock").exists():
+            try:
+                lz.fetcher_stop(cache)
+            except BenchError as exc:
+                warnings.append(f"fetcher stop for {cache} failed: {exc}")
+    say(f"cleanup: mounts and daemons stopped ({time.perf_counter() - t0:.1f} s)")
+    marker = str(made.tmp)
+    left = wait_for_exit(marker)
+    for pid in left:  # started (indirectly) by this run: its temp dir is in their command line
+        warnings.append(f"process {pid} still mentions {marker} after cleanup; SIGTERM")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    if left and wait_for_exit(marker, 5.0):
+        warnings.append(f"processes {pids_mentioning(marker)} survived SIGTERM")
+    if made.btrfs_mnt is not None and is_mounted(made.btrfs_mnt):
+        res = subprocess.run(["umount", str(made.btrfs_mnt)], capture_output=True, text=True)
+        if res.returncode != 0:
+            warnings.append(f"umount {made.btrfs_mnt}: {res.stderr.strip()}")
+    if made.image is not None:
+        loops = run(["losetup", "-j", str(made.image)], what="losetup -j").strip()
+        for line in loops.splitlines():
+            dev = line.split(":", 1)[0]
+            subprocess.run(["losetup", "-d", dev], check=False)
+    say(f"cleanup: Btrfs image unmounted ({time.perf_counter() - t0:.1f} s)")
+    still = [t for _, t, _ in mount_table() if t == marker or t.startswith(marker + "/")]
+    if still:
+        warnings.append(f"mounts left under {marker}: {still}; NOT removing it")
+    else:
+        shutil.rmtree(made.tmp, ignore_errors=True)
+        say(f"cleanup: {marker} removed ({time.perf_counter() - t0:.1f} s)")
+        if made.tmp.exists():
+            warnings.append(f"could not remove all of {made.tmp}")
+    return warnings + final_check(made)
+
+
+def final_check(made: Made) -> list[str]:
+    warnings = []
+    fuse = [t for src, t, fs in mount_table() if "fuse" in fs or "fuse" in src]
+    ours = [t for t in fuse if t.startswith(str(made.tmp))]
+    if ours:
+        warnings.append(f"FUSE mounts of this run left: {ours}")
+    if made.image is not None:
+        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        left = [ln for ln in loops.splitlines() if str(made.image) in ln]
+        if left:
+            warnings.append(f"loop devices of this run left: {left}")
+    procs = pids_mentioning(str(made.tmp))
+    if procs:
+        warnings.append(f"processes of this run left: {procs}")
+    return warnings
+
+
+# -- trees ---------------------------------------------------------------------------------
+def count_entries(root: Path) -> tuple[int, int]:
+    """(entries, bytes of regular files) below ``root``."""
+    n = nbytes = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        n += len(dirnames) + len(filenames)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                nbytes += os.lstat(p).st_size
+    return n, nbytes
+
+
+def build_sample(out: Path) -> None:
+    cmd = [sys.executable, str(REPO / "scripts" / "build_sample.py"), str(out), "--force"]
+    say(f"building the sample in {out} ...")
+    t0 = time.perf_counter()
+    last = run(cmd, what="build_sample.py").strip().splitlines()[-1:]
+    say(f"sample built in {time.perf_counter() - t0:.1f} s: {' '.join(last)[:200]}")
+
+
+def make_small_tree(root: Path) -> None:
+    """1000 dirs x 100 files of a few bytes; 100 distinct contents keep the pack quick."""
+    for d in range(SMALL_DIRS):
+        sub = root / f"pkg{d:04d}"
+        sub.mkdir(parents=True)
+        for f in range(SMALL_FILES_PER_DIR):
+            (sub / f"mod{f:03d}.py").write_bytes(f"x = {f}\n".encode())
+
+
+def make_big_file(path: Path) -> None:
+    """1 GiB of random bytes: every MiB (chunk) distinct, incompressible."""
+    path.parent.mkdir(parents=True)
+    with path.open("wb") as f:
+        for _ in range(BIG_FILE_MIB):
+            f.write(os.urandom(MIB))
+
+
+def read_file(path: Path) -> float:
+    """Sequential read of the whole file with 1 MiB reads; returns seconds."""
+    buf = bytearray(MIB)
+    view = memoryview(buf)
+    expected = path.stat().st_size
+    total = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            total += n
+    secs = time.perf_counter() - t0
+    if total != expected:
+        raise BenchError(f"read {total} bytes of {path}, expected {expected}")
+    return secs
+
+
+def read_files(paths: Sequence[Path]) -> float:
+    """Read each file whole, in order, with 1 MiB reads; total seconds."""
+    return sum(read_file(p) for p in paths)
+
+
+def cached_chunks(big: Path, cache: Path) -> list[Path]:
+    """The host cache's blob files of ``big``'s 1 MiB chunks, in order; [] if any is absent."""
+    from lazycaf.digest import Digest
+
+    paths = []
+    with big.open("rb") as f:
+        while data := f.read(MIB):
+            h = Digest.of(data).hex
+            p = cache / "blobs" / h[:2] / h
+            if not p.is_file():
+                return []
+            paths.append(p)
+    return paths
+
+
+def python_env() -> dict[str, str]:
+    """A clean environment: nothing of this venv leaks into the sample's interpreter."""
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def time_import(tree: Path) -> float:
+    cmd = [str(tree / "bin" / "python3"), *IMPORT_CMD]
+    return timed(cmd, what=f"import numpy from {tree}", env=python_env(), cwd="/")
+
+
+# -- results -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One table row: lazycaf and local samples (seconds, or GB/s when ``rate``)."""
+
+    metric: str
+    ours: tuple[float, ...]
+    local: tuple[float, ...] = ()
+    target: str = "-"
+    rate: bool = False
+    verdict: str = ""
+
+    def cells(self) -> list[str]:
+        ours = statistics.median(self.ours)
+        local = statistics.median(self.local) if self.local else None
+        ratio = "-" if local is None or local == 0 else f"{ours / local:.2f}x"
+        target = f"{self.target} ({self.verdict})" if self.verdict else self.target
+        return [self.metric, _fmt(ours, self.rate), _fmt(local, self.rate), ratio, target]
+
+    def spread(self) -> str:
+        def one(xs: tuple[float, ...]) -> str:
+            return ", ".join(_fmt(x, self.rate) for x in xs)
+
+        text = f"{self.metric}: lazycaf [{one(self.ours)}]"
+        return text + (f"; local [{one(self.local)}]" if self.local else "")
+
+
+def _fmt(x: float | None, rate: bool) -> str:
+    if x is None:
+        return "-"
+    if rate:
+        return f"{x:.2f} GB/s"
+    return f"{x:.3f} s" if x >= 0.1 else f"{x * 1000:.1f} ms"
+
+
+def _gbps(secs: Sequence[float]) -> tuple[float, ...]:
+    return tuple(BIG_FILE_MIB * MIB / 1e9 / s for s in secs)
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        say(" | ".join(row.cells()))
+
+
+def _verdict(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
+
+
+# -- phases --------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    lz: Lazycaf
+    made: Made
+    runs: int
+    report: Report
+
+    def startup_floor(self) -> None:
+        cmd = [str(self.lz.exe), "--version"]
+        samples = tuple(timed(cmd, what="lazycaf --version") for _ in range(self.runs))
+        self.report.add(Row("`lazycaf --version` (interpreter start-up floor)", samples))
+
+    def mount_ready(self, name: str, ref: str, cache: Path, entries: int) -> None:
+        """Untimed first mount (daemon up, manifest fetched), then ``runs`` timed mounts."""
+        mnt = self.made.mountpoint("mnt-" + re.sub(r"\W+", "-", name))
+        self.lz.mount(ref, mnt, cache)
+        self.lz.umount(mnt)
+        samples = []
+        for _ in range(self.runs):
+            samples.append(self.lz.mount(ref, mnt, cache))
+            if not os.listdir(mnt):
+                raise BenchError(f"{mnt} is mounted but empty")
+            self.lz.umount(mnt)
+        med = statistics.median(samples)
+        self.report.add(
+            Row(
+                f"mount ready, {name} ({entries:,} entries, manifest cached)",
+                tuple(samples),
+                target=f"< {MOUNT_READY_TARGET_S} s",
+                verdict=_verdict(med < MOUNT_READY_TARGET_S),
+            )
+        )
+
+    def imports(self, ref: str, sample: Path) -> None:
+        """Cold and warm ``import numpy``, mount and local interleaved."""
+        mnt = self.made.mountpoint("mnt-import")
+        cold: list[float] = []
+        warm: list[float] = []
+        local_cold: list[float] = []
+        local_warm: list[float] = []
+        for i in range(self.runs):
+            cache = self.made.cache(self.lz, f"cache-cold-{i}")
+            self.lz.mount(ref, mnt, cache)  # starts a daemon on the empty cache
+            before = self.lz.stats(cache)
+            drop_caches()
+            cold.append(time_import(mnt))
+            after = self.lz.stats(cache)
+            warm += [time_import(mnt) for _ in range(self.runs)]
+            after_warm = self.lz.stats(cache)
+            self._note_cold(i, cold[-1], before, after, after_warm)
+            self.lz.umount(mnt)
+            self.lz.fetcher_stop(cache)
+            shutil.rmtree(cache)
+            drop_caches()
+            local_cold.append(time_import(sample))
+            local_warm += [time_import(sample) for _ in range(self.runs)]
+            say(f"import run {i}: cold {cold[-1]:.3f} s (local {local_cold[-1]:.3f} s)")
+        cold_ratio = statistics.median(cold) / statistics.median(local_cold)
+        warm_ratio = statistics.median(warm) / statistics.median(local_warm)
+        self.report.add(
+            Row(
+                "`import numpy`, cold (empty cache, caches dropped)",
+                tuple(cold),
+                tuple(local_cold),
+                f"<= {IMPORT_COLD_TARGET}x local",
+                verdict=_verdict(cold_ratio <= IMPORT_COLD_TARGET),
+            )
+        )
+        self.report.add(
+            Row(
+                "`import numpy`, warm (same mount)",
+                tuple(warm),
+                tuple(local_warm),
+                f"<= {IMPORT_WARM_TARGET}x local",
+                verdict=_verdict(warm_ratio <= IMPORT_WARM_TARGET),
+            )
+        )
+
+    def _note_cold(
+        self,
+        i: int,
+        secs: float,
+        before: dict[str, float],
+        after: dict[str, float],
+        after_warm: dict[str, float],
+    ) -> None:
+        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in STAT_KEYS}
+        warm_fetches = after_warm.get("fetches", 0.0) - after.get("fetches", 0.0)
+        misses = d["misses"] or d["fetches"]
+        per = d["wait_seconds"] / misses * 1000 if misses else 0.0
+        self.report.notes.append(
+            f"cold import run {i}: {secs:.3f} s; daemon: {d['fetches']:.0f} fetches, "
+            f"{d['bytes_fetched'] / 1e6:.1f} MB fetched, {d['misses']:.0f} misses, "
+            f"{d['hits']:.0f} hits, wait {d['wait_seconds']:.3f} s summed over requests "
+            f"({per:.2f} ms per miss); fetches during the {self.runs} warm runs after it: "
+            f"{warm_fetches:.0f}"
+        )
+
+    def big_read(self, ref: str, local_file: Path, cache: Path) -> None:
+        """1 GiB sequential reads: mount (blobs cached) and local, cold and warm, interleaved."""
+        mnt = self.made.mountpoint("mnt-big")
+        self.lz.mount(ref, mnt, cache)
+        path = mnt / local_file.name
+        before = self.lz.stats(cache)
+        fetch = read_file(path)  # fetches every chunk into the host cache
+        after = self.lz.stats(cache)
+        fetches = after.get("fetches", 0) - before.get("fetches", 0)
+        fetched = after.get("bytes_fetched", 0) - before.get("bytes_fetched", 0)
+        self.report.notes.append(
+            f"1 GiB read that fetched it (local-dir CAS, page cache warm): {fetch:.2f} s = "
+            f"{_gbps([fetch])[0]:.2f} GB/s, {fetches:.0f} fetches, {fetched / 1e9:.2f} GB fetched"
+        )
+        blobs = cached_chunks(local_file, cache)
+        first: list[float] = []
+        again: list[float] = []
+        direct: list[float] = []
+        local_cold: list[float] = []
+        local_warm: list[float] = []
+        for i in range(self.runs):
+            if blobs:
+                drop_caches()
+                direct.append(read_files(blobs))
+            drop_caches()
+            first.append(read_file(path))
+            again.append(read_file(path))
+            drop_caches()
+            local_cold.append(read_file(local_file))
+            local_warm.append(read_file(local_file))
+            say(f"read run {i}: mount first {first[-1]:.3f} s, local cold {local_cold[-1]:.3f} s")
+        self.lz.umount(mnt)
+        gb_first = _gbps(first)
+        self.report.add(
+            Row(
+                "1 GiB read, first read (blobs cached, caches dropped) vs local cold",
+                gb_first,
+                _gbps(local_cold),
+                f">= {READ_TARGET_GBPS} GB/s",
+                rate=True,
+                verdict=_verdict(statistics.median(gb_first) >= READ_TARGET_GBPS),
+            )
+        )
+        self.report.add(Row("1 GiB read, warm re-read", _gbps(again), _gbps(local_warm), rate=True))
+        if direct:
+            name = "(diagnostic) 1 GiB of the host cache's blob files read directly, cold"
+            self.report.add(Row(name, _gbps(direct), _gbps(local_cold), rate=True))
+        else:
+            self.report.notes.append(
+                "the 1 GiB file's chunks were not found as 1 MiB blobs in the host cache: "
+                "the direct cache-read diagnostic was skipped"
+            )
+
+
+# -- report --------------------------------------------------------------------------------
+def machine_facts(tmp: Path, load: tuple[float, float, float]) -> list[str]:
+    from lazycaf import __version__
+
+    return [
+        f"nproc: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), {_cpu_model()}, "
+        f"RAM {_meminfo_gib():.1f} GiB",
+        f"kernel: {platform.release()}",
+        f"python: {platform.python_version()} ({sys.executable}); lazycaf {__version__}",
+        f"local disk (sample, CAS dir, 1 GiB file): {_fs_of(tmp)}",
+        f"host caches: Btrfs loop image ({IMAGE_SIZE}, compress=zstd) on that disk",
+        f"load average (1 min) at start / end: {load[0]:.2f} / {os.getloadavg()[0]:.2f} "
+        "(other processes on the host add noise)",
+    ]
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.machine()
+
+
+def _meminfo_gib() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def _fs_of(path: Path) -> str:
+    best, kind = "", "?"
+    real = os.path.realpath(path)
+    for src, mnt, fs in mount_table():
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, f"{fs} ({src} at {mnt})"
+    return kind
+
+
+def print_report(facts: list[str], sample_desc: str, runs: int, report: Report) -> None:
+    p = print
+    p("\n## lazycaf mount vs local disk (scripts/bench_mount.py)\n")
+    for fact in facts:
+        p(f"- {fact}")
+    p(f"- sample: {sample_desc}")
+    p(
+        f"- {runs} runs per measurement (warm import: {runs} per cold mount); medians; "
+        "ratio = lazycaf / local (times for import, GB/s for reads)"
+    )
+    p("\n| metric | lazycaf (median) | local (median) | ratio | target |")
+    p("|---|---:|---:|---:|---|")
+    for row in report.rows:
+        p("| " + " | ".join(row.cells()) + " |")
+    p()
+    for note in report.notes:
+        p(f"- {note}")
+    p("\nAll samples:\n")
+    for row in report.rows:
+        p(f"- {row.spread()}")
+
+
+# -- main ----------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--sample", type=Path, help="use this tree instead of building one")
+    ap.add_argument("--runs", type=int, default=5, help="runs per measurement (default 5)")
+    ap.add_argument("--tmpdir", type=Path, help="parent of the temp dir (default: system temp)")
+    ap.add_argument("--lazycaf", type=Path, default=Path(sys.executable).parent / "lazycaf")
+    args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    if args.sample is not None and not (args.sample / "bin" / "python3").exists():
+        ap.error(f"--sample {args.sample} has no bin/python3")
+    return args
+
+
+@contextlib.contextmanager
+def btrfs_image(made: Made) -> Iterator[Path]:
+    made.image = made.tmp / "cache.img"
+    run(["truncate", "-s", IMAGE_SIZE, str(made.image)], what="truncate")
+    run(["mkfs.btrfs", "-q", str(made.image)], what="mkfs.btrfs")
+    mnt = made.tmp / "btrfs"
+    mnt.mkdir()
+    run(["mount", "-o", "loop,compress=zstd", str(made.image), str(mnt)], what="mount loop")
+    made.btrfs_mnt = mnt
+    yield mnt
+
+
+def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
+    load = os.getloadavg()
+    report = Report()
+    tmp = made.tmp
+    if args.sample is not None:
+        sample = args.sample.resolve()
+        origin = "given with --sample"
+    else:
+        sample = tmp / "sample"
+        build_sample(sample)
+        origin = "built by build_sample.py (numpy)"
+    entries, nbytes = count_entries(sample)
+    sample_desc = f"{sample} ({origin}): {entries:,} entries, {nbytes / 1e6:.1f} MB"
+    say(f"sample: {sample_desc}")
+    say("making the 100k-file tree and the 1 GiB file ...")
+    small = tmp / "small"
+    t0 = time.perf_counter()
+    make_small_tree(small)
+    say(f"100k files made in {time.perf_counter() - t0:.1f} s")
+    big_file = tmp / "big" / "random-1GiB.bin"
+    make_big_file(big_file)
+    say("packing ...")
+    t0 = time.perf_counter()
+    refs = {name: lz.pack(tree) for name, tree in (("sample", sample), ("small", small))}
+    refs["big"] = lz.pack(big_file.parent)
+    say(f"packed 3 trees in {time.perf_counter() - t0:.1f} s")
+    small_entries = SMALL_DIRS * (SMALL_FILES_PER_DIR + 1)
+    with btrfs_image(made):
+        host = made.cache(lz, "cache-host")
+        b = Bench(lz, made, args.runs, report)
+        b.startup_floor()
+        b.mount_ready("sample", refs["sample"], host, entries)
+        b.mount_ready("100k files", refs["small"], host, small_entries)
+        b.imports(refs["sample"], sample)
+        b.big_read(refs["big"], big_file, host)
+        lz.fetcher_stop(host)
+    print_report(machine_facts(tmp, load), sample_desc, args.runs, report)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds into the finally: everything is cleaned up
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench_mount: error: needs root (drop_caches, loop mounts)", file=sys.stderr)
+        return 2
+    exe = args.lazycaf if args.lazycaf.is_file() else shutil.which("lazycaf")
+    if exe is None:
+        print(f"bench_mount: error: lazycaf not found at {args.lazycaf}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    start = time.perf_counter()
+    made = Made(Path(tempfile.mkdtemp(prefix="bench_mount-", dir=args.tmpdir)))
+    lz = Lazycaf(Path(exe), made.tmp / "cas")
+    code = 0
+    try:
+        bench(args, made, lz)
+    except BenchError as exc:
+        print(f"bench_mount: error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("bench_mount: interrupted", file=sys.stderr)
+        code = 130
+    finally:
+        say(f"cleaning up {made.tmp} ...")
+        for warning in cleanup(made, lz):
+            print(f"bench_mount: WARNING: {warning}", file=sys.stderr)
+            code = code or 3
+    say(f"total runtime {time.perf_counter() - start:.1f} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
