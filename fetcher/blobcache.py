@@ -19,7 +19,6 @@ reconciliation) before they read. Sync code: the daemon calls it through worker 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import subprocess
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from lazycaf import framing
 from lazycaf.digest import Digest, Hasher
 from lazycaf.index import BlobRecord, Index
+from lazycaf.syncfs import syncfs
 
 __all__ = ["BlobCache", "Reconciled", "blob_path", "filesystem_type", "init_cache_dir"]
 
@@ -94,7 +94,7 @@ class BlobCache:
             pending, self._pending = self._pending, []
         if not pending:
             return 0
-        _syncfs(self.root)
+        syncfs(self.root)
         self.index.mark_synced(pending)
         self.index.sync()
         return len(pending)
@@ -121,7 +121,7 @@ class BlobCache:
             on_disk.pop(d).unlink()
         stale = [d for d in indexed if d not in on_disk]
         self.index.delete_many(stale)
-        _syncfs(self.root)
+        syncfs(self.root)
         fixed = [
             (
                 d,
@@ -143,20 +143,6 @@ def _verifies(digest: Digest, path: Path) -> bool:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.digest() == digest
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush every dirty page of the filesystem holding ``path`` (one call for many files)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
 
 
 def filesystem_type(path: Path) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import trio
 
 from fetcher.blobcache import BlobCache
+from fetcher.prefetch import PrefetchQueue
 from fetcher.service import FetchService
 from fetcher.socketapi import MountApi
 from lazycaf.cas import open_cas
@@ -79,13 +80,16 @@ async def run_daemon(
             rec = await trio.to_thread.run_sync(cache.reconcile)
             log.info("cache %s reconciled: %s", cache_root, rec)
             cas = open_cas(cas_spec)
-            service = FetchService(cache, cas)
+            prefetch_cas = open_cas(cas_spec)  # its own connection pool: reads never queue
+            service = FetchService(cache, cas, prefetch_cas=prefetch_cas)
+            prefetch = PrefetchQueue(service)
             sock = _unix_listener(socket_path)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
                     await nursery.start(service.run)
-                    await nursery.start(MountApi(service).serve, sock)
+                    await nursery.start(prefetch.run)
+                    await nursery.start(MountApi(service, prefetch).serve, sock)
                     nursery.start_soon(_flush_periodically, cache)
                     log.info(
                         "fetcher daemon serving %s on %s (CAS %s)",
@@ -100,6 +104,7 @@ async def run_daemon(
                     socket_path.unlink()
                 with trio.CancelScope(shield=True):
                     await cas.aclose()
+                    await prefetch_cas.aclose()
         finally:
             cache.index.sync()
             cache.close()

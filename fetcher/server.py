@@ -4,14 +4,17 @@ CAS role (``lazycaf cas serve``) over a ``CasDir``:
 
     GET  /v1/blobs/{hex}     the blob (Range supported; zstd frames when the client accepts)
     HEAD /v1/blobs/{hex}     200 with its decoded size in content-length, or 404
-    PUT  /v1/blobs/{hex}     store (verified; idempotent: 201 new, 200 already there)
+    PUT  /v1/blobs/{hex}     store (verified; idempotent: 201 new, 200 already there); answered
+                             once the blob is durable (concurrent PUTs share one syncfs:
+                             ``fetcher.groupcommit``)
     POST /v1/blobs:missing   {"digests": [hex, ...]} -> {"missing": [hex, ...]}
     GET  /v1/refs/{name}     the manifest digest a ref names (text)
     PUT  /v1/refs/{name}     set a ref (the blob must be stored)
     GET  /v1/stats           request and byte counters (for tests and operators)
 
 Writes need ``Authorization: Bearer <token>`` when the server has a token. A path that is not
-a well-formed digest or ref name is a 400; nothing outside the store is ever served.
+a well-formed digest or ref name is a 400; nothing outside the store is ever served. A disk
+that fails while storing is a 503.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from fetcher.groupcommit import GroupCommitter
 from lazycaf import framing
 from lazycaf.casdir import CasDir
 from lazycaf.digest import Digest
-from lazycaf.errors import IntegrityError, NotFound, UsageError
+from lazycaf.errors import IntegrityError, NotFound, Unavailable, UsageError
 
 __all__ = [
     "CasApp",
@@ -79,17 +83,23 @@ class HttpError(Exception):
 
 
 class CasApp:
-    """ASGI app of the CAS role. Disk work runs in threads under one limiter."""
+    """ASGI app of the CAS role. Disk work runs in threads under one limiter; blob writes are
+    committed in groups by ``committer``, which runs for the app's ASGI lifespan."""
 
     def __init__(self, store: CasDir, *, token: str | None = None) -> None:
         self.store = store
         self._token = token
         self._limiter = trio.CapacityLimiter(16)
         self.stats = CasStatistics()
+        self.committer = GroupCommitter(store)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await lifespan(receive, send)
+            # The lifespan call lasts as long as the server: it hosts the committer service.
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.committer.run)
+                await lifespan(receive, send)
+                nursery.cancel_scope.cancel()
             return
         if scope["type"] != "http":
             return
@@ -101,6 +111,8 @@ class CasApp:
             await respond(send, 404, (str(exc) + "\n").encode())
         except (IntegrityError, UsageError) as exc:
             await respond(send, 400, (str(exc) + "\n").encode())
+        except Unavailable as exc:
+            await respond(send, 503, (str(exc) + "\n").encode())
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
@@ -128,7 +140,8 @@ class CasApp:
             else:
                 raise HttpError(405, f"{method} not allowed on refs")
         elif path == "/v1/stats" and method == "GET":
-            await respond(send, 200, json.dumps(asdict(self.stats)).encode(), "application/json")
+            stats = {**asdict(self.stats), "commit_rounds": self.committer.statistics().rounds}
+            await respond(send, 200, json.dumps(stats).encode(), "application/json")
         else:
             raise HttpError(404, f"no such endpoint: {method} {path}")
 
@@ -178,12 +191,13 @@ class CasApp:
         self.stats.bytes_received += len(body)
         raw_encoding = dict(scope["headers"]).get(b"content-encoding", b"identity")
         encoding = raw_encoding.decode("latin-1").strip().lower()  # codings ignore case
-        stored = await self._thread(
-            functools.partial(self.store.write_encoded, max_size=MAX_BODY),
+        staged = await self._thread(
+            functools.partial(self.store.stage_encoded, max_size=MAX_BODY),
             digest,
             encoding,
             body,
         )
+        stored = staged is not None and await self.committer.commit(staged)
         self.stats.blobs_stored += int(stored)
         await respond(send, 201 if stored else 200, b"stored\n" if stored else b"exists\n")
 

@@ -2,8 +2,13 @@
 
 Cache first, then the CAS. Concurrent requests for one digest, from any number of mounts,
 share one download (single flight); the download runs in the service's own nursery, so a
-requester that gives up does not cancel it for the others. Downloads are bounded by a
-``CapacityLimiter`` and verified before they enter the cache.
+requester that gives up does not cancel it for the others. Downloads are verified before
+they enter the cache.
+
+Priorities: on-demand reads and prefetch use separate download slots and separate CAS
+clients (so separate HTTP connection pools): a read never waits behind prefetch traffic for
+a slot or a connection, and a read of a blob that prefetch has queued but not started
+fetches it at once (the queue skips it later).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from lazycaf.cas import CAS
 from lazycaf.digest import Digest
 from lazycaf.errors import LazyCafError, Unavailable
 
-__all__ = ["FetchService", "FetchStatistics"]
+__all__ = ["DEMAND", "PREFETCH", "FetchService", "FetchStatistics"]
 
 log = logging.getLogger(__name__)
 DEMAND: Final = 0
@@ -37,30 +42,51 @@ class FetchStatistics:
     bytes_served: int
     wait_seconds: float
     blobs_cached: int
+    prefetched: int
+    bytes_prefetched: int
+    prefetch_queued: int
 
 
 class _Flight:
-    __slots__ = ("done", "error", "size")
+    __slots__ = ("done", "error", "priority", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, priority: int) -> None:
         self.done = trio.Event()
         self.error: LazyCafError | None = None
         self.size = 0
+        self.priority = priority
 
 
 class FetchService:
-    """Single-flight fetching into a ``BlobCache``. Use inside ``run()``."""
+    """Single-flight fetching into a ``BlobCache``. Use inside ``run()``.
 
-    def __init__(self, cache: BlobCache, cas: CAS, *, concurrency: int = 16) -> None:
+    ``cas`` serves on-demand reads; ``prefetch_cas`` (default: ``cas``) serves prefetch.
+    """
+
+    def __init__(
+        self,
+        cache: BlobCache,
+        cas: CAS,
+        *,
+        prefetch_cas: CAS | None = None,
+        concurrency: int = 16,
+        prefetch_concurrency: int = 8,
+    ) -> None:
         self.cache = cache
         self.cas = cas
-        self._downloads = trio.CapacityLimiter(concurrency)
+        self.prefetch_cas = prefetch_cas or cas
+        self._slots = {
+            DEMAND: trio.CapacityLimiter(concurrency),
+            PREFETCH: trio.CapacityLimiter(prefetch_concurrency),
+        }
         self._disk = trio.CapacityLimiter(4)
         self._flights: dict[Digest, _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._hits = self._misses = self._fetches = self._failures = 0
         self._bytes_fetched = self._bytes_served = 0
+        self._prefetched = self._bytes_prefetched = 0
         self._wait = 0.0
+        self.queued = 0  # set by the prefetch queue
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -78,7 +104,16 @@ class FetchService:
             self._bytes_served,
             round(self._wait, 6),
             len(self.cache.index),
+            self._prefetched,
+            self._bytes_prefetched,
+            self.queued,
         )
+
+    def is_cached(self, digest: Digest) -> bool:
+        return self._cached_size(digest) is not None
+
+    def in_flight(self, digest: Digest) -> bool:
+        return digest in self._flights
 
     async def ensure(self, digest: Digest, *, priority: int = DEMAND) -> int:
         """Return the blob's size once it is in the cache; raise the fetch's error."""
@@ -86,21 +121,25 @@ class FetchService:
         # inline than the ~100 us of a thread hop, on the path every request takes.
         record = self._cached_size(digest)
         if record is not None:
-            self._hits += 1
-            self._bytes_served += record
+            if priority == DEMAND:
+                self._hits += 1
+                self._bytes_served += record
             return record
-        self._misses += 1
+        if priority == DEMAND:
+            self._misses += 1
         start = time.monotonic()
         flight = self._flights.get(digest)
         if flight is None:
-            flight = self._flights[digest] = _Flight()
+            flight = self._flights[digest] = _Flight(priority)
             assert self._nursery is not None, "FetchService.run() is not running"
             self._nursery.start_soon(self._download, digest, flight)
         await flight.done.wait()
-        self._wait += time.monotonic() - start
+        if priority == DEMAND:
+            self._wait += time.monotonic() - start
         if flight.error is not None:
             raise flight.error
-        self._bytes_served += flight.size
+        if priority == DEMAND:
+            self._bytes_served += flight.size
         return flight.size
 
     def _cached_size(self, digest: Digest) -> int | None:
@@ -110,14 +149,18 @@ class FetchService:
         return rec.size
 
     async def _download(self, digest: Digest, flight: _Flight) -> None:
+        cas = self.prefetch_cas if flight.priority == PREFETCH else self.cas
         try:
-            async with self._downloads:
-                encoding, payload = await self.cas.get_encoded(digest)
+            async with self._slots[flight.priority]:
+                encoding, payload = await cas.get_encoded(digest)
                 flight.size = await trio.to_thread.run_sync(
                     self.cache.commit, digest, encoding, payload, limiter=self._disk
                 )
             self._fetches += 1
             self._bytes_fetched += flight.size
+            if flight.priority == PREFETCH:
+                self._prefetched += 1
+                self._bytes_prefetched += flight.size
         except LazyCafError as exc:
             self._failures += 1
             flight.error = exc

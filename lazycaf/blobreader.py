@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -21,9 +23,10 @@ import trio
 from lazycaf.chunking import chunks_touched
 from lazycaf.digest import Digest
 from lazycaf.errors import Unavailable
-from lazycaf.fetcher_client import FetcherClient
+from lazycaf.fetcher_client import DaemonUnreachable, FetcherClient
 from lazycaf.index import Index
 from lazycaf.manifest import Entry
+from lazycaf.trace import TraceRecorder
 
 __all__ = ["BlobReader"]
 
@@ -51,6 +54,15 @@ class BlobReader:
         self._fds: OrderedDict[Digest, int] = OrderedDict()
         self._disk = trio.CapacityLimiter(8)
         self.fetched_blobs = 0
+        self.recorder: TraceRecorder | None = None
+        self.restart_daemon: Callable[[], None] | None = None
+        self.prefetched: set[Digest] = set()  # blobs this mount queued for prefetch
+        self._eager_at: int | None = None
+        self._on_eager: Callable[[], None] | None = None
+
+    def eager_after(self, nbytes: int, action: Callable[[], None]) -> None:
+        """Call ``action`` once, when the run has touched more than ``nbytes`` of blobs."""
+        self._eager_at, self._on_eager = nbytes, action
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -80,23 +92,78 @@ class BlobReader:
 
     async def _fetch(self, digest: Digest) -> None:
         with trio.move_on_after(self._timeout) as scope:
-            await self._client.ensure(digest)
+            try:
+                await self._client.ensure(digest)
+            except DaemonUnreachable:
+                if self.restart_daemon is None:
+                    raise
+                # the daemon died (or was stopped): start a new one, which reconciles the
+                # cache first, and ask again
+                log.warning("fetcher daemon gone while fetching %s: restarting it", digest)
+                await self._client.drop_idle()
+                await trio.to_thread.run_sync(self.restart_daemon)
+                await self._client.ensure(digest)
             self.fetched_blobs += 1
         if scope.cancelled_caught:
             raise Unavailable(f"blob {digest} not fetched within {self._timeout:g} s")
 
-    async def read(self, entry: Entry, offset: int, size: int) -> bytes | bytearray:
+    async def read(self, inode: int, entry: Entry, offset: int, size: int) -> bytes | bytearray:
         """Bytes ``[offset, offset + size)`` of a file entry (short at end of file)."""
         blobs = entry.blob_digests()
         touched = chunks_touched(offset, size, entry.size, self._chunk_size)
         needed = [blobs[i] for i in touched]
         missing = [d for d in needed if self._open_cached(d) is None]
-        if len(missing) == 1:
-            await self._fetch(missing[0])
-        elif missing:
-            async with trio.open_nursery() as nursery:
-                for d in dict.fromkeys(missing):
-                    nursery.start_soon(self._fetch, d)
+        wait = 0.0
+        if missing:
+            start = time.monotonic()
+            if len(missing) == 1:
+                await self._fetch(missing[0])
+            else:
+                async with trio.open_nursery() as nursery:
+                    for d in dict.fromkeys(missing):
+                        nursery.start_soon(self._fetch, d)
+            wait = time.monotonic() - start
+        data = await self._assemble(entry, blobs, touched, offset, size)
+        if self.recorder is not None:
+            self._record(inode, entry, needed, touched, len(data), bool(missing), wait)
+        return data
+
+    def _record(
+        self,
+        inode: int,
+        entry: Entry,
+        needed: list[Digest],
+        touched: range,
+        nbytes: int,
+        fetched: bool,
+        wait: float,
+    ) -> None:
+        recorder = self.recorder
+        assert recorder is not None
+        source, digest = "", ""
+        if not recorder.seen(inode):
+            prefetched = any(d in self.prefetched for d in needed)
+            source = "fetch" if fetched else "prefetch" if prefetched else "cache"
+            digest = entry.digest.hex if entry.digest else ""
+        cs, size = self._chunk_size, entry.size
+        recorder.read(
+            inode,
+            entry.path,
+            digest,
+            nbytes,
+            source=source,
+            wait=wait,
+            new_blob_bytes=lambda idx: sum(max(0, min(cs, size - i * cs)) for i in idx),
+            chunks=touched,
+        )
+        if self._eager_at is not None and recorder.touched_bytes > self._eager_at:
+            self._eager_at = None
+            if self._on_eager is not None:
+                self._on_eager()
+
+    async def _assemble(
+        self, entry: Entry, blobs: tuple[Digest, ...], touched: range, offset: int, size: int
+    ) -> bytes | bytearray:
         end = min(offset + size, entry.size)
         parts = []
         for i in touched:

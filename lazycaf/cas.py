@@ -3,7 +3,8 @@
 ``open_cas(spec)`` picks the backend: an ``http(s)://`` URL is the project's HTTP CAS server,
 anything else a local directory (default ``~/.cache/lazycaf/cas``, or ``$LAZYCAF_CAS``).
 Every backend verifies what it returns: ``get`` never yields bytes that do not hash to the
-digest asked for.
+digest asked for, and stores only what verifies: ``put``/``put_many`` of bytes that do not
+hash to their digest raise an ``IntegrityError`` and never store them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lazycaf.errors import (
     LazyCafError,
     RefNotFound,
     UsageError,
+    first_error,
 )
 from lazycaf.manifest import Manifest
 
@@ -36,6 +38,7 @@ __all__ = ["CAS", "HttpCAS", "LocalCAS", "default_cas_spec", "load_manifest", "o
 
 T = TypeVar("T")
 MISSING_BATCH: Final = 4096
+PUT_CONCURRENCY: Final = 8  # PUTs an HttpCAS keeps in flight (the server commits them as a group)
 _DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
 
 
@@ -49,6 +52,17 @@ class CAS(Protocol):
     async def get(self, digest: Digest) -> bytes: ...
     async def get_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]: ...
     async def put(self, digest: Digest, data: bytes) -> bool: ...
+    async def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
+        """Store a batch of blobs; returns how many were new (repeats count once).
+
+        A blob that does not match its digest raises an ``IntegrityError`` and is never
+        stored; whether the batch's other blobs are stored then depends on the backend
+        (``LocalCAS`` verifies the whole batch first and stores none of it; ``HttpCAS`` sends
+        blobs concurrently, so some may land, each whole). Cheaper than one ``put`` per blob:
+        the batch shares one durable commit.
+        """
+        ...
+
     async def get_ref(self, name: str) -> Digest: ...
     async def set_ref(self, name: str, digest: Digest) -> None: ...
     async def aclose(self) -> None: ...
@@ -117,6 +131,10 @@ class LocalCAS:
     async def put(self, digest: Digest, data: bytes) -> bool:
         return await self._call(self._dir.write, digest, data)
 
+    async def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
+        # One thread hop, one syncfs for the batch (CasDir.write_many).
+        return await self._call(self._dir.write_many, list(items))
+
     async def get_ref(self, name: str) -> Digest:
         return await self._call(self._dir.read_ref, name)
 
@@ -142,8 +160,10 @@ class HttpCAS:
         token: str | None = None,
         timeout: httpx.Timeout = _DEFAULT_TIMEOUT,
         max_connections: int = 16,
+        put_concurrency: int = PUT_CONCURRENCY,
     ) -> None:
         self.where = url.rstrip("/")
+        self._put_limiter = trio.CapacityLimiter(min(put_concurrency, max_connections))
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(
             base_url=self.where,
@@ -204,7 +224,13 @@ class HttpCAS:
         return data
 
     async def put(self, digest: Digest, data: bytes) -> bool:
-        encoding, payload = await trio.to_thread.run_sync(framing.encode, data)
+        encoded = await trio.to_thread.run_sync(framing.encode, data)
+        return await self._put_encoded(digest, data, encoded)
+
+    async def _put_encoded(
+        self, digest: Digest, data: bytes, encoded: tuple[framing.Encoding, bytes]
+    ) -> bool:
+        encoding, payload = encoded
         headers = {"content-encoding": encoding} if encoding != framing.IDENTITY else {}
         r = await self._request("PUT", f"/v1/blobs/{digest.hex}", content=payload, headers=headers)
         if r.status_code == 400:
@@ -215,6 +241,36 @@ class HttpCAS:
             raise IntegrityError(f"CAS {self.where} refused blob {digest}: {_detail(r)}")
         self._expect(r, f"PUT blob {digest}")
         return r.status_code == 201
+
+    async def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
+        """PUT the blobs concurrently: at most ``put_concurrency`` in flight per client (shared
+        by concurrent calls), so the server can commit them as a group. The first failure
+        cancels the rest and is raised as it is (not wrapped in an exception group)."""
+        batch = dict(items)
+        if len(batch) < len(items):  # a repeated blob still has to verify
+            for digest, data in items:
+                if batch[digest] is not data:
+                    await trio.to_thread.run_sync(digest.verify, data)
+        # One thread hop encodes the batch (the per-blob hops of ``put`` add up).
+        encoded = await trio.to_thread.run_sync(_encode_all, list(batch.values()))
+        stored = 0
+
+        async def put_one(digest: Digest, data: bytes, enc: tuple[framing.Encoding, bytes]) -> None:
+            nonlocal stored
+            async with self._put_limiter:
+                new = await self._put_encoded(digest, data, enc)
+            stored += new  # not ``stored += await ...``: that reads ``stored`` before awaiting
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for (digest, data), enc in zip(batch.items(), encoded, strict=True):
+                    nursery.start_soon(put_one, digest, data, enc)
+        except BaseExceptionGroup as group:
+            leaf = first_error(group)
+            if isinstance(leaf, LazyCafError):
+                raise leaf from None
+            raise
+        return stored
 
     async def get_ref(self, name: str) -> Digest:
         check_ref_name(name)
@@ -245,6 +301,10 @@ class HttpCAS:
 
 def _detail(r: httpx.Response) -> str:
     return r.text.strip()[:200]
+
+
+def _encode_all(blobs: list[bytes]) -> list[tuple[framing.Encoding, bytes]]:
+    return [framing.encode(data) for data in blobs]
 
 
 def _decode_verify(digest: Digest, encoding: str, payload: bytes) -> bytes:

@@ -97,13 +97,57 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="answer every open/opendir in the mount (stock pyfuse3 behaviour; for comparison)",
     )
+    sp.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="profile to prefetch and record into (default: the ref's name without its tag)",
+    )
+    sp.add_argument("--no-prefetch", action="store_true", help="record, but do not prefetch")
+    sp.add_argument(
+        "--eager-share",
+        type=float,
+        default=0.3,
+        metavar="FRACTION",
+        help="fetch the whole tree in the background once a run has read this "
+        "share of it, or the profile says it will (default 0.3; 0 disables)",
+    )
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     sp.set_defaults(run="host:mount")
+
+    sp = sub.add_parser("materialize", help="a full ordinary copy (reflinks on Btrfs)")
+    sp.add_argument("ref")
+    sp.add_argument("dir", type=Path)
+    cas_opt(sp)
+    cache_opts(sp)
+    sp.set_defaults(run="host:materialize")
 
     sp = sub.add_parser("umount", help="unmount a lazycaf mount")
     sp.add_argument("mountpoint", type=Path)
     sp.add_argument("--lazy", action="store_true", help="detach now even if files are open")
     sp.set_defaults(run="host:umount")
+
+    sp = sub.add_parser("profile", help="access profiles: record, show, save")
+    psub = sp.add_subparsers(dest="profile_command", required=True, metavar="SUBCOMMAND")
+    prec = psub.add_parser(
+        "record",
+        help="mount REF, run CMD from it, unmount, save the run",
+        usage="lazycaf profile record --name NAME REF [--cas ...] -- CMD ... "
+        "({mnt} in CMD is the mountpoint)",
+    )
+    prec.add_argument("--name", required=True, help="the profile to record into")
+    prec.add_argument("ref")
+    prec.set_defaults(cmd=[])
+    cas_opt(prec)
+    cache_opts(prec)
+    prec.set_defaults(run="profile:record")
+    pshow = psub.add_parser("show", help="hot set against the whole executable")
+    pshow.add_argument("name")
+    pshow.add_argument("--top", type=int, default=15, help="hot files to list (default 15)")
+    cas_opt(pshow)
+    pshow.set_defaults(run="profile:show")
+    psave = psub.add_parser("save", help="save a running mount's trace into its profile now")
+    psave.add_argument("mountpoint", type=Path)
+    psave.set_defaults(run="profile:save")
 
     sp = sub.add_parser("stats", help="the fetcher daemon's statistics")
     cache_opts(sp)
@@ -143,7 +187,16 @@ def _command(spec: str) -> Any:
 
 # -- entry points --------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    tail: list[str] = []
+    if "--" in argv:  # everything after -- is a command to run (profile record)
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1 :]
     args = _parser().parse_args(argv)
+    if tail:
+        if not hasattr(args, "cmd"):
+            _parser().error("'--' is only for `lazycaf profile record`")
+        args.cmd = [*args.cmd, *tail]
     logging.basicConfig(
         level=logging.DEBUG
         if args.verbose

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import trio
 
+from lazycaf.digest import Digest
 from lazycaf.errors import LazyCafError, Unavailable, UsageError, first_error
-from lazycaf.fetcher_client import FetcherClient, default_cache_dir, socket_answers
-from lazycaf.mount import MountConfig, check_mountpoint, is_mounted, run_mount
+from lazycaf.fetcher_client import FetcherClient, default_cache_dir, ensure_daemon, socket_answers
+from lazycaf.mount import MountConfig, check_mountpoint, is_mounted, mount_pid, run_mount
 
 __all__ = [
     "cache_init",
+    "materialize",
     "fetcher_serve",
     "fetcher_stop",
     "mount",
@@ -48,6 +50,9 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         cas_spec,
         fetch_timeout=args.fetch_timeout,
         open_roundtrips=args.open_roundtrips,
+        profile=args.profile,
+        prefetch=not args.no_prefetch,
+        eager_share=args.eager_share,
     )
 
 
@@ -147,6 +152,7 @@ async def umount(args: argparse.Namespace) -> int:
         raise UsageError(f"{mnt} does not exist")
     if not is_mounted(mnt):
         raise UsageError(f"{mnt} is not mounted")
+    pid = mount_pid(mnt)
     cmd = ["fusermount3", "-u", *(["-z"] if args.lazy else []), str(mnt)]
     proc = await trio.run_process(cmd, capture_stderr=True, check=False)
     if proc.returncode != 0:
@@ -157,7 +163,21 @@ async def umount(args: argparse.Namespace) -> int:
                 "(close them, or umount --lazy)"
             )
         raise LazyCafError(f"cannot unmount {mnt}: {err}")
+    if pid is not None:  # the mount saves its run's trace on the way out: wait for it
+        with trio.move_on_after(60):
+            await _wait_exit(pid)
     return 0
+
+
+async def _wait_exit(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)  # readable once the process exits
+    finally:
+        os.close(pidfd)
 
 
 async def stats(args: argparse.Namespace) -> int:
@@ -212,4 +232,59 @@ async def cache_init(args: argparse.Namespace) -> int:
             "no transparent compression and materialize will copy instead of reflinking",
             file=sys.stderr,
         )
+    return 0
+
+
+def _absolute(path: str | Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+async def materialize(args: argparse.Namespace) -> int:
+    """A full ordinary tree from the host cache: reflinks on Btrfs, copies elsewhere."""
+    from lazycaf.manifest import Manifest
+    from lazycaf.materialize import check_target, write_tree
+
+    cache, sock = _cache_paths(args)
+    target, cas_spec = _absolute(args.dir), args.cas
+    if cas_spec and "://" not in cas_spec:
+        cas_spec = str(_absolute(cas_spec))
+    await trio.to_thread.run_sync(check_target, target)
+    await trio.to_thread.run_sync(ensure_daemon, cache, cas_spec, sock)
+    client = FetcherClient(sock)
+    try:
+        digest = await client.resolve(args.ref)
+        await client.ensure(digest)
+        blob = cache / "blobs" / digest.hex[:2] / digest.hex
+        data = await trio.to_thread.run_sync(blob.read_bytes)
+        manifest = await trio.to_thread.run_sync(Manifest.decode, data)
+        blobs = list(manifest.blobs())
+        done = 0
+        limiter = trio.CapacityLimiter(16)
+
+        async def fetch(d: Digest) -> None:
+            nonlocal done
+            async with limiter:
+                await client.ensure(d)
+            done += 1
+            if sys.stderr.isatty():
+                sys.stderr.write(f"\r\x1b[Kfetching blobs: {done}/{len(blobs)}")
+
+        async with trio.open_nursery() as nursery:
+            for d in blobs:
+                nursery.start_soon(fetch, d)
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+    finally:
+        await client.aclose()
+    res = await trio.to_thread.run_sync(write_tree, cache, manifest, target)
+    if res.copied:
+        print(
+            f"lazycaf: note: {res.copied} files were copied, not reflinked: {target} is not on "
+            f"the cache's Btrfs filesystem ({cache})",
+            file=sys.stderr,
+        )
+    print(
+        f"materialized {args.ref} ({digest.short}) at {target}: {res.files} files, "
+        f"{res.bytes} bytes, {res.reflinked} reflinked, {res.copied} copied"
+    )
     return 0

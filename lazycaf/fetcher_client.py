@@ -22,9 +22,19 @@ from lazycaf.digest import Digest
 from lazycaf.errors import Unavailable, UsageError
 from lazycaf.wire import LineReader, parse_reply
 
-__all__ = ["FetcherClient", "default_cache_dir", "ensure_daemon", "socket_answers"]
+__all__ = [
+    "DaemonUnreachable",
+    "FetcherClient",
+    "default_cache_dir",
+    "ensure_daemon",
+    "socket_answers",
+]
 
 _START_TIMEOUT: Final = 20.0
+
+
+class DaemonUnreachable(Unavailable):
+    """The daemon's socket refused, reset or closed a connection: it is not running."""
 
 
 def default_cache_dir() -> Path:
@@ -43,7 +53,7 @@ class FetcherClient:
         try:
             stream = await trio.open_unix_socket(str(self.socket_path))
         except OSError as exc:
-            raise Unavailable(
+            raise DaemonUnreachable(
                 f"fetcher daemon ({self.socket_path}) unreachable: {exc.strerror or exc}"
             ) from exc
         return stream, LineReader(stream)
@@ -62,20 +72,33 @@ class FetcherClient:
             ) from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await conn[0].aclose()
-            raise Unavailable(f"fetcher daemon ({self.socket_path}) failed: {exc}") from exc
+            raise DaemonUnreachable(f"fetcher daemon ({self.socket_path}) failed: {exc}") from exc
         except BaseException:
             with trio.CancelScope(shield=True):
                 await conn[0].aclose()  # mid-exchange: the connection's state is unknown
             raise
         if line is None:
             await conn[0].aclose()
-            raise Unavailable(f"fetcher daemon ({self.socket_path}) closed the connection")
+            raise DaemonUnreachable(f"fetcher daemon ({self.socket_path}) closed the connection")
         self._idle.append(conn)
         return parse_reply(line)
 
     async def ensure(self, digest: Digest, *, prefetch: bool = False) -> int:
         reply = await self._call(f"ensure {digest.hex} {'prefetch' if prefetch else 'demand'}")
         return int(reply["size"])
+
+    async def prefetch(self, digests: list[Digest]) -> int:
+        """Queue blobs for background fetching, in order; returns how many were new."""
+        queued = 0
+        for start in range(0, len(digests), 2000):
+            batch = " ".join(d.hex for d in digests[start : start + 2000])
+            queued += int((await self._call(f"prefetch {batch}"))["queued"])
+        return queued
+
+    async def record(self, name: str, trace_json: str) -> dict[str, Any]:
+        """Merge one run's trace into profile ``name`` (the daemon writes it to the CAS)."""
+        result: dict[str, Any] = await self._call(f"record {name} {trace_json}")
+        return result
 
     async def resolve(self, ref: str) -> Digest:
         if not ref or any(c.isspace() for c in ref):
@@ -93,6 +116,10 @@ class FetcherClient:
     async def aclose(self) -> None:
         while self._idle:
             await self._idle.pop()[0].aclose()
+
+    async def drop_idle(self) -> None:
+        """Forget pooled connections (after the daemon restarted they are dead)."""
+        await self.aclose()
 
 
 def socket_answers(path: Path) -> bool:

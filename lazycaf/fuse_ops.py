@@ -169,7 +169,7 @@ class LazyOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = await self.reader.read(self.table.entry(fh), off, size)
+        data = await self.reader.read(fh, self.table.entry(fh), off, size)
         return data  # type: ignore[return-value]  # pyfuse3 takes any buffer
 
     async def release(self, fh: int) -> None:

@@ -6,10 +6,11 @@ runs it in a forked child and returns once the child reports the tree visible (o
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -22,8 +23,18 @@ from lazycaf.fetcher_client import FetcherClient, ensure_daemon
 from lazycaf.index import Index
 from lazycaf.inodes import InodeTable
 from lazycaf.manifest import Manifest
+from lazycaf.mountprofile import DEFAULT_EAGER_SHARE, MountProfile
+from lazycaf.refs import profile_name_for
 
-__all__ = ["MountConfig", "check_mountpoint", "is_mounted", "run_mount"]
+__all__ = [
+    "MountConfig",
+    "check_mountpoint",
+    "is_mounted",
+    "mount_pid",
+    "mount_pid_file",
+    "run_mount",
+    "runtime_dir",
+]
 
 log = logging.getLogger(__name__)
 _READY_TIMEOUT: Final = 120.0
@@ -39,6 +50,9 @@ class MountConfig:
     fetch_timeout: float = 30.0
     readahead_kb: int = 1024
     open_roundtrips: bool = False  # answer open/opendir even when the kernel could skip them
+    profile: str | None = None  # default: the ref's name without its tag (or the digest)
+    prefetch: bool = True
+    eager_share: float = DEFAULT_EAGER_SHARE
 
 
 def is_mounted(path: Path) -> bool:
@@ -109,6 +123,19 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             chunk_size=manifest.chunk_size,
             timeout=config.fetch_timeout,
         )
+        reader.restart_daemon = functools.partial(
+            ensure_daemon, config.cache_dir, config.cas_spec, config.socket_path
+        )
+        profile = MountProfile(
+            client,
+            manifest,
+            digest,
+            reader,
+            config.cache_dir,
+            name=config.profile or profile_name_for(config.ref) or digest.hex,
+            prefetch=config.prefetch,
+            eager_share=config.eager_share,
+        )
         skip_open = fuse_ops.can_skip_open() and not config.open_roundtrips
         ops = fuse_ops.LazyOperations(table, reader, skip_open=skip_open)
         options = {"fsname=lazycaf", "subtype=lazycaf", "ro", "nosuid", "nodev"}
@@ -116,26 +143,69 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
         if os.getuid() == 0:
             options.add("allow_other")
         fuse_ops.fuse_init(ops, real_mountpoint, options)
+        pid_file = mount_pid_file(real_mountpoint)
         try:
             _set_readahead(real_mountpoint, config.readahead_kb)
             log.info("mounted %s (%d entries) at %s", digest, len(table), config.mountpoint)
-            ready(digest.hex)
+            await trio.to_thread.run_sync(_write_pid_file, pid_file)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_terminate_on_signals, fuse_ops.fuse_terminate)
+                await nursery.start(profile.run)
+                ready(digest.hex)
+                nursery.start_soon(_handle_signals, fuse_ops.fuse_terminate, profile.save)
                 await fuse_ops.fuse_main()
                 nursery.cancel_scope.cancel()
         finally:
             fuse_ops.fuse_close(unmount=True)
             reader.close()
             index.close()
+            with trio.CancelScope(shield=True):
+                await profile.save()
+            pid_file.unlink(missing_ok=True)
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
 
 
-async def _terminate_on_signals(terminate: Callable[[], None]) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+async def _handle_signals(
+    terminate: Callable[[], None], save: Callable[[], Awaitable[None]]
+) -> None:
+    """SIGTERM/SIGINT/SIGHUP unmount; SIGUSR1 saves the run's trace now (profile save)."""
+    stop = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with trio.open_signal_receiver(*stop, signal.SIGUSR1) as signals:
         async for signum in signals:
+            if signum == signal.SIGUSR1:
+                await save()
+                continue
             log.info("unmounting on signal %d", signum)
             terminate()
             return
+
+
+def runtime_dir() -> Path:
+    """Where mounts leave their pid files: /run/lazycaf for root, else a per-user dir."""
+    if os.getuid() == 0:
+        return Path("/run/lazycaf")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lazycaf-{os.getuid()}"
+    return Path(base) / "lazycaf"
+
+
+def mount_pid_file(real_mountpoint: str) -> Path:
+    return runtime_dir() / ("mount" + real_mountpoint.replace("%", "%25").replace("/", "%2F"))
+
+
+def _write_pid_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(f"{os.getpid()}\n")
+
+
+def mount_pid(mountpoint: Path) -> int | None:
+    """The pid of the process serving the lazycaf mount at ``mountpoint``, if known."""
+    try:
+        pid = int(mount_pid_file(os.path.realpath(mountpoint)).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid

@@ -1,8 +1,10 @@
 """Packing: walk a tree, hash it in threads, build the manifest, upload what the CAS lacks.
 
 ``pack()`` is the whole pipeline; the walk and the hashing are sync functions run in worker
-threads (both cores), the uploads run with bounded concurrency. The manifest is uploaded last,
-after every blob it names, so a manifest in the CAS is always complete.
+threads (both cores). Missing blobs are uploaded in batches (``CAS.put_many``: one durable
+commit per batch instead of one fsync per blob), a few batches in flight so that reading the
+tree, compressing and committing overlap. The manifest is uploaded last, after every blob it
+names, so a manifest in the CAS is always complete.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ __all__ = ["PackProgress", "PackResult", "pack", "scan_tree"]
 _HASH_BATCH_BYTES: Final = 16 << 20
 _HASH_BATCH_FILES: Final = 256
 _READ_SIZE: Final = 1 << 20
+_UPLOAD_BATCH_BYTES: Final = 16 << 20
+_UPLOAD_BATCH_BLOBS: Final = 256
+_MAX_BATCHES_IN_FLIGHT: Final = 4  # each holds up to ~16 MiB (plus its compressed copy)
 
 
 @dataclass
@@ -55,6 +60,9 @@ class PackResult:
     digest: Digest
     manifest: Manifest
     progress: PackProgress = field(compare=False)
+
+
+Upload = tuple[Digest, tuple[str, int, int]]  # a blob and where it is: (path, offset, length)
 
 
 class Scanned(NamedTuple):
@@ -164,10 +172,31 @@ def read_blob(path: Path, offset: int, length: int, digest: Digest) -> bytes:
     return data
 
 
+def read_blobs(root: Path, batch: list[Upload]) -> list[tuple[Digest, bytes]]:
+    """``read_blob`` for each blob of an upload batch (one thread hop for the batch)."""
+    return [(d, read_blob(root / path, off, length, d)) for d, (path, off, length) in batch]
+
+
 def _hash_batch(
     root: Path, batch: list[Scanned], chunk_size: int
 ) -> list[tuple[Digest, tuple[Digest, ...]]]:
     return [hash_file(root / s.path, s.size, chunk_size) for s in batch]
+
+
+def _upload_batches(todo: list[Upload]) -> Iterator[list[Upload]]:
+    """Up to ``_UPLOAD_BATCH_BLOBS`` blobs or ``_UPLOAD_BATCH_BYTES`` each (a bigger blob
+    goes alone)."""
+    batch: list[Upload] = []
+    size = 0
+    for item in todo:
+        length = item[1][2]
+        if batch and (size + length > _UPLOAD_BATCH_BYTES or len(batch) >= _UPLOAD_BATCH_BLOBS):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += length
+    if batch:
+        yield batch
 
 
 def _batches(files: list[Scanned]) -> Iterator[list[Scanned]]:
@@ -261,7 +290,10 @@ async def pack(
     progress: PackProgress | None = None,
     stat_cache_dir: Path | None = None,
 ) -> PackResult:
-    """Pack ``root`` into ``cas``; returns the manifest digest that names the executable."""
+    """Pack ``root`` into ``cas``; returns the manifest digest that names the executable.
+
+    ``concurrency`` bounds the upload batches in flight (at most 4); an HTTP CAS keeps up to
+    8 PUTs of them in flight (``HttpCAS``'s ``put_concurrency``)."""
     progress = progress if progress is not None else PackProgress()
     root_st, scanned = await trio.to_thread.run_sync(
         functools.partial(scan_tree, root, keep_setid=keep_setid)
@@ -318,26 +350,27 @@ async def pack(
 async def _upload(
     root: Path,
     cas: CAS,
-    todo: list[tuple[Digest, tuple[str, int, int]]],
+    todo: list[Upload],
     concurrency: int,
     progress: PackProgress,
 ) -> None:
-    send, receive = trio.open_memory_channel[tuple[Digest, tuple[str, int, int]]](0)
+    """Upload ``todo`` in batches, ``concurrency`` batches in flight (at most 4): while one
+    batch commits, the next is read and verified in a worker thread. ``PackProgress`` counts
+    a batch's blobs once its ``put_many`` has completed."""
+    send, receive = trio.open_memory_channel[list[Upload]](0)
 
-    async def worker(
-        receive: trio.MemoryReceiveChannel[tuple[Digest, tuple[str, int, int]]],
-    ) -> None:
+    async def worker(receive: trio.MemoryReceiveChannel[list[Upload]]) -> None:
         async with receive:
-            async for digest, (path, offset, length) in receive:
-                data = await trio.to_thread.run_sync(read_blob, root / path, offset, length, digest)
-                await cas.put(digest, data)
-                progress.blobs_uploaded += 1
-                progress.bytes_uploaded += length
+            async for batch in receive:
+                items = await trio.to_thread.run_sync(read_blobs, root, batch)
+                await cas.put_many(items)
+                progress.blobs_uploaded += len(batch)
+                progress.bytes_uploaded += sum(len(data) for _, data in items)
 
     async with trio.open_nursery() as nursery:
         async with receive:
-            for _ in range(concurrency):
+            for _ in range(max(1, min(concurrency, _MAX_BATCHES_IN_FLIGHT))):
                 nursery.start_soon(worker, receive.clone())
         async with send:
-            for item in todo:
-                await send.send(item)
+            for batch in _upload_batches(todo):
+                await send.send(batch)

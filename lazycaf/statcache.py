@@ -51,13 +51,13 @@ class StatCache:
         return cls(cache_dir / f"{name}.json")
 
     def lookup(self, rel: str, key: StatKey) -> tuple[Digest, tuple[Digest, ...]] | None:
-        rec = self._old.get(rel)
-        if rec is None or rec[0] != list(key) or key[1] >= self._trusted_before:
-            return None
         try:
+            rec = self._old.get(rel)
+            if rec is None or rec[0] != list(key) or key[1] >= self._trusted_before:
+                return None
             digest = Digest.parse(str(rec[1]))
             chunks = tuple(Digest.parse(c) for c in rec[2])  # type: ignore[attr-defined]
-        except Exception:
+        except Exception:  # a damaged cache file only costs a re-hash
             return None
         self.hits += 1
         self._new[rel] = rec
@@ -77,6 +77,8 @@ class StatCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from lazycaf.digest import Digest
 from lazycaf.errors import IntegrityError
+from lazycaf.manifest import Entry
 
 __all__ = [
     "MAX_RUNS",
@@ -24,6 +27,8 @@ __all__ = [
     "HotFile",
     "Profile",
     "Trace",
+    "TraceRecorder",
+    "plan_prefetch",
 ]
 
 MAX_RUNS: Final = 8
@@ -42,6 +47,7 @@ class AccessRecord:
     source: str = "cache"
     wait: float = 0.0
     digest: str = ""
+    chunks: set[int] = field(default_factory=set)  # chunk indices read (chunked files)
 
     def to_json(self) -> list[object]:
         return [
@@ -51,18 +57,21 @@ class AccessRecord:
             self.source,
             round(self.wait, 6),
             self.digest,
+            sorted(self.chunks),
         ]
 
     @classmethod
     def from_json(cls, row: list[object]) -> AccessRecord:
-        path, t, nbytes, source, wait, digest = row
+        path, t, nbytes, source, wait, digest, chunks = row
         if not isinstance(path, str) or source not in SOURCES:
             raise ValueError(f"bad trace row {row!r:.100}")
         if not isinstance(t, int | float) or not isinstance(wait, int | float):
             raise ValueError(f"bad trace row {row!r:.100}")
         if not isinstance(nbytes, int):
             raise ValueError(f"bad trace row {row!r:.100}")
-        return cls(path, float(t), nbytes, str(source), float(wait), str(digest))
+        if not isinstance(chunks, list) or not all(isinstance(c, int) for c in chunks):
+            raise ValueError(f"bad trace row {row!r:.100}")
+        return cls(path, float(t), nbytes, str(source), float(wait), str(digest), set(chunks))
 
 
 @dataclass
@@ -101,6 +110,7 @@ class HotFile:
     t: float  # typical first-access time (s since mount)
     share: float  # weighted share of runs that touched it
     bytes_read: int
+    chunks: frozenset[int]  # chunks any run read (chunked files; empty: the whole file)
 
 
 @dataclass
@@ -122,13 +132,17 @@ class Profile:
         weights = [_DECAY ** (n - 1 - i) for i in range(n)]
         total = sum(weights)
         seen: dict[str, list[tuple[float, float, int]]] = {}
+        chunks: dict[str, set[int]] = {}
         for w, run in zip(weights, self.runs, strict=True):
             for r in run.records:
                 seen.setdefault(r.path, []).append((r.t, w, r.bytes_read))
+                chunks.setdefault(r.path, set()).update(r.chunks)
         hot = []
         for path, obs in seen.items():
             share = sum(w for _, w, _ in obs) / total
-            hot.append(HotFile(path, _weighted_median(obs), share, max(b for _, _, b in obs)))
+            t = _weighted_median(obs)
+            most = max(b for _, _, b in obs)
+            hot.append(HotFile(path, t, share, most, frozenset(chunks[path])))
         hot.sort(key=lambda h: (h.share < _COMMON, h.t, h.path))
         return hot
 
@@ -143,7 +157,7 @@ class Profile:
             if obj.get("version") != 1:
                 raise ValueError(f"unsupported version {obj.get('version')!r}")
             return cls(str(obj["name"]), [Trace.from_json(r) for r in obj["runs"]])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise IntegrityError(f"{what} is not a valid profile: {exc}") from None
 
 
@@ -156,3 +170,72 @@ def _weighted_median(obs: list[tuple[float, float, int]]) -> float:
         if acc >= half:
             return t
     return ordered[-1][0]
+
+
+class TraceRecorder:
+    """Builds the current run's trace as reads happen (cheap: one dict lookup per read)."""
+
+    def __init__(self, executable: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.executable = executable
+        self._clock = clock
+        self._t0 = clock()
+        self._started = time.time()
+        self._by_inode: dict[int, AccessRecord] = {}
+        self.records: list[AccessRecord] = []
+        self.touched_bytes = 0  # bytes of distinct blobs read so far (for eager mode)
+
+    def read(
+        self,
+        inode: int,
+        path: str,
+        digest: str,
+        nbytes: int,
+        *,
+        source: str,
+        wait: float,
+        new_blob_bytes: Callable[[set[int]], int],
+        chunks: range,
+    ) -> None:
+        """Account a read of ``nbytes``; ``new_blob_bytes(seen_chunks)`` sizes blobs this
+        read touched for the first time (called only when something is new)."""
+        rec = self._by_inode.get(inode)
+        if rec is None:
+            rec = AccessRecord(path, self._clock() - self._t0, 0, source, 0.0, digest)
+            self._by_inode[inode] = rec
+            self.records.append(rec)
+            rec.chunks.update(chunks)
+            self.touched_bytes += new_blob_bytes(rec.chunks)
+        elif not rec.chunks.issuperset(chunks):
+            before = set(rec.chunks)
+            rec.chunks.update(chunks)
+            self.touched_bytes += new_blob_bytes(rec.chunks - before)
+        rec.bytes_read += nbytes
+        rec.wait += wait
+
+    def seen(self, inode: int) -> bool:
+        return inode in self._by_inode
+
+    def trace(self) -> Trace:
+        return Trace(self.executable, self._started, list(self.records))
+
+
+def plan_prefetch(hot: list[HotFile], entries: dict[str, Entry], chunk_size: int) -> list[Digest]:
+    """The blobs of ``hot`` in the current tree, in order, each once.
+
+    Paths carry over between versions: a file whose content changed is planned under its new
+    digest. Chunked files contribute only the chunks some run read (all of them if none was
+    recorded); paths the tree no longer has are skipped.
+    """
+    out: dict[Digest, None] = {}
+    for h in hot:
+        e = entries.get(h.path)
+        if e is None or e.digest is None:
+            continue
+        blobs = e.blob_digests()
+        if e.chunks and h.chunks:
+            picked = [blobs[i] for i in sorted(h.chunks) if i < len(blobs)]
+        else:
+            picked = list(blobs)
+        for d in picked:
+            out.setdefault(d, None)
+    return list(out)

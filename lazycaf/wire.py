@@ -4,7 +4,8 @@ One request line, one reply line, per exchange; a connection carries exchanges o
 another, and a client keeps a pool of connections for concurrent requests. Lines are UTF-8
 and end in ``\\n``::
 
-    request   ensure <hex> demand|prefetch | resolve <ref> | stats | info
+    request   ensure <hex> demand|prefetch | prefetch <hex>... | record <name> <json>
+              | resolve <ref> | stats | info
     reply     ok <json>  |  err <kind> <one line of text>
 
 Measured against HTTP over the same socket (httpx + hypercorn, ~3 ms a round trip), a line
@@ -29,7 +30,7 @@ from lazycaf.errors import (
 
 __all__ = ["MAX_LINE", "LineReader", "error_reply", "ok_reply", "parse_reply"]
 
-MAX_LINE: Final = 1 << 20
+MAX_LINE: Final = 64 << 20  # a trace of a large run is one line
 _KINDS: Final[dict[str, type[LazyCafError]]] = {
     "notfound": NotFound,
     "integrity": IntegrityError,
@@ -54,7 +55,10 @@ def parse_reply(line: bytes) -> Any:
     text = line.decode(errors="replace").rstrip("\n")
     status, _, rest = text.partition(" ")
     if status == "ok":
-        return json.loads(rest)
+        try:
+            return json.loads(rest)
+        except ValueError:
+            raise Unavailable(f"fetcher daemon sent a malformed reply: {text[:200]!r}") from None
     if status == "err":
         kind, _, message = rest.partition(" ")
         raise _KINDS.get(kind, LazyCafError)(message)
@@ -71,12 +75,12 @@ class LineReader:
     async def readline(self) -> bytes | None:
         while True:
             end = self._buffer.find(b"\n")
+            if end > MAX_LINE or (end < 0 and len(self._buffer) > MAX_LINE):
+                raise UsageError(f"protocol line longer than {MAX_LINE} bytes")
             if end >= 0:
                 line = bytes(self._buffer[: end + 1])
                 del self._buffer[: end + 1]
                 return line
-            if len(self._buffer) > MAX_LINE:
-                raise UsageError(f"protocol line longer than {MAX_LINE} bytes")
             chunk = await self._stream.receive_some(65536)
             if not chunk:
                 return None

@@ -3,24 +3,35 @@
 
 Most tests share one server per module (a server start costs ~0.5 s); each test uses fresh
 random content, so they do not see each other's blobs. Tests that stop the server get their own.
+The group-commit tests run ``CasApp`` in process (hypercorn in the test's trio loop), where they
+can hold a commit round open and watch PUTs gather behind it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import trio
 import zstandard
 
-from lazycaf import framing
+from fetcher.groupcommit import GroupCommitter
+from fetcher.server import CasApp, bind_socket, serve_app
+from lazycaf import casdir, framing
+from lazycaf.casdir import CasDir, Staged
 from lazycaf.digest import Digest
+from lazycaf.errors import CasUnavailable
 from tests.conftest import CasServer, run_cli, start_cas_server, stop
 
 MiB = 1 << 20
@@ -634,3 +645,162 @@ def test_server_refuses_to_start_on_a_busy_port(tmp_path: Path) -> None:
     assert proc.returncode == 2, err
     assert "Traceback" not in err
     assert str(port) in err
+
+
+# -- group commit (in process) -------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def inprocess(store: CasDir) -> AsyncIterator[tuple[CasApp, httpx.AsyncClient]]:
+    sock = bind_socket("127.0.0.1:0")
+    port = sock.getsockname()[1]
+    app = CasApp(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_app, app, sock)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+            yield app, client
+        nursery.cancel_scope.cancel()
+    with contextlib.suppress(OSError):  # hypercorn closed the fd it was handed
+        sock.close()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        for _ in range(10_000):
+            if condition():
+                return
+            await trio.sleep(0.005)
+
+
+def gate_publish(
+    store: CasDir, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[int], threading.Event]:
+    """Record each round's size; hold the first round until the returned event is set."""
+    rounds: list[int] = []
+    gate = threading.Event()
+    publish = store.publish
+
+    def gated(staged: Sequence[Staged]) -> list[bool]:
+        rounds.append(len(staged))
+        if len(rounds) == 1:
+            gate.wait(10)
+        return publish(staged)
+
+    monkeypatch.setattr(store, "publish", gated)
+    return rounds, gate
+
+
+async def test_concurrent_puts_share_one_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CasDir(tmp_path / "root")
+    rounds, gate = gate_publish(store, monkeypatch)
+    blobs = [unique(f"group{i}", repeat=200) for i in range(7)]
+    blobs.append(blobs[3])  # the same blob twice in one round: one 201, one 200
+    statuses: dict[int, int] = {}
+    async with inprocess(store) as (app, client):
+
+        async def put_blob(i: int) -> None:
+            r = await client.put(f"/v1/blobs/{Digest.of(blobs[i]).hex}", content=blobs[i])
+            statuses[i] = r.status_code
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put_blob, 0)
+            await wait_until(lambda: rounds == [1])  # the first PUT's round is running
+            for i in range(1, 8):
+                nursery.start_soon(put_blob, i)
+            await wait_until(lambda: app.committer.statistics().waiting == 7)
+            # Staged but not committed: not visible, and nobody has an answer yet.
+            assert statuses == {}
+            assert not any(store.has(Digest.of(b)) for b in blobs)
+            gate.set()
+        stats = (await client.get("/v1/stats")).json()
+    assert rounds == [1, 7]
+    assert sorted(statuses.values()) == [200] + [201] * 7
+    assert stats["commit_rounds"] == 2
+    assert stats["blobs_stored"] == 7
+    for b in blobs:
+        assert store.read(Digest.of(b)) == b
+    assert stored_files(store.root) == sorted(
+        p for b in set(blobs) for p in blob_files(store.root, Digest.of(b))
+    )  # nothing left in tmp/
+
+
+async def test_failed_commit_is_503_stores_nothing_and_the_server_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CasDir(tmp_path / "root")
+    failures = [OSError(errno.EIO, "Input/output error")]
+    real_syncfs = casdir.syncfs
+
+    def syncfs(path: Any) -> None:
+        if failures:
+            raise failures.pop()
+        real_syncfs(path)
+
+    monkeypatch.setattr(casdir, "syncfs", syncfs)
+    data = compressible(300_000)
+    digest = Digest.of(data)
+    async with inprocess(store) as (_, client):
+        r = await client.put(f"/v1/blobs/{digest.hex}", content=data)
+        assert r.status_code == 503, r.text
+        assert "Input/output error" in r.text
+        assert stored_files(store.root) == []
+        assert (await client.head(f"/v1/blobs/{digest.hex}")).status_code == 404
+        r = await client.put(f"/v1/blobs/{digest.hex}", content=data)
+        assert r.status_code == 201, r.text
+    assert store.read(digest) == data
+
+
+async def test_committer_cancelled_finishes_its_round_and_fails_the_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CasDir(tmp_path / "root")
+    rounds, gate = gate_publish(store, monkeypatch)
+    blobs = [unique(f"shutdown{i}", repeat=100) for i in range(3)]
+    staged = [store.stage_encoded(Digest.of(b), framing.IDENTITY, b) for b in blobs]
+    committer = GroupCommitter(store)
+    results: dict[int, bool | Exception] = {}
+
+    async def wait_commit(i: int) -> None:
+        entry = staged[i]
+        assert entry is not None
+        try:
+            results[i] = await committer.commit(entry)
+        except CasUnavailable as exc:
+            results[i] = exc
+
+    async with trio.open_nursery() as waiters, trio.open_nursery() as service:
+        await service.start(committer.run)
+        waiters.start_soon(wait_commit, 0)
+        await wait_until(lambda: rounds == [1])
+        waiters.start_soon(wait_commit, 1)
+        waiters.start_soon(wait_commit, 2)
+        await wait_until(lambda: committer.statistics().waiting == 2)
+        service.cancel_scope.cancel()
+        gate.set()
+    assert results[0] is True  # the round in flight completed and was reported
+    for i in (1, 2):
+        assert isinstance(results[i], CasUnavailable), results[i]
+    assert rounds == [1]
+    assert store.has(Digest.of(blobs[0]))
+    assert not store.has(Digest.of(blobs[1])) and not store.has(Digest.of(blobs[2]))
+    assert list((store.root / "tmp").iterdir()) == []  # the queued blobs' files are gone
+
+
+async def test_app_without_lifespan_commits_each_put_alone(tmp_path: Path) -> None:
+    store = CasDir(tmp_path / "root")
+    app = CasApp(store)
+    data = unique("solo", repeat=10)
+    digest = Digest.of(data)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "PUT", "path": f"/v1/blobs/{digest.hex}", "headers": []}
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 201
+    assert store.read(digest) == data
+    assert app.committer.statistics().rounds == 1

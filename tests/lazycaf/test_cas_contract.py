@@ -111,6 +111,19 @@ def blob_files(root: Path, digest: Digest) -> list[Path]:
     return [p for p in (base, base.with_suffix(".zst")) if p.exists()]
 
 
+def tmp_files(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "tmp").rglob("*") if p.is_file())
+
+
+async def wait_tmp_empty(root: Path) -> list[Path]:
+    """A server may still finish PUTs the client abandoned; give it a moment to settle."""
+    for _ in range(250):
+        if not (left := await trio.to_thread.run_sync(tmp_files, root)):
+            break
+        await trio.sleep(0.02)
+    return left
+
+
 def tamper(root: Path, digest: Digest, content: bytes) -> None:
     """Replace the stored blob ``digest`` by ``content`` kept raw (what a bad disk does)."""
     files = blob_files(root, digest)
@@ -176,6 +189,50 @@ async def test_put_mismatching_data_is_refused_and_not_stored(
     assert blob_files(backend.root, digest) == []
     with pytest.raises(BlobNotFound):
         await cas.get(digest)
+
+
+async def test_put_many_mixed_new_present_and_repeated(cas: CAS, backend: Backend) -> None:
+    present = unique("present")
+    await cas.put(Digest.of(present), present)
+    new = [unique("a"), _blob("compressible-1MiB"), os.urandom(100_000), unique("b") * 5000]
+    items = [(Digest.of(b), b) for b in (present, *new, new[0])]
+    assert await cas.put_many(items) == len(new)  # present and repeated blobs are not new
+    for d, data in items:
+        assert await cas.get(d) == data
+    assert await cas.put_many(items) == 0
+    assert await cas.put_many([]) == 0
+    assert await wait_tmp_empty(backend.root) == []
+
+
+async def test_put_many_of_many_small_blobs(cas: CAS) -> None:
+    items = [(Digest.of(b), b) for b in (unique(f"many{i}") for i in range(300))]
+    assert await cas.put_many(items) == 300
+    assert await cas.find_missing([d for d, _ in items]) == set()
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+async def test_put_many_with_a_wrong_digest_never_stores_it(
+    cas: CAS, backend: Backend, where: str
+) -> None:
+    """The blob that does not verify raises an IntegrityError (plain, not an exception group)
+    and is never stored. The contract leaves the batch's other blobs to the backend: each is
+    either absent or whole. LocalCAS verifies the batch first and stores none of it."""
+    good = [(Digest.of(b), b) for b in (unique(f"good{i}") * 1000 for i in range(6))]
+    claimed = unique("claimed") * 1000
+    bad = Digest.of(claimed)
+    items = list(good)
+    items.insert({"first": 0, "middle": 3, "last": len(items)}[where], (bad, claimed + b"?"))
+    with pytest.raises(IntegrityError) as excinfo:
+        await cas.put_many(items)
+    assert bad.hex in str(excinfo.value)
+    assert await wait_tmp_empty(backend.root) == []
+    assert not await cas.has(bad)
+    assert blob_files(backend.root, bad) == []
+    for d, data in good:
+        if await cas.has(d):
+            assert await cas.get(d) == data
+    if backend.kind == "local":
+        assert await cas.find_missing([d for d, _ in good]) == {d for d, _ in good}
 
 
 async def test_has_and_find_missing_across_batches(cas: CAS) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from lazycaf import framing
-from lazycaf.casdir import CasDir, check_ref_name
+from lazycaf import casdir, framing
+from lazycaf.casdir import STALE_TMP_SECONDS, CasDir, check_ref_name
 from lazycaf.digest import Digest
 from lazycaf.errors import (
     BlobNotFound,
@@ -392,3 +396,181 @@ def test_ref_colliding_with_a_ref_directory_is_a_clean_error(
         cas.write_ref(second, d)
     assert cas.read_ref(first) == d
     assert files_under(cas.root / "tmp") == []
+
+
+# -- write_many: group commit ------------------------------------------------------------------
+def batch(*blobs: bytes) -> list[tuple[Digest, bytes]]:
+    return [(Digest.of(b), b) for b in blobs]
+
+
+def test_write_many_mixed_new_present_and_repeated(cas: CasDir) -> None:
+    present = compressible(200_000, seed=1)
+    store(cas, present)
+    new = [compressible(300_000, seed=2), os.urandom(50_000), b"", b"small"]
+    items = batch(present, *new, new[0])
+    assert cas.write_many(items) == 4  # the present blob and the repeat are not new
+    for d, data in items:
+        assert cas.read(d) == data
+    assert len(files_under(cas.root / "blobs")) == 5
+    assert files_under(cas.root / "tmp") == []
+    assert cas.write_many(items) == 0
+    assert cas.write_many([]) == 0
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last", "repeat"])
+def test_write_many_with_a_wrong_digest_stores_none_of_the_batch(cas: CasDir, where: str) -> None:
+    """Verification is all or nothing: the batch is checked before anything is written."""
+    good = batch(*(compressible(100_000, seed=s) for s in range(4)))
+    claimed = compressible(100_000, seed=9)
+    bad = (Digest.of(claimed), claimed[:-1] + b"?")
+    if where == "repeat":  # a blob listed twice, the second copy wrong
+        items = [*good, (good[1][0], good[1][1] + b"!")]
+    else:
+        items = list(good)
+        items.insert({"first": 0, "middle": 2, "last": len(items)}[where], bad)
+    with pytest.raises(DigestMismatch):
+        cas.write_many(items)
+    assert files_under(cas.root / "blobs") == []
+    assert files_under(cas.root / "tmp") == []
+    digests = [d for d, _ in items]
+    assert cas.find_missing(digests) == digests
+
+
+def test_write_many_syncs_once_then_renames(cas: CasDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One syncfs for the batch, before the first rename; no fsync per blob."""
+    events: list[str] = []
+    real_syncfs, real_replace = casdir.syncfs, os.replace
+
+    def syncfs(path: object) -> None:
+        events.append("syncfs")
+        real_syncfs(path)  # type: ignore[arg-type]
+
+    def replace(src: str, dst: str) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    def fsync(fd: int) -> None:
+        raise AssertionError("group commit must not fsync each blob")
+
+    monkeypatch.setattr(casdir, "syncfs", syncfs)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    items = batch(*(f"blob {i}".encode() * (i + 1) for i in range(50)))
+    assert cas.write_many(items) == 50
+    assert events == ["syncfs"] + ["replace"] * 50
+    events.clear()
+    assert cas.write_many(items) == 0
+    assert events == []  # nothing new: nothing to sync
+
+
+def test_write_many_failing_syncfs_stores_nothing(
+    cas: CasDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def syncfs(path: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(casdir, "syncfs", syncfs)
+    items = batch(b"one", b"two", compressible(300_000))
+    with pytest.raises(OSError, match="Input/output"):
+        cas.write_many(items)
+    monkeypatch.undo()
+    assert files_under(cas.root / "blobs") == []
+    assert files_under(cas.root / "tmp") == []
+    assert cas.write_many(items) == 3
+
+
+def test_write_many_rename_failing_midway_keeps_whole_blobs_only(
+    cas: CasDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renames after the syncfs: those done are durable, whole blobs; the rest is dropped."""
+    real_replace = os.replace
+    calls = 0
+
+    def replace(src: str, dst: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    items = batch(*(compressible(100_000, seed=s) for s in range(5)))
+    with pytest.raises(OSError, match="No space"):
+        cas.write_many(items)
+    monkeypatch.undo()
+    assert [cas.has(d) for d, _ in items] == [True, True, False, False, False]
+    for d, data in items[:2]:
+        assert cas.read(d) == data
+    assert files_under(cas.root / "tmp") == []
+
+
+_CRASH = """
+import os, sys
+from lazycaf.casdir import CasDir
+from lazycaf.digest import Digest
+
+root, renames = sys.argv[1], int(sys.argv[2])
+done = 0
+real_replace = os.replace
+
+def replace(src, dst):
+    global done
+    if done == renames:
+        os._exit(9)  # the process dies here: no cleanup, no further rename
+    done += 1
+    real_replace(src, dst)
+
+os.replace = replace
+blobs = [f"blob {i}\\n".encode() * 20_000 for i in range(5)]
+CasDir(root).write_many([(Digest.of(b), b) for b in blobs])
+"""
+
+
+@pytest.mark.parametrize("renames", [0, 2])
+def test_crash_between_staging_and_rename_leaves_no_bad_blob(tmp_path: Path, renames: int) -> None:
+    """A process killed after staging (and after some renames) leaves only whole blobs under
+    blobs/ and inert temp files; the next writer ignores those, and an old one is swept."""
+    root = tmp_path / "cas"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASH, str(root), str(renames)], cwd=repo, capture_output=True
+    )
+    assert proc.returncode == 9, proc.stderr.decode()
+    items = batch(*(f"blob {i}\n".encode() * 20_000 for i in range(5)))
+    digests = [d for d, _ in items]
+    c = CasDir(root)  # a fresh open keeps temp files younger than STALE_TMP_SECONDS
+    leftovers = files_under(root / "tmp")
+    assert len(leftovers) == 5 - renames
+    assert len(files_under(root / "blobs")) == renames
+    assert c.find_missing(digests) == digests[renames:]
+    for d, data in items[:renames]:
+        assert c.read(d) == data
+    # the next write ignores the leftovers and stores the rest
+    assert c.write_many(items) == 5 - renames
+    for d, data in items:
+        assert c.read(d) == data
+    assert sorted(files_under(root / "tmp")) == sorted(leftovers)
+    # once old, the leftovers are removed when the CAS is next opened
+    old = time.time() - STALE_TMP_SECONDS - 60
+    for p in leftovers:
+        os.utime(p, (old, old))
+    fresh = root / "tmp" / "in-flight.tmp"
+    fresh.write_bytes(b"another writer's file")
+    CasDir(root)
+    assert files_under(root / "tmp") == [fresh]
+
+
+def test_stage_then_publish(cas: CasDir) -> None:
+    data = compressible(400_000, seed=3)
+    d = Digest.of(data)
+    staged = cas.stage_encoded(d, *framing.encode(data))
+    assert staged is not None
+    assert not cas.has(d)  # staged is neither visible nor trusted
+    assert files_under(cas.root / "tmp") == [staged.tmp]
+    again = cas.stage_encoded(d, framing.IDENTITY, data)
+    assert again is not None
+    assert cas.publish([staged, again]) == [True, False]  # the second copy is dropped
+    assert cas.read(d) == data
+    assert files_under(cas.root / "tmp") == []
+    assert cas.stage_encoded(d, framing.IDENTITY, data) is None  # already stored
+    assert cas.publish([]) == []

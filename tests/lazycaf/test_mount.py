@@ -244,3 +244,47 @@ def test_daemon_restart_reconciles_cache(host: Host, tmp_path: Path) -> None:
         tree / "lib/pkg/sub/data.bin"
     ).read_bytes()
     host.cli("umount", mnt)
+
+
+def test_daemon_killed_mid_download_leaves_no_bad_blob(
+    host: Host, tmp_path: Path, cas_server: object
+) -> None:
+    import signal
+
+    from tests.conftest import CasServer
+    from tests.slowproxy import slow_proxy
+
+    assert isinstance(cas_server, CasServer)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    payload = os.urandom(4 * MiB)  # incompressible: ~64 chunks of 64 KiB on the wire
+    (tree / "big.bin").write_bytes(payload)
+    env = {"LAZYCAF_CAS_TOKEN": cas_server.token}
+    digest = run_cli("pack", tree, "--cas", cas_server.url, env=env).stdout.decode().strip()
+    with slow_proxy(cas_server.url, delay=0.05) as slow_url:
+        mnt = host.mountpoint()
+        host.cli("mount", digest, mnt, "--cas", slow_url, "--no-prefetch", "--eager-share", "0")
+        result: list[bytes | BaseException] = []
+
+        def reader() -> None:
+            try:
+                result.append((mnt / "big.bin").read_bytes())
+            except OSError as exc:
+                result.append(exc)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while host.stats()["misses"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the manifest, then the file's first chunk is in flight
+        pid = int((host.cache / "fetcher.lock").read_text())
+        os.kill(pid, signal.SIGKILL)
+        thread.join(60)
+        # the mount restarted the daemon (which reconciled the cache) and finished the read
+        assert result == [payload]
+        assert not any((host.cache / "tmp").iterdir())
+        for blob in (host.cache / "blobs").glob("*/*"):
+            from lazycaf.digest import Digest
+
+            assert Digest.of(blob.read_bytes()).hex == blob.name
+        host.cli("umount", mnt)

@@ -1,0 +1,64 @@
+"""The prefetch queue: blobs a mount will probably read soon, fetched in order in the
+background, always below on-demand reads.
+
+Mounts add digests in their profile's hot-set order; workers take them first in, first out
+and fetch each through ``FetchService.ensure(..., priority=PREFETCH)``, which uses its own
+download slots and CAS connections. A digest already cached or in flight (a read got to it
+first) is skipped. Failures are logged and dropped: a later read fetches on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import trio
+
+from fetcher.service import PREFETCH, FetchService
+from lazycaf.digest import Digest
+from lazycaf.errors import LazyCafError
+
+__all__ = ["PrefetchQueue"]
+
+log = logging.getLogger(__name__)
+
+
+class PrefetchQueue:
+    """Invariant: a digest is queued at most once; ``service.queued`` is the queue length."""
+
+    def __init__(self, service: FetchService, *, workers: int = 8) -> None:
+        self.service = service
+        self._workers = workers
+        self._queue: OrderedDict[Digest, None] = OrderedDict()
+        self._wakeup = trio.Event()
+
+    def add(self, digests: list[Digest]) -> int:
+        """Queue digests not cached yet, in order; returns how many were added."""
+        added = 0
+        for d in digests:
+            if d in self._queue or self.service.in_flight(d) or self.service.is_cached(d):
+                continue
+            self._queue[d] = None
+            added += 1
+        self.service.queued = len(self._queue)
+        self._wakeup.set()
+        return added
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self._workers):
+                nursery.start_soon(self._worker)
+            task_status.started()
+
+    async def _worker(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup = trio.Event() if self._wakeup.is_set() else self._wakeup
+                await self._wakeup.wait()
+                continue
+            digest, _ = self._queue.popitem(last=False)
+            self.service.queued = len(self._queue)
+            try:
+                await self.service.ensure(digest, priority=PREFETCH)
+            except LazyCafError as exc:
+                log.info("prefetch of %s dropped: %s", digest, exc)

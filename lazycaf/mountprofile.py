@@ -1,0 +1,133 @@
+"""A mount's side of traces and prefetch: load the profile, queue its hot set, switch to
+eager fetching when a run reads much of the tree, and save the run's trace.
+
+The daemon does the fetching and writes profiles to the CAS; the mount only says what it
+expects to read (``prefetch``) and what it read (``record``), so a mount never needs CAS
+credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from lazycaf.blobreader import BlobReader
+from lazycaf.digest import Digest
+from lazycaf.errors import LazyCafError, NotFound
+from lazycaf.fetcher_client import FetcherClient
+from lazycaf.manifest import Manifest
+from lazycaf.trace import Profile, TraceRecorder, plan_prefetch
+
+__all__ = ["DEFAULT_EAGER_SHARE", "MountProfile"]
+
+log = logging.getLogger(__name__)
+DEFAULT_EAGER_SHARE: Final = 0.3
+
+
+class MountProfile:
+    """Invariant: the run's trace is saved at most once (``save``)."""
+
+    def __init__(
+        self,
+        client: FetcherClient,
+        manifest: Manifest,
+        executable: Digest,
+        reader: BlobReader,
+        cache_dir: Path,
+        *,
+        name: str,
+        prefetch: bool = True,
+        eager_share: float = DEFAULT_EAGER_SHARE,
+    ) -> None:
+        self.client = client
+        self.manifest = manifest
+        self.reader = reader
+        self.cache_dir = cache_dir
+        self.name = name
+        self.prefetch = prefetch
+        self.eager_share = eager_share
+        self.recorder = TraceRecorder(executable.hex)
+        self._blob_sizes = manifest.blobs()
+        self._total = sum(self._blob_sizes.values())
+        self._saved = False
+        self._nursery: trio.Nursery | None = None
+        reader.recorder = self.recorder
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Queue the hot set, arm eager mode, then stay for eager work until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            if not self.prefetch:
+                return
+            if 0 < self.eager_share < 1:
+                self.reader.eager_after(int(self._total * self.eager_share), self._go_eager)
+            try:
+                await self._queue_hot_set()
+            except (LazyCafError, OSError) as exc:
+                log.warning("no prefetch for profile %r: %s", self.name, exc)
+            await trio.sleep_forever()
+
+    async def _queue_hot_set(self) -> None:
+        profile = await self._load()
+        if profile is None:
+            log.info("no profile %r yet: this run records one", self.name)
+            return
+        hot = profile.hot_set()
+        plan = plan_prefetch(hot, self.manifest.by_path, self.manifest.chunk_size)
+        self.reader.prefetched.update(plan)
+        queued = await self.client.prefetch(plan)
+        hot_bytes = sum(self._blob_sizes.get(d, 0) for d in plan)
+        log.info(
+            "profile %r: %d hot files, %d blobs (%d bytes), %d queued for prefetch",
+            self.name,
+            len(hot),
+            len(plan),
+            hot_bytes,
+            queued,
+        )
+        if self._total and hot_bytes > self._total * self.eager_share:
+            self._go_eager()  # the profile says this run reads much of the tree
+
+    async def _load(self) -> Profile | None:
+        try:
+            digest = await self.client.resolve(f"profiles/{self.name}")
+        except NotFound:
+            return None
+        await self.client.ensure(digest)
+        path = self.cache_dir / "blobs" / digest.hex[:2] / digest.hex
+        data = await trio.to_thread.run_sync(path.read_bytes)
+        return Profile.decode(data, what=f"profile {self.name!r} ({digest})")
+
+    def _go_eager(self) -> None:
+        if self._nursery is None:
+            return
+        log.info("eager mode: this run touched a large share of the tree; fetching the rest")
+        self._nursery.start_soon(self._prefetch_rest)
+
+    async def _prefetch_rest(self) -> None:
+        rest = [d for d in self._blob_sizes if d not in self.reader.prefetched]
+        self.reader.prefetched.update(rest)
+        try:
+            await self.client.prefetch(rest)
+        except LazyCafError as exc:
+            log.warning("eager prefetch failed: %s", exc)
+
+    async def save(self) -> None:
+        """Merge this run's trace into the profile (once; later calls do nothing)."""
+        if self._saved:
+            return
+        self._saved = True
+        trace = self.recorder.trace()
+        if not trace.records:
+            return
+        body = json.dumps(trace.to_json(), separators=(",", ":"))
+        try:
+            reply = await self.client.record(self.name, body)
+            log.info("saved run to profile %r: %s", self.name, reply)
+        except LazyCafError as exc:
+            log.warning("could not save the trace to profile %r: %s", self.name, exc)

@@ -1,0 +1,1000 @@
+#!/usr/bin/env python3
+"""Benchmark cold starts from a lazycaf mount over a network-shaped link, side by side.
+
+Prints figures and asserts nothing: the targets are read off the printed tables. Every figure
+is a median over ``--runs`` runs taken in this one invocation; within a run the variants are
+interleaved (their order rotates from run to run) so drift hits all of them.
+
+Per network profile of ``scripts/netsim.py`` (default ``1gbit`` = 1 Gbit/s, ~1 ms RTT and
+``100mbit`` = 100 Mbit/s, ~10 ms RTT), the client side is a network namespace behind a tbf
+rate limit; the CAS server and the squashfs HTTP server run in the root namespace on
+127.0.0.1 and are reached through netsim's delay-line proxy. Measured, for
+``python -c "import numpy"`` from the sample tree (python + numpy, ``build_sample.py``):
+
+1. lazycaf cold, no profile: a fresh host cache and a fresh fetcher daemon started inside
+   the namespace, ``sync`` + ``drop_caches``, then ``lazycaf mount --no-prefetch`` (timed
+   until it returns) and the python run (timed). The mount records into a throw-away
+   profile name, so the benchmark's profile is not touched;
+2. lazycaf cold, with profile: the same, without ``--no-prefetch``. The profile is recorded
+   once beforehand (``lazycaf profile record`` on its own cold cache, over the first link);
+   its ref is reset to that recording before every run, so each run sees the same profile
+   (mounts merge their run into the profile on umount);
+3. lazycaf warm: the python run again in the same mounts (page cache warm), once the
+   daemon's background fetching has settled. Diagnostics after each with-profile run: the
+   same cache (every blob now local) is mounted again after ``drop_caches`` and timed (mount,
+   run: the local floor, no network), and mounted once more with the page cache warm;
+4. native local disk: the sample tree itself, cold (``drop_caches``) and warm;
+5. baseline: the whole tree as a squashfs image (``mksquashfs -comp zstd``, made once, not
+   timed) served by a Python HTTP server: download it from inside the namespace with curl,
+   ``squashfuse`` it, run python from it, all cold and timed together.
+
+A reference section repeats 1-3 with the daemon in the root namespace and the CAS on
+127.0.0.1 without proxy (no shaping, no delay: what fetching costs without the network).
+Per-run notes give the daemon's statistics (fetches, misses, wait) and what the mount's saved
+trace says (time blocked on fetches; first reads served from cache, prefetch or fetch).
+
+"Bytes over the link" for lazycaf is what the CAS server sent during the timed window
+(``GET /v1/stats`` bytes_sent: zstd frames as stored), with the daemon's decoded
+``bytes_fetched`` in parentheses; for the baseline, the image size.
+
+The host caches live on a fresh Btrfs loop image (``mount -o loop,compress=zstd``). Needs
+root. Everything made here -- mounts, daemons, servers, namespaces, the loop image, temp
+dirs -- is removed in ``finally`` blocks, also on Ctrl-C and SIGTERM.
+
+Usage: python scripts/bench_prefetch.py [--runs N] [--profiles 1gbit,100mbit] [--sample DIR]
+       [--no-loopback] [--tmpdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import netsim
+
+REPO: Final = Path(__file__).resolve().parent.parent
+REF: Final = "sample:v1"
+PROFILE: Final = "sample"
+SCRATCH_PROFILE: Final = "bench-no-prefetch"  # where --no-prefetch mounts record their runs
+IMAGE_SIZE: Final = "4G"
+PROFILE_TARGET_S: Final = {"1gbit": 0.35, "100mbit": 2.0}
+NO_PROFILE_FACTOR: Final = 2.0
+SQUASHFS_QUOTED_S: Final = {"1gbit": 1.1, "100mbit": 9.0}
+NATIVE_COLD_QUOTED_S: Final = 0.15
+WARM_PER_MOUNT: Final = 2
+CMD_TIMEOUT_S: Final = 300.0
+SETTLE_TIMEOUT_S: Final = 120.0
+IMPORT_CMD: Final = ("-c", "import numpy")
+MB: Final = 1e6
+
+_HTTP_SERVER: Final = r"""
+import functools, http.server, sys
+class Handler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def log_message(self, *args):
+        pass
+    def copyfile(self, source, outputfile):
+        self.wfile.flush()
+        self.connection.sendfile(source)
+handler = functools.partial(Handler, directory=sys.argv[1])
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+print(f"serving on http://127.0.0.1:{server.server_address[1]}", flush=True)
+server.serve_forever()
+"""
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and why."""
+
+
+def say(msg: str) -> None:
+    """Progress goes to stderr; the report alone goes to stdout."""
+    print(f"[bench_prefetch {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- processes -----------------------------------------------------------------------------
+def run(
+    cmd: Sequence[str],
+    *,
+    what: str,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float = CMD_TIMEOUT_S,
+) -> str:
+    """Run ``cmd`` to completion; its stdout, or a BenchError carrying the tail of stderr."""
+    try:
+        res = subprocess.run(
+            list(cmd), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{what} timed out after {timeout:.0f} s: {' '.join(cmd)}") from exc
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout)[-2000:].strip()
+        raise BenchError(f"{what} failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
+    return res.stdout
+
+
+def timed(cmd: Sequence[str], *, what: str, env: dict[str, str] | None = None) -> float:
+    t0 = time.perf_counter()
+    run(cmd, what=what, env=env, cwd="/")
+    return time.perf_counter() - t0
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def python_env() -> dict[str, str]:
+    """A clean environment: nothing of this venv leaks into the sample's interpreter."""
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def time_python(tree: Path) -> float:
+    cmd = [str(tree / "bin" / "python3"), *IMPORT_CMD]
+    return timed(cmd, what=f"import numpy from {tree}", env=python_env())
+
+
+def mount_table() -> list[tuple[str, str, str]]:
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        src, target, fstype = line.split()[:3]
+        out.append((src, target.replace("\\040", " "), fstype))
+    return out
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    return any(t == target for _, t, _ in mount_table())
+
+
+def socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+def tail(path: Path, n: int = 5) -> str:
+    with contextlib.suppress(OSError):
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
+    return "(no log)"
+
+
+def wait_for_line(proc: subprocess.Popen[Any], log: Path, pattern: str, what: str) -> str:
+    """Wait until ``log`` (the process's stdout) has a line matching ``pattern``."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            m = re.search(pattern, log.read_text(errors="replace"))
+            if m:
+                return m.group(1)
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited {proc.returncode}: {tail(log)}")
+        time.sleep(0.05)
+    raise BenchError(f"{what} did not start within 30 s: {tail(log)}")
+
+
+def http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        data: bytes = resp.read()
+        return data
+
+
+def http_put(url: str, body: bytes) -> None:
+    req = urllib.request.Request(url, data=body, method="PUT")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        resp.read()
+
+
+# -- bookkeeping ---------------------------------------------------------------------------
+@dataclass
+class Made:
+    """Everything this run created, undone by ``cleanup``."""
+
+    tmp: Path
+    mounts: list[Path] = field(default_factory=list)
+    caches: list[Path] = field(default_factory=list)
+    servers: list[subprocess.Popen[Any]] = field(default_factory=list)
+    btrfs_mnt: Path | None = None
+    image: Path | None = None
+
+    def mountpoint(self, name: str) -> Path:
+        mnt = self.tmp / name
+        mnt.mkdir(exist_ok=True)
+        if mnt not in self.mounts:
+            self.mounts.append(mnt)
+        return mnt
+
+    def log(self, name: str) -> Path:
+        (self.tmp / "logs").mkdir(exist_ok=True)
+        return self.tmp / "logs" / name
+
+
+@dataclass(frozen=True)
+class Lazycaf:
+    """The CLI, run as a subprocess (so figures include interpreter start-up)."""
+
+    exe: Path
+    cas: Path
+
+    @property
+    def python(self) -> Path:
+        return self.exe.parent / "python"
+
+    def env(self, cache: Path | None) -> dict[str, str]:
+        env = {**os.environ, **python_env()}
+        if cache is not None:
+            env["LAZYCAF_CACHE"] = str(cache)
+        return env
+
+    def cli(self, *args: str, cache: Path | None = None, what: str) -> str:
+        return run([str(self.exe), *args], what=what, env=self.env(cache))
+
+    def mount(self, mnt: Path, cache: Path, *extra: str) -> float:
+        cmd = [str(self.exe), "mount", REF, str(mnt), *extra]
+        secs = timed(cmd, what=f"mount {REF} at {mnt}", env=self.env(cache))
+        if not is_mounted(mnt):
+            raise BenchError(f"lazycaf mount returned but {mnt} is not a mount point")
+        return secs
+
+    def umount(self, mnt: Path) -> None:
+        self.cli("umount", str(mnt), what=f"umount {mnt}")  # waits for the trace save
+
+    def stats(self, cache: Path) -> dict[str, float]:
+        raw = json.loads(self.cli("stats", "--json", cache=cache, what="stats --json"))
+        return {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
+
+    def fetcher_stop(self, cache: Path) -> None:
+        self.cli("fetcher", "stop", cache=cache, what=f"fetcher stop ({cache})")
+
+
+def cleanup_mounts(made: Made, lz: Lazycaf) -> list[str]:
+    """Unmount every mount of ``made`` and stop every daemon of its caches."""
+    warnings: list[str] = []
+    for mnt in made.mounts:
+        if not is_mounted(mnt):
+            continue
+        res = subprocess.run(
+            [str(lz.exe), "umount", str(mnt)], capture_output=True, text=True, timeout=90
+        )
+        if res.returncode != 0 and is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+            warnings.append(f"{mnt} needed a lazy unmount")
+    for cache in made.caches:
+        if (cache / "fetcher.lock").exists():
+            try:
+                lz.fetcher_stop(cache)
+            except BenchError as exc:
+                warnings.append(f"fetcher stop for {cache} failed: {exc}")
+    return warnings
+
+
+def cleanup(made: Made, lz: Lazycaf) -> list[str]:
+    warnings = cleanup_mounts(made, lz)
+    for proc in made.servers:
+        stop_process(proc)
+    if made.btrfs_mnt is not None and is_mounted(made.btrfs_mnt):
+        res = subprocess.run(["umount", str(made.btrfs_mnt)], capture_output=True, text=True)
+        if res.returncode != 0:
+            warnings.append(f"umount {made.btrfs_mnt}: {res.stderr.strip()}")
+    if made.image is not None:
+        loops = subprocess.run(
+            ["losetup", "-j", str(made.image)], capture_output=True, text=True
+        ).stdout
+        for line in loops.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False)
+    marker = str(made.tmp)
+    still = [t for _, t, _ in mount_table() if t == marker or t.startswith(marker + "/")]
+    if still:
+        warnings.append(f"mounts left under {marker}: {still}; NOT removing it")
+    else:
+        shutil.rmtree(made.tmp, ignore_errors=True)
+        if made.tmp.exists():
+            warnings.append(f"could not remove all of {made.tmp}")
+    return warnings
+
+
+# -- the pieces of one measurement ---------------------------------------------------------
+@dataclass
+class Env:
+    """What every measurement needs: tools, servers, the tree."""
+
+    lz: Lazycaf
+    made: Made
+    sample: Path
+    cas_port: int
+    http_port: int
+    image: Path  # the squashfs image, served by the HTTP server as /<name>
+    profile_digest: str = ""
+
+    def cas_bytes_sent(self) -> int:
+        stats = json.loads(http_get(f"http://127.0.0.1:{self.cas_port}/v1/stats"))
+        return int(stats["bytes_sent"])
+
+    def new_cache(self, name: str) -> Path:
+        assert self.made.btrfs_mnt is not None
+        cache = self.made.btrfs_mnt / name
+        self.made.caches.append(cache)
+        out = self.lz.cli("cache", "init", str(cache), what="cache init")
+        if "compression on" not in out:
+            raise BenchError(f"cache init {cache} did not turn compression on: {out.strip()}")
+        return cache
+
+    def drop_cache_dir(self, cache: Path) -> None:
+        shutil.rmtree(cache, ignore_errors=True)
+        self.made.caches.remove(cache)
+
+
+@dataclass
+class Net:
+    """Where the fetcher daemon runs and how it reaches the CAS: a shaped link or loopback."""
+
+    name: str
+    cas_url: str
+    link: netsim.Link | None = None  # None: root namespace, CAS on 127.0.0.1 directly
+    rate_mbit: float = 0.0
+    rtt_s: float = 0.0  # measured: a tiny GET on a kept-alive connection
+
+    def popen(self, cmd: list[str], **kw: Any) -> subprocess.Popen[Any]:
+        if self.link is None:
+            return subprocess.Popen(cmd, **kw)
+        return self.link.popen(cmd, share_mounts=True, **kw)  # its FUSE mounts stay visible
+
+
+@contextlib.contextmanager
+def daemon_in(net: Net, env: Env, cache: Path) -> Iterator[None]:
+    """A fresh fetcher daemon for ``cache`` on ``net``; stopped and its cache removed after."""
+    log = env.made.log(f"fetcher-{cache.name}.log")
+    cmd = [str(env.lz.python), "-m", "lazycaf", "fetcher", "serve", "--cache", str(cache)]
+    with open(log, "ab") as out:
+        proc = net.popen(
+            [*cmd, "--cas", net.cas_url],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            cwd=str(REPO),
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_answers(cache / "fetcher.sock"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"fetcher daemon for {cache} did not start: {tail(log)}")
+            time.sleep(0.05)
+        yield
+    finally:
+        try:
+            cleanup_mounts(env.made, env.lz)  # a mount must not outlive its daemon
+            env.lz.fetcher_stop(cache)
+        finally:
+            stop_process(proc)
+            env.drop_cache_dir(cache)
+
+
+def wait_settled(lz: Lazycaf, cache: Path) -> dict[str, float]:
+    """Daemon stats once background fetching (prefetch, eager mode) has stopped."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        now = lz.stats(cache)
+        quiet = now.get("prefetch_queued", 0) == 0
+        if quiet and last and now.get("fetches") == last.get("fetches"):
+            return now
+        last = now
+        time.sleep(0.5)
+    say(f"background fetching into {cache} did not settle within {SETTLE_TIMEOUT_S:.0f} s")
+    return last
+
+
+def trace_summary(lz: Lazycaf, name: str) -> str:
+    """What the run just saved says: time blocked on fetches, where first reads came from."""
+    out = lz.cli("profile", "show", name, "--cas", str(lz.cas), what=f"profile show {name}")
+    blocked = served = ""
+    for line in out.splitlines():
+        if line.startswith("blocked on fetches:"):
+            blocked = line.partition(":")[2].split(",")[-1].split("(")[0].strip()
+        elif line.startswith("newest run, first reads served from:"):
+            served = line.partition(":")[2].strip()
+    return f"trace: blocked {blocked or '?'}, first reads from {served or '?'}"
+
+
+@dataclass
+class LazyRun:
+    mount: float
+    run: float
+    wire: int  # bytes the CAS sent during mount + run
+    stats: dict[str, float]  # daemon stats right after the run
+    settled: dict[str, float]  # ... once background fetching stopped
+    warm: list[float]
+    warm_wire: int  # bytes the CAS sent during the warm runs
+    trace: str
+    # Diagnostic, blobs all in the host cache: (mount, run) after drop_caches, then a remount
+    # with the page cache warm (mount only).
+    cached: tuple[float, float, float] | None = None
+
+    @property
+    def total(self) -> float:
+        return self.mount + self.run
+
+
+def lazycaf_cold(net: Net, env: Env, *, profile: bool, tag: str, again: bool) -> LazyRun:
+    """One cold start from a fresh cache and daemon, then warm runs in the same mount;
+    ``again``: unmount, drop caches, and time a cold start from the now full host cache."""
+    cache = env.new_cache(f"cache-{tag}")
+    mnt = env.made.mountpoint("mnt-lazycaf")
+    scratch = ["--no-prefetch", "--profile", SCRATCH_PROFILE]
+    with daemon_in(net, env, cache):
+        if profile:  # every run starts from the profile recorded beforehand
+            url = f"http://127.0.0.1:{env.cas_port}/v1/refs/profiles/{PROFILE}"
+            http_put(url, env.profile_digest.encode())
+        drop_caches()
+        wire0 = env.cas_bytes_sent()
+        t_mount = env.lz.mount(mnt, cache, *([] if profile else scratch))
+        t_run = time_python(mnt)
+        wire = env.cas_bytes_sent() - wire0
+        stats = env.lz.stats(cache)
+        settled = wait_settled(env.lz, cache)
+        wire0 = env.cas_bytes_sent()
+        warm = [time_python(mnt) for _ in range(WARM_PER_MOUNT)]
+        warm_wire = env.cas_bytes_sent() - wire0
+        env.lz.umount(mnt)  # saves the run's trace
+        trace = trace_summary(env.lz, PROFILE if profile else SCRATCH_PROFILE)
+        cached = None
+        if again:
+            drop_caches()
+            t_cached_mount = env.lz.mount(mnt, cache, *scratch)
+            t_cached_run = time_python(mnt)
+            env.lz.umount(mnt)
+            cached = (t_cached_mount, t_cached_run, env.lz.mount(mnt, cache, *scratch))
+            env.lz.umount(mnt)
+    return LazyRun(t_mount, t_run, wire, stats, settled, warm, warm_wire, trace, cached)
+
+
+@dataclass
+class SquashRun:
+    download: float
+    mount: float
+    run: float
+
+    @property
+    def total(self) -> float:
+        return self.download + self.mount + self.run
+
+
+def squashfs_cold(link: netsim.Link, env: Env, url: str) -> SquashRun:
+    dst = env.made.tmp / "download" / env.image.name
+    dst.parent.mkdir(exist_ok=True)
+    dst.unlink(missing_ok=True)
+    mnt = env.made.mountpoint("mnt-squashfs")
+    drop_caches()
+    t0 = time.perf_counter()
+    link.run(
+        ["curl", "-sS", "--fail", "-o", str(dst), url],
+        share_mounts=True,
+        check=True,
+        capture_output=True,
+        timeout=CMD_TIMEOUT_S,
+    )
+    t1 = time.perf_counter()
+    try:
+        run(["squashfuse", str(dst), str(mnt)], what="squashfuse")
+        t2 = time.perf_counter()
+        t_run = time_python(mnt)
+    finally:
+        if is_mounted(mnt):
+            run(["umount", str(mnt)], what=f"umount {mnt}")
+    if dst.stat().st_size != env.image.stat().st_size:
+        raise BenchError(f"downloaded {dst.stat().st_size} bytes of {env.image}")
+    return SquashRun(t1 - t0, t2 - t1, t_run)
+
+
+def measure_rtt(link: netsim.Link, url: str, n: int = 20) -> float:
+    """Median time of a tiny GET on a kept-alive connection through the proxy (seconds)."""
+    args = [a for _ in range(n) for a in (url, "-o", "/dev/null")]
+    out = link.run(
+        ["curl", "-sS", "--fail", "-w", "%{time_total}\n", *args],
+        share_mounts=True,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return statistics.median(float(x) for x in out[1:])  # the first one also connects
+
+
+def record_profile(net: Net, env: Env) -> list[str]:
+    """Record the profile once on its own cold cache; keep its digest; describe it."""
+    cache = env.new_cache("cache-record")
+    with daemon_in(net, env, cache):
+        drop_caches()
+        t0 = time.perf_counter()
+        cmd = ["profile", "record", "--name", PROFILE, REF, "--"]
+        env.lz.cli(*cmd, "{mnt}/bin/python3", *IMPORT_CMD, cache=cache, what="profile record")
+        secs = time.perf_counter() - t0
+    url = f"http://127.0.0.1:{env.cas_port}/v1/refs/profiles/{PROFILE}"
+    env.profile_digest = http_get(url).decode().strip()
+    show = env.lz.cli("profile", "show", PROFILE, "--cas", str(env.lz.cas), what="profile show")
+    lines = [ln for ln in show.splitlines() if ln.startswith(("profile ", "hot set", "blocked"))]
+    first = f"profile recorded over the {net.name} link in {secs:.2f} s (cold, mount to umount)"
+    return [first, *lines]
+
+
+# -- one network profile -------------------------------------------------------------------
+@dataclass
+class ProfileResult:
+    net: Net
+    rtt_ms: float = 0.0  # nominal
+    noprof: list[LazyRun] = field(default_factory=list)
+    prof: list[LazyRun] = field(default_factory=list)
+    native_cold: list[float] = field(default_factory=list)
+    native_warm: list[float] = field(default_factory=list)
+    squash: list[SquashRun] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.net.name
+
+
+def bench_shaped(env: Env, name: str, runs: int, *, record: bool) -> ProfileResult:
+    rate, rtt = netsim.PROFILES[name]
+    with netsim.shaped_link(f"bp{os.getpid() % 100000}", rate_mbit=rate, rtt_ms=rtt) as link:
+        try:
+            cas_ip, cas_pport = link.proxy("127.0.0.1", env.cas_port)
+            http_ip, http_pport = link.proxy("127.0.0.1", env.http_port)
+            net = Net(name, f"http://{cas_ip}:{cas_pport}", link, rate)
+            res = ProfileResult(net, rtt)
+            net.rtt_s = measure_rtt(link, f"http://{http_ip}:{http_pport}/tiny")
+            say(f"{name}: tiny GET through the proxy {net.rtt_s * 1000:.2f} ms")
+            if record:
+                res.notes += record_profile(net, env)
+            image_url = f"http://{http_ip}:{http_pport}/{env.image.name}"
+            for i in range(runs):
+                run_once(env, res, i, squash_url=image_url)
+        finally:
+            for warning in cleanup_mounts(env.made, env.lz):
+                say(f"WARNING: {warning}")
+    return res
+
+
+def bench_loopback(env: Env, runs: int) -> ProfileResult:
+    """The same lazycaf cold starts with the daemon on the CAS's host: no shaping, no delay."""
+    res = ProfileResult(Net("loopback", f"http://127.0.0.1:{env.cas_port}"))
+    for i in range(runs):
+        run_once(env, res, i, squash_url=None)
+    return res
+
+
+def run_once(env: Env, res: ProfileResult, i: int, *, squash_url: str | None) -> None:
+    """One run of every variant, in an order that rotates with ``i``."""
+    name, net = res.name, res.net
+
+    def noprof() -> None:
+        r = lazycaf_cold(net, env, profile=False, tag=f"{name}-noprof-{i}", again=False)
+        res.noprof.append(r)
+        say(f"{name} run {i}: no profile: mount {r.mount:.3f} s, run {r.run:.3f} s")
+
+    def prof() -> None:
+        r = lazycaf_cold(net, env, profile=True, tag=f"{name}-prof-{i}", again=True)
+        res.prof.append(r)
+        say(f"{name} run {i}: profile: mount {r.mount:.3f} s, run {r.run:.3f} s")
+
+    def native() -> None:
+        drop_caches()
+        res.native_cold.append(time_python(env.sample))
+        res.native_warm += [time_python(env.sample) for _ in range(WARM_PER_MOUNT)]
+        say(f"{name} run {i}: native cold {res.native_cold[-1]:.3f} s")
+
+    def squash() -> None:
+        assert net.link is not None and squash_url is not None
+        r = squashfs_cold(net.link, env, squash_url)
+        res.squash.append(r)
+        say(f"{name} run {i}: squashfs download {r.download:.3f} s, total {r.total:.3f} s")
+
+    steps = [noprof, prof] + ([native, squash] if squash_url else [])
+    k = i % len(steps)
+    for step in steps[k:] + steps[:k]:
+        step()
+
+
+# -- report --------------------------------------------------------------------------------
+def med(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def fmt_s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def fmt_mb(x: float) -> str:
+    return f"{x / MB:.1f} MB"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(res: ProfileResult, image_bytes: int) -> list[str]:
+    target = PROFILE_TARGET_S.get(res.name)
+
+    def lazy_row(name: str, rs: list[LazyRun], limit: float | None, what: str) -> str:
+        wire = med([r.wire for r in rs])
+        decoded = med([r.stats.get("bytes_fetched", 0) for r in rs])
+        totals = [r.total for r in rs]
+        ok = "-" if limit is None else "yes" if med(totals) <= limit else "**NO**"
+        return _row(
+            name,
+            fmt_s(med([r.mount for r in rs])),
+            fmt_s(med([r.run for r in rs])),
+            fmt_s(med(totals)),
+            f"{fmt_mb(wire)} ({fmt_mb(decoded)} decoded)",
+            "-" if limit is None else f"<= {limit:g} s{what}",
+            ok,
+        )
+
+    loose = None if target is None else target * NO_PROFILE_FACTOR
+    warm = [w for r in res.noprof + res.prof for w in r.warm]
+    warm_wire = fmt_mb(med([r.warm_wire for r in res.noprof + res.prof]))
+    cached = [r.cached for r in res.prof if r.cached is not None]
+    rows = [
+        "| variant | mount s | run s | total s | bytes over the link | target | meets? |",
+        "|---|---:|---:|---:|---:|---|---|",
+        lazy_row("lazycaf cold, no profile", res.noprof, loose, " (2x the profile target)"),
+        lazy_row("lazycaf cold, with profile", res.prof, target, ""),
+        _row("lazycaf warm (same mounts)", "-", *[fmt_s(med(warm))] * 2, warm_wire, "-", "-"),
+    ]
+    if cached:
+        c_mount, c_run = med([c[0] for c in cached]), med([c[1] for c in cached])
+        c_total = med([c[0] + c[1] for c in cached])
+        name = "(diagnostic) lazycaf cold, blobs in host cache, caches dropped"
+        rows.append(_row(name, fmt_s(c_mount), fmt_s(c_run), fmt_s(c_total), "0", "-", "-"))
+        c_warm = fmt_s(med([c[2] for c in cached]))
+        name = "(diagnostic) lazycaf mount alone, page cache warm, blobs cached"
+        rows.append(_row(name, c_warm, "-", c_warm, "0", "-", "-"))
+    if res.native_cold:
+        nc, nw = fmt_s(med(res.native_cold)), fmt_s(med(res.native_warm))
+        quoted = f"~{NATIVE_COLD_QUOTED_S:g} s (issue)"
+        rows.append(_row("native disk, cold", "-", nc, nc, "-", quoted, "-"))
+        rows.append(_row("native disk, warm", "-", nw, nw, "-", "-", "-"))
+    if res.squash:
+        sq = res.squash
+        rows.append(
+            _row(
+                "squashfs download+mount+run",
+                fmt_s(med([r.download + r.mount for r in sq])),
+                fmt_s(med([r.run for r in sq])),
+                fmt_s(med([r.total for r in sq])),
+                fmt_mb(image_bytes),
+                f"~{SQUASHFS_QUOTED_S[res.name]:g} s (issue, reference)",
+                "-",
+            )
+        )
+    return rows
+
+
+def run_notes(res: ProfileResult) -> list[str]:
+    rate_bps = res.net.rate_mbit * 1e6 / 8
+    rtt = res.net.rtt_s
+    notes = []
+    for label, rs in (("no profile", res.noprof), ("profile", res.prof)):
+        for i, r in enumerate(rs):
+            s, e = r.stats, r.settled
+            misses = s.get("misses", 0)
+            wire = f"{fmt_mb(r.wire)} on the wire"
+            if rate_bps:
+                wire += f" = {r.wire / rate_bps:.3f} s at {res.net.rate_mbit:g} Mbit/s"
+            serial = f" (misses x RTT = {misses * rtt:.3f} s if serial)" if rtt else ""
+            cached = ""
+            if r.cached is not None:
+                cached = (
+                    f"; remount from the full cache: {r.cached[0]:.3f} + {r.cached[1]:.3f} s "
+                    f"cold, mount {r.cached[2]:.3f} s warm"
+                )
+            notes.append(
+                f"{label} run {i}: mount {r.mount:.3f} + run {r.run:.3f} = {r.total:.3f} s; "
+                f"{wire}; daemon: {s.get('fetches', 0):.0f} fetches "
+                f"({fmt_mb(s.get('bytes_fetched', 0))}), {s.get('prefetched', 0):.0f} "
+                f"prefetched ({fmt_mb(s.get('bytes_prefetched', 0))}), {misses:.0f} misses, "
+                f"{s.get('hits', 0):.0f} hits, wait {s.get('wait_seconds', 0):.3f} s summed"
+                f"{serial}; {r.trace}; once settled: {e.get('fetches', 0):.0f} fetches, "
+                f"{fmt_mb(e.get('bytes_fetched', 0))}{cached}"
+            )
+    if res.native_cold and res.prof and res.noprof:
+        native = med(res.native_cold)
+        with_profile = med([r.total for r in res.prof])
+        target = PROFILE_TARGET_S[res.name]
+        notes.append(
+            f"this machine now: native cold {native:.3f} s against the ~"
+            f"{NATIVE_COLD_QUOTED_S:g} s the issue quotes ({native / NATIVE_COLD_QUOTED_S:.1f}x); "
+            f"with profile = {with_profile / native:.1f}x native cold (the target is "
+            f"{target / NATIVE_COLD_QUOTED_S:.1f}x the quoted native cold); no profile = "
+            f"{med([r.total for r in res.noprof]) / with_profile:.2f}x with profile. "
+            "Verdicts use the absolute targets"
+        )
+    for i, q in enumerate(res.squash):
+        notes.append(
+            f"squashfs run {i}: download {q.download:.3f} s, squashfuse {q.mount:.3f} s, "
+            f"run {q.run:.3f} s"
+        )
+    return notes
+
+
+def samples_line(name: str, xs: Sequence[float]) -> str:
+    return f"{name}: [" + ", ".join(f"{x:.3f}" for x in xs) + "]"
+
+
+def print_report(
+    facts: list[str], results: list[ProfileResult], image_bytes: int, runs: int
+) -> None:
+    p = print
+    p("\n## Cold start over a shaped link (scripts/bench_prefetch.py)\n")
+    for fact in facts:
+        p(f"- {fact}")
+    p(
+        f"- {runs} runs per variant, medians (each column its own median, so total is not "
+        f"mount + run); warm: {WARM_PER_MOUNT} runs per lazycaf mount (both kinds) and after "
+        "each native cold run"
+    )
+    for res in results:
+        if res.net.link is None:
+            p(
+                "\n### reference: no shaping (daemon in the root namespace, CAS on 127.0.0.1, "
+                "no proxy)\n"
+            )
+        else:
+            p(
+                f"\n### {res.name}: tbf {res.net.rate_mbit:g} Mbit/s, {res.rtt_ms:g} ms RTT "
+                f"delay line (tiny GET through the proxy: {res.net.rtt_s * 1000:.2f} ms)\n"
+            )
+        for line in table(res, image_bytes):
+            p(line)
+        p()
+        for note in res.notes + run_notes(res):
+            p(f"- {note}")
+        p("\nAll samples (s):\n")
+        p(f"- {samples_line('no profile total', [r.total for r in res.noprof])}")
+        p(f"- {samples_line('profile total', [r.total for r in res.prof])}")
+        p(f"- {samples_line('lazycaf warm', [w for r in res.noprof + res.prof for w in r.warm])}")
+        if res.native_cold:
+            p(f"- {samples_line('native cold', res.native_cold)}")
+            p(f"- {samples_line('native warm', res.native_warm)}")
+        if res.squash:
+            p(f"- {samples_line('squashfs total', [r.total for r in res.squash])}")
+
+
+def cpu_pressure() -> str:
+    with contextlib.suppress(OSError, IndexError):
+        avg60 = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()[2]
+        return avg60.removeprefix("avg60=")
+    return "?"
+
+
+def steal_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def machine_facts(env: Env, start: Load, setup: list[str]) -> list[str]:
+    from lazycaf import __version__
+
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cli_cold, cli_warm = cli_floor(env.lz)
+    steal, total = steal_ticks()
+    steal_pct = 100 * (steal - start.steal[0]) / max(1, total - start.steal[1])
+    return [
+        f"nproc: {os.cpu_count()}, {cpu}, RAM {mem:.1f} GiB; kernel {platform.release()}",
+        f"python {platform.python_version()} ({sys.executable}); lazycaf {__version__}",
+        f"load average (1 min) at start / end: {start.load:.2f} / {os.getloadavg()[0]:.2f}; "
+        f"CPU pressure (PSI some avg60) at start / end: {start.psi} / {cpu_pressure()} %; "
+        f"CPU steal during the run: {steal_pct:.1f} % (other work on the host adds noise)",
+        f"CLI start-up floor, `lazycaf --version`: cold (drop_caches) {cli_cold:.3f} s, "
+        f"warm {cli_warm:.3f} s (part of every mount figure)",
+        *setup,
+    ]
+
+
+@dataclass(frozen=True)
+class Load:
+    load: float
+    psi: str
+    steal: tuple[int, int]
+
+    @classmethod
+    def now(cls) -> Load:
+        return cls(os.getloadavg()[0], cpu_pressure(), steal_ticks())
+
+
+def cli_floor(lz: Lazycaf, n: int = 3) -> tuple[float, float]:
+    cold, warm = [], []
+    for _ in range(n):
+        drop_caches()
+        cold.append(timed([str(lz.exe), "--version"], what="lazycaf --version"))
+        warm.append(timed([str(lz.exe), "--version"], what="lazycaf --version"))
+    return med(cold), med(warm)
+
+
+# -- setup ---------------------------------------------------------------------------------
+def btrfs_image(made: Made) -> None:
+    made.image = made.tmp / "cache.img"
+    run(["truncate", "-s", IMAGE_SIZE, str(made.image)], what="truncate")
+    run(["mkfs.btrfs", "-q", str(made.image)], what="mkfs.btrfs")
+    mnt = made.tmp / "btrfs"
+    mnt.mkdir()
+    run(["mount", "-o", "loop,compress=zstd", str(made.image), str(mnt)], what="mount loop")
+    made.btrfs_mnt = mnt
+
+
+def start_server(made: Made, cmd: list[str], name: str) -> int:
+    log = made.log(f"{name}.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd="/"
+        )
+    made.servers.append(proc)
+    return int(wait_for_line(proc, log, r"serving .*http://127\.0\.0\.1:(\d+)", name))
+
+
+def du(path: Path) -> int:
+    return int(run(["du", "-sb", str(path)], what="du").split()[0])
+
+
+def prepare(args: argparse.Namespace, made: Made, lz: Lazycaf) -> tuple[Env, list[str]]:
+    """Sample, pack, squashfs image, servers, Btrfs image; facts about them."""
+    facts = []
+    if args.sample is not None:
+        sample = args.sample.resolve()
+    else:
+        sample = made.tmp / "sample"
+        say("building the sample ...")
+        run([sys.executable, str(REPO / "scripts" / "build_sample.py"), str(sample)], what="build")
+    facts.append(f"sample: {sample}, {du(sample) / MB:.1f} MB (du)")
+    t0 = time.perf_counter()
+    lz.cli("pack", str(sample), "--cas", str(lz.cas), "--tag", REF, what="pack")
+    facts.append(
+        f"packed into a local-dir CAS in {time.perf_counter() - t0:.1f} s: "
+        f"{du(lz.cas) / MB:.1f} MB stored; served by `lazycaf cas serve` on 127.0.0.1"
+    )
+    served = made.tmp / "served"
+    served.mkdir()
+    (served / "tiny").write_bytes(b"x")
+    image = served / "sample.sqfs"
+    t0 = time.perf_counter()
+    run(["mksquashfs", str(sample), str(image), "-comp", "zstd", "-noappend", "-quiet"], what="sq")
+    facts.append(
+        f"squashfs image (mksquashfs -comp zstd, {time.perf_counter() - t0:.1f} s, not timed): "
+        f"{image.stat().st_size / MB:.1f} MB; {packages('squashfs-tools', 'squashfuse')}"
+    )
+    cas_cmd = [str(lz.exe), "cas", "serve", "--root", str(lz.cas), "--listen", "127.0.0.1:0"]
+    cas_port = start_server(made, cas_cmd, "cas-server")
+    http_port = start_server(made, [sys.executable, "-c", _HTTP_SERVER, str(served)], "http")
+    btrfs_image(made)
+    facts.append(f"host caches: fresh dirs on a Btrfs loop image ({IMAGE_SIZE}, compress=zstd)")
+    return Env(lz, made, sample, cas_port, http_port, image), facts
+
+
+def packages(*names: str) -> str:
+    fmt = "${Package} ${Version}, "
+    res = subprocess.run(["dpkg-query", "-W", "-f", fmt, *names], capture_output=True, text=True)
+    return res.stdout.strip().rstrip(",") or ", ".join(names)
+
+
+# -- main ----------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3, help="runs per variant (default 3)")
+    ap.add_argument("--profiles", default="1gbit,100mbit", help="netsim profiles, in order")
+    ap.add_argument("--no-loopback", action="store_true", help="skip the unshaped reference")
+    ap.add_argument("--sample", type=Path, help="use this tree instead of building one")
+    ap.add_argument("--tmpdir", type=Path, help="parent of the temp dir (default: system temp)")
+    ap.add_argument("--lazycaf", type=Path, default=REPO / ".venv" / "bin" / "lazycaf")
+    args = ap.parse_args(argv)
+    args.profile_names = [p for p in args.profiles.split(",") if p]
+    unknown = [p for p in args.profile_names if p not in PROFILE_TARGET_S]
+    if unknown or not args.profile_names:
+        ap.error(f"--profiles: choose from {sorted(PROFILE_TARGET_S)}")
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    if args.sample is not None and not (args.sample / "bin" / "python3").exists():
+        ap.error(f"--sample {args.sample} has no bin/python3")
+    return args
+
+
+def missing_tools() -> list[str]:
+    tools = ["curl", "mksquashfs", "squashfuse", "mkfs.btrfs", "nsenter", "fusermount3"]
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds into the finally blocks
+
+
+def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
+    start = Load.now()
+    env, setup = prepare(args, made, lz)
+    results = []
+    for k, name in enumerate(args.profile_names):
+        say(f"profile {name} ...")
+        results.append(bench_shaped(env, name, args.runs, record=k == 0))
+    if not args.no_loopback:
+        say("reference: loopback ...")
+        results.append(bench_loopback(env, args.runs))
+    facts = machine_facts(env, start, setup)
+    print_report(facts, results, env.image.stat().st_size, args.runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench_prefetch: error: needs root (netns, drop_caches, mounts)", file=sys.stderr)
+        return 2
+    if missing := missing_tools():
+        print(f"bench_prefetch: error: missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    start = time.perf_counter()
+    made = Made(Path(tempfile.mkdtemp(prefix="bench_prefetch-", dir=args.tmpdir)))
+    lz = Lazycaf(args.lazycaf.absolute(), made.tmp / "cas")
+    code = 0
+    try:
+        bench(args, made, lz)
+    except (BenchError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        err: Any = getattr(exc, "stderr", None)
+        print(f"bench_prefetch: error: {exc} {err or ''}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("bench_prefetch: interrupted", file=sys.stderr)
+        code = 130
+    finally:
+        say(f"cleaning up {made.tmp} ...")
+        for warning in cleanup(made, lz):
+            print(f"bench_prefetch: WARNING: {warning}", file=sys.stderr)
+            code = code or 3
+    say(f"total runtime {time.perf_counter() - start:.1f} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

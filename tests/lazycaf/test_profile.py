@@ -1,0 +1,177 @@
+"""Traces, profiles and prefetch end to end: the real CLI, mounts, daemon and CAS."""
+
+from __future__ import annotations
+
+import os
+import py_compile
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import CasServer, Host, run_cli
+from tests.slowproxy import slow_proxy
+
+IMPORT_NUMPY = ["-c", "import numpy"]
+
+
+def show(host: Host, name: str, cas: Path | str) -> list[str]:
+    return (
+        host.cli("profile", "show", name, "--cas", cas, "--top", "200").stdout.decode().splitlines()
+    )
+
+
+def served_from(lines: list[str]) -> dict[str, int]:
+    (line,) = [x for x in lines if x.startswith("newest run, first reads served from:")]
+    pairs = line.split(":", 1)[1].split(",")
+    return {k: int(v) for k, v in (p.split() for p in pairs)}
+
+
+def test_record_show_and_prefetch(host: Host, sample_tree: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "exe"
+    shutil.copytree(sample_tree, tree, symlinks=True)
+    site = tree / "lib/python3.11/site-packages"
+    (site / "unusedpkg").mkdir()
+    (site / "unusedpkg/__init__.py").write_text("raise SystemExit('never imported')\n")
+    (site / "unusedpkg/_native.cpython-311-x86_64-linux-gnu.so").write_bytes(os.urandom(5000))
+    cas = tmp_path / "cas"
+    run_cli("pack", tree, "--cas", cas, "--tag", "trainer:v1")
+
+    proc = host.cli(
+        "profile",
+        "record",
+        "--name",
+        "trainer",
+        "trainer:v1",
+        "--cas",
+        cas,
+        "--",
+        "{mnt}/bin/python3",
+        *IMPORT_NUMPY,
+    )
+    assert b"into profile 'trainer'" in proc.stderr
+    lines = show(host, "trainer", cas)
+    assert lines[0].startswith("profile 'trainer': 1 run(s)")
+    assert "MB of" in lines[1] and "MB read" in lines[1]
+    hot = [x.split()[-1] for x in lines if x.startswith("  ") and " s  " in x]
+    # the files the run opened, in the order it opened them: the interpreter first
+    assert hot[0] == "bin/python3.11" and hot[1] == "lib/libpython3.11.so.1.0"
+    assert "lib/python3.11/site-packages/numpy/__init__.py" in hot or any(
+        "numpy/__pycache__/__init__" in p for p in hot
+    )
+    assert hot.index("lib/libpython3.11.so.1.0") < min(i for i, p in enumerate(hot) if "numpy" in p)
+    untouched = lines[lines.index(next(x for x in lines if x.startswith("packages no run"))) :]
+    assert any(x.strip().endswith("site-packages/unusedpkg") for x in untouched)
+    assert any("unusedpkg/_native" in x for x in lines if "MB" in x)
+    assert served_from(lines)["fetch"] > 50  # the first run fetched on demand
+
+    # a cold host with the profile: the hot set arrives before the run asks for most of it
+    host.cli("fetcher", "stop")
+    shutil.rmtree(host.cache)
+    mnt = host.mountpoint()
+    host.cli("mount", "trainer:v1", mnt, "--cas", cas)
+    time.sleep(2)  # the job's own start-up; prefetch runs meanwhile
+    subprocess.run([mnt / "bin/python3", *IMPORT_NUMPY], check=True, timeout=120)
+    stats = host.stats()
+    assert stats["prefetched"] > 100
+    host.cli("umount", mnt)
+    sources = served_from(show(host, "trainer", cas))
+    assert sources["cache"] + sources["prefetch"] > 0.9 * sum(sources.values())
+
+    # the next version (one changed package file) is prefetched by path from the v1 profile
+    init = site / "numpy/__init__.py"
+    init.write_text(init.read_text() + "\n# v2\n")
+    py_compile.compile(str(init), cfile=str(site / "numpy/__pycache__/__init__.cpython-311.pyc"))
+    run_cli("pack", tree, "--cas", cas, "--tag", "trainer:v2")
+    before = host.stats()
+    mnt2 = host.mountpoint("v2")
+    host.cli("mount", "trainer:v2", mnt2, "--cas", cas)
+    deadline = time.monotonic() + 30
+    while host.stats()["prefetch_queued"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    subprocess.run([mnt2 / "bin/python3", *IMPORT_NUMPY], check=True, timeout=120)
+    after = host.stats()
+    assert after["prefetched"] - before["prefetched"] >= 1  # the changed file's new blob
+    assert after["misses"] - before["misses"] <= 3  # everything else was already cached
+    host.cli("umount", mnt2)
+    assert show(host, "trainer", cas)[0].startswith("profile 'trainer': 3 run(s)")
+
+
+def test_demand_reads_jump_the_prefetch_queue(
+    host: Host, tmp_path: Path, cas_server: CasServer
+) -> None:
+    tree = tmp_path / "tree"
+    (tree / "hot").mkdir(parents=True)
+    for i in range(300):
+        (tree / "hot" / f"f{i:03d}").write_bytes(os.urandom(32 << 10))
+    (tree / "cold-file").write_bytes(b"needed now\n" * 1000)
+    env = {"LAZYCAF_CAS_TOKEN": cas_server.token}
+    host.env.update(env)  # the daemon writes the profile to the CAS
+    run_cli("pack", tree, "--cas", cas_server.url, "--tag", "big:v1", env=env)
+    # a profile whose hot set is every file under hot/
+    mnt = host.mountpoint()
+    host.cli("mount", "big:v1", mnt, "--cas", cas_server.url, "--eager-share", "0")
+    for i in range(300):
+        (mnt / "hot" / f"f{i:03d}").read_bytes()
+    host.cli("umount", mnt)
+    host.cli("fetcher", "stop")
+    shutil.rmtree(host.cache)
+
+    with slow_proxy(cas_server.url, delay=0.05) as slow_url:
+        host.cli("mount", "big:v1", mnt, "--cas", slow_url, "--eager-share", "0")
+        deadline = time.monotonic() + 20
+        while host.stats()["prefetched"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (mnt / "cold-file").read_bytes() == b"needed now\n" * 1000
+        stats = host.stats()
+        # the read was served while most of the hot set still waited in the queue
+        assert stats["prefetch_queued"] > 100, stats
+        assert stats["fetch_failures"] == 0  # misses: manifest, profile, cold-file
+        host.cli("umount", mnt)
+
+
+def test_eager_mode_fetches_the_rest(host: Host, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(20):
+        (tree / f"f{i:02d}").write_bytes(os.urandom(100 << 10))
+    cas = tmp_path / "cas"
+    digest = run_cli("pack", tree, "--cas", cas).stdout.decode().strip()
+    mnt = host.mountpoint()
+    host.cli("mount", digest, mnt, "--cas", cas, "--eager-share", "0.3")
+    for i in range(7):  # 35% of the tree
+        (mnt / f"f{i:02d}").read_bytes()
+    deadline = time.monotonic() + 30
+    while host.stats()["blobs_cached"] < 21 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = host.stats()
+    assert stats["blobs_cached"] == 21  # 20 files + the manifest
+    assert stats["prefetched"] >= 13
+    host.cli("umount", mnt)
+
+
+def test_profile_save_and_errors(host: Host, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_text("a")
+    cas = tmp_path / "cas"
+    run_cli("pack", tree, "--cas", cas, "--tag", "small:v1")
+    mnt = host.mountpoint()
+    host.cli("mount", "small:v1", mnt, "--cas", cas)
+    assert (mnt / "a").read_text() == "a"
+    host.cli("profile", "save", mnt)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if run_cli("profile", "show", "small", "--cas", cas, check=False).returncode == 0:
+            break
+        time.sleep(0.05)
+    assert show(host, "small", cas)[0].startswith("profile 'small': 1 run(s)")
+    host.cli("umount", mnt)
+    assert show(host, "small", cas)[0].startswith("profile 'small': 1 run(s)")  # saved once
+
+    proc = host.cli("profile", "show", "nope", "--cas", cas, check=False)
+    assert proc.returncode == 1 and b"no profile 'nope'" in proc.stderr
+    proc = host.cli("profile", "save", tmp_path, check=False)
+    assert proc.returncode == 2 and b"no lazycaf mount" in proc.stderr
+    proc = host.cli("profile", "record", "--name", "x", "small:v1", "--cas", cas, check=False)
+    assert proc.returncode == 2 and b"needs a command" in proc.stderr
