@@ -8,6 +8,7 @@ CAS role (``lazycaf cas serve``) over a ``CasDir``:
                              once the blob is durable (concurrent PUTs share one syncfs:
                              ``fetcher.groupcommit``)
     POST /v1/blobs:missing   {"digests": [hex, ...]} -> {"missing": [hex, ...]}
+    POST /v1/blobs:batch     many blobs in one body (``lazycaf.batch``); all or nothing
     GET  /v1/refs/{name}     the manifest digest a ref names (text)
     PUT  /v1/refs/{name}     set a ref (the blob must be stored)
     GET  /v1/stats           request and byte counters (for tests and operators)
@@ -35,7 +36,8 @@ from hypercorn.trio import serve
 
 from fetcher.groupcommit import GroupCommitter
 from lazycaf import framing
-from lazycaf.casdir import CasDir
+from lazycaf.batch import unpack_batch
+from lazycaf.casdir import CasDir, Staged
 from lazycaf.digest import Digest
 from lazycaf.errors import IntegrityError, NotFound, Unavailable, UsageError
 
@@ -127,6 +129,9 @@ class CasApp:
                 raise HttpError(405, f"{method} not allowed on blobs")
         elif path == "/v1/blobs:missing" and method == "POST":
             await self._missing(receive, send)
+        elif path == "/v1/blobs:batch" and method == "POST":
+            self._check_token(scope)
+            await self._put_batch(receive, send)
         elif path.startswith(_REFS):
             name = path[len(_REFS) :]
             if method == "GET":
@@ -200,6 +205,35 @@ class CasApp:
         stored = staged is not None and await self.committer.commit(staged)
         self.stats.blobs_stored += int(stored)
         await respond(send, 201 if stored else 200, b"stored\n" if stored else b"exists\n")
+
+    async def _put_batch(self, receive: Receive, send: Send) -> None:
+        """Many blobs in one request: all verified and staged first (one bad blob refuses the
+        whole batch), then published with one syncfs."""
+        body = await read_body(receive, MAX_BODY)
+        self.stats.bytes_received += len(body)
+        records = unpack_batch(body)
+        self.stats.blob_puts += len(records)
+        staged = await self._thread(self._stage_all, records)
+        stored = sum(await self._thread(self.store.publish, staged))
+        self.stats.blobs_stored += stored
+        reply = json.dumps({"received": len(records), "stored": stored}).encode()
+        await respond(send, 200, reply, "application/json")
+
+    def _stage_all(self, records: list[tuple[Digest, str, bytes]]) -> list[Staged]:
+        staged: list[Staged] = []
+        try:
+            seen: set[Digest] = set()
+            for digest, encoding, payload in records:
+                one = self.store.stage_encoded(digest, encoding, payload, max_size=MAX_BODY)
+                if one is not None and digest not in seen:
+                    staged.append(one)
+                    seen.add(digest)
+                elif one is not None:
+                    self.store.discard([one])
+        except BaseException:
+            self.store.discard(staged)
+            raise
+        return staged
 
     async def _missing(self, receive: Receive, send: Send) -> None:
         self.stats.missing_queries += 1

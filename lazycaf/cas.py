@@ -19,6 +19,7 @@ import httpx
 import trio
 
 from lazycaf import framing
+from lazycaf.batch import pack_batch
 from lazycaf.casdir import CasDir, check_ref_name
 from lazycaf.digest import Digest
 from lazycaf.errors import (
@@ -145,6 +146,13 @@ class LocalCAS:
         pass
 
 
+_BATCH_BODY: Final = 8 << 20
+
+
+class _NoBatchEndpoint(Exception):
+    """The server has no POST /v1/blobs:batch (an older server)."""
+
+
 class HttpCAS:
     """Client of the HTTP CAS API v1 (httpx, pooled connections).
 
@@ -164,6 +172,7 @@ class HttpCAS:
     ) -> None:
         self.where = url.rstrip("/")
         self._put_limiter = trio.CapacityLimiter(min(put_concurrency, max_connections))
+        self._batch_supported = True
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(
             base_url=self.where,
@@ -253,6 +262,12 @@ class HttpCAS:
                     await trio.to_thread.run_sync(digest.verify, data)
         # One thread hop encodes the batch (the per-blob hops of ``put`` add up).
         encoded = await trio.to_thread.run_sync(_encode_all, list(batch.values()))
+        records = [(d, enc, payload) for d, (enc, payload) in zip(batch, encoded, strict=True)]
+        if self._batch_supported:
+            try:
+                return await self._post_batches(records)
+            except _NoBatchEndpoint:
+                self._batch_supported = False  # an older server: one PUT per blob
         stored = 0
 
         async def put_one(digest: Digest, data: bytes, enc: tuple[framing.Encoding, bytes]) -> None:
@@ -268,6 +283,43 @@ class HttpCAS:
         except BaseExceptionGroup as group:
             leaf = first_error(group)
             if isinstance(leaf, LazyCafError):
+                raise leaf from None
+            raise
+        return stored
+
+    async def _post_batches(self, records: Sequence[tuple[Digest, str, bytes]]) -> int:
+        """POST /v1/blobs:batch in bodies of about ``_BATCH_BODY`` bytes, two at a time."""
+        bodies: list[list[tuple[Digest, str, bytes]]] = [[]]
+        size = 0
+        for rec in records:
+            if size + len(rec[2]) > _BATCH_BODY and bodies[-1]:
+                bodies.append([])
+                size = 0
+            bodies[-1].append(rec)
+            size += len(rec[2])
+        stored = 0
+        limiter = trio.CapacityLimiter(2)
+
+        async def post(part: list[tuple[Digest, str, bytes]]) -> None:
+            nonlocal stored
+            async with limiter:
+                body = await trio.to_thread.run_sync(pack_batch, part)
+                r = await self._request("POST", "/v1/blobs:batch", content=body)
+            if r.status_code in (404, 405):
+                raise _NoBatchEndpoint
+            if r.status_code == 400:
+                raise IntegrityError(f"CAS {self.where} refused a blob batch: {_detail(r)}")
+            self._expect(r, "POST /v1/blobs:batch")
+            stored += int(r.json()["stored"])
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for part in bodies:
+                    if part:
+                        nursery.start_soon(post, part)
+        except BaseExceptionGroup as group:
+            leaf = first_error(group)
+            if isinstance(leaf, LazyCafError | _NoBatchEndpoint):
                 raise leaf from None
             raise
         return stored

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--tag", metavar="NAME", help="also point the ref NAME at the manifest")
     sp.add_argument("--keep-setid", action="store_true", help="keep setuid/setgid bits")
     sp.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
-    sp.add_argument("--jobs", type=int, default=8, help="concurrent uploads (default 8)")
+    sp.add_argument(
+        "--jobs", type=int, default=4, help="upload batches in flight (default and max 4)"
+    )
     sp.add_argument(
         "--rehash",
         action="store_true",
@@ -79,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--socket", type=Path, help="daemon socket (default: CACHE/fetcher.sock)")
 
+    def cache_size_opt(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument(
+            "--cache-size",
+            metavar="BYTES",
+            help=f"{what}, e.g. 500M or 20G; remembered by the cache "
+            "(default: 10G, or half the cache's filesystem if smaller)",
+        )
+
     sp = sub.add_parser("mount", help="mount a packed tree; bytes are fetched on first read")
     sp.add_argument("ref")
     sp.add_argument("mountpoint", type=Path)
@@ -111,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         help="fetch the whole tree in the background once a run has read this "
         "share of it, or the profile says it will (default 0.3; 0 disables)",
     )
+    sp.add_argument(
+        "--offline",
+        action="store_true",
+        help="use only the host cache: refuse unless every blob is cached; a ref name "
+        "resolves to what this cache last resolved it to",
+    )
+    cache_size_opt(sp, "the byte budget of the fetcher daemon if this mount starts one")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     sp.set_defaults(run="host:mount")
 
@@ -159,6 +176,15 @@ def _parser() -> argparse.ArgumentParser:
     fserve = fsub.add_parser("serve", help="run the daemon in the foreground")
     cas_opt(fserve)
     cache_opts(fserve)
+    cache_size_opt(fserve, "keep the cache's blobs under this many bytes")
+    for name, default in (("high", 0.9), ("low", 0.8)):
+        fserve.add_argument(
+            f"--gc-{name}",
+            type=float,
+            metavar="FRACTION",
+            help=f"GC {'starts above' if name == 'high' else 'evicts down to'} this share "
+            f"of the budget (default {default})",
+        )
     fserve.set_defaults(run="host:fetcher_serve")
     fstop = fsub.add_parser("stop", help="stop the daemon of a cache (mounts restart it)")
     cache_opts(fstop)
@@ -169,6 +195,19 @@ def _parser() -> argparse.ArgumentParser:
     cinit = csub.add_parser("init", help="create a cache dir (zstd compression on Btrfs)")
     cinit.add_argument("dir", type=Path)
     cinit.set_defaults(run="host:cache_init")
+    cstatus = csub.add_parser("status", help="size against budget, pins, sharing, compression")
+    cache_opts(cstatus)
+    cstatus.add_argument("--json", action="store_true")
+    cstatus.set_defaults(run="cache:status")
+    cgc = csub.add_parser("gc", help="evict down to the low watermark now")
+    cache_opts(cgc)
+    cgc.set_defaults(run="cache:gc")
+    cpin = csub.add_parser("pin", help="fetch an executable's blobs and keep them out of GC")
+    cpin.add_argument("ref")
+    cpin.add_argument("--unpin", action="store_true", help="remove one pin instead")
+    cas_opt(cpin)
+    cache_opts(cpin)
+    cpin.set_defaults(run="cache:pin")
 
     sp = sub.add_parser("cas", help="run the HTTP CAS server")
     cas_sub = sp.add_subparsers(dest="cas_command", required=True, metavar="SUBCOMMAND")

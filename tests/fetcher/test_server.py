@@ -804,3 +804,51 @@ async def test_app_without_lifespan_commits_each_put_alone(tmp_path: Path) -> No
     assert sent[0]["status"] == 201
     assert store.read(digest) == data
     assert app.committer.statistics().rounds == 1
+
+
+# -- POST /v1/blobs:batch ------------------------------------------------------------------
+def test_batch_upload_stores_all_and_is_idempotent(server: CasServer, client: httpx.Client) -> None:
+    from lazycaf.batch import pack_batch
+
+    blobs = [unique(f"batch-{i}", repeat=200) for i in range(20)] + [os.urandom(3000)]
+    records = []
+    for data in blobs:
+        encoding, payload = framing.encode(data)
+        records.append((Digest.of(data), encoding, payload))
+    body = pack_batch(records)
+    r = client.post("/v1/blobs:batch", content=body, headers=auth(server))
+    assert r.status_code == 200 and r.json() == {"received": 21, "stored": 21}
+    for data in blobs:
+        got = client.get(f"/v1/blobs/{Digest.of(data).hex}")
+        assert got.status_code == 200 and got.content == data
+    again = client.post("/v1/blobs:batch", content=body, headers=auth(server))
+    assert again.json() == {"received": 21, "stored": 0}
+
+
+def test_batch_with_one_bad_blob_stores_nothing(server: CasServer, client: httpx.Client) -> None:
+    from lazycaf.batch import pack_batch
+
+    good = unique("batch-good", repeat=50)
+    bad = unique("batch-bad", repeat=50)
+    records = [
+        (Digest.of(good), "identity", good),
+        (Digest.of(b"something else"), "identity", bad),
+    ]
+    r = client.post("/v1/blobs:batch", content=pack_batch(records), headers=auth(server))
+    assert r.status_code == 400 and Digest.of(b"something else").hex in r.text
+    assert client.head(f"/v1/blobs/{Digest.of(good).hex}").status_code == 404
+    assert not any((server.root / "tmp").iterdir())
+
+
+def test_batch_needs_the_token_and_a_wellformed_body(
+    server: CasServer, client: httpx.Client
+) -> None:
+    from lazycaf.batch import pack_batch
+
+    data = unique("batch-token")
+    body = pack_batch([(Digest.of(data), "identity", data)])
+    assert client.post("/v1/blobs:batch", content=body).status_code == 401
+    assert client.head(f"/v1/blobs/{Digest.of(data).hex}").status_code == 404
+    for broken in (body[:10], body[:-1], body[:32] + b"\x07" + body[33:]):
+        r = client.post("/v1/blobs:batch", content=broken, headers=auth(server))
+        assert r.status_code == 400, broken[:40]
