@@ -7,7 +7,8 @@ Layout::
     <cache>/tmp/                 downloads in flight
 
 Invariant: a file appears under ``blobs/`` only after its content verified against its name:
-write to ``tmp/``, rename, then commit the index. One fsync per blob costs more than the
+write to ``tmp/`` (``stage``), rename, then commit the index (``publish``). A full disk
+while staging raises ``CacheFull`` and leaves no temp file. One fsync per blob costs more than the
 fetch itself on a cold start (hundreds of small blobs), so durability is batched instead:
 the index marks a new blob unsynced, ``flush()`` (the daemon calls it every second) makes
 every pending file durable with one ``syncfs`` and then marks them synced. After a crash,
@@ -19,19 +20,29 @@ reconciliation) before they read. Sync code: the daemon calls it through worker 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import tempfile
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from lazycaf import framing
 from lazycaf.digest import Digest, Hasher
+from lazycaf.errors import CacheFull
 from lazycaf.index import BlobRecord, Index
 from lazycaf.syncfs import syncfs
 
-__all__ = ["BlobCache", "Reconciled", "blob_path", "filesystem_type", "init_cache_dir"]
+__all__ = [
+    "BlobCache",
+    "Reconciled",
+    "Staged",
+    "blob_path",
+    "filesystem_type",
+    "init_cache_dir",
+]
 
 
 def blob_path(cache_root: Path, digest: Digest) -> Path:
@@ -47,8 +58,22 @@ class Reconciled:
     blobs: int
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A verified blob written to ``tmp/``, not yet published under ``blobs/``."""
+
+    digest: Digest
+    tmp: Path
+    size: int
+
+
 class BlobCache:
-    """The daemon's view of the cache: the only writer of blob files and of the index."""
+    """The daemon's view of the cache: the only writer of blob files and of the index.
+
+    Invariants: ``usage`` is the sum of the sizes of the blobs in the index; a blob is
+    published (renamed into ``blobs/`` and indexed) and evicted (unlinked and unindexed)
+    under one lock, so GC never races a new copy of the blob it deletes.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -56,7 +81,8 @@ class BlobCache:
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.index = Index(root / "index.lmdb")
         self._pending: list[Digest] = []
-        self._pending_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self.usage = self.index.total_bytes()
 
     def close(self) -> None:
         self.index.close()
@@ -69,34 +95,100 @@ class BlobCache:
 
     def commit(self, digest: Digest, encoding: str, payload: bytes) -> int:
         """Decode, verify and store a blob; returns its size. Raises IntegrityError."""
+        staged = self.stage(digest, encoding, payload)
+        self.publish(staged, limit=None)
+        return staged.size
+
+    def stage(self, digest: Digest, encoding: str, payload: bytes) -> Staged:
+        """Decode and verify a blob and write it to ``tmp/``. A full disk raises
+        ``CacheFull``; on any failure the temp file is gone."""
         data = framing.decode(encoding, payload, what=f"blob {digest}")
         digest.verify(data)
-        final = self.path(digest)
-        final.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=digest.hex[:16] + ".")
+        tmp = ""
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=digest.hex[:16] + ".")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(tmp, 0o444)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        except BaseException as exc:
+            if tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFull(f"cache disk full while storing blob {digest}") from exc
             raise
-        with self._pending_lock:
-            self.index.put(digest, len(data), synced=False)
-            self._pending.append(digest)
-        return len(data)
+        return Staged(digest, Path(tmp), len(data))
 
-    def flush(self) -> int:
-        """Make every blob committed so far durable (one syncfs); returns how many."""
-        with self._pending_lock:
+    def publish(self, staged: Staged, *, limit: int | None) -> bool:
+        """Rename a staged blob into ``blobs/`` and index it, unless that would take
+        ``usage`` above ``limit`` (then return False and keep it staged)."""
+        final = self.path(staged.digest)
+        with self._lock:
+            known = staged.digest in self.index
+            added = 0 if known else staged.size
+            if limit is not None and added and self.usage + added > limit:
+                return False
+            try:
+                final.parent.mkdir(exist_ok=True)
+                os.replace(staged.tmp, final)
+            except OSError as exc:
+                self.discard(staged)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CacheFull(f"cache disk full while storing {staged.digest}") from exc
+                raise
+            try:
+                self.index.put(staged.digest, staged.size, synced=False)
+            except BaseException:
+                final.unlink(missing_ok=True)  # no file under blobs/ without its record
+                raise
+            self.usage += added
+            self._pending.append(staged.digest)
+        return True
+
+    def discard(self, staged: Staged) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            staged.tmp.unlink()
+
+    def evict(self, digests: list[Digest]) -> int:
+        """Delete blobs (files, then their records in one transaction); returns the bytes
+        freed. A process that has one open keeps reading it: Linux frees it on the last
+        close. On a full disk the index may need the space the unlinks free, which Btrfs
+        hands back only after a commit: sync once and try again."""
+        with self._lock:
+            gone: list[tuple[Digest, int]] = []
+            for d in digests:
+                rec = self.index.get(d)
+                if rec is None:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(d).unlink()
+                gone.append((d, rec.size))
+            try:
+                self.index.delete_many(d for d, _ in gone)
+            except CacheFull:
+                syncfs(self.root)
+                self.index.delete_many(d for d, _ in gone)
+            freed = sum(n for _, n in gone)
+            self.usage -= freed
+        return freed
+
+    def flush(self, touched: Collection[Digest] = ()) -> int:
+        """Make every blob committed so far durable (one syncfs) and record the access time
+        of ``touched`` blobs (one transaction); returns how many blobs became durable."""
+        with self._lock:
             pending, self._pending = self._pending, []
-        if not pending:
-            return 0
-        syncfs(self.root)
-        self.index.mark_synced(pending)
-        self.index.sync()
+        try:
+            if touched:
+                self.index.touch_many(touched)
+            if not pending:
+                return 0
+            syncfs(self.root)
+            self.index.mark_synced(pending)
+            self.index.sync()
+        except BaseException:  # a full disk: the next flush tries again
+            with self._lock:
+                self._pending[:0] = pending
+            raise
         return len(pending)
 
     def reconcile(self) -> Reconciled:
@@ -134,6 +226,8 @@ class BlobCache:
         ]
         self.index.put_many(fixed)
         self.index.sync()
+        with self._lock:
+            self.usage = self.index.total_bytes()
         return Reconciled(removed, len(fixed), len(stale) + len(bad), len(on_disk))
 
 

@@ -1,7 +1,9 @@
 """The fetcher daemon's composition root: one per host cache.
 
 Holds ``<cache>/fetcher.lock`` for its lifetime (a second daemon for the same cache exits at
-once), reconciles the cache, then serves mounts on ``<cache>/fetcher.sock`` until SIGTERM.
+once), reconciles the cache, then serves mounts on ``<cache>/fetcher.sock`` until SIGTERM,
+with GC as a background service. ``collect_without_daemon`` runs one GC pass on a cache no
+daemon serves, holding the same lock (LMDB allows one writer).
 """
 
 from __future__ import annotations
@@ -14,24 +16,43 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from fetcher.blobcache import BlobCache
+from fetcher.collector import GarbageCollector, GcResult, collect_once, resolve_policy
+from fetcher.gc import GcPolicy
 from fetcher.prefetch import PrefetchQueue
 from fetcher.service import FetchService
 from fetcher.socketapi import MountApi
 from lazycaf.cas import open_cas
 from lazycaf.errors import LazyCafError, UsageError
 
-__all__ = ["DaemonRunning", "default_socket", "run_daemon", "stop_daemon"]
+__all__ = [
+    "DaemonRunning",
+    "GcOptions",
+    "collect_without_daemon",
+    "default_socket",
+    "run_daemon",
+    "stop_daemon",
+]
 
 log = logging.getLogger(__name__)
 
 
 class DaemonRunning(LazyCafError):
     exit_code = 0
+
+
+@dataclass(frozen=True)
+class GcOptions:
+    """Given on the command line; None keeps what the cache remembers (or the default)."""
+
+    cache_size: int | None = None
+    high: float | None = None
+    low: float | None = None
 
 
 def default_socket(cache_root: Path) -> Path:
@@ -70,6 +91,7 @@ async def run_daemon(
     cas_spec: str | None,
     socket_path: Path | None = None,
     *,
+    gc_options: GcOptions = GcOptions(),
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await trio.to_thread.run_sync(functools.partial(cache_root.mkdir, parents=True, exist_ok=True))
@@ -79,23 +101,31 @@ async def run_daemon(
         try:
             rec = await trio.to_thread.run_sync(cache.reconcile)
             log.info("cache %s reconciled: %s", cache_root, rec)
+            policy = await trio.to_thread.run_sync(_policy, cache, gc_options)
             cas = open_cas(cas_spec)
             prefetch_cas = open_cas(cas_spec)  # its own connection pool: reads never queue
-            service = FetchService(cache, cas, prefetch_cas=prefetch_cas)
+            api: list[MountApi] = []
+            gc = GarbageCollector(cache, policy, lambda: api[0].hot_set() if api else set())
+            service = FetchService(cache, cas, prefetch_cas=prefetch_cas, gc=gc)
             prefetch = PrefetchQueue(service)
+            api.append(MountApi(service, prefetch, gc))
             sock = _unix_listener(socket_path)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
                     await nursery.start(service.run)
                     await nursery.start(prefetch.run)
-                    await nursery.start(MountApi(service, prefetch).serve, sock)
-                    nursery.start_soon(_flush_periodically, cache)
+                    await nursery.start(gc.run)
+                    await nursery.start(api[0].serve, sock)
+                    nursery.start_soon(_flush_periodically, service)
+                    gc.notice_commit()  # over the high watermark already (a smaller budget)
                     log.info(
-                        "fetcher daemon serving %s on %s (CAS %s)",
+                        "fetcher daemon serving %s on %s (CAS %s; cache %d of %d bytes)",
                         cache_root,
                         socket_path,
                         cas.where,
+                        cache.usage,
+                        policy.budget,
                     )
                     task_status.started(socket_path)
             finally:
@@ -110,15 +140,45 @@ async def run_daemon(
             cache.close()
 
 
-async def _flush_periodically(cache: BlobCache) -> None:
-    """Batch the durability of new blobs: one syncfs a second instead of an fsync a blob."""
+def _policy(cache: BlobCache, options: GcOptions) -> GcPolicy:
+    return resolve_policy(
+        cache.index, cache.root, budget=options.cache_size, high=options.high, low=options.low
+    )
+
+
+async def _flush_periodically(service: FetchService) -> None:
+    """Batch the durability of new blobs (one syncfs a second instead of an fsync a blob)
+    and the access times of blobs read (one transaction a second)."""
+    cache = service.cache
     try:
         while True:
             await trio.sleep(1.0)
-            await trio.to_thread.run_sync(cache.flush)
+            touched = service.take_touched()
+            try:
+                await trio.to_thread.run_sync(cache.flush, touched)
+            except (LazyCafError, OSError) as exc:  # a full disk: retried next second
+                log.warning("cache flush failed: %s", exc)
+                service.touch(list(touched))
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(cache.flush)
+            try:
+                await trio.to_thread.run_sync(cache.flush, service.take_touched())
+            except (LazyCafError, OSError) as exc:  # the next start reconciles
+                log.warning("final cache flush failed: %s", exc)
+
+
+def collect_without_daemon(cache_root: Path, options: GcOptions = GcOptions()) -> GcResult:
+    """One GC pass on a cache that no daemon serves (sync). Raises ``DaemonRunning`` when
+    a daemon holds the cache: ask it instead."""
+    with _exclusive(cache_root / "fetcher.lock"):
+        cache = BlobCache(cache_root)
+        try:
+            result = collect_once(cache, _policy(cache, options))
+            cache.flush()
+            return result
+        finally:
+            cache.index.sync()
+            cache.close()
 
 
 async def _stop_on_signals(scope: trio.CancelScope) -> None:

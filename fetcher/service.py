@@ -9,10 +9,17 @@ Priorities: on-demand reads and prefetch use separate download slots and separat
 clients (so separate HTTP connection pools): a read never waits behind prefetch traffic for
 a slot or a connection, and a read of a blob that prefetch has queued but not started
 fetches it at once (the queue skips it later).
+
+Budget: a verified blob is staged in ``tmp/`` and published only if the cache stays within
+its budget; otherwise the download waits for a GC pass that makes room (GC normally runs
+ahead of that, from the high watermark). A full disk fails the fetch with ``CacheFull``
+(EIO at the reader) and wakes GC. Cache hits are remembered (``take_touched``) and written
+as access times in batches, never one LMDB write per read.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -20,10 +27,11 @@ from typing import Final
 
 import trio
 
-from fetcher.blobcache import BlobCache
+from fetcher.blobcache import BlobCache, Staged
+from fetcher.collector import GarbageCollector
 from lazycaf.cas import CAS
 from lazycaf.digest import Digest
-from lazycaf.errors import LazyCafError, Unavailable
+from lazycaf.errors import CacheFull, LazyCafError, Unavailable
 
 __all__ = ["DEMAND", "PREFETCH", "FetchService", "FetchStatistics"]
 
@@ -71,8 +79,11 @@ class FetchService:
         prefetch_cas: CAS | None = None,
         concurrency: int = 16,
         prefetch_concurrency: int = 8,
+        gc: GarbageCollector | None = None,
     ) -> None:
         self.cache = cache
+        self.gc = gc
+        self._touched: set[Digest] = set()
         self.cas = cas
         self.prefetch_cas = prefetch_cas or cas
         self._slots = {
@@ -122,6 +133,7 @@ class FetchService:
         record = self._cached_size(digest)
         if record is not None:
             if priority == DEMAND:
+                self._touched.add(digest)
                 self._hits += 1
                 self._bytes_served += record
             return record
@@ -142,6 +154,15 @@ class FetchService:
             self._bytes_served += flight.size
         return flight.size
 
+    def touch(self, digests: list[Digest]) -> None:
+        """Note reads the daemon did not serve itself (mounts read cached blobs directly)."""
+        self._touched.update(digests)
+
+    def take_touched(self) -> set[Digest]:
+        """The blobs read since the last call (for one batched access-time write)."""
+        touched, self._touched = self._touched, set()
+        return touched
+
     def _cached_size(self, digest: Digest) -> int | None:
         rec = self.cache.index.get(digest)
         if rec is None or not self.cache.path(digest).exists():
@@ -153,9 +174,11 @@ class FetchService:
         try:
             async with self._slots[flight.priority]:
                 encoding, payload = await cas.get_encoded(digest)
-                flight.size = await trio.to_thread.run_sync(
-                    self.cache.commit, digest, encoding, payload, limiter=self._disk
+                staged = await trio.to_thread.run_sync(
+                    self.cache.stage, digest, encoding, payload, limiter=self._disk
                 )
+            await self._publish(staged)
+            flight.size = staged.size
             self._fetches += 1
             self._bytes_fetched += flight.size
             if flight.priority == PREFETCH:
@@ -165,6 +188,8 @@ class FetchService:
             self._failures += 1
             flight.error = exc
             log.warning("fetch of blob %s failed: %s", digest, exc)
+            if isinstance(exc, CacheFull) and self.gc is not None:
+                self.gc.notice_disk_full()
         except OSError as exc:
             self._failures += 1
             flight.error = Unavailable(f"cache write of blob {digest} failed: {exc}")
@@ -172,3 +197,29 @@ class FetchService:
         finally:
             del self._flights[digest]
             flight.done.set()
+
+    async def _publish(self, staged: Staged) -> None:
+        """Publish within the budget, waiting for GC passes to make room; after three
+        passes that could not (only pinned blobs left), go over it rather than fail."""
+        gc = self.gc
+        try:
+            for _ in range(3):
+                limit = None if gc is None else gc.policy.budget
+                if await trio.to_thread.run_sync(
+                    functools.partial(self.cache.publish, staged, limit=limit),
+                    limiter=self._disk,
+                ):
+                    break
+                assert gc is not None
+                await gc.collect(room=staged.size)
+            else:
+                log.warning("cache over budget: only pinned blobs left to evict")
+                await trio.to_thread.run_sync(
+                    functools.partial(self.cache.publish, staged, limit=None), limiter=self._disk
+                )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.cache.discard, staged)
+            raise
+        if gc is not None:
+            gc.notice_commit()

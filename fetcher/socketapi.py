@@ -2,13 +2,22 @@
 
     ensure <hex> demand|prefetch  -> ok {"size": n} once the blob is in the cache
     prefetch <hex> [<hex> ...]    -> ok {"queued": n}  (fetched in order, below reads)
+    touch <hex> [<hex> ...]       -> ok {"touched": n}  (a mount read these cached blobs)
     record <name> <trace json>    -> ok {"profile": hex, "runs": n}  (merged into the profile)
-    resolve <ref>                 -> ok "<hex>"  (the manifest digest a ref names)
-    stats                         -> ok {FetchService.statistics()}
+    resolve <ref> [cached]        -> ok "<hex>"  (the manifest digest a ref names; ``cached``:
+                                     the one it last resolved to here, without the CAS)
+    mounted <hex>                 -> ok null  (an executable was mounted: remember it)
+    holds <hex>                   -> ok {"blobs", "bytes", "missing_blobs", "missing_bytes"}
+                                     (how much of an executable the cache holds)
+    pin <hex> | unpin <hex>       -> ok {"pins": n}  (keep an executable's blobs out of GC)
+    gc                            -> ok {GcResult}  (one GC pass now)
+    stats                         -> ok {FetchService.statistics(), GC statistics}
     info                          -> ok {"cache", "cas", "pid"}
 
 Each connection is served by its own task; a failing request answers ``err`` and the
-connection goes on.
+connection goes on. The digests a connection queued for prefetch are that mount's hot set
+until the connection closes (a mount keeps its pooled connections until it exits): GC
+evicts them after cold blobs.
 """
 
 from __future__ import annotations
@@ -22,11 +31,13 @@ from typing import Any
 
 import trio
 
+from fetcher.collector import GarbageCollector
 from fetcher.prefetch import PrefetchQueue
 from fetcher.service import DEMAND, PREFETCH, FetchService
 from lazycaf.cas import resolve
 from lazycaf.digest import Digest
-from lazycaf.errors import LazyCafError, UsageError
+from lazycaf.errors import LazyCafError, NotFound, RefNotFound, UsageError
+from lazycaf.manifest import Manifest
 from lazycaf.profiles import add_run
 from lazycaf.trace import Trace
 from lazycaf.wire import LineReader, error_reply, ok_reply
@@ -36,11 +47,33 @@ __all__ = ["MountApi"]
 log = logging.getLogger(__name__)
 
 
+class _Connection:
+    __slots__ = ("hot",)
+
+    def __init__(self) -> None:
+        self.hot: set[Digest] = set()
+
+
 class MountApi:
-    def __init__(self, service: FetchService, prefetch: PrefetchQueue) -> None:
+    def __init__(
+        self,
+        service: FetchService,
+        prefetch: PrefetchQueue,
+        gc: GarbageCollector | None = None,
+    ) -> None:
         self.service = service
         self.prefetch = prefetch
+        self.gc = gc
         self._profile_lock = trio.Lock()  # one read-modify-write of a profile at a time
+        self._index_limiter = trio.CapacityLimiter(1)  # index writes of this API
+        self._connections: set[_Connection] = set()
+
+    def hot_set(self) -> set[Digest]:
+        """The digests live mounts queued for prefetch (their profiles' hot sets)."""
+        return set().union(*(c.hot for c in self._connections))
+
+    async def _index(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._index_limiter)
 
     async def serve(
         self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -52,19 +85,25 @@ class MountApi:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         reader = LineReader(stream)
+        conn = _Connection()
+        self._connections.add(conn)
         try:
             async with stream:
                 while (line := await reader.readline()) is not None:
                     try:
-                        reply = ok_reply(await self.dispatch(line.decode()))
+                        reply = ok_reply(await self.dispatch(line.decode(), conn))
                     except LazyCafError as exc:
                         reply = error_reply(exc)
                     await stream.send_all(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, UnicodeDecodeError):
             pass  # a mount went away mid-exchange
+        finally:
+            self._connections.discard(conn)
 
-    async def dispatch(self, line: str) -> Any:
+    async def dispatch(self, line: str, conn: _Connection | None = None) -> Any:
         verb, _, rest = line.rstrip("\n").partition(" ")
+        if verb in ("touch", "mounted", "holds", "pin", "unpin", "gc"):
+            return await self._dispatch_cache(verb, rest)
         match verb:
             case "ensure":
                 hex_digest, _, priority = rest.partition(" ")
@@ -73,6 +112,8 @@ class MountApi:
                 return {"size": size}
             case "prefetch":
                 digests = [Digest.parse(h) for h in rest.split()]
+                if conn is not None:
+                    conn.hot.update(digests)
                 return {"queued": self.prefetch.add(digests)}
             case "record":
                 name, _, trace_json = rest.partition(" ")
@@ -85,9 +126,10 @@ class MountApi:
                 log.info("profile %s: %d runs (%s)", name, runs, digest)
                 return {"profile": digest.hex, "runs": runs}
             case "resolve":
-                return (await resolve(self.service.cas, rest)).hex
+                return (await self._resolve(*rest.split(" ", 1))).hex
             case "stats":
-                return asdict(self.service.statistics())
+                stats = asdict(self.service.statistics())
+                return stats | (self.gc.statistics() if self.gc else {})
             case "info":
                 return {
                     "cache": str(self.service.cache.root),
@@ -96,3 +138,61 @@ class MountApi:
                 }
             case _:
                 raise UsageError(f"unknown request {line[:100]!r}")
+
+    async def _resolve(self, ref: str, mode: str = "") -> Digest:
+        index = self.service.cache.index
+        if mode == "cached" and not Digest.is_hex(ref):
+            found: Digest | None = await self._index(index.cached_ref, ref)
+            if found is None:
+                raise RefNotFound(
+                    ref, "this cache (offline: mount it once online, or use a digest)"
+                )
+            return found
+        digest = await resolve(self.service.cas, ref)
+        if not Digest.is_hex(ref) and not ref.startswith("profiles/"):
+            await self._index(index.remember_ref, ref, digest)
+        return digest
+
+    async def _dispatch_cache(self, verb: str, rest: str) -> Any:
+        index = self.service.cache.index
+        match verb:
+            case "touch":
+                digests = [Digest.parse(h) for h in rest.split()]
+                self.service.touch(digests)
+                return {"touched": len(digests)}
+            case "mounted":
+                await self._index(index.note_mounted, Digest.parse(rest))
+                return None
+            case "holds":
+                return await self._holds(Digest.parse(rest))
+            case "pin" | "unpin":
+                digest = Digest.parse(rest)
+                if verb == "unpin":
+                    current = (await self._index(index.executables)).get(digest)
+                    if current is None or current.pins == 0:
+                        raise UsageError(f"executable {digest} is not pinned")
+                pins = await self._index(index.add_pins, digest, 1 if verb == "pin" else -1)
+                if self.gc is not None:
+                    self.gc.pins_changed()
+                return {"pins": pins}
+            case _:  # gc
+                if self.gc is None:
+                    raise UsageError("this daemon runs without GC")
+                return asdict(await self.gc.collect())
+
+    async def _holds(self, digest: Digest) -> dict[str, int]:
+        cache = self.service.cache
+        if not self.service.is_cached(digest):
+            raise NotFound(f"manifest {digest} is not in the cache")
+        data = await trio.to_thread.run_sync(cache.path(digest).read_bytes)
+        manifest = await trio.to_thread.run_sync(Manifest.decode, data)
+        blobs = manifest.blobs()
+        missing = await trio.to_thread.run_sync(
+            lambda: {d: n for d, n in blobs.items() if not cache.has(d)}
+        )
+        return {
+            "blobs": len(blobs),
+            "bytes": sum(blobs.values()),
+            "missing_blobs": len(missing),
+            "missing_bytes": sum(missing.values()),
+        }

@@ -6,6 +6,12 @@ MEASUREMENTS.md), and RWF_NOWAIT makes the kernel refuse instead of blocking whe
 are not cached, so cold disk reads go to worker threads and overlap rather than stall every
 other request. A miss asks the daemon to fetch the blob, bounded by ``timeout``; the chunks
 a read needs are fetched concurrently.
+
+The daemon never sees reads of cached blobs, so their LRU position would be their fetch
+time: the reader collects the blobs it opens and ``report_touches`` sends them to the
+daemon in one ``touch`` request at most once a second. GC may delete a blob between its
+fetch and its open, or while an old descriptor reads it (that keeps working); an open that
+misses fetches again.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import trio
 
 from lazycaf.chunking import chunks_touched
 from lazycaf.digest import Digest
-from lazycaf.errors import Unavailable
+from lazycaf.errors import LazyCafError, Unavailable
 from lazycaf.fetcher_client import DaemonUnreachable, FetcherClient
 from lazycaf.index import Index
 from lazycaf.manifest import Entry
@@ -59,15 +65,36 @@ class BlobReader:
         self.prefetched: set[Digest] = set()  # blobs this mount queued for prefetch
         self._eager_at: int | None = None
         self._on_eager: Callable[[], None] | None = None
+        self._opened: set[Digest] = set()  # since the last touch report
+        self._busy: dict[int, int] = {}  # fd -> reads in worker threads using it
+        self._retired: list[int] = []  # fds to close once no thread uses them
 
     def eager_after(self, nbytes: int, action: Callable[[], None]) -> None:
         """Call ``action`` once, when the run has touched more than ``nbytes`` of blobs."""
         self._eager_at, self._on_eager = nbytes, action
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._retired]:
             os.close(fd)
         self._fds.clear()
+        self._retired.clear()
+
+    def _retire(self, fd: int) -> None:
+        if self._busy.get(fd):
+            self._retired.append(fd)
+        else:
+            os.close(fd)
+
+    def drop_evicted(self) -> int:
+        """Close descriptors of blobs GC evicted, so their disk space is freed (an open
+        descriptor keeps a deleted file's extents); returns how many."""
+        retired, self._retired = self._retired, []
+        for fd in retired:
+            self._retire(fd)
+        gone = [d for d in self._fds if d not in self._index]
+        for d in gone:
+            self._retire(self._fds.pop(d))
+        return len(gone)
 
     def _path(self, digest: Digest) -> str:
         h = digest.hex
@@ -85,9 +112,10 @@ class BlobReader:
         except FileNotFoundError:
             return None  # evicted since the index said so: fetch again
         self._fds[digest] = fd
+        self._opened.add(digest)
         if len(self._fds) > _MAX_FDS:
             _, old = self._fds.popitem(last=False)
-            os.close(old)
+            self._retire(old)
         return fd
 
     async def _fetch(self, digest: Digest) -> None:
@@ -106,6 +134,19 @@ class BlobReader:
             self.fetched_blobs += 1
         if scope.cancelled_caught:
             raise Unavailable(f"blob {digest} not fetched within {self._timeout:g} s")
+
+    async def report_touches(self, *, interval: float = 1.0) -> None:
+        """Send the blobs opened since the last report, once per ``interval``, forever."""
+        while True:
+            await trio.sleep(interval)
+            self.drop_evicted()
+            if not self._opened:
+                continue
+            opened, self._opened = list(self._opened), set()
+            try:
+                await self._client.touch(opened)
+            except LazyCafError as exc:  # only LRU order suffers
+                log.info("could not report %d blob reads: %s", len(opened), exc)
 
     async def read(self, inode: int, entry: Entry, offset: int, size: int) -> bytes | bytearray:
         """Bytes ``[offset, offset + size)`` of a file entry (short at end of file)."""
@@ -168,6 +209,9 @@ class BlobReader:
         parts = []
         for i in touched:
             fd = self._open_cached(blobs[i])
+            if fd is None:  # evicted between its fetch and now: once more
+                await self._fetch(blobs[i])
+                fd = self._open_cached(blobs[i])
             if fd is None:
                 raise Unavailable(f"blob {blobs[i]} vanished from the cache after its fetch")
             base = i * self._chunk_size if entry.chunks else 0
@@ -184,7 +228,14 @@ class BlobReader:
             got = 0
         if got == length or length == 0:
             return buf
-        rest = await trio.to_thread.run_sync(
-            os.pread, fd, length - got, offset + got, limiter=self._disk
-        )
+        self._busy[fd] = self._busy.get(fd, 0) + 1
+        try:
+            rest = await trio.to_thread.run_sync(
+                os.pread, fd, length - got, offset + got, limiter=self._disk
+            )
+        finally:
+            if self._busy[fd] == 1:
+                del self._busy[fd]
+            else:
+                self._busy[fd] -= 1
         return buf[:got] + rest

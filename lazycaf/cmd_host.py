@@ -18,6 +18,7 @@ from lazycaf.digest import Digest
 from lazycaf.errors import LazyCafError, Unavailable, UsageError, first_error
 from lazycaf.fetcher_client import FetcherClient, default_cache_dir, ensure_daemon, socket_answers
 from lazycaf.mount import MountConfig, check_mountpoint, is_mounted, mount_pid, run_mount
+from lazycaf.sizes import parse_size
 
 __all__ = [
     "cache_init",
@@ -53,6 +54,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         profile=args.profile,
         prefetch=not args.no_prefetch,
         eager_share=args.eager_share,
+        offline=args.offline,
+        cache_size=parse_size(args.cache_size) if args.cache_size else None,
     )
 
 
@@ -198,11 +201,13 @@ async def stats(args: argparse.Namespace) -> int:
 
 
 async def fetcher_serve(args: argparse.Namespace) -> int:
-    from fetcher.daemon import DaemonRunning, run_daemon
+    from fetcher.daemon import DaemonRunning, GcOptions, run_daemon
 
     cache, sock = _cache_paths(args)
+    size = parse_size(args.cache_size) if args.cache_size else None
+    options = GcOptions(size, args.gc_high, args.gc_low)
     try:
-        await run_daemon(cache, args.cas, sock)
+        await run_daemon(cache, args.cas, sock, gc_options=options)
     except DaemonRunning as exc:
         print(f"lazycaf fetcher: {exc}", file=sys.stderr)
     return 0

@@ -11,7 +11,8 @@ lmdb, OSError) are mapped at the boundary with ``raise X(...) from exc``.
     │   ├── BlobNotFound
     │   └── PathNotFound
     ├── Unavailable             a remote or the disk failed; may work later       exit 3
-    │   └── CasUnavailable
+    │   ├── CasUnavailable
+    │   └── CacheFull           the host cache's disk is out of space
     ├── AccessDenied            the CAS refused a write (token missing or wrong)  exit 5
     ├── IntegrityError          bytes did not verify, or a format is corrupt      exit 4
     │   ├── DigestMismatch
@@ -25,6 +26,7 @@ __all__ = [
     "first_error",
     "AccessDenied",
     "BlobNotFound",
+    "CacheFull",
     "CasUnavailable",
     "DigestMismatch",
     "IntegrityError",
@@ -82,6 +84,10 @@ class CasUnavailable(Unavailable):
     def __init__(self, where: str, reason: str) -> None:
         super().__init__(f"CAS {where} unavailable: {reason}")
         self.where = where
+
+
+class CacheFull(Unavailable):
+    """The host cache's filesystem ran out of space (ENOSPC) while storing a blob."""
 
 
 class AccessDenied(LazyCafError):

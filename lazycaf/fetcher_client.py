@@ -100,10 +100,33 @@ class FetcherClient:
         result: dict[str, Any] = await self._call(f"record {name} {trace_json}")
         return result
 
-    async def resolve(self, ref: str) -> Digest:
+    async def resolve(self, ref: str, *, cached: bool = False) -> Digest:
+        """The manifest digest ``ref`` names; ``cached``: the one this cache last resolved
+        it to, without asking the CAS (offline)."""
         if not ref or any(c.isspace() for c in ref):
             raise UsageError(f"invalid ref {ref!r}")
-        return Digest.parse(await self._call(f"resolve {ref}"))
+        return Digest.parse(await self._call(f"resolve {ref}" + (" cached" if cached else "")))
+
+    async def touch(self, digests: list[Digest]) -> None:
+        """Tell the daemon this mount read these cached blobs (their LRU position)."""
+        for start in range(0, len(digests), 2000):
+            await self._call("touch " + " ".join(d.hex for d in digests[start : start + 2000]))
+
+    async def mounted(self, executable: Digest) -> None:
+        await self._call(f"mounted {executable.hex}")
+
+    async def holds(self, executable: Digest) -> dict[str, int]:
+        """How much of an executable the cache holds: blobs, bytes, missing_* of each."""
+        result: dict[str, int] = await self._call(f"holds {executable.hex}")
+        return result
+
+    async def pin(self, executable: Digest, *, unpin: bool = False) -> int:
+        """Add (or remove) a pin of an executable; returns its pin count."""
+        return int((await self._call(f"{'unpin' if unpin else 'pin'} {executable.hex}"))["pins"])
+
+    async def gc(self) -> dict[str, int]:
+        result: dict[str, int] = await self._call("gc")
+        return result
 
     async def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("stats")
@@ -132,8 +155,13 @@ def socket_answers(path: Path) -> bool:
         return True
 
 
-def ensure_daemon(cache_dir: Path, cas_spec: str | None, socket_path: Path) -> None:
-    """Start ``lazycaf fetcher serve`` for ``cache_dir`` unless one already answers (sync)."""
+def ensure_daemon(
+    cache_dir: Path, cas_spec: str | None, socket_path: Path, *, cache_size: int | None = None
+) -> None:
+    """Start ``lazycaf fetcher serve`` for ``cache_dir`` unless one already answers (sync).
+
+    ``cache_size`` is the new daemon's byte budget (remembered by the cache); a daemon that
+    already runs keeps its own."""
     if socket_answers(socket_path):
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +170,8 @@ def ensure_daemon(cache_dir: Path, cas_spec: str | None, socket_path: Path) -> N
     cmd += ["--socket", str(socket_path)]
     if cas_spec:
         cmd += ["--cas", cas_spec]
+    if cache_size is not None:
+        cmd += ["--cache-size", str(cache_size)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True

@@ -2,6 +2,10 @@
 
 ``run_mount`` serves one mount in this process until it is unmounted; ``lazycaf mount``
 runs it in a forked child and returns once the child reports the tree visible (or why not).
+
+Offline (``--offline``): the ref resolves to the digest this cache last resolved it to,
+the mount refuses unless every blob of the executable is cached, and it neither prefetches
+nor records a trace (both need the CAS).
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from typing import Final
 import trio
 
 from lazycaf.blobreader import BlobReader
-from lazycaf.errors import UsageError
+from lazycaf.digest import Digest
+from lazycaf.errors import NotFound, Unavailable, UsageError
 from lazycaf.fetcher_client import FetcherClient, ensure_daemon
 from lazycaf.index import Index
 from lazycaf.inodes import InodeTable
 from lazycaf.manifest import Manifest
 from lazycaf.mountprofile import DEFAULT_EAGER_SHARE, MountProfile
 from lazycaf.refs import profile_name_for
+from lazycaf.sizes import format_size
 
 __all__ = [
     "MountConfig",
@@ -53,6 +59,8 @@ class MountConfig:
     profile: str | None = None  # default: the ref's name without its tag (or the digest)
     prefetch: bool = True
     eager_share: float = DEFAULT_EAGER_SHARE
+    offline: bool = False
+    cache_size: int | None = None  # the byte budget of a daemon this mount starts
 
 
 def is_mounted(path: Path) -> bool:
@@ -105,13 +113,22 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
     from lazycaf import fuse_ops  # pyfuse3 only where a mount really runs
 
     real_mountpoint = await trio.to_thread.run_sync(check_mountpoint, config.mountpoint)
-    await trio.to_thread.run_sync(
-        ensure_daemon, config.cache_dir, config.cas_spec, config.socket_path
+    start_daemon = functools.partial(
+        ensure_daemon,
+        config.cache_dir,
+        config.cas_spec,
+        config.socket_path,
+        cache_size=config.cache_size,
     )
+    await trio.to_thread.run_sync(start_daemon)
     client = FetcherClient(config.socket_path, timeout=config.fetch_timeout + 5)
     try:
-        digest = await client.resolve(config.ref)
-        await client.ensure(digest)
+        digest = await client.resolve(config.ref, cached=config.offline)
+        if config.offline:
+            await _check_all_cached(client, digest, config.ref)
+        else:
+            await client.ensure(digest)
+        await client.mounted(digest)
         name = f"manifest {digest}" + (f" (ref {config.ref!r})" if config.ref != digest.hex else "")
         manifest = await trio.to_thread.run_sync(_load_manifest, config.cache_dir, digest.hex, name)
         table = InodeTable(manifest)
@@ -123,9 +140,7 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             chunk_size=manifest.chunk_size,
             timeout=config.fetch_timeout,
         )
-        reader.restart_daemon = functools.partial(
-            ensure_daemon, config.cache_dir, config.cas_spec, config.socket_path
-        )
+        reader.restart_daemon = start_daemon
         profile = MountProfile(
             client,
             manifest,
@@ -133,8 +148,9 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             reader,
             config.cache_dir,
             name=config.profile or profile_name_for(config.ref) or digest.hex,
-            prefetch=config.prefetch,
+            prefetch=config.prefetch and not config.offline,
             eager_share=config.eager_share,
+            record=not config.offline,
         )
         skip_open = fuse_ops.can_skip_open() and not config.open_roundtrips
         ops = fuse_ops.LazyOperations(table, reader, skip_open=skip_open)
@@ -150,6 +166,7 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             await trio.to_thread.run_sync(_write_pid_file, pid_file)
             async with trio.open_nursery() as nursery:
                 await nursery.start(profile.run)
+                nursery.start_soon(reader.report_touches)
                 ready(digest.hex)
                 nursery.start_soon(_handle_signals, fuse_ops.fuse_terminate, profile.save)
                 await fuse_ops.fuse_main()
@@ -164,6 +181,24 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
+
+
+async def _check_all_cached(client: FetcherClient, digest: Digest, ref: str) -> None:
+    """Offline: refuse, saying what is missing, unless the whole executable is cached."""
+    try:
+        held = await client.holds(digest)
+    except NotFound:
+        raise Unavailable(
+            f"offline: the manifest of {ref} ({digest.short}) is not in the cache; "
+            "mount it once without --offline (or `lazycaf cache pin` it)"
+        ) from None
+    if held["missing_blobs"]:
+        raise Unavailable(
+            f"offline: {held['missing_blobs']} of {held['blobs']} blobs "
+            f"({format_size(held['missing_bytes'])} of {format_size(held['bytes'])}) of {ref} "
+            "are not in the cache; mount without --offline to fetch them "
+            "(or `lazycaf cache pin` it while online)"
+        )
 
 
 async def _handle_signals(

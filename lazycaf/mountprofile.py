@@ -42,6 +42,7 @@ class MountProfile:
         name: str,
         prefetch: bool = True,
         eager_share: float = DEFAULT_EAGER_SHARE,
+        record: bool = True,
     ) -> None:
         self.client = client
         self.manifest = manifest
@@ -53,7 +54,7 @@ class MountProfile:
         self.recorder = TraceRecorder(executable.hex)
         self._blob_sizes = manifest.blobs()
         self._total = sum(self._blob_sizes.values())
-        self._saved = False
+        self._saved = not record  # not recording: nothing to save
         self._nursery: trio.Nursery | None = None
         reader.recorder = self.recorder
 

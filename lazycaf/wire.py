@@ -4,8 +4,9 @@ One request line, one reply line, per exchange; a connection carries exchanges o
 another, and a client keeps a pool of connections for concurrent requests. Lines are UTF-8
 and end in ``\\n``::
 
-    request   ensure <hex> demand|prefetch | prefetch <hex>... | record <name> <json>
-              | resolve <ref> | stats | info
+    request   ensure <hex> demand|prefetch | prefetch <hex>... | touch <hex>...
+              | record <name> <json> | resolve <ref> [cached] | mounted <hex> | holds <hex>
+              | pin <hex> | unpin <hex> | gc | stats | info
     reply     ok <json>  |  err <kind> <one line of text>
 
 Measured against HTTP over the same socket (httpx + hypercorn, ~3 ms a round trip), a line
