@@ -14,11 +14,13 @@ from collections import OrderedDict
 
 import trio
 
-from fetcher.service import PREFETCH, FetchService
+from fetcher.service import FetchService
 from lazycaf.digest import Digest
 from lazycaf.errors import LazyCafError
 
 __all__ = ["PrefetchQueue"]
+
+_BATCH = 8  # blobs per CAS request: few enough that the first ones land early
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,11 @@ class PrefetchQueue:
                 self._wakeup = trio.Event() if self._wakeup.is_set() else self._wakeup
                 await self._wakeup.wait()
                 continue
-            digest, _ = self._queue.popitem(last=False)
+            batch = [
+                self._queue.popitem(last=False)[0] for _ in range(min(_BATCH, len(self._queue)))
+            ]
             self.service.queued = len(self._queue)
             try:
-                await self.service.ensure(digest, priority=PREFETCH)
+                await self.service.prefetch_many(batch)
             except LazyCafError as exc:
-                log.info("prefetch of %s dropped: %s", digest, exc)
+                log.info("prefetch of %d blobs dropped: %s", len(batch), exc)

@@ -31,7 +31,7 @@ from fetcher.blobcache import BlobCache, Staged
 from fetcher.collector import GarbageCollector
 from lazycaf.cas import CAS
 from lazycaf.digest import Digest
-from lazycaf.errors import CacheFull, LazyCafError, Unavailable
+from lazycaf.errors import BlobNotFound, CacheFull, LazyCafError, Unavailable
 
 __all__ = ["DEMAND", "PREFETCH", "FetchService", "FetchStatistics"]
 
@@ -168,6 +168,64 @@ class FetchService:
         if rec is None or not self.cache.path(digest).exists():
             return None
         return rec.size
+
+    async def prefetch_many(self, digests: list[Digest]) -> None:
+        """Prefetch several blobs with one CAS request (``get_many_encoded``): per-request
+        costs, not bytes, bound prefetch of many small blobs. Blobs already cached or in
+        flight are skipped; a failure is logged per blob (a later read fetches on demand)."""
+        todo = list(
+            dict.fromkeys(d for d in digests if not self.is_cached(d) and d not in self._flights)
+        )
+        if not todo:
+            return
+        flights = {d: _Flight(PREFETCH) for d in todo}
+        self._flights.update(flights)
+        try:
+            async with self._slots[PREFETCH]:
+                got = await self.prefetch_cas.get_many_encoded(todo)
+            for d in todo:
+                if d not in got:
+                    self._fail(flights[d], d, BlobNotFound(d, self.prefetch_cas.where))
+                    continue
+                encoding, payload = got.pop(d)
+                try:
+                    staged = await trio.to_thread.run_sync(
+                        self.cache.stage, d, encoding, payload, limiter=self._disk
+                    )
+                    await self._publish(staged)
+                except LazyCafError as exc:
+                    self._fail(flights[d], d, exc)
+                except OSError as exc:
+                    self._fail(flights[d], d, Unavailable(f"cache write of blob {d} failed: {exc}"))
+                else:
+                    flights[d].size = staged.size
+                    self._fetches += 1
+                    self._prefetched += 1
+                    self._bytes_fetched += staged.size
+                    self._bytes_prefetched += staged.size
+                self._land(d, flights[d])
+        except LazyCafError as exc:
+            for d, flight in flights.items():
+                if not flight.done.is_set():
+                    self._fail(flight, d, exc)
+        finally:
+            for d, flight in flights.items():
+                self._land(d, flight)
+
+    def _fail(self, flight: _Flight, digest: Digest, exc: LazyCafError) -> None:
+        self._failures += 1
+        flight.error = exc
+        log.warning("fetch of blob %s failed: %s", digest, exc)
+        if isinstance(exc, CacheFull) and self.gc is not None:
+            self.gc.notice_disk_full()
+
+    def _land(self, digest: Digest, flight: _Flight) -> None:
+        """End a flight: forget it and wake its waiters (idempotent)."""
+        if flight.done.is_set():
+            return
+        if self._flights.get(digest) is flight:
+            del self._flights[digest]
+        flight.done.set()
 
     async def _download(self, digest: Digest, flight: _Flight) -> None:
         cas = self.prefetch_cas if flight.priority == PREFETCH else self.cas

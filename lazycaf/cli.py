@@ -25,7 +25,11 @@ __all__ = ["console_main", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lazycaf", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="lazycaf",
+        description="Lazy, content-addressed Python executables: pack a tree into a CAS, "
+        "mount it anywhere, fetch only what is read.",
+    )
     p.add_argument("--version", action="version", version=f"lazycaf {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

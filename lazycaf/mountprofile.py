@@ -19,10 +19,31 @@ from lazycaf.blobreader import BlobReader
 from lazycaf.digest import Digest
 from lazycaf.errors import LazyCafError, NotFound
 from lazycaf.fetcher_client import FetcherClient
-from lazycaf.manifest import Manifest
+from lazycaf.manifest import FILE, Entry, Manifest
 from lazycaf.trace import Profile, TraceRecorder, plan_prefetch
 
 __all__ = ["DEFAULT_EAGER_SHARE", "MountProfile"]
+
+_DIR_FILES: Final = 256
+_DIR_BYTES: Final = 8 << 20
+_SMALL: Final = 256 << 10
+
+
+def _kind(path: str) -> str:
+    """What sort of file a name is, for directory prefetch: ``.cpython-311.pyc`` apart from
+    ``.cpython-311.opt-1.pyc``, ``.so`` apart from ``.py``."""
+    name = path.rpartition("/")[2]
+    stem, dot, _ = name.partition(".")
+    return name[len(stem) :] if dot else ""
+
+
+def _small_files_by_dir(manifest: Manifest) -> dict[str, list[Entry]]:
+    out: dict[str, list[Entry]] = {}
+    for e in manifest.entries:
+        if e.kind == FILE and e.size <= _SMALL:
+            out.setdefault(e.path.rpartition("/")[0], []).append(e)
+    return out
+
 
 log = logging.getLogger(__name__)
 DEFAULT_EAGER_SHARE: Final = 0.3
@@ -56,6 +77,8 @@ class MountProfile:
         self._total = sum(self._blob_sizes.values())
         self._saved = not record  # not recording: nothing to save
         self._nursery: trio.Nursery | None = None
+        self._siblings: dict[str, list[Entry]] | None = None  # set when there is no profile
+        self._dirs_seen: set[str] = set()
         reader.recorder = self.recorder
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -76,7 +99,9 @@ class MountProfile:
     async def _queue_hot_set(self) -> None:
         profile = await self._load()
         if profile is None:
-            log.info("no profile %r yet: this run records one", self.name)
+            log.info("no profile %r yet: this run records one; directory prefetch on", self.name)
+            self._siblings = await trio.to_thread.run_sync(_small_files_by_dir, self.manifest)
+            self.reader.on_miss = self._on_miss
             return
         hot = profile.hot_set()
         plan = plan_prefetch(hot, self.manifest.by_path, self.manifest.chunk_size)
@@ -93,6 +118,37 @@ class MountProfile:
         )
         if self._total and hot_bytes > self._total * self.eager_share:
             self._go_eager()  # the profile says this run reads much of the tree
+
+    def _on_miss(self, entry: Entry) -> None:
+        """Without a profile, a file read on demand announces its directory: the import
+        system reads a package's modules one after another, so fetch that directory's other
+        small files of the same kind in parallel, below the reads (first miss per directory
+        only; at most ``_DIR_FILES`` files, ``_DIR_BYTES`` bytes)."""
+        parent, _, name = entry.path.rpartition("/")
+        if parent in self._dirs_seen or self._siblings is None or self._nursery is None:
+            return
+        self._dirs_seen.add(parent)
+        kind = _kind(name)
+        picked: list[Digest] = []
+        total = 0
+        for e in self._siblings.get(parent, ()):
+            if e.digest is None or e.path == entry.path or _kind(e.path) != kind:
+                continue
+            if e.digest in self.reader.prefetched or total + e.size > _DIR_BYTES:
+                continue
+            picked.append(e.digest)
+            total += e.size
+            if len(picked) >= _DIR_FILES:
+                break
+        if picked:
+            self.reader.prefetched.update(picked)
+            self._nursery.start_soon(self._prefetch_quietly, picked)
+
+    async def _prefetch_quietly(self, digests: list[Digest]) -> None:
+        try:
+            await self.client.prefetch(digests)
+        except LazyCafError as exc:
+            log.info("directory prefetch failed: %s", exc)
 
     async def _load(self) -> Profile | None:
         try:

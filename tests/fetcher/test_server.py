@@ -852,3 +852,20 @@ def test_batch_needs_the_token_and_a_wellformed_body(
     for broken in (body[:10], body[:-1], body[:32] + b"\x07" + body[33:]):
         r = client.post("/v1/blobs:batch", content=broken, headers=auth(server))
         assert r.status_code == 400, broken[:40]
+
+
+def test_get_many_in_one_response(server: CasServer, client: httpx.Client) -> None:
+    from lazycaf.batch import unpack_batch
+
+    blobs = [unique(f"getmany-{i}", repeat=100) for i in range(4)]
+    digests = [put(client, server, b) for b in blobs]
+    absent = Digest.of(unique("getmany-absent"))
+    r = client.post("/v1/blobs:get", json={"digests": [d.hex for d in [*digests, absent]]})
+    assert r.status_code == 200
+    records = unpack_batch(r.content)
+    assert [d for d, _, _ in records] == digests
+    for (_, encoding, payload), data in zip(records, blobs, strict=True):
+        assert framing.decode(encoding, payload) == data
+    assert client.post("/v1/blobs:get", json={"digests": ["nope"]}).status_code == 400
+    too_many = {"digests": [absent.hex] * 1025}
+    assert client.post("/v1/blobs:get", json=too_many).status_code == 400

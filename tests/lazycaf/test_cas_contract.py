@@ -424,3 +424,17 @@ async def test_load_manifest_of_a_non_manifest_blob_names_it(cas: CAS) -> None:
     with pytest.raises(IntegrityError) as excinfo:
         await load_manifest(cas, digest.hex)
     assert digest.hex in str(excinfo.value)
+
+
+async def test_get_many_encoded_returns_present_blobs_only(cas: CAS) -> None:
+    from lazycaf import framing
+
+    blobs = [secrets.token_bytes(50) * (i + 1) for i in range(5)] + [b""]
+    await cas.put_many([(Digest.of(b), b) for b in blobs])
+    absent = Digest.of(b"never stored " + secrets.token_bytes(8))
+    wanted = [Digest.of(b) for b in blobs] + [absent]
+    got = await cas.get_many_encoded(wanted)
+    assert set(got) == set(wanted) - {absent}
+    for data in blobs:
+        encoding, payload = got[Digest.of(data)]
+        assert framing.decode(encoding, payload) == data

@@ -63,7 +63,8 @@ def test_record_show_and_prefetch(host: Host, sample_tree: Path, tmp_path: Path)
     untouched = lines[lines.index(next(x for x in lines if x.startswith("packages no run"))) :]
     assert any(x.strip().endswith("site-packages/unusedpkg") for x in untouched)
     assert any("unusedpkg/_native" in x for x in lines if "MB" in x)
-    assert served_from(lines)["fetch"] > 50  # the first run fetched on demand
+    first = served_from(lines)  # no profile yet: on demand, plus directory prefetch
+    assert first["fetch"] > 10 and first["cache"] + first["fetch"] + first["prefetch"] > 100
 
     # a cold host with the profile: the hot set arrives before the run asks for most of it
     host.cli("fetcher", "stop")
@@ -175,3 +176,27 @@ def test_profile_save_and_errors(host: Host, tmp_path: Path) -> None:
     assert proc.returncode == 2 and b"no lazycaf mount" in proc.stderr
     proc = host.cli("profile", "record", "--name", "x", "small:v1", "--cas", cas, check=False)
     assert proc.returncode == 2 and b"needs a command" in proc.stderr
+
+
+def test_without_a_profile_a_miss_prefetches_its_directory(host: Host, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for d in ("pkg", "other"):
+        (tree / d).mkdir(parents=True)
+        for i in range(10):
+            (tree / d / f"m{i}.py").write_bytes(os.urandom(2000))
+    (tree / "pkg" / "big.so").write_bytes(os.urandom(3000))  # another kind: not prefetched
+    cas = tmp_path / "cas"
+    digest = run_cli("pack", tree, "--cas", cas).stdout.decode().strip()
+    mnt = host.mountpoint()
+    host.cli("mount", digest, mnt, "--cas", cas, "--eager-share", "0")
+    assert (mnt / "pkg/m0.py").read_bytes() == (tree / "pkg/m0.py").read_bytes()
+    deadline = time.monotonic() + 20
+    while host.stats()["prefetched"] < 9 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stats = host.stats()
+    assert stats["prefetched"] == 9  # pkg's other .py files, not big.so, nothing of other/
+    assert [(mnt / "pkg" / f"m{i}.py").read_bytes() for i in range(10)] == [
+        (tree / "pkg" / f"m{i}.py").read_bytes() for i in range(10)
+    ]
+    assert host.stats()["misses"] == stats["misses"]  # all nine were already there
+    host.cli("umount", mnt)
