@@ -112,9 +112,6 @@ class BlobReader:
             fd = os.open(self._path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None  # evicted since the index said so: fetch again
-        # Start reading the whole blob into the page cache now (asynchronously): the reads
-        # that follow then mostly succeed with RWF_NOWAIT instead of a thread hop each.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         self._fds[digest] = fd
         self._opened.add(digest)
         if len(self._fds) > _MAX_FDS:

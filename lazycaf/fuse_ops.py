@@ -167,9 +167,19 @@ class LazyOperations(pyfuse3.Operations):
             self.on_first_open(inode)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = await self.reader.read(fh, self.table.entry(fh), off, size)
+        try:
+            entry = self.table.entry(fh)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+        try:
+            data = await self.reader.read(fh, entry, off, size)
+        except LazyCafError as exc:  # one line naming the file and the blob's error
+            log.error("read of %s (%d bytes at %d) failed: %s", entry.path, size, off, exc)
+            raise pyfuse3.FUSEError(errno_for(exc)) from exc
+        except OSError as exc:
+            log.error("read of %s failed: %s", entry.path, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
         return data  # type: ignore[return-value]  # pyfuse3 takes any buffer
 
     async def release(self, fh: int) -> None:
