@@ -9,8 +9,10 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 # fuse3/libfuse3-dev/pkg-config: pyfuse3 has no wheel, pip builds it against libfuse3.
 # btrfs-progs: the host cache on a Btrfs loop image. patchelf: the relocatable sample.
-# squashfs-tools: the XAR-like baseline in benchmarks. iproute2: network namespaces.
-PKGS=(fuse3 libfuse3-dev pkg-config patch btrfs-progs patchelf squashfs-tools zstd iproute2 util-linux)
+# squashfs-tools, squashfuse: the XAR-like baseline in benchmarks. iproute2, util-linux
+# (nsenter): network namespaces for shaped links.
+PKGS=(fuse3 libfuse3-dev pkg-config patch btrfs-progs patchelf squashfs-tools squashfuse zstd
+      iproute2 util-linux)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
