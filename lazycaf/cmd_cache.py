@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -191,20 +190,5 @@ async def _fetch_all(client: FetcherClient, cache: Path, digest: Digest) -> tupl
     blobs = await trio.to_thread.run_sync(_manifest_blobs, cache, digest)
     if blobs is None:
         raise LazyCafError(f"manifest {digest} is unreadable in the cache")
-    limiter = trio.CapacityLimiter(16)
-    done = 0
-
-    async def fetch(d: Digest) -> None:
-        nonlocal done
-        async with limiter:
-            await client.ensure(d)
-        done += 1
-        if sys.stderr.isatty():
-            sys.stderr.write(f"\r\x1b[Kfetching blobs: {done}/{len(blobs)}")
-
-    async with trio.open_nursery() as nursery:
-        for d in blobs:
-            nursery.start_soon(fetch, d)
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")
+    await client.ensure_all(list(blobs))
     return sum(blobs.values()), len(blobs)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import trio
 
-from lazycaf.digest import Digest
 from lazycaf.errors import LazyCafError, Unavailable, UsageError, first_error
 from lazycaf.fetcher_client import FetcherClient, default_cache_dir, ensure_daemon, socket_answers
 from lazycaf.mount import MountConfig, check_mountpoint, is_mounted, mount_pid, run_mount
@@ -262,23 +261,7 @@ async def materialize(args: argparse.Namespace) -> int:
         blob = cache / "blobs" / digest.hex[:2] / digest.hex
         data = await trio.to_thread.run_sync(blob.read_bytes)
         manifest = await trio.to_thread.run_sync(Manifest.decode, data)
-        blobs = list(manifest.blobs())
-        done = 0
-        limiter = trio.CapacityLimiter(16)
-
-        async def fetch(d: Digest) -> None:
-            nonlocal done
-            async with limiter:
-                await client.ensure(d)
-            done += 1
-            if sys.stderr.isatty():
-                sys.stderr.write(f"\r\x1b[Kfetching blobs: {done}/{len(blobs)}")
-
-        async with trio.open_nursery() as nursery:
-            for d in blobs:
-                nursery.start_soon(fetch, d)
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
+        await client.ensure_all(list(manifest.blobs()))
     finally:
         await client.aclose()
     res = await trio.to_thread.run_sync(write_tree, cache, manifest, target)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Final
 
@@ -86,6 +87,27 @@ class FetcherClient:
     async def ensure(self, digest: Digest, *, prefetch: bool = False) -> int:
         reply = await self._call(f"ensure {digest.hex} {'prefetch' if prefetch else 'demand'}")
         return int(reply["size"])
+
+    async def ensure_all(self, digests: Collection[Digest], *, concurrency: int = 16) -> None:
+        """Make every blob present, ``concurrency`` at a time, with a progress line on a
+        terminal (materialize, pin)."""
+        limiter = trio.CapacityLimiter(concurrency)
+        done = 0
+        show = sys.stderr.isatty()
+
+        async def fetch(d: Digest) -> None:
+            nonlocal done
+            async with limiter:
+                await self.ensure(d)
+            done += 1
+            if show:
+                sys.stderr.write(f"\r\x1b[Kfetching blobs: {done}/{len(digests)}")
+
+        async with trio.open_nursery() as nursery:
+            for d in digests:
+                nursery.start_soon(fetch, d)
+        if show:
+            sys.stderr.write("\n")
 
     async def prefetch(self, digests: list[Digest]) -> int:
         """Queue blobs for background fetching, in order; returns how many were new."""
