@@ -73,8 +73,8 @@ class MountProfile:
         self.prefetch = prefetch
         self.eager_share = eager_share
         self.recorder = TraceRecorder(executable.hex)
-        self._blob_sizes = manifest.blobs()
-        self._total = sum(self._blob_sizes.values())
+        self._blob_sizes: dict[Digest, int] = {}  # filled by run(), off the mount-ready path
+        self._total = 0
         self._saved = not record  # not recording: nothing to save
         self._nursery: trio.Nursery | None = None
         self._siblings: dict[str, list[Entry]] | None = None  # set when there is no profile
@@ -88,6 +88,8 @@ class MountProfile:
             task_status.started()
             if not self.prefetch:
                 return
+            self._blob_sizes = await trio.to_thread.run_sync(self.manifest.blobs)
+            self._total = sum(self._blob_sizes.values())
             if 0 < self.eager_share < 1:
                 self.reader.eager_after(int(self._total * self.eager_share), self._go_eager)
             try:
