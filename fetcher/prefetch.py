@@ -1,10 +1,11 @@
 """The prefetch queue: blobs a mount will probably read soon, fetched in order in the
 background, always below on-demand reads.
 
-Mounts add digests in their profile's hot-set order; workers take them first in, first out
-and fetch each through ``FetchService.ensure(..., priority=PREFETCH)``, which uses its own
-download slots and CAS connections. A digest already cached or in flight (a read got to it
-first) is skipped. Failures are logged and dropped: a later read fetches on demand.
+Mounts add digests in their profile's hot-set order; workers take them first in, first out,
+a few at a time, and fetch each group with one CAS request (``FetchService.prefetch_many``),
+which uses its own download slots and CAS connections. A digest already cached or in
+flight (a read got to it first) is skipped. Failures are logged and dropped: a later read
+fetches on demand.
 """
 
 from __future__ import annotations

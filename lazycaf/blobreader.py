@@ -59,7 +59,6 @@ class BlobReader:
         self._timeout = timeout
         self._fds: OrderedDict[Digest, int] = OrderedDict()
         self._disk = trio.CapacityLimiter(8)
-        self.fetched_blobs = 0
         self.recorder: TraceRecorder | None = None
         self.restart_daemon: Callable[[], None] | None = None
         self.on_miss: Callable[[Entry], None] | None = None  # told before a demand fetch
@@ -132,7 +131,6 @@ class BlobReader:
                 await self._client.drop_idle()
                 await trio.to_thread.run_sync(self.restart_daemon)
                 await self._client.ensure(digest)
-            self.fetched_blobs += 1
         if scope.cancelled_caught:
             raise Unavailable(f"blob {digest} not fetched within {self._timeout:g} s")
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -127,21 +127,22 @@ class Index:
         self.put_many([(digest, BlobRecord(size, time.time_ns(), 0, synced))])
 
     def mark_synced(self, digests: Iterable[Digest]) -> None:
-        with _mapped("mark synced"), self._env.begin(write=True) as txn:
-            for d in digests:
-                value = txn.get(d.raw)
-                if value is not None:
-                    size, access, pins, _ = _VALUE.unpack(value)
-                    txn.put(d.raw, _VALUE.pack(size, access, pins, True))
+        self._update("mark synced", digests, lambda r: r._replace(synced=True))
 
     def touch_many(self, digests: Iterable[Digest]) -> None:
         now = time.time_ns()
-        with _mapped("touch"), self._env.begin(write=True) as txn:
+        self._update("touch", digests, lambda r: r._replace(last_access_ns=now))
+
+    def _update(
+        self, what: str, digests: Iterable[Digest], change: Callable[[BlobRecord], BlobRecord]
+    ) -> None:
+        """Rewrite the records of ``digests`` that exist, in one write transaction."""
+        with _mapped(what), self._env.begin(write=True) as txn:
             for d in digests:
                 value = txn.get(d.raw)
                 if value is not None:
-                    size, _, pins, synced = _VALUE.unpack(value)
-                    txn.put(d.raw, _VALUE.pack(size, now, pins, synced))
+                    rec = change(BlobRecord(*_VALUE.unpack(value)))
+                    txn.put(d.raw, _VALUE.pack(*rec))
 
     def delete_many(self, digests: Iterable[Digest]) -> None:
         with _mapped("delete"), self._env.begin(write=True) as txn:

@@ -49,6 +49,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
+from benchlib import (
+    BenchError,
+    cpu_model,
+    drop_caches,
+    fs_of,
+    is_mounted,
+    meminfo_gib,
+    mount_table,
+    run,
+)
+
 REPO: Final = Path(__file__).resolve().parent.parent
 MIB: Final = 1 << 20
 BIG_FILE_MIB: Final = 1024
@@ -66,48 +77,18 @@ STAT_KEYS: Final = ("fetches", "bytes_fetched", "misses", "hits", "wait_seconds"
 _DIGEST_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
-class BenchError(Exception):
-    """A step of the benchmark failed; the message says which and why."""
-
-
 def say(msg: str) -> None:
     """Progress goes to stderr; the report alone goes to stdout."""
     print(f"[bench_mount {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- processes -----------------------------------------------------------------------------
-def run(
-    cmd: Sequence[str],
-    *,
-    what: str,
-    env: dict[str, str] | None = None,
-    cwd: str | None = None,
-    timeout: float = CMD_TIMEOUT_S,
-) -> str:
-    """Run ``cmd`` to completion; its stdout, or a BenchError carrying the tail of stderr."""
-    try:
-        res = subprocess.run(
-            list(cmd), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"{what} timed out after {timeout:.0f} s: {' '.join(cmd)}") from exc
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout)[-2000:].strip()
-        raise BenchError(f"{what} failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
-    return res.stdout
-
-
 def timed(
     cmd: Sequence[str], *, what: str, env: dict[str, str] | None = None, cwd: str | None = None
 ) -> float:
     t0 = time.perf_counter()
     run(cmd, what=what, env=env, cwd=cwd)
     return time.perf_counter() - t0
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def pids_mentioning(marker: str) -> list[int]:
@@ -131,20 +112,6 @@ def wait_for_exit(marker: str, timeout: float = EXIT_WAIT_S) -> list[int]:
     while (left := pids_mentioning(marker)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
-
-
-def mount_table() -> list[tuple[str, str, str]]:
-    """(source, target, fstype) of every mount, targets unescaped."""
-    out = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        src, target, fstype = line.split()[:3]
-        out.append((src, target.replace("\\040", " "), fstype))
-    return out
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    return any(t == target for _, t, _ in mount_table())
 
 
 # -- lazycaf -------------------------------------------------------------------------------
@@ -614,40 +581,15 @@ def machine_facts(tmp: Path, load: tuple[float, float, float]) -> list[str]:
     from lazycaf import __version__
 
     return [
-        f"nproc: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), {_cpu_model()}, "
-        f"RAM {_meminfo_gib():.1f} GiB",
+        f"nproc: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), {cpu_model()}, "
+        f"RAM {meminfo_gib():.1f} GiB",
         f"kernel: {platform.release()}",
         f"python: {platform.python_version()} ({sys.executable}); lazycaf {__version__}",
-        f"local disk (sample, CAS dir, 1 GiB file): {_fs_of(tmp)}",
+        f"local disk (sample, CAS dir, 1 GiB file): {fs_of(tmp)}",
         f"host caches: Btrfs loop image ({IMAGE_SIZE}, compress=zstd) on that disk",
         f"load average (1 min) at start / end: {load[0]:.2f} / {os.getloadavg()[0]:.2f} "
         "(other processes on the host add noise)",
     ]
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.machine()
-
-
-def _meminfo_gib() -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    return 0.0
-
-
-def _fs_of(path: Path) -> str:
-    best, kind = "", "?"
-    real = os.path.realpath(path)
-    for src, mnt, fs in mount_table():
-        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-            best, kind = mnt, f"{fs} ({src} at {mnt})"
-    return kind
 
 
 def print_report(facts: list[str], sample_desc: str, runs: int, report: Report) -> None:

@@ -47,6 +47,9 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Final
 
+import benchlib
+from benchlib import BenchError, cpu_model, meminfo_gib
+
 from lazycaf import __version__ as LAZYCAF_VERSION
 from lazycaf import framing
 from lazycaf.digest import Digest
@@ -62,10 +65,6 @@ SERVER_START_TIMEOUT_S: Final = 30.0
 SERVER_STOP_TIMEOUT_S: Final = 10.0
 _DIGEST_RE: Final = re.compile(r"[0-9a-f]{64}")
 _SERVING_RE: Final = re.compile(r"lazycaf cas: serving .* on (http://\S+)")
-
-
-class BenchError(Exception):
-    """A step of the benchmark failed; the message says which and why."""
 
 
 def say(msg: str) -> None:
@@ -135,12 +134,8 @@ class Report:
 
 # -- processes -----------------------------------------------------------------------------
 def run(cmd: list[str], *, what: str) -> str:
-    """Run ``cmd`` to completion; its stdout, or a BenchError carrying the tail of stderr."""
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout)[-2000:].strip()
-        raise BenchError(f"{what} failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
-    return res.stdout
+    """Run ``cmd`` to completion, however long it takes (mksquashfs of a big tree)."""
+    return benchlib.run(cmd, what=what, timeout=None)
 
 
 def timed(cmd: list[str], *, what: str) -> tuple[float, str]:
@@ -475,30 +470,14 @@ def bench_manifest(report: Report) -> Row:
 def machine_facts(tools: Tools, tmp: Path, load: tuple[float, float, float]) -> list[str]:
     squash_version = run([tools.mksquashfs, "-version"], what="mksquashfs -version")
     return [
-        f"nproc: {len(os.sched_getaffinity(0))} ({_cpu_model()}), "
-        f"RAM {_meminfo_gib():.1f} GiB, kernel {platform.release()}",
+        f"nproc: {len(os.sched_getaffinity(0))} ({cpu_model()}), "
+        f"RAM {meminfo_gib():.1f} GiB, kernel {platform.release()}",
         f"python: {platform.python_version()} ({sys.executable}); lazycaf {LAZYCAF_VERSION}",
         f"mksquashfs: {squash_version.strip().splitlines()[0]}",
         f"temp dir (sample copy, CAS dirs, images): {tmp} on {_fs_type(tmp)}",
         f"load average (1 min) at start / end: {load[0]:.2f} / {os.getloadavg()[0]:.2f} "
         "(other processes on the host add noise)",
     ]
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.machine()
-
-
-def _meminfo_gib() -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    return 0.0
 
 
 def _fs_type(path: Path) -> str:

@@ -55,7 +55,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,6 +66,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final
+
+from benchlib import BenchError, drop_caches, is_mounted, mount_table, run
+
+from lazycaf.fetcher_client import socket_answers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netsim
@@ -103,46 +106,16 @@ server.serve_forever()
 """
 
 
-class BenchError(Exception):
-    """A step of the benchmark failed; the message says which and why."""
-
-
 def say(msg: str) -> None:
     """Progress goes to stderr; the report alone goes to stdout."""
     print(f"[bench_prefetch {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- processes -----------------------------------------------------------------------------
-def run(
-    cmd: Sequence[str],
-    *,
-    what: str,
-    env: dict[str, str] | None = None,
-    cwd: str | None = None,
-    timeout: float = CMD_TIMEOUT_S,
-) -> str:
-    """Run ``cmd`` to completion; its stdout, or a BenchError carrying the tail of stderr."""
-    try:
-        res = subprocess.run(
-            list(cmd), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"{what} timed out after {timeout:.0f} s: {' '.join(cmd)}") from exc
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout)[-2000:].strip()
-        raise BenchError(f"{what} failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
-    return res.stdout
-
-
 def timed(cmd: Sequence[str], *, what: str, env: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
     run(cmd, what=what, env=env, cwd="/")
     return time.perf_counter() - t0
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def python_env() -> dict[str, str]:
@@ -153,29 +126,6 @@ def python_env() -> dict[str, str]:
 def time_python(tree: Path) -> float:
     cmd = [str(tree / "bin" / "python3"), *IMPORT_CMD]
     return timed(cmd, what=f"import numpy from {tree}", env=python_env())
-
-
-def mount_table() -> list[tuple[str, str, str]]:
-    out = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        src, target, fstype = line.split()[:3]
-        out.append((src, target.replace("\\040", " "), fstype))
-    return out
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    return any(t == target for _, t, _ in mount_table())
-
-
-def socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:

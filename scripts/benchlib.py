@@ -1,0 +1,93 @@
+"""Helpers the benchmark scripts share: running commands, the page cache, the mount table,
+and facts about the machine. Imported by ``scripts/bench_*.py`` (run as scripts, so this
+directory is on ``sys.path``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "BenchError",
+    "cpu_model",
+    "drop_caches",
+    "fs_of",
+    "is_mounted",
+    "meminfo_gib",
+    "mount_table",
+    "run",
+]
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and why."""
+
+
+def run(
+    cmd: Sequence[str],
+    *,
+    what: str,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float | None = 600.0,
+) -> str:
+    """Run ``cmd`` to completion; its stdout, or a BenchError carrying the tail of stderr."""
+    try:
+        res = subprocess.run(
+            list(cmd), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{what} timed out after {timeout:.0f} s: {' '.join(cmd)}") from exc
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout)[-2000:].strip()
+        raise BenchError(f"{what} failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
+    return res.stdout
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def mount_table() -> list[tuple[str, str, str]]:
+    """(source, target, fstype) of every mount, targets unescaped."""
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        src, target, fstype = line.split()[:3]
+        out.append((src, target.replace("\\040", " "), fstype))
+    return out
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    return any(t == target for _, t, _ in mount_table())
+
+
+def fs_of(path: Path) -> str:
+    """``fstype (source at mountpoint)`` of the filesystem holding ``path``."""
+    best, kind = "", "?"
+    real = os.path.realpath(path)
+    for src, mnt, fs in mount_table():
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, f"{fs} ({src} at {mnt})"
+    return kind
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.machine()
+
+
+def meminfo_gib() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
