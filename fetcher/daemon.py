@@ -2,8 +2,11 @@
 
 Holds ``<cache>/fetcher.lock`` for its lifetime (a second daemon for the same cache exits at
 once), reconciles the cache, then serves mounts on ``<cache>/fetcher.sock`` until SIGTERM,
-with GC as a background service. ``collect_without_daemon`` runs one GC pass on a cache no
-daemon serves, holding the same lock (LMDB allows one writer).
+with GC as a background service. With ``PeerOptions`` it also serves its cache to other
+hosts' daemons over HTTP (``fetcher.peerapp``) and fetches its misses from theirs
+(``fetcher.sources``), re-reading the peer list file every second.
+``collect_without_daemon`` runs one GC pass on a cache no daemon serves, holding the same
+lock (LMDB allows one writer).
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ import trio
 from fetcher.blobcache import BlobCache
 from fetcher.collector import GarbageCollector, GcResult, collect_once, resolve_policy
 from fetcher.gc import GcPolicy
+from fetcher.peerapp import PeerApp
+from fetcher.peers import PeerSet, check_address
 from fetcher.prefetch import PrefetchQueue
+from fetcher.server import bind_socket, serve_app
 from fetcher.service import FetchService
 from fetcher.socketapi import MountApi
+from fetcher.sources import TieredSource
 from lazycaf.cas import open_cas
 from lazycaf.errors import LazyCafError, UsageError
 
 __all__ = [
     "DaemonRunning",
     "GcOptions",
+    "PeerOptions",
     "collect_without_daemon",
     "default_socket",
     "run_daemon",
@@ -53,6 +61,24 @@ class GcOptions:
     cache_size: int | None = None
     high: float | None = None
     low: float | None = None
+
+
+@dataclass(frozen=True)
+class PeerOptions:
+    """``listen``: serve peers on HOST:PORT (port 0 picks one); ``advertise``: the address
+    peers reach this daemon at, as the peer list writes it (default: the bound address);
+    ``peers_file``: the peer list; ``token``: the bearer token peers share; ``timeout``: the
+    bound on one request to a peer, in seconds."""
+
+    listen: str | None = None
+    advertise: str | None = None
+    peers_file: Path | None = None
+    token: str | None = None
+    timeout: float = 5.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None or self.peers_file is not None
 
 
 def default_socket(cache_root: Path) -> Path:
@@ -92,52 +118,91 @@ async def run_daemon(
     socket_path: Path | None = None,
     *,
     gc_options: GcOptions = GcOptions(),
+    peer_options: PeerOptions = PeerOptions(),
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await trio.to_thread.run_sync(functools.partial(cache_root.mkdir, parents=True, exist_ok=True))
     socket_path = socket_path or default_socket(cache_root)
-    with _exclusive(cache_root / "fetcher.lock"):
+    with _exclusive(cache_root / "fetcher.lock"), contextlib.ExitStack() as sockets:
         cache = await trio.to_thread.run_sync(BlobCache, cache_root)
+        sockets.callback(cache.close)
+        sockets.callback(cache.index.sync)
+        peer_sock = bind_socket(peer_options.listen) if peer_options.listen else None
+        if peer_sock is not None:
+            sockets.callback(peer_sock.close)
+        peers = _peer_set(peer_options, peer_sock) if peer_options.enabled else None
+        rec = await trio.to_thread.run_sync(cache.reconcile)
+        log.info("cache %s reconciled: %s", cache_root, rec)
+        policy = await trio.to_thread.run_sync(_policy, cache, gc_options)
+        source = TieredSource(
+            open_cas(cas_spec),
+            open_cas(cas_spec),  # its own connection pool: reads never queue behind prefetch
+            peers=peers,
+            token=peer_options.token,
+            peer_timeout=peer_options.timeout,
+        )
+        api: list[MountApi] = []
+        gc = GarbageCollector(cache, policy, lambda: api[0].hot_set() if api else set())
+        service = FetchService(cache, source, gc=gc)
+        prefetch = PrefetchQueue(service)
+        api.append(MountApi(service, prefetch, gc, peers=peers))
+        sock = _unix_listener(socket_path)
+        sockets.callback(_remove_socket, socket_path)
+        sockets.callback(sock.close)
         try:
-            rec = await trio.to_thread.run_sync(cache.reconcile)
-            log.info("cache %s reconciled: %s", cache_root, rec)
-            policy = await trio.to_thread.run_sync(_policy, cache, gc_options)
-            cas = open_cas(cas_spec)
-            prefetch_cas = open_cas(cas_spec)  # its own connection pool: reads never queue
-            api: list[MountApi] = []
-            gc = GarbageCollector(cache, policy, lambda: api[0].hot_set() if api else set())
-            service = FetchService(cache, cas, prefetch_cas=prefetch_cas, gc=gc)
-            prefetch = PrefetchQueue(service)
-            api.append(MountApi(service, prefetch, gc))
-            sock = _unix_listener(socket_path)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
-                    await nursery.start(service.run)
-                    await nursery.start(prefetch.run)
-                    await nursery.start(gc.run)
-                    await nursery.start(api[0].serve, sock)
-                    nursery.start_soon(_flush_periodically, service)
-                    gc.notice_commit()  # over the high watermark already (a smaller budget)
-                    log.info(
-                        "fetcher daemon serving %s on %s (CAS %s; cache %d of %d bytes)",
-                        cache_root,
-                        socket_path,
-                        cas.where,
-                        cache.usage,
-                        policy.budget,
-                    )
-                    task_status.started(socket_path)
-            finally:
-                sock.close()
-                with contextlib.suppress(FileNotFoundError):
-                    socket_path.unlink()
-                with trio.CancelScope(shield=True):
-                    await cas.aclose()
-                    await prefetch_cas.aclose()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+                await nursery.start(service.run)
+                await nursery.start(prefetch.run)
+                await nursery.start(gc.run)
+                await nursery.start(api[0].serve, sock)
+                nursery.start_soon(_flush_periodically, service)
+                if peers is not None:
+                    nursery.start_soon(_reload_peers_periodically, peers)
+                if peer_sock is not None and peers is not None:
+                    app = PeerApp(service, peers, token=peer_options.token)
+                    await nursery.start(serve_app, app, peer_sock)
+                gc.notice_commit()  # over the high watermark already (a smaller budget)
+                log.info(
+                    "fetcher daemon serving %s on %s (CAS %s; cache %d of %d bytes; peers %s)",
+                    cache_root,
+                    socket_path,
+                    source.cas.where,
+                    cache.usage,
+                    policy.budget,
+                    "off" if peers is None else f"{len(peers)} as {peers.self_address}",
+                )
+                task_status.started(socket_path)
         finally:
-            cache.index.sync()
-            cache.close()
+            await source.aclose()
+
+
+def _remove_socket(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _peer_set(options: PeerOptions, sock: socket.socket | None) -> PeerSet:
+    advertise = options.advertise
+    if advertise is None and sock is not None:
+        host, port = sock.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            raise UsageError(
+                f"--peer-listen {options.listen} binds every address: "
+                "give --peer-advertise HOST:PORT, the address peers reach this host at"
+            )
+        advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if options.peers_file is not None and not options.peers_file.exists():
+        raise UsageError(f"peer list {options.peers_file} does not exist")
+    return PeerSet(
+        self_address=check_address(advertise) if advertise else None, path=options.peers_file
+    )
+
+
+async def _reload_peers_periodically(peers: PeerSet) -> None:
+    while True:
+        await trio.sleep(1.0)
+        await trio.to_thread.run_sync(peers.reload)
 
 
 def _policy(cache: BlobCache, options: GcOptions) -> GcPolicy:

@@ -2,7 +2,7 @@
 background, always below on-demand reads.
 
 Mounts add digests in their profile's hot-set order; workers take them first in, first out,
-a few at a time, and fetch each group with one CAS request (``FetchService.prefetch_many``),
+a few at a time, and fetch each group with one CAS request (``FetchService.fetch_many``),
 which uses its own download slots and CAS connections. A digest already cached or in
 flight (a read got to it first) is skipped. Failures are logged and dropped: a later read
 fetches on demand.
@@ -64,6 +64,6 @@ class PrefetchQueue:
             ]
             self.service.queued = len(self._queue)
             try:
-                await self.service.prefetch_many(batch)
+                await self.service.fetch_many(batch)
             except LazyCafError as exc:
                 log.info("prefetch of %d blobs dropped: %s", len(batch), exc)

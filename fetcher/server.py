@@ -41,13 +41,16 @@ from lazycaf import framing
 from lazycaf.batch import pack_batch, unpack_batch
 from lazycaf.casdir import CasDir, Staged
 from lazycaf.digest import Digest
-from lazycaf.errors import IntegrityError, NotFound, Unavailable, UsageError
+from lazycaf.errors import IntegrityError, LazyCafError, NotFound, UsageError
 
 __all__ = [
     "CasApp",
     "CasStatistics",
     "HttpError",
+    "answer_errors",
     "bind_socket",
+    "check_bearer",
+    "digest_from",
     "lifespan",
     "read_body",
     "respond",
@@ -107,21 +110,12 @@ class CasApp:
             return
         if scope["type"] != "http":
             return
-        try:
-            await self._route(scope, receive, send)
-        except HttpError as exc:
-            await respond(send, exc.status, (str(exc) + "\n").encode(), extra=exc.headers)
-        except NotFound as exc:
-            await respond(send, 404, (str(exc) + "\n").encode())
-        except (IntegrityError, UsageError) as exc:
-            await respond(send, 400, (str(exc) + "\n").encode())
-        except Unavailable as exc:
-            await respond(send, 503, (str(exc) + "\n").encode())
+        await answer_errors(send, self._route(scope, receive, send))
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         if path.startswith(_BLOBS):
-            digest = _digest_from(path[len(_BLOBS) :])
+            digest = digest_from(path[len(_BLOBS) :])
             if method in ("GET", "HEAD"):
                 await self._get_blob(scope, send, digest, head=method == "HEAD")
             elif method == "PUT":
@@ -158,15 +152,7 @@ class CasApp:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     def _check_token(self, scope: Scope) -> None:
-        if self._token is None:
-            return
-        auth = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, credentials = auth.partition(b" ")
-        # The scheme is case-insensitive (RFC 9110 11.1); the token is compared in constant time.
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(
-            credentials.strip(), self._token.encode()
-        ):
-            raise HttpError(401, "writes need a valid bearer token")
+        check_bearer(scope, self._token, "writes need a valid bearer token")
 
     async def _get_blob(self, scope: Scope, send: Send, digest: Digest, *, head: bool) -> None:
         if head:
@@ -267,6 +253,33 @@ class CasApp:
         await respond(send, 200, body, "application/json")
 
 
+async def answer_errors(send: Send, handler: Awaitable[None]) -> None:
+    """Await ``handler``; answer the errors it raises with one status line each: its own
+    for an ``HttpError``, 404 not found, 400 bad input or bytes, 503 anything unavailable."""
+    try:
+        await handler
+    except HttpError as exc:
+        await respond(send, exc.status, (str(exc) + "\n").encode(), extra=exc.headers)
+    except NotFound as exc:
+        await respond(send, 404, (str(exc) + "\n").encode())
+    except (IntegrityError, UsageError) as exc:
+        await respond(send, 400, (str(exc) + "\n").encode())
+    except LazyCafError as exc:
+        await respond(send, 503, (str(exc) + "\n").encode())
+
+
+def check_bearer(scope: Scope, token: str | None, refusal: str) -> None:
+    """Raise a 401 ``HttpError`` saying ``refusal`` unless the request carries ``token``
+    (no token configured: every request passes)."""
+    if token is None:
+        return
+    auth = dict(scope["headers"]).get(b"authorization", b"")
+    scheme, _, credentials = auth.partition(b" ")
+    # The scheme is case-insensitive (RFC 9110 11.1); the token is compared in constant time.
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), token.encode()):
+        raise HttpError(401, refusal)
+
+
 def _read_records(store: CasDir, digests: list[Digest]) -> list[tuple[Digest, str, bytes]]:
     out: list[tuple[Digest, str, bytes]] = []
     for d in dict.fromkeys(digests):
@@ -276,7 +289,7 @@ def _read_records(store: CasDir, digests: list[Digest]) -> list[tuple[Digest, st
     return out
 
 
-def _digest_from(text: str) -> Digest:
+def digest_from(text: str) -> Digest:
     if not Digest.is_hex(text):
         raise HttpError(400, f"not a blob digest: {text[:80]!r}")
     return Digest.parse(text)

@@ -1,14 +1,18 @@
 """``ensure(digest)``: make a blob present in the host cache, fetching it at most once.
 
-Cache first, then the CAS. Concurrent requests for one digest, from any number of mounts,
-share one download (single flight); the download runs in the service's own nursery, so a
-requester that gives up does not cancel it for the others. Downloads are verified before
-they enter the cache.
+Cache first, then the source (``fetcher.sources``: the blob's home peer, then the CAS).
+Concurrent requests for one digest, from any number of mounts and peers, share one download
+(single flight); the download runs in the service's own nursery, so a requester that gives up
+does not cancel it for the others. Downloads are verified before they enter the cache.
 
-Priorities: on-demand reads and prefetch use separate download slots and separate CAS
-clients (so separate HTTP connection pools): a read never waits behind prefetch traffic for
-a slot or a connection, and a read of a blob that prefetch has queued but not started
-fetches it at once (the queue skips it later).
+A request a peer makes (``direct``: it ranked this daemon the blob's home) is fetched from
+the CAS, never forwarded; it joins a download in flight only if that one goes to the CAS too,
+so two daemons whose peer lists disagree never wait on each other in a cycle.
+
+Priorities: on-demand reads and prefetch use separate download slots (and fetches for peers
+slots of their own) and separate CAS and peer clients (so separate HTTP connection pools): a
+read never waits behind prefetch traffic for a slot or a connection, and a read of a blob
+that prefetch has queued but not started fetches it at once (the queue skips it later).
 
 Budget: a verified blob is staged in ``tmp/`` and published only if the cache stays within
 its budget; otherwise the download waits for a GC pass that makes room (GC normally runs
@@ -29,6 +33,7 @@ import trio
 
 from fetcher.blobcache import BlobCache, Staged
 from fetcher.collector import GarbageCollector
+from fetcher.sources import Fetched, TieredSource
 from lazycaf.cas import CAS
 from lazycaf.digest import Digest
 from lazycaf.errors import BlobNotFound, CacheFull, LazyCafError, Unavailable
@@ -53,30 +58,42 @@ class FetchStatistics:
     prefetched: int
     bytes_prefetched: int
     prefetch_queued: int
+    bytes_from_cache: int  # demand reads the cache already held
+    bytes_from_peers: int
+    bytes_from_cas: int
+    blobs_from_peers: int
+    blobs_from_cas: int
+    blobs_to_peers: int  # served to other daemons (peer API)
+    bytes_to_peers: int
+
+
+_NAMES: Final = {DEMAND: "demand", PREFETCH: "prefetch"}
 
 
 class _Flight:
-    __slots__ = ("done", "error", "priority", "size")
+    __slots__ = ("direct", "done", "error", "priority", "size", "via_peer")
 
-    def __init__(self, priority: int) -> None:
+    def __init__(self, priority: int, direct: bool, via_peer: bool = False) -> None:
         self.done = trio.Event()
         self.error: LazyCafError | None = None
         self.size = 0
         self.priority = priority
+        self.direct = direct
+        self.via_peer = via_peer  # a routed fetch that asks a peer first
 
 
 class FetchService:
     """Single-flight fetching into a ``BlobCache``. Use inside ``run()``.
 
-    ``cas`` serves on-demand reads; ``prefetch_cas`` (default: ``cas``) serves prefetch.
+    Invariant: at most one download per (digest, direct) is in flight; ``_flights`` holds it
+    until its waiters are woken.
     """
 
     def __init__(
         self,
         cache: BlobCache,
-        cas: CAS,
+        source: TieredSource,
         *,
-        prefetch_cas: CAS | None = None,
         concurrency: int = 16,
         prefetch_concurrency: int = 8,
         gc: GarbageCollector | None = None,
@@ -84,20 +101,31 @@ class FetchService:
         self.cache = cache
         self.gc = gc
         self._touched: set[Digest] = set()
-        self.cas = cas
-        self.prefetch_cas = prefetch_cas or cas
+        self.source = source
+        # Download slots per (priority, direct). Fetches for peers (direct) have their own:
+        # a routed fetch holds its slot while it waits on a peer, and if that peer's fetches
+        # for us took from the same pool, two daemons could each hold every slot waiting on
+        # the other.
         self._slots = {
-            DEMAND: trio.CapacityLimiter(concurrency),
-            PREFETCH: trio.CapacityLimiter(prefetch_concurrency),
+            (prio, direct): trio.CapacityLimiter(n)
+            for prio, n in ((DEMAND, concurrency), (PREFETCH, prefetch_concurrency))
+            for direct in (False, True)
         }
         self._disk = trio.CapacityLimiter(4)
-        self._flights: dict[Digest, _Flight] = {}
+        self._flights: dict[tuple[Digest, bool], _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._hits = self._misses = self._fetches = self._failures = 0
         self._bytes_fetched = self._bytes_served = 0
         self._prefetched = self._bytes_prefetched = 0
         self._wait = 0.0
+        self._by_origin = {"cas": [0, 0], "peer": [0, 0]}  # origin -> [blobs, bytes]
+        self._hit_bytes = 0
+        self._to_peers = [0, 0]
         self.queued = 0  # set by the prefetch queue
+
+    @property
+    def cas(self) -> CAS:
+        return self.source.cas
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -118,16 +146,39 @@ class FetchService:
             self._prefetched,
             self._bytes_prefetched,
             self.queued,
+            self._hit_bytes,
+            self._by_origin["peer"][1],
+            self._by_origin["cas"][1],
+            self._by_origin["peer"][0],
+            self._by_origin["cas"][0],
+            self._to_peers[0],
+            self._to_peers[1],
         )
+
+    def note_served_to_peer(self, size: int) -> None:
+        self._to_peers[0] += 1
+        self._to_peers[1] += size
 
     def is_cached(self, digest: Digest) -> bool:
         return self._cached_size(digest) is not None
 
     def in_flight(self, digest: Digest) -> bool:
-        return digest in self._flights
+        return (digest, False) in self._flights or (digest, True) in self._flights
 
-    async def ensure(self, digest: Digest, *, priority: int = DEMAND) -> int:
-        """Return the blob's size once it is in the cache; raise the fetch's error."""
+    def _joinable(self, digest: Digest, direct: bool) -> _Flight | None:
+        flight = self._flights.get((digest, True)) or self._flights.get((digest, False))
+        if flight is not None and direct and flight.via_peer:
+            return None  # it may be waiting on the very peer that asks: never join it
+        return flight
+
+    def _new_flight(self, digest: Digest, priority: int, direct: bool) -> _Flight:
+        via_peer = not direct and self.source.first_peer(digest) is not None
+        flight = self._flights[(digest, direct)] = _Flight(priority, direct, via_peer)
+        return flight
+
+    async def ensure(self, digest: Digest, *, priority: int = DEMAND, direct: bool = False) -> int:
+        """Return the blob's size once it is in the cache; raise the fetch's error.
+        ``direct``: a peer asks (fetch from the CAS, never from another peer)."""
         # An LMDB get is a memory-mapped lookup and the stat hits the dentry cache: cheaper
         # inline than the ~100 us of a thread hop, on the path every request takes.
         record = self._cached_size(digest)
@@ -136,13 +187,14 @@ class FetchService:
                 self._touched.add(digest)
                 self._hits += 1
                 self._bytes_served += record
+                self._hit_bytes += record
             return record
         if priority == DEMAND:
             self._misses += 1
         start = time.monotonic()
-        flight = self._flights.get(digest)
+        flight = self._joinable(digest, direct)
         if flight is None:
-            flight = self._flights[digest] = _Flight(priority)
+            flight = self._new_flight(digest, priority, direct)
             assert self._nursery is not None, "FetchService.run() is not running"
             self._nursery.start_soon(self._download, digest, flight)
         await flight.done.wait()
@@ -169,40 +221,52 @@ class FetchService:
             return None
         return rec.size
 
-    async def prefetch_many(self, digests: list[Digest]) -> None:
-        """Prefetch several blobs with one CAS request (``get_many_encoded``): per-request
-        costs, not bytes, bound prefetch of many small blobs. Blobs already cached or in
-        flight are skipped; a failure is logged per blob (a later read fetches on demand)."""
-        todo = list(
-            dict.fromkeys(d for d in digests if not self.is_cached(d) and d not in self._flights)
-        )
-        if not todo:
-            return
-        flights = {d: _Flight(PREFETCH) for d in todo}
-        self._flights.update(flights)
+    async def fetch_many(
+        self,
+        digests: list[Digest],
+        *,
+        priority: int = PREFETCH,
+        direct: bool = False,
+        join: bool = False,
+    ) -> None:
+        """Fetch several blobs with one request per source (``TieredSource.get_many``):
+        per-request costs, not bytes, bound prefetch of many small blobs. Blobs already
+        cached are skipped, and so are blobs in flight, unless ``join``: then return only
+        once those landed too. A failure is logged per blob (a later read fetches on demand;
+        a peer that asked misses that blob in the answer)."""
+        todo: dict[Digest, None] = {}
+        others: list[_Flight] = []
+        for d in digests:
+            if self.is_cached(d) or d in todo:
+                continue
+            flight = self._joinable(d, direct)
+            if flight is None:
+                todo[d] = None
+            elif join:
+                others.append(flight)
+        # Blobs this daemon fetches from the CAS form a request of their own, and land
+        # without waiting for the peers': a peer may be waiting for exactly those.
+        via_cas = [d for d in todo if direct or self.source.first_peer(d) is None]
+        cas_set = set(via_cas)
+        via_peers = [d for d in todo if d not in cas_set]
+        async with trio.open_nursery() as nursery:
+            for group in (via_cas, via_peers):
+                if group:
+                    nursery.start_soon(self._fetch_group, group, priority, direct)
+        for flight in others:
+            await flight.done.wait()
+
+    async def _fetch_group(self, todo: list[Digest], priority: int, direct: bool) -> None:
+        flights = {d: self._new_flight(d, priority, direct) for d in todo}
         try:
-            async with self._slots[PREFETCH]:
-                got = await self.prefetch_cas.get_many_encoded(todo)
+            async with self._slots[priority, direct]:
+                got = await self.source.get_many(todo, _NAMES[priority], direct=direct)
             for d in todo:
-                if d not in got:
-                    self._fail(flights[d], d, BlobNotFound(d, self.prefetch_cas.where))
-                    continue
-                encoding, payload = got.pop(d)
-                try:
-                    staged = await trio.to_thread.run_sync(
-                        self.cache.stage, d, encoding, payload, limiter=self._disk
-                    )
-                    await self._publish(staged)
-                except LazyCafError as exc:
-                    self._fail(flights[d], d, exc)
-                except OSError as exc:
-                    self._fail(flights[d], d, Unavailable(f"cache write of blob {d} failed: {exc}"))
+                fetched = got.pop(d, None)
+                if fetched is None:
+                    self._fail(flights[d], d, BlobNotFound(d, self.cas.where))
                 else:
-                    flights[d].size = staged.size
-                    self._fetches += 1
-                    self._prefetched += 1
-                    self._bytes_fetched += staged.size
-                    self._bytes_prefetched += staged.size
+                    await self._store(d, fetched, flights[d])
                 self._land(d, flights[d])
         except LazyCafError as exc:
             for d, flight in flights.items():
@@ -211,6 +275,29 @@ class FetchService:
         finally:
             for d, flight in flights.items():
                 self._land(d, flight)
+
+    async def _store(self, digest: Digest, fetched: Fetched, flight: _Flight) -> None:
+        """Verify, stage and publish one fetched blob; errors end up in ``flight``."""
+        try:
+            staged = await trio.to_thread.run_sync(
+                self.cache.stage, digest, fetched.encoding, fetched.payload, limiter=self._disk
+            )
+            await self._publish(staged)
+        except LazyCafError as exc:
+            self._fail(flight, digest, exc)
+            return
+        except OSError as exc:
+            self._fail(flight, digest, Unavailable(f"cache write of blob {digest} failed: {exc}"))
+            return
+        flight.size = staged.size
+        self._fetches += 1
+        self._bytes_fetched += staged.size
+        counts = self._by_origin[fetched.origin]
+        counts[0] += 1
+        counts[1] += staged.size
+        if flight.priority == PREFETCH:
+            self._prefetched += 1
+            self._bytes_prefetched += staged.size
 
     def _fail(self, flight: _Flight, digest: Digest, exc: LazyCafError) -> None:
         self._failures += 1
@@ -223,38 +310,24 @@ class FetchService:
         """End a flight: forget it and wake its waiters (idempotent)."""
         if flight.done.is_set():
             return
-        if self._flights.get(digest) is flight:
-            del self._flights[digest]
+        key = (digest, flight.direct)
+        if self._flights.get(key) is flight:
+            del self._flights[key]
         flight.done.set()
 
     async def _download(self, digest: Digest, flight: _Flight) -> None:
-        cas = self.prefetch_cas if flight.priority == PREFETCH else self.cas
         try:
-            async with self._slots[flight.priority]:
-                encoding, payload = await cas.get_encoded(digest)
-                staged = await trio.to_thread.run_sync(
-                    self.cache.stage, digest, encoding, payload, limiter=self._disk
+            async with self._slots[flight.priority, flight.direct]:
+                fetched = await self.source.get(
+                    digest, _NAMES[flight.priority], direct=flight.direct
                 )
-            await self._publish(staged)
-            flight.size = staged.size
-            self._fetches += 1
-            self._bytes_fetched += flight.size
-            if flight.priority == PREFETCH:
-                self._prefetched += 1
-                self._bytes_prefetched += flight.size
+            await self._store(digest, fetched, flight)
         except LazyCafError as exc:
-            self._failures += 1
-            flight.error = exc
-            log.warning("fetch of blob %s failed: %s", digest, exc)
-            if isinstance(exc, CacheFull) and self.gc is not None:
-                self.gc.notice_disk_full()
-        except OSError as exc:
-            self._failures += 1
-            flight.error = Unavailable(f"cache write of blob {digest} failed: {exc}")
-            log.warning("cache write of blob %s failed: %s", digest, exc)
+            self._fail(flight, digest, exc)
+        except OSError as exc:  # a local CAS directory that failed
+            self._fail(flight, digest, Unavailable(f"fetch of blob {digest} failed: {exc}"))
         finally:
-            del self._flights[digest]
-            flight.done.set()
+            self._land(digest, flight)
 
     async def _publish(self, staged: Staged) -> None:
         """Publish within the budget, waiting for GC passes to make room; after three

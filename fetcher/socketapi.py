@@ -12,7 +12,7 @@
     pin <hex> | unpin <hex>       -> ok {"pins": n}  (keep an executable's blobs out of GC)
     gc                            -> ok {GcResult}  (one GC pass now)
     stats                         -> ok {FetchService.statistics(), GC statistics}
-    info                          -> ok {"cache", "cas", "pid"}
+    info                          -> ok {"cache", "cas", "pid", "peer_address", "peers"}
 
 Each connection is served by its own task; a failing request answers ``err`` and the
 connection goes on. The digests a connection queued for prefetch are that mount's hot set
@@ -31,7 +31,9 @@ from typing import Any
 
 import trio
 
+from fetcher import coverage
 from fetcher.collector import GarbageCollector
+from fetcher.peers import PeerSet
 from fetcher.prefetch import PrefetchQueue
 from fetcher.service import DEMAND, PREFETCH, FetchService
 from lazycaf.cas import resolve
@@ -60,10 +62,13 @@ class MountApi:
         service: FetchService,
         prefetch: PrefetchQueue,
         gc: GarbageCollector | None = None,
+        *,
+        peers: PeerSet | None = None,
     ) -> None:
         self.service = service
         self.prefetch = prefetch
         self.gc = gc
+        self.peers = peers
         self._profile_lock = trio.Lock()  # one read-modify-write of a profile at a time
         self._index_limiter = trio.CapacityLimiter(1)  # index writes of this API
         self._connections: set[_Connection] = set()
@@ -135,6 +140,8 @@ class MountApi:
                     "cache": str(self.service.cache.root),
                     "cas": self.service.cas.where,
                     "pid": os.getpid(),
+                    "peer_address": self.peers.self_address if self.peers else None,
+                    "peers": self.peers.members() if self.peers else [],
                 }
             case _:
                 raise UsageError(f"unknown request {line[:100]!r}")
@@ -186,13 +193,10 @@ class MountApi:
             raise NotFound(f"manifest {digest} is not in the cache")
         data = await trio.to_thread.run_sync(cache.path(digest).read_bytes)
         manifest = await trio.to_thread.run_sync(Manifest.decode, data)
-        blobs = manifest.blobs()
-        missing = await trio.to_thread.run_sync(
-            lambda: {d: n for d, n in blobs.items() if not cache.has(d)}
-        )
+        held = await trio.to_thread.run_sync(coverage.measure, manifest, cache.has)
         return {
-            "blobs": len(blobs),
-            "bytes": sum(blobs.values()),
-            "missing_blobs": len(missing),
-            "missing_bytes": sum(missing.values()),
+            "blobs": held.blobs,
+            "bytes": held.bytes,
+            "missing_blobs": held.missing_blobs,
+            "missing_bytes": held.missing_bytes,
         }

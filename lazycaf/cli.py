@@ -189,10 +189,48 @@ def _parser() -> argparse.ArgumentParser:
             help=f"GC {'starts above' if name == 'high' else 'evicts down to'} this share "
             f"of the budget (default {default})",
         )
+    fserve.add_argument(
+        "--peer-listen",
+        metavar="HOST:PORT",
+        help="serve this cache to peer daemons on HOST:PORT (port 0 picks one)",
+    )
+    fserve.add_argument(
+        "--peer-advertise",
+        metavar="HOST:PORT",
+        help="this daemon's address as the peer list writes it (default: the bound address)",
+    )
+    fserve.add_argument(
+        "--peers",
+        type=Path,
+        metavar="FILE",
+        help="peer list: one HOST:PORT a line; re-read when it changes",
+    )
+    fserve.add_argument(
+        "--peer-token-file", type=Path, metavar="FILE", help="the bearer token peers share"
+    )
+    fserve.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up on a peer request after this long and back the peer off (default 5)",
+    )
     fserve.set_defaults(run="host:fetcher_serve")
     fstop = fsub.add_parser("stop", help="stop the daemon of a cache (mounts restart it)")
     cache_opts(fstop)
     fstop.set_defaults(run="host:fetcher_stop")
+
+    sp = sub.add_parser("affinity", help="rank peer hosts by how much of an executable they hold")
+    sp.add_argument("ref")
+    sp.add_argument(
+        "--peers", required=True, metavar="FILE|ADDR,...", help="a peer list file, or addresses"
+    )
+    sp.add_argument("--profile", metavar="NAME", help="hot set of this profile (default: REF's)")
+    sp.add_argument("--token-file", type=Path, help="the bearer token peers share")
+    sp.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    sp.add_argument("--json", action="store_true")
+    cas_opt(sp)
+    sp.set_defaults(run="peers:affinity")
 
     sp = sub.add_parser("cache", help="manage the host cache")
     csub = sp.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")

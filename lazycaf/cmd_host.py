@@ -18,6 +18,7 @@ from lazycaf.errors import LazyCafError, Unavailable, UsageError, first_error
 from lazycaf.fetcher_client import FetcherClient, default_cache_dir, ensure_daemon, socket_answers
 from lazycaf.mount import MountConfig, check_mountpoint, is_mounted, mount_pid, run_mount
 from lazycaf.sizes import parse_size
+from lazycaf.tokens import read_token
 
 __all__ = [
     "cache_init",
@@ -200,13 +201,23 @@ async def stats(args: argparse.Namespace) -> int:
 
 
 async def fetcher_serve(args: argparse.Namespace) -> int:
-    from fetcher.daemon import DaemonRunning, GcOptions, run_daemon
+    from fetcher.daemon import DaemonRunning, GcOptions, PeerOptions, run_daemon
 
     cache, sock = _cache_paths(args)
     size = parse_size(args.cache_size) if args.cache_size else None
     options = GcOptions(size, args.gc_high, args.gc_low)
+    if args.peer_timeout <= 0:
+        raise UsageError(f"--peer-timeout must be positive, got {args.peer_timeout:g}")
+    token_file = args.peer_token_file
+    peers = PeerOptions(
+        listen=args.peer_listen,
+        advertise=args.peer_advertise,
+        peers_file=args.peers.absolute() if args.peers else None,
+        token=read_token(token_file, "--peer-token-file") if token_file else None,
+        timeout=args.peer_timeout,
+    )
     try:
-        await run_daemon(cache, args.cas, sock, gc_options=options)
+        await run_daemon(cache, args.cas, sock, gc_options=options, peer_options=peers)
     except DaemonRunning as exc:
         print(f"lazycaf fetcher: {exc}", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ from lazycaf.manifest import DIR
 from lazycaf.packer import PackProgress, pack
 from lazycaf.readouts import diff_manifests, entry_json, format_ls, link_counts
 from lazycaf.statcache import default_stat_cache_dir
+from lazycaf.tokens import read_token
 
 __all__ = ["cas_serve", "cat", "diff", "ls", "pack_tree"]
 
@@ -146,14 +147,7 @@ async def cas_serve(args: argparse.Namespace) -> int:
     from fetcher.server import CasApp, bind_socket, serve_app  # the CLI is fetcher's only door
     from lazycaf.casdir import CasDir
 
-    token = None
-    if args.token_file is not None:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from exc
-        if not token:
-            raise UsageError(f"--token-file {args.token_file} is empty")
+    token = read_token(args.token_file) if args.token_file is not None else None
     store = CasDir(args.root)
     sock = bind_socket(args.listen)
     host, port = sock.getsockname()[:2]

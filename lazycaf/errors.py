@@ -12,6 +12,7 @@ lmdb, OSError) are mapped at the boundary with ``raise X(...) from exc``.
     │   └── PathNotFound
     ├── Unavailable             a remote or the disk failed; may work later       exit 3
     │   ├── CasUnavailable
+    │   ├── PeerUnavailable     a peer daemon failed, timed out or refused
     │   └── CacheFull           the host cache's disk is out of space
     ├── AccessDenied            the CAS refused a write (token missing or wrong)  exit 5
     ├── IntegrityError          bytes did not verify, or a format is corrupt      exit 4
@@ -35,6 +36,7 @@ __all__ = [
     "NotFound",
     "PackError",
     "PathNotFound",
+    "PeerUnavailable",
     "RefNotFound",
     "Unavailable",
     "UsageError",
@@ -84,6 +86,12 @@ class CasUnavailable(Unavailable):
     def __init__(self, where: str, reason: str) -> None:
         super().__init__(f"CAS {where} unavailable: {reason}")
         self.where = where
+
+
+class PeerUnavailable(Unavailable):
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"peer {peer} unavailable: {reason}")
+        self.peer = peer
 
 
 class CacheFull(Unavailable):

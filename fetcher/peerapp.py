@@ -1,0 +1,230 @@
+"""The daemon's peer API: other hosts' daemons read this host's cache (ASGI, hypercorn/trio).
+
+    GET  /v1/blobs/{hex}           the blob, from the cache; on a miss this daemon fetches it
+                                   from the CAS first (it is the blob's home for the asker),
+                                   once however many peers ask at the same time
+    HEAD /v1/blobs/{hex}           200 with its size if cached, else 404 (never fetches)
+    POST /v1/blobs:get             {"digests": [...]} -> those blobs (``lazycaf.batch``
+                                   records, identity); missing ones are fetched from the CAS
+                                   with one request first; ones no source has are left out
+    GET  /v1/coverage/{manifest}   {"blobs", "bytes", "held_blobs", "held_bytes", "hot_*"}: how
+                                   much of the executable this cache holds; ``?profile=NAME``
+                                   adds that profile's hot set
+    GET  /v1/peers                 this daemon's view of its peers (live, back-off, errors)
+    GET  /v1/stats                 the fetch statistics (bytes by source, served to peers) and
+                                   the blob requests peers made here, by priority
+
+``X-LazyCAF-Priority: prefetch`` marks a request as prefetch; sending bodies takes a slot of
+a ``PriorityGate`` where waiting demand requests always go before waiting prefetch ones, and
+fetches on a miss use the service's slots of that priority. With a token, every request needs
+``Authorization: Bearer <token>`` (peers share one). Bodies are sent uncompressed: the cache
+holds blobs decoded, and the askers verify everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+import trio
+
+from fetcher import coverage
+from fetcher.peerclient import PRIORITY_HEADER
+from fetcher.peers import PeerSet
+from fetcher.server import (
+    HttpError,
+    Receive,
+    Scope,
+    Send,
+    answer_errors,
+    check_bearer,
+    digest_from,
+    lifespan,
+    read_body,
+    respond,
+)
+from fetcher.service import DEMAND, PREFETCH, FetchService
+from lazycaf.batch import pack_batch
+from lazycaf.digest import Digest
+from lazycaf.errors import NotFound, Unavailable, UsageError
+from lazycaf.framing import IDENTITY
+from lazycaf.manifest import Manifest
+from lazycaf.profiles import load_profile
+from lazycaf.refs import check_ref_name
+
+__all__ = ["PeerApp", "PriorityGate"]
+
+log = logging.getLogger(__name__)
+
+_BLOBS: Final = "/v1/blobs/"
+_COVERAGE: Final = "/v1/coverage/"
+_MAX_BATCH: Final = 1024
+
+
+class PriorityGate:
+    """``capacity`` slots; a freed slot goes to the oldest waiting demand request, and only
+    when none waits to the oldest waiting prefetch request. Invariant: ``_free`` plus the
+    slots held equals ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        self._free = capacity
+        self._waiting: dict[int, deque[trio.Event]] = {DEMAND: deque(), PREFETCH: deque()}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        ahead = self._waiting[DEMAND] if priority == PREFETCH else ()
+        if self._free > 0 and not ahead and not self._waiting[priority]:
+            self._free -= 1
+        else:
+            turn = trio.Event()
+            self._waiting[priority].append(turn)
+            try:
+                await turn.wait()  # the releaser handed its slot to us
+            except BaseException:
+                if turn.is_set():
+                    self._release()  # handed over as we were cancelled: pass it on
+                else:
+                    self._waiting[priority].remove(turn)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for priority in (DEMAND, PREFETCH):
+            if self._waiting[priority]:
+                self._waiting[priority].popleft().set()
+                return
+        self._free += 1
+
+
+class PeerApp:
+    def __init__(
+        self,
+        service: FetchService,
+        peers: PeerSet,
+        *,
+        token: str | None = None,
+        send_slots: int = 8,
+    ) -> None:
+        self.service = service
+        self.peers = peers
+        self._token = token
+        self._gate = PriorityGate(send_slots)
+        self._disk = trio.CapacityLimiter(4)
+        self.served = {DEMAND: 0, PREFETCH: 0}  # requests answered, by priority
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        await answer_errors(send, self._checked(scope, receive, send))
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        check_bearer(scope, self._token, "peers need a valid bearer token")
+        await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        raw_priority = dict(scope["headers"]).get(PRIORITY_HEADER.encode(), b"demand")
+        priority = PREFETCH if raw_priority.strip().lower() == b"prefetch" else DEMAND
+        if path.startswith(_BLOBS) and method in ("GET", "HEAD"):
+            digest = digest_from(path[len(_BLOBS) :])
+            if method == "HEAD":
+                record = await trio.to_thread.run_sync(self.service.cache.index.get, digest)
+                if record is None or not self.service.is_cached(digest):
+                    raise NotFound(f"blob {digest} is not in this cache")
+                await respond(send, 200, b"", head=True, length=record.size)
+                return
+            await self._get_blob(send, digest, priority)
+        elif path == "/v1/blobs:get" and method == "POST":
+            await self._get_many(receive, send, priority)
+        elif path.startswith(_COVERAGE) and method == "GET":
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            name = query.get("profile", [None])[0]
+            result = await self._coverage(digest_from(path[len(_COVERAGE) :]), name)
+            await respond(send, 200, json.dumps(result).encode(), "application/json")
+        elif path == "/v1/peers" and method == "GET":
+            body = json.dumps([asdict(s) for s in self.peers.statuses()])
+            await respond(send, 200, body.encode(), "application/json")
+        elif path == "/v1/stats" and method == "GET":
+            requests = {
+                "requests_demand": self.served[DEMAND],
+                "requests_prefetch": self.served[PREFETCH],
+            }
+            body = json.dumps(asdict(self.service.statistics()) | requests)
+            await respond(send, 200, body.encode(), "application/json")
+        else:
+            raise HttpError(404, f"no such endpoint: {method} {path}")
+
+    async def _read(self, digest: Digest, priority: int) -> bytes:
+        """The blob's bytes, fetching it first if needed. GC may evict it between the
+        fetch and the read: then fetch once more."""
+        for _ in range(2):
+            await self.service.ensure(digest, priority=priority, direct=True)
+            try:
+                return await trio.to_thread.run_sync(
+                    self.service.cache.path(digest).read_bytes, limiter=self._disk
+                )
+            except FileNotFoundError:
+                continue
+        raise Unavailable(f"blob {digest} was evicted while being served")
+
+    async def _get_blob(self, send: Send, digest: Digest, priority: int) -> None:
+        data = await self._read(digest, priority)
+        async with self._gate.slot(priority):
+            await respond(send, 200, data)
+        self.service.note_served_to_peer(len(data))
+        self.served[priority] += 1
+
+    async def _get_many(self, receive: Receive, send: Send, priority: int) -> None:
+        try:
+            request = json.loads(await read_body(receive, 1 << 20))
+            digests = [Digest.parse(h) for h in request["digests"]]
+        except (ValueError, KeyError, TypeError, UsageError) as exc:
+            raise HttpError(400, f'expected {{"digests": [hex, ...]}}: {exc}') from None
+        if len(digests) > _MAX_BATCH:
+            raise HttpError(400, f"at most {_MAX_BATCH} digests per request")
+        digests = list(dict.fromkeys(digests))
+        await self.service.fetch_many(digests, priority=priority, direct=True, join=True)
+        records = await trio.to_thread.run_sync(self._read_cached, digests, limiter=self._disk)
+        body = pack_batch(records)
+        async with self._gate.slot(priority):
+            await respond(send, 200, body)
+        for _, _, data in records:
+            self.service.note_served_to_peer(len(data))
+        self.served[priority] += 1
+
+    def _read_cached(self, digests: list[Digest]) -> list[tuple[Digest, str, bytes]]:
+        out = []
+        for d in digests:
+            with contextlib.suppress(FileNotFoundError):
+                out.append((d, IDENTITY, self.service.cache.path(d).read_bytes()))
+        return out
+
+    async def _coverage(self, manifest_digest: Digest, profile_name: str | None) -> dict[str, Any]:
+        await self.service.ensure(manifest_digest)
+        cache = self.service.cache
+        data = await trio.to_thread.run_sync(cache.path(manifest_digest).read_bytes)
+        name = f"manifest {manifest_digest}"
+        manifest = await trio.to_thread.run_sync(lambda: Manifest.decode(data, name=name))
+        profile = None
+        if profile_name is not None:
+            check_ref_name(f"profiles/{profile_name}")
+            profile = await load_profile(self.service.cas, profile_name)
+        has: Callable[[Digest], bool] = cache.has
+        result = await trio.to_thread.run_sync(coverage.measure, manifest, has, profile)
+        return {
+            "manifest": manifest_digest.hex,
+            "profile": profile_name if profile is not None else None,
+            **asdict(result),
+        }
