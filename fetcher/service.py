@@ -71,12 +71,13 @@ _NAMES: Final = {DEMAND: "demand", PREFETCH: "prefetch"}
 
 
 class _Flight:
-    __slots__ = ("direct", "done", "error", "priority", "size", "via_peer")
+    __slots__ = ("direct", "done", "error", "priority", "size", "stored", "via_peer")
 
     def __init__(self, priority: int, direct: bool, via_peer: bool = False) -> None:
         self.done = trio.Event()
         self.error: LazyCafError | None = None
         self.size = 0
+        self.stored = False
         self.priority = priority
         self.direct = direct
         self.via_peer = via_peer  # a routed fetch that asks a peer first
@@ -249,15 +250,22 @@ class FetchService:
         via_cas = [d for d in todo if direct or self.source.first_peer(d) is None]
         cas_set = set(via_cas)
         via_peers = [d for d in todo if d not in cas_set]
-        async with trio.open_nursery() as nursery:
-            for group in (via_cas, via_peers):
-                if group:
-                    nursery.start_soon(self._fetch_group, group, priority, direct)
-        for flight in others:
+        # The downloads run in the service's nursery, like ``ensure``'s: a requester that
+        # gives up (a peer that timed out) does not cancel them for the others.
+        assert self._nursery is not None, "FetchService.run() is not running"
+        mine: list[_Flight] = []
+        for group in (via_cas, via_peers):
+            if group:  # flights exist before the first checkpoint: no second download
+                flights = {d: self._new_flight(d, priority, direct) for d in group}
+                self._nursery.start_soon(self._fetch_group, flights, priority, direct)
+                mine.extend(flights.values())
+        for flight in mine + others:
             await flight.done.wait()
 
-    async def _fetch_group(self, todo: list[Digest], priority: int, direct: bool) -> None:
-        flights = {d: self._new_flight(d, priority, direct) for d in todo}
+    async def _fetch_group(
+        self, flights: dict[Digest, _Flight], priority: int, direct: bool
+    ) -> None:
+        todo = list(flights)
         try:
             async with self._slots[priority, direct]:
                 got = await self.source.get_many(todo, _NAMES[priority], direct=direct)
@@ -290,6 +298,7 @@ class FetchService:
             self._fail(flight, digest, Unavailable(f"cache write of blob {digest} failed: {exc}"))
             return
         flight.size = staged.size
+        flight.stored = True
         self._fetches += 1
         self._bytes_fetched += staged.size
         counts = self._by_origin[fetched.origin]
@@ -307,9 +316,12 @@ class FetchService:
             self.gc.notice_disk_full()
 
     def _land(self, digest: Digest, flight: _Flight) -> None:
-        """End a flight: forget it and wake its waiters (idempotent)."""
+        """End a flight: forget it and wake its waiters (idempotent). A flight that ends
+        neither stored nor failed was cancelled (the daemon is stopping)."""
         if flight.done.is_set():
             return
+        if not flight.stored and flight.error is None:
+            flight.error = Unavailable(f"fetch of blob {digest} was cancelled")
         key = (digest, flight.direct)
         if self._flights.get(key) is flight:
             del self._flights[key]
