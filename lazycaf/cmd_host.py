@@ -15,9 +15,15 @@ from pathlib import Path
 import trio
 
 from lazycaf.errors import LazyCafError, Unavailable, UsageError, first_error
-from lazycaf.fetcher_client import FetcherClient, default_cache_dir, ensure_daemon, socket_answers
+from lazycaf.fetcher_client import (
+    FetcherClient,
+    daemon_budget,
+    default_cache_dir,
+    ensure_daemon,
+    socket_answers,
+)
 from lazycaf.mount import MountConfig, check_mountpoint, is_mounted, mount_pid, run_mount
-from lazycaf.sizes import parse_size
+from lazycaf.sizes import format_size, parse_size
 from lazycaf.tokens import read_token
 
 __all__ = [
@@ -59,6 +65,19 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     )
 
 
+def _warn_if_budget_ignored(config: MountConfig) -> None:
+    if config.cache_size is None:
+        return
+    budget = daemon_budget(config.socket_path)
+    if budget is not None and budget != config.cache_size:
+        print(
+            f"lazycaf: warning: --cache-size ignored: the fetcher daemon of "
+            f"{config.cache_dir} runs with a budget of {format_size(budget)} (restart it with "
+            "`lazycaf fetcher stop`, then mount again)",
+            file=sys.stderr,
+        )
+
+
 def mount_background(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
     """``lazycaf mount`` without --foreground: fork a session-leader child that serves the
     mount, wait until it says the tree is visible (or why not), then return.
@@ -68,6 +87,7 @@ def mount_background(args: argparse.Namespace, run: Callable[[argparse.Namespace
     """
     config = _mount_config(args)
     check_mountpoint(config.mountpoint)
+    _warn_if_budget_ignored(config)
     log_path = config.cache_dir / "logs" / f"mount{str(config.mountpoint).replace('/', '_')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
@@ -126,6 +146,8 @@ async def mount(args: argparse.Namespace) -> int:
     """The foreground mount (the background child runs this too)."""
     config = _mount_config(args)
     ready_fd: list[int] = [args.ready_fd] if args.ready_fd is not None else []
+    if not ready_fd:  # the background parent warned already
+        _warn_if_budget_ignored(config)
 
     def ready(digest: str) -> None:
         if ready_fd:

@@ -20,10 +20,11 @@ from typing import Any, Final
 import trio
 
 from lazycaf.digest import Digest
-from lazycaf.errors import Unavailable, UsageError
+from lazycaf.errors import LazyCafError, Unavailable, UsageError
 from lazycaf.wire import LineReader, parse_reply
 
 __all__ = [
+    "daemon_budget",
     "DaemonUnreachable",
     "FetcherClient",
     "default_cache_dir",
@@ -175,6 +176,24 @@ def socket_answers(path: Path) -> bool:
         except OSError:
             return False
         return True
+
+
+def daemon_budget(path: Path) -> int | None:
+    """The byte budget of the daemon answering on ``path``, or None when none answers
+    (sync, one ``stats`` exchange; for the CLI before any event loop exists)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5.0)
+        try:
+            s.connect(str(path))
+            s.sendall(b"stats\n")
+            reply = s.makefile("rb").readline()
+        except OSError:
+            return None
+    try:
+        budget = parse_reply(reply).get("budget")
+    except (LazyCafError, AttributeError):
+        return None
+    return budget if isinstance(budget, int) else None
 
 
 def ensure_daemon(

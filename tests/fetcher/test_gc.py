@@ -143,13 +143,17 @@ def test_budget_smaller_than_two_executables(host: Host, tmp_path: Path) -> None
     mnt = host.mountpoint()
     for step in range(4):  # A, B, A, B: each evicts the other
         i = step % 2
-        host.cli("mount", f"exe{i}:v1", mnt, "--cas", cas, "--cache-size", "20M")
+        out = host.cli("mount", f"exe{i}:v1", mnt, "--cas", cas, "--cache-size", "20M")
+        assert b"ignored" not in out.stderr  # the running daemon has that budget already
         read_all(mnt, trees[i])
         assert_within_budget(host, budget)
         host.cli("umount", mnt)
         assert_within_budget(host, budget)
     stats = host.stats()
     assert stats["gc_evicted"] > 0 and stats["fetch_failures"] == 0
+    out = host.cli("mount", "exe0:v1", mnt, "--cas", cas, "--cache-size", "30M")
+    assert b"--cache-size ignored" in out.stderr and b"20.0 MiB" in out.stderr
+    host.cli("umount", mnt)
     st = status(host)
     assert st["budget_source"] == "configured"
     assert st["executables"] >= 1
