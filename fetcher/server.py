@@ -11,7 +11,9 @@ CAS role (``lazycaf cas serve``) over a ``CasDir``:
     POST /v1/blobs:get       {"digests": [...]} -> those blobs in one body (``lazycaf.batch``)
     POST /v1/blobs:batch     many blobs in one body (``lazycaf.batch``); all or nothing
     GET  /v1/refs/{name}     the manifest digest a ref names (text)
-    PUT  /v1/refs/{name}     set a ref (the blob must be stored)
+    PUT  /v1/refs/{name}     set a ref (the blob must be stored); ``If-Match: "<hex>"`` /
+                             ``If-None-Match: *`` make it a compare-and-swap (412 and the
+                             current digest as ETag when the ref moved)
     GET  /v1/stats           request and byte counters (for tests and operators)
 
 Writes need ``Authorization: Bearer <token>`` when the server has a token. A path that is not
@@ -41,7 +43,15 @@ from lazycaf import framing
 from lazycaf.batch import pack_batch, unpack_batch
 from lazycaf.casdir import CasDir, Staged
 from lazycaf.digest import Digest
-from lazycaf.errors import IntegrityError, LazyCafError, NotFound, UsageError
+from lazycaf.errors import (
+    IntegrityError,
+    LazyCafError,
+    NotFound,
+    RefMoved,
+    RefNotFound,
+    UsageError,
+)
+from lazycaf.refs import ANY, Expected
 
 __all__ = [
     "CasApp",
@@ -138,7 +148,13 @@ class CasApp:
             elif method == "PUT":
                 self._check_token(scope)
                 text = (await read_body(receive, 1024)).decode("ascii", "replace").strip()
-                await self._thread(self.store.write_ref, name, Digest.parse(text))
+                write = functools.partial(self.store.write_ref, expected=_expected(scope))
+                try:
+                    await self._thread(write, name, Digest.parse(text))
+                except RefMoved as exc:
+                    found = await self._thread(_ref_or_none, self.store, name)
+                    etag = [(b"etag", f'"{found.hex}"'.encode())] if found else []
+                    raise HttpError(412, str(exc), headers=etag) from None
                 await respond(send, 200, b"ok\n")
             else:
                 raise HttpError(405, f"{method} not allowed on refs")
@@ -278,6 +294,28 @@ def check_bearer(scope: Scope, token: str | None, refusal: str) -> None:
     # The scheme is case-insensitive (RFC 9110 11.1); the token is compared in constant time.
     if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), token.encode()):
         raise HttpError(401, refusal)
+
+
+def _expected(scope: Scope) -> Expected:
+    """The compare-and-swap condition of a ref PUT: ``If-Match: "<hex>"`` (the ref must hold
+    that digest) or ``If-None-Match: *`` (it must not exist yet); neither: unconditional."""
+    headers = dict(scope["headers"])
+    if headers.get(b"if-none-match", b"").strip() == b"*":
+        return None
+    match = headers.get(b"if-match")
+    if match is None:
+        return ANY
+    text = match.decode("latin-1").strip().strip('"')
+    if not Digest.is_hex(text):
+        raise HttpError(400, f"If-Match wants a quoted blob digest, got {text[:80]!r}")
+    return Digest.parse(text)
+
+
+def _ref_or_none(store: CasDir, name: str) -> Digest | None:
+    try:
+        return store.read_ref(name)
+    except RefNotFound:
+        return None
 
 
 def _read_records(store: CasDir, digests: list[Digest]) -> list[tuple[Digest, str, bytes]]:

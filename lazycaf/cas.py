@@ -31,11 +31,13 @@ from lazycaf.errors import (
     DigestMismatch,
     IntegrityError,
     LazyCafError,
+    RefMoved,
     RefNotFound,
     UsageError,
     first_error,
 )
 from lazycaf.manifest import Manifest
+from lazycaf.refs import ANY, Expected
 
 __all__ = ["CAS", "HttpCAS", "LocalCAS", "default_cas_spec", "load_manifest", "open_cas", "resolve"]
 
@@ -74,7 +76,11 @@ class CAS(Protocol):
         ...
 
     async def get_ref(self, name: str) -> Digest: ...
-    async def set_ref(self, name: str, digest: Digest) -> None: ...
+    async def set_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
+        """Point ref ``name`` at ``digest`` (a stored blob). With ``expected`` (a digest, or
+        None: no such ref yet), only if the ref still holds it; else ``RefMoved``."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -153,8 +159,8 @@ class LocalCAS:
     async def get_ref(self, name: str) -> Digest:
         return await self._call(self._dir.read_ref, name)
 
-    async def set_ref(self, name: str, digest: Digest) -> None:
-        await self._call(self._dir.write_ref, name, digest)
+    async def set_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
+        await self._call(functools.partial(self._dir.write_ref, expected=expected), name, digest)
 
     async def aclose(self) -> None:
         pass
@@ -372,9 +378,19 @@ class HttpCAS:
         self._expect(r, f"GET ref {name!r}")
         return Digest.parse(r.text.strip())
 
-    async def set_ref(self, name: str, digest: Digest) -> None:
+    async def set_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
         check_ref_name(name)
-        r = await self._request("PUT", f"/v1/refs/{name}", content=digest.hex.encode())
+        headers = {}
+        if expected is None:
+            headers["if-none-match"] = "*"
+        elif isinstance(expected, Digest):
+            headers["if-match"] = f'"{expected.hex}"'
+        r = await self._request(
+            "PUT", f"/v1/refs/{name}", content=digest.hex.encode(), headers=headers
+        )
+        if r.status_code == 412:
+            found = r.headers.get("etag", "").strip('"') or "no ref"
+            raise RefMoved(name, expected or "no ref", found)
         if r.status_code == 404:  # the server refuses a ref to a blob it does not hold
             raise BlobNotFound(digest, f"{self.where} (ref {name!r} must name a stored blob)")
         if r.status_code == 400:  # the name is valid here, so it conflicts with another ref

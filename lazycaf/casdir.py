@@ -32,17 +32,18 @@ through a thread.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, NamedTuple
 
 from lazycaf import framing
 from lazycaf.digest import Digest
-from lazycaf.errors import BlobNotFound, RefNotFound, UsageError
-from lazycaf.refs import check_ref_name
+from lazycaf.errors import BlobNotFound, RefMoved, RefNotFound, UsageError
+from lazycaf.refs import ANY, Expected, check_ref_name
 from lazycaf.syncfs import syncfs
 
 __all__ = ["STALE_TMP_SECONDS", "CasDir", "Staged", "check_ref_name"]
@@ -260,7 +261,10 @@ class CasDir:
             raise RefNotFound(name, str(self.root)) from None
         return Digest.parse(text)
 
-    def write_ref(self, name: str, digest: Digest) -> None:
+    def write_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
+        """Point ``name`` at ``digest``. With ``expected`` (a digest, or None for "must not
+        exist yet") only if the ref is still at that value, else ``RefMoved``: a
+        compare-and-swap, atomic across processes sharing this directory (a lock file)."""
         check_ref_name(name)
         if not self.has(digest):
             raise BlobNotFound(digest, f"{self.root} (ref {name!r} must name a stored blob)")
@@ -269,11 +273,28 @@ class CasDir:
         # need it as a directory.
         if final.is_dir():
             raise _ref_conflict(name)
+        with self._refs_locked():
+            if expected is not ANY:
+                try:
+                    found: Digest | None = self.read_ref(name)
+                except RefNotFound:
+                    found = None
+                if found != expected:
+                    raise RefMoved(name, expected or "no ref", found or "no ref")
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._atomic_write(final, (digest.hex + "\n").encode())
+            except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                raise _ref_conflict(name) from exc
+
+    @contextlib.contextmanager
+    def _refs_locked(self) -> Iterator[None]:
+        fd = os.open(self.root / "refs.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self._atomic_write(final, (digest.hex + "\n").encode())
-        except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
-            raise _ref_conflict(name) from exc
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
 
 def _ref_conflict(name: str) -> UsageError:

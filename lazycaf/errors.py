@@ -13,6 +13,7 @@ lmdb, OSError) are mapped at the boundary with ``raise X(...) from exc``.
     ├── Unavailable             a remote or the disk failed; may work later       exit 3
     │   ├── CasUnavailable
     │   ├── PeerUnavailable     a peer daemon failed, timed out or refused
+    │   ├── RefMoved            a ref changed since it was read (compare-and-swap lost)
     │   └── CacheFull           the host cache's disk is out of space
     ├── AccessDenied            the CAS refused a write (token missing or wrong)  exit 5
     ├── IntegrityError          bytes did not verify, or a format is corrupt      exit 4
@@ -37,6 +38,7 @@ __all__ = [
     "PackError",
     "PathNotFound",
     "PeerUnavailable",
+    "RefMoved",
     "RefNotFound",
     "Unavailable",
     "UsageError",
@@ -92,6 +94,14 @@ class PeerUnavailable(Unavailable):
     def __init__(self, peer: str, reason: str) -> None:
         super().__init__(f"peer {peer} unavailable: {reason}")
         self.peer = peer
+
+
+class RefMoved(Unavailable):
+    """``set_ref(..., expected=...)`` found the ref at another value: read it and retry."""
+
+    def __init__(self, name: str, expected: object, found: object) -> None:
+        super().__init__(f"ref {name!r} moved: expected {expected}, found {found}")
+        self.name = name
 
 
 class CacheFull(Unavailable):

@@ -1,14 +1,26 @@
-"""Ref names: ``trainer:latest`` names a manifest, ``profiles/trainer`` a profile (pure)."""
+"""Ref names: ``trainer:latest`` names a manifest, ``profiles/trainer`` a profile (pure);
+and ``Expected``, the condition of a compare-and-swap ``set_ref``."""
 
 from __future__ import annotations
 
+import enum
 import re
-from typing import Final
+from typing import Final, TypeAlias
 
 from lazycaf.digest import Digest
 from lazycaf.errors import UsageError
 
-__all__ = ["check_ref_name", "profile_name_for", "profile_ref"]
+__all__ = ["ANY", "Expected", "check_ref_name", "profile_name_for", "profile_ref"]
+
+
+class _Any(enum.Enum):
+    ANY = "any"
+
+
+#: ``set_ref(..., expected=ANY)`` sets the ref whatever it points at now.
+ANY: Final = _Any.ANY
+#: What a compare-and-swap expects a ref to hold: a digest, None (no such ref yet), or ANY.
+Expected: TypeAlias = "Digest | _Any | None"
 
 _REF_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]*(?:/[A-Za-z0-9][A-Za-z0-9._:@+-]*)*")
 _MAX_REF: Final = 200

@@ -31,6 +31,7 @@ from lazycaf.errors import (
     BlobNotFound,
     IntegrityError,
     LazyCafError,
+    RefMoved,
     RefNotFound,
     Unavailable,
     UsageError,
@@ -289,6 +290,38 @@ async def test_ref_set_get_overwrite(cas: CAS, stem: str) -> None:
     assert await cas.get_ref(name) == second
     await cas.set_ref(name, second)  # setting the same value again is fine
     assert await cas.get_ref(name) == second
+
+
+async def test_ref_compare_and_swap(cas: CAS) -> None:
+    name = ref_name("profiles/cas")
+    a, b, c = [await _stored(cas, x) for x in "abc"]
+    await cas.set_ref(name, a, expected=None)  # must not exist yet: it does not
+    with pytest.raises(RefMoved, match="moved"):
+        await cas.set_ref(name, b, expected=None)  # now it does
+    with pytest.raises(RefMoved) as excinfo:
+        await cas.set_ref(name, b, expected=c)  # it holds a, not c
+    assert a.hex in str(excinfo.value)
+    assert await cas.get_ref(name) == a
+    await cas.set_ref(name, b, expected=a)
+    assert await cas.get_ref(name) == b
+
+
+async def test_concurrent_compare_and_swap_lets_one_writer_win(cas: CAS) -> None:
+    name = ref_name("profiles/race")
+    base = await _stored(cas, "base")
+    await cas.set_ref(name, base)
+    rivals = [await _stored(cas, f"rival{i}") for i in range(6)]
+    won: list[Digest] = []
+
+    async def attempt(d: Digest) -> None:
+        with contextlib.suppress(RefMoved):
+            await cas.set_ref(name, d, expected=base)
+            won.append(d)
+
+    async with trio.open_nursery() as nursery:
+        for d in rivals:
+            nursery.start_soon(attempt, d)
+    assert len(won) == 1 and await cas.get_ref(name) == won[0]
 
 
 async def test_unknown_ref_names_it(cas: CAS) -> None:
