@@ -15,12 +15,24 @@ every pending file durable with one ``syncfs`` and then marks them synced. After
 ``reconcile()`` removes temp files and re-verifies every blob that is unsynced or missing from
 the index, so no blob that reads wrong survives a restart; mounts start the daemon (and so the
 reconciliation) before they read. Sync code: the daemon calls it through worker threads.
+
+Encoded writes (``encoded_writes=True``): a blob the CAS sent as zstd frames is written with
+``BTRFS_IOC_ENCODED_WRITE`` (``lazycaf.btrfs_encoded``), each frame becoming a compressed
+extent as it is, instead of plain bytes that Btrfs compresses again at writeback. The blob is
+still decoded and verified first (the kernel does not check what it stores). Frames Btrfs
+would not keep compressed, and every frame on a filesystem that refuses the ioctl (not Btrfs,
+no CAP_SYS_ADMIN, an old kernel), are written plain; after the first refusal the cache stops
+trying. ``scripts/bench_cache.py`` measures both ways. Off by default: an encoded write leaves
+nothing in the page cache, so the read that follows an on-demand fetch becomes a cold read.
+``$LAZYCAF_ENCODED_WRITES=1`` turns it on for a cache opened without an explicit choice (the
+daemon's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import subprocess
 import tempfile
@@ -30,19 +42,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazycaf import framing
+from lazycaf.btrfs_encoded import frames_of, write_frames
 from lazycaf.digest import Digest, Hasher
 from lazycaf.errors import CacheFull
 from lazycaf.index import BlobRecord, Index
 from lazycaf.syncfs import syncfs
 
 __all__ = [
+    "ENCODED_WRITES_ENV",
     "BlobCache",
     "Reconciled",
     "Staged",
+    "WriteStatistics",
     "blob_path",
     "filesystem_type",
     "init_cache_dir",
 ]
+
+
+log = logging.getLogger(__name__)
+
+ENCODED_WRITES_ENV = "LAZYCAF_ENCODED_WRITES"
 
 
 def blob_path(cache_root: Path, digest: Digest) -> Path:
@@ -67,6 +87,18 @@ class Staged:
     size: int
 
 
+@dataclass(frozen=True)
+class WriteStatistics:
+    """How staged blobs were written: extents written encoded and their bytes of data, bytes
+    written plain, and whether the filesystem still takes encoded writes (False after the
+    first refusal)."""
+
+    encoded_extents: int
+    encoded_bytes: int
+    plain_bytes: int
+    encoded_supported: bool
+
+
 class BlobCache:
     """The daemon's view of the cache: the only writer of blob files and of the index.
 
@@ -75,7 +107,7 @@ class BlobCache:
     under one lock, so GC never races a new copy of the blob it deletes.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, encoded_writes: bool | None = None) -> None:
         self.root = root
         for sub in ("blobs", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -83,6 +115,18 @@ class BlobCache:
         self._pending: list[Digest] = []
         self._lock = threading.Lock()
         self.usage = self.index.total_bytes()
+        if encoded_writes is None:
+            encoded_writes = os.environ.get(ENCODED_WRITES_ENV) == "1"
+        self._encoded = encoded_writes
+        self._encoded_ok = True  # until the filesystem refuses an encoded write
+        self._sector = os.statvfs(root / "tmp").f_bsize
+        self._written = [0, 0, 0]  # encoded extents, encoded bytes, plain bytes
+        self._written_lock = threading.Lock()  # not _lock: staging never waits for GC
+
+    def write_statistics(self) -> WriteStatistics:
+        with self._written_lock:
+            extents, encoded, plain = self._written
+            return WriteStatistics(extents, encoded, plain, self._encoded_ok)
 
     def close(self) -> None:
         self.index.close()
@@ -99,16 +143,21 @@ class BlobCache:
         self.publish(staged, limit=None)
         return staged.size
 
-    def stage(self, digest: Digest, encoding: str, payload: bytes) -> Staged:
+    def stage(
+        self, digest: Digest, encoding: str, payload: bytes, *, encoded: bool | None = None
+    ) -> Staged:
         """Decode and verify a blob and write it to ``tmp/``. A full disk raises
-        ``CacheFull``; on any failure the temp file is gone."""
+        ``CacheFull``; on any failure the temp file is gone. ``encoded`` overrides the cache's
+        ``encoded_writes`` for this blob (still only where the filesystem takes them)."""
         data = framing.decode(encoding, payload, what=f"blob {digest}")
         digest.verify(data)
         tmp = ""
         try:
             fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=digest.hex[:16] + ".")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                self._write(fd, encoding, payload, data, encoded)
+            finally:
+                os.close(fd)
             os.chmod(tmp, 0o444)
         except BaseException as exc:
             if tmp:
@@ -118,6 +167,32 @@ class BlobCache:
                 raise CacheFull(f"cache disk full while storing blob {digest}") from exc
             raise
         return Staged(digest, Path(tmp), len(data))
+
+    def _write(
+        self, fd: int, encoding: str, payload: bytes, data: bytes, encoded: bool | None
+    ) -> None:
+        """Write a verified blob into the empty file ``fd``: its frames as compressed extents
+        where they fit (encoded writes on), else its bytes."""
+        wanted = self._encoded if encoded is None else encoded
+        if wanted and self._encoded_ok and encoding == framing.ZSTD:
+            res = write_frames(fd, payload, frames_of(payload), data, sector=self._sector)
+            with self._written_lock:
+                self._written[0] += res.encoded
+                self._written[1] += res.encoded_bytes
+                self._written[2] += res.plain_bytes
+                if res.refused_errno is not None and self._encoded_ok:
+                    self._encoded_ok = False
+                    log.info(
+                        "cache %s refuses encoded writes (%s): writing blobs plain",
+                        self.root,
+                        os.strerror(res.refused_errno),
+                    )
+            return
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        with self._written_lock:
+            self._written[2] += len(view)
 
     def publish(self, staged: Staged, *, limit: int | None) -> bool:
         """Rename a staged blob into ``blobs/`` and index it, unless that would take

@@ -138,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("materialize", help="a full ordinary copy (reflinks on Btrfs)")
     sp.add_argument("ref")
     sp.add_argument("dir", type=Path)
+    sp.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy bytes even where reflinks work (a tree sharing no extents with the cache)",
+    )
     cas_opt(sp)
     cache_opts(sp)
     sp.set_defaults(run="host:materialize")

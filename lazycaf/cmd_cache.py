@@ -190,5 +190,5 @@ async def _fetch_all(client: FetcherClient, cache: Path, digest: Digest) -> tupl
     blobs = await trio.to_thread.run_sync(_manifest_blobs, cache, digest)
     if blobs is None:
         raise LazyCafError(f"manifest {digest} is unreadable in the cache")
-    await client.ensure_all(list(blobs))
+    await client.ensure_all(list(blobs), cache_root=cache)
     return sum(blobs.values()), len(blobs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import select
@@ -294,11 +295,13 @@ async def materialize(args: argparse.Namespace) -> int:
         blob = cache / "blobs" / digest.hex[:2] / digest.hex
         data = await trio.to_thread.run_sync(blob.read_bytes)
         manifest = await trio.to_thread.run_sync(Manifest.decode, data)
-        await client.ensure_all(list(manifest.blobs()))
+        await client.ensure_all(list(manifest.blobs()), cache_root=cache)
     finally:
         await client.aclose()
-    res = await trio.to_thread.run_sync(write_tree, cache, manifest, target)
-    if res.copied:
+    res = await trio.to_thread.run_sync(
+        functools.partial(write_tree, cache, manifest, target, copy=args.copy)
+    )
+    if res.copied and not args.copy:
         print(
             f"lazycaf: note: {res.copied} files were copied, not reflinked: {target} is not on "
             f"the cache's Btrfs filesystem ({cache})",

@@ -22,6 +22,7 @@ from lazycaf.errors import IntegrityError
 
 __all__ = [
     "FRAME_DATA",
+    "Frame",
     "IDENTITY",
     "MAX_DECODED",
     "ZSTD",
@@ -29,6 +30,7 @@ __all__ = [
     "decode",
     "decoded_size",
     "encode",
+    "frames",
     "is_canonical",
 ]
 
@@ -96,13 +98,13 @@ def decode(
     if encoding != ZSTD:
         raise IntegrityError(f"{what}: unknown content encoding {encoding!r}")
     view = memoryview(payload)
-    frames = _frames(view, what)
-    total = sum(fr.content_size for fr in frames)
+    parsed = frames(view, what)
+    total = sum(fr.content_size for fr in parsed)
     if total > max_size:
         raise IntegrityError(f"{what}: frames declare {total} bytes, over the {max_size} limit")
     dctx = _decompressor()
     parts = []
-    for fr in frames:
+    for fr in parsed:
         try:
             part = dctx.decompress(view[fr.start : fr.end])
         except zstandard.ZstdError as exc:
@@ -119,7 +121,7 @@ def decoded_size(encoding: str, payload: bytes | memoryview, *, what: str = "blo
         return len(payload)
     if encoding != ZSTD:
         raise IntegrityError(f"{what}: unknown content encoding {encoding!r}")
-    return sum(fr.content_size for fr in _frames(memoryview(payload), what))
+    return sum(fr.content_size for fr in frames(memoryview(payload), what))
 
 
 def is_canonical(encoding: str, payload: bytes | memoryview) -> bool:
@@ -129,13 +131,15 @@ def is_canonical(encoding: str, payload: bytes | memoryview) -> bool:
     if encoding == IDENTITY:
         return True
     try:
-        sizes = [fr.content_size for fr in _frames(memoryview(payload), "payload")]
+        sizes = [fr.content_size for fr in frames(memoryview(payload), "payload")]
     except IntegrityError:
         return False
     return bool(sizes) and all(s == FRAME_DATA for s in sizes[:-1]) and 0 < sizes[-1] <= FRAME_DATA
 
 
-class _Frame(NamedTuple):
+class Frame(NamedTuple):
+    """One zstd frame of a payload: its byte range and the content size it declares."""
+
     start: int
     end: int
     content_size: int
@@ -145,7 +149,7 @@ _MAGIC: Final = b"\x28\xb5\x2f\xfd"
 _BLOCK_MAX: Final = 128 << 10  # zstd's own cap on what one block regenerates
 
 
-def _frames(view: memoryview, what: str) -> list[_Frame]:
+def frames(view: memoryview, what: str = "payload") -> list[Frame]:
     """Split a zstd payload into frames by their frame and block headers (RFC 8878).
 
     Nothing is decompressed: each step reads a few header bytes, so this costs microseconds
@@ -153,7 +157,7 @@ def _frames(view: memoryview, what: str) -> list[_Frame]:
     window of at most 128 KiB and no dictionary; a frame must also have enough blocks to hold
     its declared size, which bounds what a payload can claim to expand to.
     """
-    frames: list[_Frame] = []
+    found: list[Frame] = []
     pos, n = 0, len(view)
     while pos < n:
         if bytes(view[pos : pos + 4]) != _MAGIC:
@@ -177,9 +181,9 @@ def _frames(view: memoryview, what: str) -> list[_Frame]:
         end += 4 if params.has_checksum else 0
         if end > n:
             raise IntegrityError(f"{what}: truncated zstd frame at {pos}")
-        frames.append(_Frame(pos, end, size))
+        found.append(Frame(pos, end, size))
         pos = end
-    return frames
+    return found
 
 
 def _walk_blocks(view: memoryview, pos: int, what: str) -> tuple[int, int]:

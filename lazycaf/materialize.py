@@ -6,6 +6,10 @@ daemon). On Btrfs every file is a reflink of its cached blob: ``FICLONE`` for on
 the cache and with other materialized trees, and a write touches only its own extents.
 Elsewhere (another filesystem, or the target on another filesystem than the cache) the
 bytes are copied, and the caller is told once.
+
+Copies can be forced where reflinks would work (``write_tree(..., copy=True)``,
+``lazycaf materialize --copy``): a tree that shares no extents with the cache, and the
+baseline ``scripts/bench_cache.py`` measures reflinks against.
 """
 
 from __future__ import annotations
@@ -47,10 +51,6 @@ def check_target(target: Path) -> None:
         raise UsageError(f"materialize target {target} exists and is not an empty directory")
 
 
-def _blob(cache_root: Path, hex_digest: str) -> Path:
-    return cache_root / "blobs" / hex_digest[:2] / hex_digest
-
-
 def _clone_file(src: int, dst: int) -> bool:
     try:
         fcntl.ioctl(dst, FICLONE, src)
@@ -80,20 +80,24 @@ def _copy(src: int, dst: int, length: int, dest_offset: int) -> None:
         done += os.pwrite(dst, data, dest_offset + done)
 
 
-def _write_file(
-    cache_root: Path, e: Entry, path: Path, chunk_size: int, res: MaterializeResult
-) -> None:
+def _write_file(blobs_fd: int, e: Entry, path: str, chunk_size: int, copy: bool) -> bool:
+    """Create one file from its cached blobs, with its mode and mtime; True if every blob
+    was reflinked. Paths are strings and blobs are opened relative to ``blobs/``: per-file
+    path handling, not the clone itself, is most of the time of a reflinked tree."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         blobs = e.blob_digests()
         spans = chunk_spans(e.size, chunk_size)
-        reflinked = True
+        reflinked = not copy
         for digest, (offset, length) in zip(blobs, spans, strict=True):
             if length == 0:
                 continue
-            src = os.open(_blob(cache_root, digest.hex), os.O_RDONLY | os.O_CLOEXEC)
+            h = digest.hex
+            src = os.open(f"{h[:2]}/{h}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=blobs_fd)
             try:
-                if len(blobs) == 1:
+                if copy:
+                    ok = False
+                elif len(blobs) == 1:
                     ok = _clone_file(src, fd)
                 else:
                     ok = _clone_range(src, fd, length, offset)
@@ -102,40 +106,48 @@ def _write_file(
                     _copy(src, fd, length, offset)
             finally:
                 os.close(src)
-        res.files += 1
-        res.bytes += e.size
-        res.reflinked += reflinked
-        res.copied += not reflinked
+        # the content is complete: mode and mtime now, through the open descriptor
+        os.chmod(fd, e.mode)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
     finally:
         os.close(fd)
+    return reflinked
 
 
-def write_tree(cache_root: Path, manifest: Manifest, target: Path) -> MaterializeResult:
-    """Create ``target`` from cached blobs (all must be cached). Sync: run in a thread."""
+def write_tree(
+    cache_root: Path, manifest: Manifest, target: Path, *, copy: bool = False
+) -> MaterializeResult:
+    """Create ``target`` from cached blobs (all must be cached). Sync: run in a thread.
+
+    ``copy=True`` copies bytes even where reflinks work; by default only where they fail."""
     check_target(target)
     target.mkdir(parents=True, exist_ok=True)
     res = MaterializeResult()
-    for e in manifest.entries:
-        path = target / e.path
-        if e.kind == DIR:
-            path.mkdir(mode=0o700)
-        elif e.kind == FILE:
-            _write_file(cache_root, e, path, manifest.chunk_size, res)
-        elif e.kind == SYMLINK:
-            os.symlink(e.target or "", path)
-            os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-        elif e.kind == HARDLINK:
-            os.link(target / (e.target or ""), path)
-    # attributes last (files first, then directories deepest first), so writing into a
-    # directory does not move its mtime afterwards
-    for e in manifest.entries:
-        if e.kind == FILE:
-            path = target / e.path
-            os.chmod(path, e.mode)
-            os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
+    root = str(target)
+    blobs_fd = os.open(cache_root / "blobs", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for e in manifest.entries:
+            path = os.path.join(root, e.path)
+            if e.kind == DIR:
+                os.mkdir(path, 0o700)
+            elif e.kind == FILE:
+                reflinked = _write_file(blobs_fd, e, path, manifest.chunk_size, copy)
+                res.files += 1
+                res.bytes += e.size
+                res.reflinked += reflinked
+                res.copied += not reflinked
+            elif e.kind == SYMLINK:
+                os.symlink(e.target or "", path)
+                os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+            elif e.kind == HARDLINK:
+                os.link(os.path.join(root, e.target or ""), path)
+    finally:
+        os.close(blobs_fd)
+    # directories last, deepest first, so writing into a directory does not move its mtime
+    # afterwards (files got theirs as they were written; a hard link does not change it)
     for e in reversed(manifest.entries):
         if e.kind == DIR:
-            path = target / e.path
+            path = os.path.join(root, e.path)
             os.chmod(path, e.mode)
             os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
     os.chmod(target, manifest.root_mode)

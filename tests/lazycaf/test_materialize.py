@@ -70,6 +70,13 @@ def test_materialize_reflinks_on_btrfs(host: Host, btrfs_dir: Path, tmp_path: Pa
         host.cli("materialize", digest, target2, "--cas", cas)
         assert exclusive_bytes(target2 / "lib/big.bin") <= 4096
         subprocess.run(["rm", "-rf", str(target2)], check=True)
+        # --copy: the same tree, sharing no extent with the cache, and no note about it
+        target3 = btrfs_dir / f"mat3-{os.getpid()}"
+        out = host.cli("materialize", digest, target3, "--cas", cas, "--copy")
+        assert b" 0 reflinked" in out.stdout and out.stderr == b""
+        assert (target3 / "lib/big.bin").read_bytes() == (tree / "lib/big.bin").read_bytes()
+        assert exclusive_bytes(target3 / "lib/big.bin") >= 5 << 20
+        subprocess.run(["rm", "-rf", str(target3)], check=True)
     finally:
         subprocess.run(["rm", "-rf", str(target)], check=True)
 
