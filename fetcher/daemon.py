@@ -18,9 +18,10 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_RECENT_BUDGET: Final = 256 << 20  # zstd payloads kept in memory for peers (fetcher.recent)
 
 
 class DaemonRunning(LazyCafError):
@@ -143,8 +146,9 @@ async def run_daemon(
         )
         api: list[MountApi] = []
         gc = GarbageCollector(cache, policy, lambda: api[0].hot_set() if api else set())
-        service = FetchService(cache, source, gc=gc)
-        prefetch = PrefetchQueue(service)
+        recent = _RECENT_BUDGET if peer_sock is not None else 0
+        service = FetchService(cache, source, gc=gc, recent_budget=recent)
+        prefetch = PrefetchQueue(service, batch=_prefetch_batch(peers))
         api.append(MountApi(service, prefetch, gc, peers=peers))
         sock = _unix_listener(socket_path)
         sockets.callback(_remove_socket, socket_path)
@@ -175,6 +179,15 @@ async def run_daemon(
                 task_status.started(socket_path)
         finally:
             await source.aclose()
+
+
+def _prefetch_batch(peers: PeerSet | None) -> Callable[[], int]:
+    """Blobs per prefetch group: 8, or with peers 8 per member up to 64: a group is split by
+    home, and a request per home for one or two blobs costs more CPU than the bytes do
+    (measured with 8 daemons: 64 cut peers' CPU time by a quarter against 8)."""
+    if peers is None:
+        return lambda: 8
+    return lambda: 8 * max(1, min(len(peers), 8))
 
 
 def _remove_socket(path: Path) -> None:

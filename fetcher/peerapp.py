@@ -11,14 +11,16 @@
                                    much of the executable this cache holds; ``?profile=NAME``
                                    adds that profile's hot set
     GET  /v1/peers                 this daemon's view of its peers (live, back-off, errors)
-    GET  /v1/stats                 the fetch statistics (bytes by source, served to peers) and
-                                   the blob requests peers made here, by priority
+    GET  /v1/stats                 the fetch statistics (bytes by source, served to peers),
+                                   the blob requests peers made here by priority, and the
+                                   bytes those answers took on the wire
 
 ``X-LazyCAF-Priority: prefetch`` marks a request as prefetch; sending bodies takes a slot of
 a ``PriorityGate`` where waiting demand requests always go before waiting prefetch ones, and
 fetches on a miss use the service's slots of that priority. With a token, every request needs
-``Authorization: Bearer <token>`` (peers share one). Bodies are sent uncompressed: the cache
-holds blobs decoded, and the askers verify everything.
+``Authorization: Bearer <token>`` (peers share one). A blob this daemon fetched lately is
+sent as the zstd frames the CAS sent (``fetcher.recent``), to askers that accept zstd; others
+as the cache holds them, decoded. The askers verify everything.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from fetcher.server import (
     Receive,
     Scope,
     Send,
+    accepts,
     answer_errors,
     check_bearer,
     digest_from,
@@ -50,6 +53,7 @@ from fetcher.server import (
     respond,
 )
 from fetcher.service import DEMAND, PREFETCH, FetchService
+from lazycaf import framing
 from lazycaf.batch import pack_batch
 from lazycaf.digest import Digest
 from lazycaf.errors import NotFound, Unavailable, UsageError
@@ -120,6 +124,7 @@ class PeerApp:
         self._gate = PriorityGate(send_slots)
         self._disk = trio.CapacityLimiter(4)
         self.served = {DEMAND: 0, PREFETCH: 0}  # requests answered, by priority
+        self.wire_bytes = 0  # bodies sent to peers (zstd frames where the CAS sent those)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -145,7 +150,7 @@ class PeerApp:
                     raise NotFound(f"blob {digest} is not in this cache")
                 await respond(send, 200, b"", head=True, length=record.size)
                 return
-            await self._get_blob(send, digest, priority)
+            await self._get_blob(scope, send, digest, priority)
         elif path == "/v1/blobs:get" and method == "POST":
             await self._get_many(receive, send, priority)
         elif path.startswith(_COVERAGE) and method == "GET":
@@ -160,6 +165,8 @@ class PeerApp:
             requests = {
                 "requests_demand": self.served[DEMAND],
                 "requests_prefetch": self.served[PREFETCH],
+                "wire_bytes_to_peers": self.wire_bytes,
+                "recent_payloads": len(self.service.recent),
             }
             body = json.dumps(asdict(self.service.statistics()) | requests)
             await respond(send, 200, body.encode(), "application/json")
@@ -179,11 +186,23 @@ class PeerApp:
                 continue
         raise Unavailable(f"blob {digest} was evicted while being served")
 
-    async def _get_blob(self, send: Send, digest: Digest, priority: int) -> None:
-        data = await self._read(digest, priority)
+    async def _get_blob(self, scope: Scope, send: Send, digest: Digest, priority: int) -> None:
+        """The blob as the CAS sent it here when that is still in memory (zstd frames) and
+        the asker takes zstd, else its decoded bytes from the cache."""
+        await self.service.ensure(digest, priority=priority, direct=True)
+        recent = self.service.recent.get(digest)
+        if recent is not None and accepts(
+            dict(scope["headers"]).get(b"accept-encoding", b""), recent[0].encode()
+        ):
+            body, extra = recent[1], [(b"content-encoding", recent[0].encode())]
+            size = framing.decoded_size(recent[0], body)
+        else:
+            body, extra = await self._read(digest, priority), []
+            size = len(body)
         async with self._gate.slot(priority):
-            await respond(send, 200, data)
-        self.service.note_served_to_peer(len(data))
+            await respond(send, 200, body, extra=extra)
+        self.service.note_served_to_peer(size)
+        self.wire_bytes += len(body)
         self.served[priority] += 1
 
     async def _get_many(self, receive: Receive, send: Send, priority: int) -> None:
@@ -196,17 +215,27 @@ class PeerApp:
             raise HttpError(400, f"at most {_MAX_BATCH} digests per request")
         digests = list(dict.fromkeys(digests))
         await self.service.fetch_many(digests, priority=priority, direct=True, join=True)
-        records = await trio.to_thread.run_sync(self._read_cached, digests, limiter=self._disk)
+        recent = {d: r for d in digests if (r := self.service.recent.get(d)) is not None}
+        records = await trio.to_thread.run_sync(
+            self._read_cached, digests, recent, limiter=self._disk
+        )
         body = pack_batch(records)
         async with self._gate.slot(priority):
             await respond(send, 200, body)
-        for _, _, data in records:
-            self.service.note_served_to_peer(len(data))
+        for _, encoding, data in records:
+            self.service.note_served_to_peer(framing.decoded_size(encoding, data))
+        self.wire_bytes += len(body)
         self.served[priority] += 1
 
-    def _read_cached(self, digests: list[Digest]) -> list[tuple[Digest, str, bytes]]:
+    def _read_cached(
+        self, digests: list[Digest], recent: dict[Digest, tuple[str, bytes]]
+    ) -> list[tuple[Digest, str, bytes]]:
+        """Batch records: the CAS's frames where still in memory, else the cached bytes."""
         out = []
         for d in digests:
+            if d in recent:
+                out.append((d, *recent[d]))
+                continue
             with contextlib.suppress(FileNotFoundError):
                 out.append((d, IDENTITY, self.service.cache.path(d).read_bytes()))
         return out

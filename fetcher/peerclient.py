@@ -47,9 +47,9 @@ class PeerClient:
     ) -> None:
         self.priority = priority
         self.timeout = timeout
-        # Identity only: a peer's cache holds blobs decoded, and compressing them again would
-        # cost the serving host CPU to save bandwidth a LAN has.
-        headers = {PRIORITY_HEADER: priority, "accept-encoding": "identity"}
+        # zstd: a peer sends the CAS's frames of blobs it fetched lately (``fetcher.recent``),
+        # decoded bytes otherwise; it never compresses anything for us.
+        headers = {PRIORITY_HEADER: priority, "accept-encoding": "zstd"}
         if token:
             headers["authorization"] = f"Bearer {token}"
         self._client = httpx.AsyncClient(
@@ -64,12 +64,20 @@ class PeerClient:
     async def get(self, address: str, digest: Digest) -> bytes:
         """The blob's verified bytes from the peer at ``address``."""
         url = f"http://{address}/v1/blobs/{digest.hex}"
-        response = await self._send(address, "GET", url)
-        if response.status_code == 404:
-            raise BlobNotFound(digest, f"peer {address}")
-        self._expect(address, response, f"GET blob {digest}")
-        encoding = response.headers.get("content-encoding", framing.IDENTITY)
-        return await self._verified(address, digest, encoding, response.content)
+        try:
+            with trio.fail_after(self.timeout):
+                async with self._client.stream("GET", url) as response:
+                    if response.status_code == 404:
+                        raise BlobNotFound(digest, f"peer {address}")
+                    # raw: zstd frames are decoded (and capped) by framing, not by httpx
+                    payload = b"".join([chunk async for chunk in response.aiter_raw()])
+                    self._expect(address, response, f"GET blob {digest}", payload)
+                    encoding = response.headers.get("content-encoding", framing.IDENTITY)
+        except trio.TooSlowError:
+            raise PeerUnavailable(address, f"no answer within {self.timeout:g} s") from None
+        except httpx.TransportError as exc:
+            raise PeerUnavailable(address, f"{type(exc).__name__}: {exc}") from exc
+        return await self._verified(address, digest, encoding, payload)
 
     async def get_many(
         self, address: str, digests: Sequence[Digest]
@@ -107,9 +115,12 @@ class PeerClient:
         except httpx.TransportError as exc:
             raise PeerUnavailable(address, f"{type(exc).__name__}: {exc}") from exc
 
-    def _expect(self, address: str, response: httpx.Response, what: str) -> None:
+    def _expect(
+        self, address: str, response: httpx.Response, what: str, body: bytes | None = None
+    ) -> None:
         if response.status_code != 200:
-            detail = response.text.strip()[:200]
+            text = response.text if body is None else body.decode("utf-8", "replace")
+            detail = text.strip()[:200]
             raise PeerUnavailable(address, f"{what}: HTTP {response.status_code} {detail}")
 
     async def _verified(self, address: str, digest: Digest, encoding: str, payload: bytes) -> bytes:

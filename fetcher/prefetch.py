@@ -2,16 +2,18 @@
 background, always below on-demand reads.
 
 Mounts add digests in their profile's hot-set order; workers take them first in, first out,
-a few at a time, and fetch each group with one CAS request (``FetchService.fetch_many``),
-which uses its own download slots and CAS connections. A digest already cached or in
-flight (a read got to it first) is skipped. Failures are logged and dropped: a later read
-fetches on demand.
+a few at a time (8; with peers 8 per peer up to 64, since a group is split by home peer and
+every request has its own cost), and fetch each group with one request per source
+(``FetchService.fetch_many``), which uses its own download slots and connections. A digest
+already cached or in flight (a read got to it first) is skipped. Failures are logged and
+dropped: a later read fetches on demand.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import trio
 
@@ -29,9 +31,12 @@ log = logging.getLogger(__name__)
 class PrefetchQueue:
     """Invariant: a digest is queued at most once; ``service.queued`` is the queue length."""
 
-    def __init__(self, service: FetchService, *, workers: int = 8) -> None:
+    def __init__(
+        self, service: FetchService, *, workers: int = 8, batch: Callable[[], int] | None = None
+    ) -> None:
         self.service = service
         self._workers = workers
+        self._batch = batch or (lambda: _BATCH)
         self._queue: OrderedDict[Digest, None] = OrderedDict()
         self._wakeup = trio.Event()
 
@@ -60,7 +65,8 @@ class PrefetchQueue:
                 await self._wakeup.wait()
                 continue
             batch = [
-                self._queue.popitem(last=False)[0] for _ in range(min(_BATCH, len(self._queue)))
+                self._queue.popitem(last=False)[0]
+                for _ in range(min(self._batch(), len(self._queue)))
             ]
             self.service.queued = len(self._queue)
             try:

@@ -57,6 +57,7 @@ __all__ = [
     "CasApp",
     "CasStatistics",
     "HttpError",
+    "accepts",
     "answer_errors",
     "bind_socket",
     "check_bearer",
@@ -178,7 +179,7 @@ class CasApp:
             return
         encoding, payload = await self._thread(self.store.read_encoded, digest)
         headers = dict(scope["headers"])
-        accepts_zstd = _accepts(headers.get(b"accept-encoding", b""), b"zstd")
+        accepts_zstd = accepts(headers.get(b"accept-encoding", b""), b"zstd")
         range_header = headers.get(b"range")
         self.stats.blob_gets += 1
         if encoding == framing.ZSTD and accepts_zstd and range_header is None:
@@ -356,7 +357,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
     return start, end
 
 
-def _accepts(header: bytes, coding: bytes) -> bool:
+def accepts(header: bytes, coding: bytes) -> bool:
     """Whether an Accept-Encoding value accepts ``coding`` (``zstd;q=0`` refuses it)."""
     wildcard: bool | None = None
     for item in header.lower().split(b","):

@@ -33,7 +33,9 @@ import trio
 
 from fetcher.blobcache import BlobCache, Staged
 from fetcher.collector import GarbageCollector
+from fetcher.recent import RecentPayloads
 from fetcher.sources import Fetched, TieredSource
+from lazycaf import framing
 from lazycaf.cas import CAS
 from lazycaf.digest import Digest
 from lazycaf.errors import BlobNotFound, CacheFull, LazyCafError, Unavailable
@@ -98,9 +100,12 @@ class FetchService:
         concurrency: int = 16,
         prefetch_concurrency: int = 8,
         gc: GarbageCollector | None = None,
+        recent_budget: int = 0,
     ) -> None:
         self.cache = cache
         self.gc = gc
+        # zstd payloads fetched from the CAS, for serving peers (0: no peers, keep none)
+        self.recent = RecentPayloads(recent_budget)
         self._touched: set[Digest] = set()
         self.source = source
         # Download slots per (priority, direct). Fetches for peers (direct) have their own:
@@ -299,6 +304,8 @@ class FetchService:
             return
         flight.size = staged.size
         flight.stored = True
+        if fetched.origin == "cas" and fetched.encoding == framing.ZSTD:
+            self.recent.put(digest, fetched.encoding, fetched.payload)
         self._fetches += 1
         self._bytes_fetched += staged.size
         counts = self._by_origin[fetched.origin]

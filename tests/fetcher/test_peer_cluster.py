@@ -38,15 +38,23 @@ REF = "trainer:1"
 # -- the executable ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """60 small files in three packages and three files of several 1 MiB chunks."""
+    """60 small files in three packages and three files of several 1 MiB chunks; pandas
+    and one native library compress (the CAS stores them as zstd frames), the rest not."""
     root = tmp_path_factory.mktemp("peer-tree") / "exe"
     rng = random.Random(5)
     for pkg in ("numpy", "pandas", "scipy"):
         (root / "lib" / pkg).mkdir(parents=True)
         for i in range(20):
-            (root / "lib" / pkg / f"mod{i}.py").write_bytes(rng.randbytes(2000 + 97 * i))
+            size = 2000 + 97 * i
+            data = (f"def f{i}(x):\n    return x\n" * size)[:size].encode()
+            head = rng.randbytes(32)  # every file distinct
+            body = data if pkg == "pandas" else rng.randbytes(size)
+            (root / "lib" / pkg / f"mod{i}.py").write_bytes(head + body)
     for i in range(3):
-        (root / "lib" / f"native{i}.so").write_bytes(rng.randbytes((2 << 20) + 4096 * i + 1))
+        size = (2 << 20) + 4096 * i + 1
+        units = (b"\x90" * 4000 + rng.randbytes(96) for _ in range(size // 4096 + 1))
+        data = b"".join(units)[:size] if i == 0 else rng.randbytes(size)
+        (root / "lib" / f"native{i}.so").write_bytes(data)
     return root
 
 
@@ -233,6 +241,10 @@ def test_daemons_mounting_at_once_fetch_each_blob_from_the_cas_once(
     # directory prefetch crossed the wire as prefetch, reads as demand
     assert sum(s["requests_prefetch"] for s in stats) > 0
     assert sum(s["requests_demand"] for s in stats) > 0
+
+    # homes forward the CAS's zstd frames of compressible blobs instead of decoded bytes
+    wire = sum(s["wire_bytes_to_peers"] for s in stats)
+    assert 0 < wire < 0.9 * sum(s["bytes_to_peers"] for s in stats)
 
     out = run_cli("stats", "--cache", daemons[0].cache).stdout.decode()
     for key in ("bytes_from_cache", "bytes_from_peers", "bytes_from_cas", "bytes_to_peers"):

@@ -13,6 +13,7 @@ import trio.testing
 
 from fetcher.peerapp import PriorityGate
 from fetcher.peers import PeerSet, check_address, parse_peer_list, rendezvous_order
+from fetcher.recent import RecentPayloads
 from fetcher.service import DEMAND, PREFETCH
 from lazycaf.digest import Digest
 from lazycaf.errors import UsageError
@@ -209,3 +210,18 @@ async def test_gate_cancelled_waiter_gives_up_its_place() -> None:
         async with gate.slot(PREFETCH):  # the slot came back
             pass
     assert not timeout.cancelled_caught
+
+
+# -- recent payloads -------------------------------------------------------------------------
+def test_recent_payloads_keep_the_newest_within_budget() -> None:
+    recent = RecentPayloads(100)
+    d = DIGESTS
+    recent.put(d[0], "zstd", b"a" * 40)
+    recent.put(d[1], "zstd", b"b" * 40)
+    assert recent.get(d[0]) == ("zstd", b"a" * 40)  # now the most recently used
+    recent.put(d[2], "zstd", b"c" * 40)  # over budget: d[1], the least recent, goes
+    assert recent.get(d[1]) is None and recent.get(d[0]) is not None
+    assert recent.size == 80 and len(recent) == 2
+    recent.put(d[3], "zstd", b"x" * 101)  # larger than the whole budget: not kept
+    assert recent.get(d[3]) is None and recent.size == 80
+    assert RecentPayloads(0).get(d[0]) is None
