@@ -36,7 +36,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
 from bench_mount import (
@@ -57,7 +55,7 @@ from bench_mount import (
     count_entries,
     time_import,
 )
-from benchlib import BenchError, cpu_model, drop_caches, fs_of, meminfo_gib, run
+from benchlib import BenchError, cpu_model, drop_caches, fs_of, guarded_run, meminfo_gib, run
 
 if TYPE_CHECKING:
     from lazycaf.digest import Digest
@@ -634,10 +632,6 @@ def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds into the finally: everything is cleaned up
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -651,26 +645,15 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench_cache: error: {tool} is not installed", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    start = time.perf_counter()
     made = Made(Path(tempfile.mkdtemp(prefix="bench_cache-", dir=args.tmpdir)))
     lz = Lazycaf(Path(exe), made.tmp / "cas")
-    code = 0
-    try:
-        bench(args, made, lz)
-    except (BenchError, subprocess.CalledProcessError, OSError) as exc:
-        print(f"bench_cache: error: {exc}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        print("bench_cache: interrupted", file=sys.stderr)
-        code = 130
-    finally:
+
+    def clean() -> list[str]:
         say(f"cleaning up {made.tmp} ...")
-        for warning in cleanup(made, lz):
-            print(f"bench_cache: WARNING: {warning}", file=sys.stderr)
-            code = code or 3
-    say(f"total runtime {time.perf_counter() - start:.1f} s")
-    return code
+        return cleanup(made, lz)
+
+    errors = (BenchError, subprocess.CalledProcessError, OSError)
+    return guarded_run("bench_cache", lambda: bench(args, made, lz), clean, errors=errors)
 
 
 if __name__ == "__main__":

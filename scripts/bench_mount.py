@@ -46,7 +46,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Final
 
 from benchlib import (
@@ -54,6 +53,7 @@ from benchlib import (
     cpu_model,
     drop_caches,
     fs_of,
+    guarded_run,
     is_mounted,
     meminfo_gib,
     mount_table,
@@ -680,10 +680,6 @@ def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
     print_report(machine_facts(tmp, load), sample_desc, args.runs, report)
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds into the finally: everything is cleaned up
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -693,26 +689,15 @@ def main(argv: list[str] | None = None) -> int:
     if exe is None:
         print(f"bench_mount: error: lazycaf not found at {args.lazycaf}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    start = time.perf_counter()
     made = Made(Path(tempfile.mkdtemp(prefix="bench_mount-", dir=args.tmpdir)))
     lz = Lazycaf(Path(exe), made.tmp / "cas")
-    code = 0
-    try:
-        bench(args, made, lz)
-    except BenchError as exc:
-        print(f"bench_mount: error: {exc}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        print("bench_mount: interrupted", file=sys.stderr)
-        code = 130
-    finally:
+
+    def clean() -> list[str]:
         say(f"cleaning up {made.tmp} ...")
-        for warning in cleanup(made, lz):
-            print(f"bench_mount: WARNING: {warning}", file=sys.stderr)
-            code = code or 3
-    say(f"total runtime {time.perf_counter() - start:.1f} s")
-    return code
+        return cleanup(made, lz)
+
+    errors = (BenchError,)
+    return guarded_run("bench_mount", lambda: bench(args, made, lz), clean, errors=errors)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 from bench_prefetch import (
@@ -71,7 +69,7 @@ from bench_prefetch import (
     stop_process,
     tail,
 )
-from benchlib import BenchError, cpu_model, drop_caches, is_mounted, run
+from benchlib import BenchError, cpu_model, drop_caches, guarded_run, is_mounted, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netsim
@@ -429,35 +427,20 @@ def bench(args: argparse.Namespace, made: Made) -> None:
         print(json.dumps([asdict(r) for r in rounds]))
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("bench_peers: error: needs root (netns, drop_caches, mounts)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
     made = Made(Path(tempfile.mkdtemp(prefix="bench_peers-", dir=args.tmpdir)))
     lz = Lazycaf(args.lazycaf.absolute(), made.tmp / "cas")
-    code = 0
-    start = time.perf_counter()
-    try:
-        bench(args, made)
-    except (BenchError, RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"bench_peers: error: {exc}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        print("bench_peers: interrupted", file=sys.stderr)
-        code = 130
-    finally:
+
+    def clean() -> list[str]:
         say(f"cleaning up {made.tmp} ...")
-        for warning in cleanup(made, lz):
-            print(f"bench_peers: WARNING: {warning}", file=sys.stderr)
-            code = code or 3
-    say(f"total runtime {time.perf_counter() - start:.1f} s")
-    return code
+        return cleanup(made, lz)
+
+    errors = (BenchError, RuntimeError, subprocess.CalledProcessError)
+    return guarded_run("bench_peers", lambda: bench(args, made), clean, errors=errors)
 
 
 if __name__ == "__main__":

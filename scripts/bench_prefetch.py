@@ -54,7 +54,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -64,10 +63,9 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
-from benchlib import BenchError, drop_caches, is_mounted, mount_table, run
+from benchlib import BenchError, drop_caches, guarded_run, is_mounted, mount_table, run
 
 from lazycaf.fetcher_client import socket_answers
 
@@ -900,10 +898,6 @@ def missing_tools() -> list[str]:
     return [t for t in tools if shutil.which(t) is None]
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds into the finally blocks
-
-
 def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
     start = Load.now()
     env, setup = prepare(args, made, lz)
@@ -926,27 +920,15 @@ def main(argv: list[str] | None = None) -> int:
     if missing := missing_tools():
         print(f"bench_prefetch: error: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    start = time.perf_counter()
     made = Made(Path(tempfile.mkdtemp(prefix="bench_prefetch-", dir=args.tmpdir)))
     lz = Lazycaf(args.lazycaf.absolute(), made.tmp / "cas")
-    code = 0
-    try:
-        bench(args, made, lz)
-    except (BenchError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        err: Any = getattr(exc, "stderr", None)
-        print(f"bench_prefetch: error: {exc} {err or ''}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        print("bench_prefetch: interrupted", file=sys.stderr)
-        code = 130
-    finally:
+
+    def clean() -> list[str]:
         say(f"cleaning up {made.tmp} ...")
-        for warning in cleanup(made, lz):
-            print(f"bench_prefetch: WARNING: {warning}", file=sys.stderr)
-            code = code or 3
-    say(f"total runtime {time.perf_counter() - start:.1f} s")
-    return code
+        return cleanup(made, lz)
+
+    errors = (BenchError, subprocess.CalledProcessError, subprocess.TimeoutExpired)
+    return guarded_run("bench_prefetch", lambda: bench(args, made, lz), clean, errors=errors)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,17 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import signal
 import subprocess
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 __all__ = [
     "BenchError",
+    "guarded_run",
     "cpu_model",
     "drop_caches",
     "fs_of",
@@ -91,3 +96,37 @@ def meminfo_gib() -> float:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) / 2**20
     return 0.0
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds into the caller's finally blocks
+
+
+def guarded_run(
+    name: str,
+    body: Callable[[], None],
+    cleanup: Callable[[], list[str]],
+    *,
+    errors: tuple[type[BaseException], ...] = (BenchError,),
+) -> int:
+    """Run a benchmark's ``body``, then always its ``cleanup`` (also on SIGTERM and Ctrl-C);
+    an exit code: 0, 1 for one of ``errors`` (said in one line), 130 interrupted, 3 when the
+    cleanup left something behind (each leftover said as a warning)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    start = time.perf_counter()
+    code = 0
+    try:
+        body()
+    except errors as exc:
+        detail = getattr(exc, "stderr", None) or ""
+        print(f"{name}: error: {exc} {detail}".rstrip(), file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        code = 130
+    finally:
+        for warning in cleanup():
+            print(f"{name}: WARNING: {warning}", file=sys.stderr)
+            code = code or 3
+    print(f"[{name}] total runtime {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return code
