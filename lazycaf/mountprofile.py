@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Final
 
@@ -27,6 +28,7 @@ __all__ = ["DEFAULT_EAGER_SHARE", "MountProfile"]
 _DIR_FILES: Final = 256
 _DIR_BYTES: Final = 8 << 20
 _SMALL: Final = 256 << 10
+_EAGER_WAIT_S: Final = 60.0  # longest the rest waits for the hot set
 
 
 def _kind(path: str) -> str:
@@ -119,7 +121,9 @@ class MountProfile:
             queued,
         )
         if self._total and hot_bytes > self._total * self.eager_share:
-            self._go_eager()  # the profile says this run reads much of the tree
+            # the profile says this run reads much of the tree: fetch the rest too, but only
+            # once the hot set is in, so the two never compete for the link
+            self._go_eager(after=plan)
 
     def _on_miss(self, entry: Entry) -> None:
         """Without a profile, a file read on demand announces its directory: the import
@@ -162,19 +166,31 @@ class MountProfile:
         data = await trio.to_thread.run_sync(path.read_bytes)
         return Profile.decode(data, what=f"profile {self.name!r} ({digest})")
 
-    def _go_eager(self) -> None:
+    def _go_eager(self, after: list[Digest] | None = None) -> None:
         if self._nursery is None:
             return
-        log.info("eager mode: this run touched a large share of the tree; fetching the rest")
-        self._nursery.start_soon(self._prefetch_rest)
+        log.info("eager mode: this run reads a large share of the tree; fetching the rest")
+        self._nursery.start_soon(self._prefetch_rest, after or [])
 
-    async def _prefetch_rest(self) -> None:
+    async def _prefetch_rest(self, after: list[Digest]) -> None:
+        """Queue every blob not queued yet, once the blobs of ``after`` are cached (or
+        ``_EAGER_WAIT_S`` passed: a blob that cannot be fetched must not hold it back)."""
+        with trio.move_on_after(_EAGER_WAIT_S):
+            pending = after
+            while pending:
+                pending = await trio.to_thread.run_sync(self._not_cached, pending)
+                if pending:
+                    await trio.sleep(0.05)
         rest = [d for d in self._blob_sizes if d not in self.reader.prefetched]
         self.reader.prefetched.update(rest)
         try:
             await self.client.prefetch(rest)
         except LazyCafError as exc:
             log.warning("eager prefetch failed: %s", exc)
+
+    def _not_cached(self, digests: list[Digest]) -> list[Digest]:
+        blobs = self.cache_dir / "blobs"
+        return [d for d in digests if not os.path.exists(blobs / d.hex[:2] / d.hex)]
 
     async def save(self) -> None:
         """Merge this run's trace into the profile (once; later calls do nothing)."""

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from lazycaf.digest import Digest
 from tests.conftest import CasServer, Host, run_cli
 from tests.slowproxy import slow_proxy
 
@@ -149,6 +150,48 @@ def test_eager_mode_fetches_the_rest(host: Host, tmp_path: Path) -> None:
     assert stats["blobs_cached"] == 21  # 20 files + the manifest
     assert stats["prefetched"] >= 13
     host.cli("umount", mnt)
+
+
+def test_eager_mode_from_the_profile_waits_for_the_hot_set(
+    host: Host, tmp_path: Path, cas_server: CasServer
+) -> None:
+    tree = tmp_path / "tree"
+    for d in ("hot", "cold"):
+        (tree / d).mkdir(parents=True)
+    for i in range(10):
+        (tree / "hot" / f"f{i}").write_bytes(os.urandom(100 << 10))
+    for i in range(15):
+        (tree / "cold" / f"f{i}").write_bytes(os.urandom(100 << 10))
+    env = {"LAZYCAF_CAS_TOKEN": cas_server.token}
+    host.env.update(env)  # the daemon writes the profile to the CAS
+    run_cli("pack", tree, "--cas", cas_server.url, "--tag", "eg:v1", env=env)
+    mnt = host.mountpoint()
+    host.cli("mount", "eg:v1", mnt, "--cas", cas_server.url, "--eager-share", "0")
+    for i in range(10):  # the profile: hot/ only, 40% of the tree
+        (mnt / "hot" / f"f{i}").read_bytes()
+    host.cli("umount", mnt)
+    host.cli("fetcher", "stop")
+    shutil.rmtree(host.cache)
+
+    with slow_proxy(cas_server.url, delay=0.05) as slow_url:
+        host.cli("mount", "eg:v1", mnt, "--cas", slow_url, "--eager-share", "0.3")
+        hot = [host.cache / "blobs" / d[:2] / d for d in _digests(tree / "hot")]
+        cold = [host.cache / "blobs" / d[:2] / d for d in _digests(tree / "cold")]
+        deadline = time.monotonic() + 60
+        while not all(p.exists() for p in hot) and time.monotonic() < deadline:
+            stats = host.stats()
+            # the rest is queued only once the hot set is in
+            assert stats["prefetch_queued"] + stats["prefetched"] <= 10, stats
+            assert not any(p.exists() for p in cold)
+            time.sleep(0.02)
+        while not all(p.exists() for p in cold) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(p.exists() for p in hot + cold)  # and then everything came
+        host.cli("umount", mnt)
+
+
+def _digests(directory: Path) -> list[str]:
+    return [Digest.of(p.read_bytes()).hex for p in sorted(directory.iterdir())]
 
 
 def test_profile_save_and_errors(host: Host, tmp_path: Path) -> None:
