@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 _BLOBS: Final = "/v1/blobs/"
 _COVERAGE: Final = "/v1/coverage/"
 _MAX_BATCH: Final = 1024
+_MAX_BATCH_BODY: Final = 192 << 20  # answers stay under what a PeerClient accepts (256 MiB)
 
 
 class PriorityGate:
@@ -231,13 +232,20 @@ class PeerApp:
         self, digests: list[Digest], recent: dict[Digest, tuple[str, bytes]]
     ) -> list[tuple[Digest, str, bytes]]:
         """Batch records: the CAS's frames where still in memory, else the cached bytes."""
-        out = []
+        out: list[tuple[Digest, str, bytes]] = []
+        size = 0
         for d in digests:
+            if size > _MAX_BATCH_BODY:  # the asker fetches what is left out elsewhere
+                break
             if d in recent:
-                out.append((d, *recent[d]))
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                out.append((d, IDENTITY, self.service.cache.path(d).read_bytes()))
+                encoding, data = recent[d]
+            else:
+                try:
+                    encoding, data = IDENTITY, self.service.cache.path(d).read_bytes()
+                except FileNotFoundError:
+                    continue
+            out.append((d, encoding, data))
+            size += len(data)
         return out
 
     async def _coverage(self, manifest_digest: Digest, profile_name: str | None) -> dict[str, Any]:

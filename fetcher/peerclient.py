@@ -7,16 +7,16 @@ Requests carry ``X-LazyCAF-Priority: demand|prefetch`` (the peer serves reads be
 prefetch) and the shared bearer token when there is one. Nothing a peer sends is trusted:
 every blob is decoded and verified here, in a worker thread, and what does not verify is an
 ``IntegrityError`` naming the peer. Every request is bounded by ``timeout`` seconds in total,
-so a peer that hangs or trickles costs at most that. Transport failures, timeouts and
-unexpected answers are ``PeerUnavailable``; a 404 is ``BlobNotFound`` (the peer could not
-get the blob either).
+so a peer that hangs or trickles costs at most that, and bodies are capped in size. Transport
+failures, timeouts and unexpected answers are ``PeerUnavailable``; a 404 is ``BlobNotFound``
+and a 503 ``HomeCouldNotFetch`` (the peer could not get the blob either).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import httpx
 import trio
@@ -24,12 +24,18 @@ import trio
 from lazycaf import framing
 from lazycaf.batch import unpack_batch
 from lazycaf.digest import Digest
-from lazycaf.errors import BlobNotFound, IntegrityError, PeerUnavailable
+from lazycaf.errors import BlobNotFound, IntegrityError, LazyCafError, PeerUnavailable
 
-__all__ = ["PRIORITY_HEADER", "PeerClient"]
+__all__ = ["PRIORITY_HEADER", "HomeCouldNotFetch", "PeerClient"]
 
 PRIORITY_HEADER: Final = "x-lazycaf-priority"
-_MAX_BATCH_BODY: Final = 256 << 20
+_MAX_BATCH_BODY: Final = 256 << 20  # what a peer may answer to one blobs:get
+_MAX_BLOB_BODY: Final = framing.MAX_DECODED + (1 << 20)
+
+
+class HomeCouldNotFetch(PeerUnavailable):
+    """The peer answered, but could not get the blob itself (a 503: its CAS failed): do not
+    back it off, ask the CAS directly."""
 
 
 class PeerClient:
@@ -64,19 +70,10 @@ class PeerClient:
     async def get(self, address: str, digest: Digest) -> bytes:
         """The blob's verified bytes from the peer at ``address``."""
         url = f"http://{address}/v1/blobs/{digest.hex}"
-        try:
-            with trio.fail_after(self.timeout):
-                async with self._client.stream("GET", url) as response:
-                    if response.status_code == 404:
-                        raise BlobNotFound(digest, f"peer {address}")
-                    # raw: zstd frames are decoded (and capped) by framing, not by httpx
-                    payload = b"".join([chunk async for chunk in response.aiter_raw()])
-                    self._expect(address, response, f"GET blob {digest}", payload)
-                    encoding = response.headers.get("content-encoding", framing.IDENTITY)
-        except trio.TooSlowError:
-            raise PeerUnavailable(address, f"no answer within {self.timeout:g} s") from None
-        except httpx.TransportError as exc:
-            raise PeerUnavailable(address, f"{type(exc).__name__}: {exc}") from exc
+        status, encoding, payload = await self._exchange(address, "GET", url, _MAX_BLOB_BODY)
+        if status == 404:
+            raise BlobNotFound(digest, f"peer {address}")
+        self._expect(address, status, payload, f"GET blob {digest}")
         return await self._verified(address, digest, encoding, payload)
 
     async def get_many(
@@ -86,42 +83,64 @@ class PeerClient:
         some did not verify (those are left out: the caller fetches them elsewhere)."""
         url = f"http://{address}/v1/blobs:get"
         body = json.dumps({"digests": [d.hex for d in digests]}).encode()
-        response = await self._send(
-            address, "POST", url, content=body, headers={"content-type": "application/json"}
+        status, encoding, payload = await self._exchange(
+            address,
+            "POST",
+            url,
+            _MAX_BATCH_BODY,
+            content=body,
+            headers={"content-type": "application/json"},
         )
-        self._expect(address, response, f"POST blobs:get ({len(digests)} blobs)")
+        self._expect(address, status, payload, f"POST blobs:get ({len(digests)} blobs)")
+        if encoding != framing.IDENTITY:  # records carry their own encodings
+            raise IntegrityError(f"peer {address} sent a batch as {encoding!r}")
         try:
-            records = await trio.to_thread.run_sync(unpack_batch, response.content)
-        except IntegrityError as exc:
+            records = await trio.to_thread.run_sync(unpack_batch, payload)
+        except LazyCafError as exc:
             raise IntegrityError(f"peer {address} sent a malformed batch: {exc}") from None
         wanted = set(digests)
         out: dict[Digest, bytes] = {}
         bad: IntegrityError | None = None
-        for digest, encoding, payload in records:
+        for digest, record_encoding, data in records:
             if digest not in wanted:
                 continue
             try:
-                out[digest] = await self._verified(address, digest, encoding, payload)
+                out[digest] = await self._verified(address, digest, record_encoding, data)
             except IntegrityError as exc:
                 bad = bad or exc
         return out, bad
 
-    async def _send(self, address: str, method: str, url: str, **kwargs: object) -> httpx.Response:
+    async def _exchange(
+        self, address: str, method: str, url: str, limit: int, **kwargs: Any
+    ) -> tuple[int, str, bytes]:
+        """One request, bounded by ``timeout`` in total; the raw body (never decoded by
+        httpx: zstd frames go to ``framing``, whose caps hold) of at most ``limit`` bytes."""
         try:
             with trio.fail_after(self.timeout):
-                return await self._client.request(method, url, **kwargs)  # type: ignore[arg-type]
+                async with self._client.stream(method, url, **kwargs) as response:
+                    parts: list[bytes] = []
+                    size = 0
+                    async for chunk in response.aiter_raw():
+                        size += len(chunk)
+                        if size > limit:
+                            raise IntegrityError(
+                                f"peer {address} sent more than {limit} bytes for {url}"
+                            )
+                        parts.append(chunk)
+                    encoding = response.headers.get("content-encoding", framing.IDENTITY)
+                    return response.status_code, encoding.strip().lower(), b"".join(parts)
         except trio.TooSlowError:
             raise PeerUnavailable(address, f"no answer within {self.timeout:g} s") from None
-        except httpx.TransportError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise PeerUnavailable(address, f"{type(exc).__name__}: {exc}") from exc
 
-    def _expect(
-        self, address: str, response: httpx.Response, what: str, body: bytes | None = None
-    ) -> None:
-        if response.status_code != 200:
-            text = response.text if body is None else body.decode("utf-8", "replace")
-            detail = text.strip()[:200]
-            raise PeerUnavailable(address, f"{what}: HTTP {response.status_code} {detail}")
+    def _expect(self, address: str, status: int, body: bytes, what: str) -> None:
+        if status == 200:
+            return
+        detail = body.decode("utf-8", "replace").strip()[:200]
+        if status == 503:  # the peer is fine, it could not get the blob (its CAS failed)
+            raise HomeCouldNotFetch(address, f"{what}: HTTP 503 {detail}")
+        raise PeerUnavailable(address, f"{what}: HTTP {status} {detail}")
 
     async def _verified(self, address: str, digest: Digest, encoding: str, payload: bytes) -> bytes:
         if encoding not in (framing.IDENTITY, framing.ZSTD):

@@ -46,7 +46,13 @@ def check_address(text: str) -> str:
         address = address.removeprefix(prefix)
     address = address.rstrip("/")
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+    bad_host = (
+        not host
+        or any(c.isspace() or c in "/?#@" for c in host)
+        or host.startswith("[") != host.endswith("]")
+        or (":" in host and not host.startswith("["))
+    )
+    if not sep or bad_host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"not a peer address (HOST:PORT): {text.strip()[:100]!r}")
     return f"{host}:{int(port)}"
 

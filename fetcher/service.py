@@ -73,12 +73,24 @@ _NAMES: Final = {DEMAND: "demand", PREFETCH: "prefetch"}
 
 
 class _Flight:
-    __slots__ = ("direct", "done", "error", "priority", "size", "stored", "via_peer")
+    __slots__ = (
+        "direct",
+        "done",
+        "error",
+        "priority",
+        "size",
+        "started",
+        "stored",
+        "taken",
+        "via_peer",
+    )
 
     def __init__(self, priority: int, direct: bool, via_peer: bool = False) -> None:
         self.done = trio.Event()
         self.error: LazyCafError | None = None
         self.size = 0
+        self.started = False  # its download holds a slot and asked a source
+        self.taken = False  # a demand read took it over from a prefetch group not started
         self.stored = False
         self.priority = priority
         self.direct = direct
@@ -199,9 +211,14 @@ class FetchService:
             self._misses += 1
         start = time.monotonic()
         flight = self._joinable(digest, direct)
+        assert self._nursery is not None, "FetchService.run() is not running"
         if flight is None:
             flight = self._new_flight(digest, priority, direct)
-            assert self._nursery is not None, "FetchService.run() is not running"
+            self._nursery.start_soon(self._download, digest, flight)
+        elif priority == DEMAND and flight.priority == PREFETCH and not flight.started:
+            # queued in a prefetch group still waiting for a slot: a read must not wait for
+            # the batches ahead of it, so it fetches the blob now (the group skips it)
+            flight.taken, flight.priority = True, DEMAND
             self._nursery.start_soon(self._download, digest, flight)
         await flight.done.wait()
         if priority == DEMAND:
@@ -259,34 +276,44 @@ class FetchService:
         # gives up (a peer that timed out) does not cancel them for the others.
         assert self._nursery is not None, "FetchService.run() is not running"
         mine: list[_Flight] = []
-        for group in (via_cas, via_peers):
+        for group, to_cas in ((via_cas, True), (via_peers, False)):
             if group:  # flights exist before the first checkpoint: no second download
                 flights = {d: self._new_flight(d, priority, direct) for d in group}
-                self._nursery.start_soon(self._fetch_group, flights, priority, direct)
+                self._nursery.start_soon(self._fetch_group, flights, priority, direct, to_cas)
                 mine.extend(flights.values())
         for flight in mine + others:
             await flight.done.wait()
 
     async def _fetch_group(
-        self, flights: dict[Digest, _Flight], priority: int, direct: bool
+        self, flights: dict[Digest, _Flight], priority: int, direct: bool, to_cas: bool
     ) -> None:
-        todo = list(flights)
+        """Fetch a group with one request per source. ``to_cas``: the group was formed of
+        blobs the CAS serves (the route is the one decided when the flights were made)."""
+        mine = flights
         try:
             async with self._slots[priority, direct]:
-                got = await self.source.get_many(todo, _NAMES[priority], direct=direct)
-            for d in todo:
+                mine = {d: f for d, f in flights.items() if not f.taken}
+                for flight in mine.values():
+                    flight.started = True
+                if not mine:
+                    return
+                got, error = await self.source.get_many(
+                    list(mine), _NAMES[priority], direct=direct or to_cas
+                )
+            for d, flight in mine.items():
                 fetched = got.pop(d, None)
                 if fetched is None:
-                    self._fail(flights[d], d, BlobNotFound(d, self.cas.where))
+                    self._fail(flight, d, error or BlobNotFound(d, self.cas.where))
                 else:
-                    await self._store(d, fetched, flights[d])
-                self._land(d, flights[d])
-        except LazyCafError as exc:
-            for d, flight in flights.items():
+                    await self._store(d, fetched, flight)
+                self._land(d, flight)
+        except Exception as exc:  # one group must not take the service down
+            failure = exc if isinstance(exc, LazyCafError) else _internal(exc)
+            for d, flight in mine.items():
                 if not flight.done.is_set():
-                    self._fail(flight, d, exc)
+                    self._fail(flight, d, failure)
         finally:
-            for d, flight in flights.items():
+            for d, flight in mine.items():
                 self._land(d, flight)
 
     async def _store(self, digest: Digest, fetched: Fetched, flight: _Flight) -> None:
@@ -337,14 +364,19 @@ class FetchService:
     async def _download(self, digest: Digest, flight: _Flight) -> None:
         try:
             async with self._slots[flight.priority, flight.direct]:
+                flight.started = True
                 fetched = await self.source.get(
-                    digest, _NAMES[flight.priority], direct=flight.direct
+                    digest,
+                    _NAMES[flight.priority],
+                    direct=flight.direct or not flight.via_peer,  # the route decided at first
                 )
             await self._store(digest, fetched, flight)
         except LazyCafError as exc:
             self._fail(flight, digest, exc)
         except OSError as exc:  # a local CAS directory that failed
             self._fail(flight, digest, Unavailable(f"fetch of blob {digest} failed: {exc}"))
+        except Exception as exc:  # one fetch must not take the service down
+            self._fail(flight, digest, _internal(exc))
         finally:
             self._land(digest, flight)
 
@@ -373,3 +405,8 @@ class FetchService:
             raise
         if gc is not None:
             gc.notice_commit()
+
+
+def _internal(exc: Exception) -> Unavailable:
+    log.error("fetch failed on an unexpected error", exc_info=exc)
+    return Unavailable(f"fetch failed: {type(exc).__name__}: {exc}")

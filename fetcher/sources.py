@@ -22,12 +22,12 @@ from typing import Final, Literal
 
 import trio
 
-from fetcher.peerclient import PeerClient
+from fetcher.peerclient import HomeCouldNotFetch, PeerClient
 from fetcher.peers import PeerSet
 from lazycaf import framing
 from lazycaf.cas import CAS
 from lazycaf.digest import Digest
-from lazycaf.errors import BlobNotFound, IntegrityError, PeerUnavailable
+from lazycaf.errors import BlobNotFound, LazyCafError
 
 __all__ = ["CAS_ORIGIN", "PEER_ORIGIN", "Fetched", "TieredSource"]
 
@@ -96,9 +96,9 @@ class TieredSource:
             for address in self._candidates(digest):
                 try:
                     data = await client.get(address, digest)
-                except BlobNotFound:
+                except (BlobNotFound, HomeCouldNotFetch):
                     break  # the home could not get it from the CAS either: ask it ourselves
-                except (PeerUnavailable, IntegrityError) as exc:
+                except LazyCafError as exc:  # failed, timed out, or bytes that do not verify
                     self.peers.failed(address, str(exc))
                     continue
                 self.peers.succeeded(address)
@@ -108,9 +108,10 @@ class TieredSource:
 
     async def get_many(
         self, digests: Sequence[Digest], priority: str, *, direct: bool = False
-    ) -> dict[Digest, Fetched]:
+    ) -> tuple[dict[Digest, Fetched], LazyCafError | None]:
         """Several blobs, each from its home peer (one request per peer) or the CAS (one
-        request for the rest). Blobs no source has are absent from the result."""
+        request for the rest). Blobs no source gave are absent from the result; the error
+        is the CAS's when its request failed (what peers sent is kept either way)."""
         out: dict[Digest, Fetched] = {}
         remaining = list(dict.fromkeys(digests))
         to_cas: list[Digest] = []
@@ -133,10 +134,13 @@ class TieredSource:
                         )
         to_cas.extend(remaining)
         if to_cas:
-            got = await self._cas[priority].get_many_encoded(to_cas)
+            try:
+                got = await self._cas[priority].get_many_encoded(to_cas)
+            except LazyCafError as exc:
+                return out, exc
             for d, (encoding, payload) in got.items():
                 out[d] = Fetched(encoding, payload, CAS_ORIGIN)
-        return out
+        return out, None
 
     async def _from_peer(
         self,
@@ -153,7 +157,10 @@ class TieredSource:
         assert self.peers is not None
         try:
             got, bad = await self._clients[priority].get_many(address, digests)
-        except (PeerUnavailable, IntegrityError) as exc:
+        except HomeCouldNotFetch:
+            to_cas.extend(digests)
+            return
+        except LazyCafError as exc:  # failed, timed out, or a malformed answer
             self.peers.failed(address, str(exc))
             retry.extend(digests)
             return

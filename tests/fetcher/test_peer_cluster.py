@@ -289,7 +289,8 @@ def test_peers_with_a_token_refuse_requests_without_it(
 # -- bad peers ---------------------------------------------------------------------------------
 class BadPeer(http.server.BaseHTTPRequestHandler):
     """A peer that is home for some blobs and misbehaves: ``corrupt`` sends wrong bytes of the
-    right length, ``hang`` never answers, ``die`` sends half a body and closes."""
+    right length, ``hang`` never answers, ``die`` sends half a body and closes, ``garbage``
+    sends a body that is not even a batch."""
 
     mode = "corrupt"
     protocol_version = "HTTP/1.1"
@@ -298,6 +299,8 @@ class BadPeer(http.server.BaseHTTPRequestHandler):
         pass
 
     def _body(self) -> bytes:
+        if self.mode == "garbage":  # not even a batch
+            return b"\x00\x01 nothing a peer should send"
         if self.path.startswith("/v1/blobs/"):
             return os.urandom(3000)
         length = int(self.headers.get("content-length", 0))
@@ -327,7 +330,7 @@ class BadPeer(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def bad_peers() -> Iterator[list[str]]:
     servers = []
-    for mode in ("corrupt", "hang", "die"):
+    for mode in ("corrupt", "hang", "die", "garbage"):
         handler = type(f"BadPeer_{mode}", (BadPeer,), {"mode": mode})
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True

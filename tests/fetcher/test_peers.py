@@ -44,7 +44,10 @@ def test_addresses_are_normalized(text: str, want: str) -> None:
     assert check_address(text) == want
 
 
-@pytest.mark.parametrize("text", ["host", "host:", ":80", "host:0", "host:70000", "a/b:1", "h:x"])
+@pytest.mark.parametrize(
+    "text",
+    ["host", "host:", ":80", "host:0", "host:70000", "a/b:1", "h:x", "[::1:80", "::1:80", "a b:1"],
+)
 def test_bad_addresses_are_refused(text: str) -> None:
     with pytest.raises(UsageError, match="not a peer address"):
         check_address(text)
