@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -205,6 +206,14 @@ def _peer_set(options: PeerOptions, sock: socket.socket | None) -> PeerSet:
                 "give --peer-advertise HOST:PORT, the address peers reach this host at"
             )
         advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if sock is not None and options.token is None:
+        host = sock.getsockname()[0]
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning(
+                "serving peers on %s without --peer-token-file: anyone who reaches it can "
+                "make this daemon fetch blobs into its cache",
+                options.listen,
+            )
     if options.peers_file is not None and not options.peers_file.exists():
         raise UsageError(f"peer list {options.peers_file} does not exist")
     return PeerSet(
