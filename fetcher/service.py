@@ -200,14 +200,18 @@ class FetchService:
         # An LMDB get is a memory-mapped lookup and the stat hits the dentry cache: cheaper
         # inline than the ~100 us of a thread hop, on the path every request takes.
         record = self._cached_size(digest)
+        # Reads of this host's mounts count as hits and misses; peers' requests are counted
+        # by the peer API (``note_served_to_peer``), but keep their blobs recently used too.
+        local = priority == DEMAND and not direct
         if record is not None:
             if priority == DEMAND:
                 self._touched.add(digest)
+            if local:
                 self._hits += 1
                 self._bytes_served += record
                 self._hit_bytes += record
             return record
-        if priority == DEMAND:
+        if local:
             self._misses += 1
         start = time.monotonic()
         flight = self._joinable(digest, direct)
@@ -221,11 +225,11 @@ class FetchService:
             flight.taken, flight.priority = True, DEMAND
             self._nursery.start_soon(self._download, digest, flight)
         await flight.done.wait()
-        if priority == DEMAND:
+        if local:
             self._wait += time.monotonic() - start
         if flight.error is not None:
             raise flight.error
-        if priority == DEMAND:
+        if local:
             self._bytes_served += flight.size
         return flight.size
 

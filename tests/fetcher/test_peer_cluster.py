@@ -412,6 +412,11 @@ def test_adding_and_removing_peers_moves_only_the_blobs_whose_home_changed(
     wait_for(lambda: addr["b"] not in _members(a), "A to drop B")
     third = phase(thirds[2], [addr["a"], addr["c"]])
     assert third["b"] == 0 and third["c"] > 0
+    # B and C only served peers: their own mounts' counters stay at zero
+    for daemon in (b, live["c"]):
+        stats = daemon.stats()
+        assert stats["blobs_to_peers"] > 0
+        assert stats["hits"] == stats["misses"] == stats["bytes_from_cache"] == 0, stats
 
 
 def _members(daemon: Daemon) -> set[str]:
