@@ -17,6 +17,7 @@ import functools
 import ipaddress
 import logging
 import os
+import secrets
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -135,6 +136,7 @@ async def run_daemon(
         if peer_sock is not None:
             sockets.callback(peer_sock.close)
         peers = _peer_set(peer_options, peer_sock) if peer_options.enabled else None
+        instance = secrets.token_hex(8)  # peers tell this daemon apart from its aliases
         rec = await trio.to_thread.run_sync(cache.reconcile)
         log.info("cache %s reconciled: %s", cache_root, rec)
         policy = await trio.to_thread.run_sync(_policy, cache, gc_options)
@@ -144,6 +146,7 @@ async def run_daemon(
             peers=peers,
             token=peer_options.token,
             peer_timeout=peer_options.timeout,
+            instance=instance,
         )
         api: list[MountApi] = []
         gc = GarbageCollector(cache, policy, lambda: api[0].hot_set() if api else set())
@@ -165,7 +168,7 @@ async def run_daemon(
                 if peers is not None:
                     nursery.start_soon(_reload_peers_periodically, peers)
                 if peer_sock is not None and peers is not None:
-                    app = PeerApp(service, peers, token=peer_options.token)
+                    app = PeerApp(service, peers, token=peer_options.token, instance=instance)
                     await nursery.start(serve_app, app, peer_sock)
                 gc.notice_commit()  # over the high watermark already (a smaller budget)
                 log.info(

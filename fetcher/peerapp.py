@@ -37,10 +37,11 @@ from urllib.parse import parse_qs
 import trio
 
 from fetcher import coverage
-from fetcher.peerclient import PRIORITY_HEADER
+from fetcher.peerclient import INSTANCE_HEADER, PRIORITY_HEADER
 from fetcher.peers import PeerSet
 from fetcher.server import (
     HttpError,
+    Message,
     Receive,
     Scope,
     Send,
@@ -118,9 +119,11 @@ class PeerApp:
         *,
         token: str | None = None,
         send_slots: int = 8,
+        instance: str = "",
     ) -> None:
         self.service = service
         self.peers = peers
+        self.instance = instance  # sent with every answer: askers recognise themselves
         self._token = token
         self._gate = PriorityGate(send_slots)
         self._disk = trio.CapacityLimiter(4)
@@ -133,7 +136,14 @@ class PeerApp:
             return
         if scope["type"] != "http":
             return
-        await answer_errors(send, self._checked(scope, receive, send))
+        stamp = (INSTANCE_HEADER.encode(), self.instance.encode())
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), stamp]}
+            await send(message)
+
+        await answer_errors(stamped, self._checked(scope, receive, stamped))
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         check_bearer(scope, self._token, "peers need a valid bearer token")

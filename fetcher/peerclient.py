@@ -26,11 +26,16 @@ from lazycaf.batch import unpack_batch
 from lazycaf.digest import Digest
 from lazycaf.errors import BlobNotFound, IntegrityError, LazyCafError, PeerUnavailable
 
-__all__ = ["PRIORITY_HEADER", "HomeCouldNotFetch", "PeerClient"]
+__all__ = ["INSTANCE_HEADER", "PRIORITY_HEADER", "HomeCouldNotFetch", "PeerClient", "PeerIsSelf"]
 
 PRIORITY_HEADER: Final = "x-lazycaf-priority"
+INSTANCE_HEADER: Final = "x-lazycaf-instance"  # a daemon's random id, on its peer answers
 _MAX_BATCH_BODY: Final = 256 << 20  # what a peer may answer to one blobs:get
 _MAX_BLOB_BODY: Final = framing.MAX_DECODED + (1 << 20)
+
+
+class PeerIsSelf(PeerUnavailable):
+    """The address answered with this daemon's own instance id."""
 
 
 class HomeCouldNotFetch(PeerUnavailable):
@@ -50,8 +55,10 @@ class PeerClient:
         timeout: float = 5.0,
         max_connections: int = 64,
         verify_limiter: trio.CapacityLimiter | None = None,
+        instance: str = "",
     ) -> None:
         self.priority = priority
+        self.instance = instance  # this daemon's id: an answer carrying it came from itself
         self.timeout = timeout
         # zstd: a peer sends the CAS's frames of blobs it fetched lately (``fetcher.recent``),
         # decoded bytes otherwise; it never compresses anything for us.
@@ -118,6 +125,8 @@ class PeerClient:
         try:
             with trio.fail_after(self.timeout):
                 async with self._client.stream(method, url, **kwargs) as response:
+                    if self.instance and response.headers.get(INSTANCE_HEADER) == self.instance:
+                        raise PeerIsSelf(address, "that address is this daemon")
                     parts: list[bytes] = []
                     size = 0
                     async for chunk in response.aiter_raw():

@@ -115,12 +115,13 @@ class PeerSet:
         self._clock = clock
         self._stamp: tuple[int, int, int] | None = None
         self._health: dict[str, _Health] = {}
+        self._aliases: set[str] = set()  # list entries found to be this daemon
         self.set_addresses(addresses)
         if path is not None:
             self.reload()
 
     def set_addresses(self, addresses: Iterable[str]) -> None:
-        wanted = [check_address(a) for a in addresses]
+        wanted = [a for a in map(check_address, addresses) if a not in self._aliases]
         if self.self_address is not None and self.self_address not in wanted:
             wanted.append(self.self_address)
         self._health = {a: self._health.get(a) or _Health() for a in wanted}
@@ -177,6 +178,21 @@ class PeerSet:
         health.until = self._clock() + backoff
         health.last_error = reason
         log.warning("peer %s backed off for %.0f s: %s", address, backoff, reason)
+
+    def is_self(self, address: str) -> None:
+        """``address`` answered as this very daemon (the list spells this host another way
+        than ``self_address``): drop it, now and on every reload, or hosts that spell it
+        differently would disagree on homes and this daemon would ask itself."""
+        if address == self.self_address or address in self._aliases:
+            return
+        self._aliases.add(address)
+        self._health.pop(address, None)
+        log.warning(
+            "peer list entry %s is this daemon (advertised as %s): ignored; list every host "
+            "the way it advertises itself",
+            address,
+            self.self_address,
+        )
 
     def succeeded(self, address: str) -> None:
         health = self._health.get(address)

@@ -22,7 +22,7 @@ from typing import Final, Literal
 
 import trio
 
-from fetcher.peerclient import HomeCouldNotFetch, PeerClient
+from fetcher.peerclient import HomeCouldNotFetch, PeerClient, PeerIsSelf
 from fetcher.peers import PeerSet
 from lazycaf import framing
 from lazycaf.cas import CAS
@@ -57,6 +57,7 @@ class TieredSource:
         token: str | None = None,
         peer_timeout: float = 5.0,
         peer_tries: int = 2,
+        instance: str = "",
     ) -> None:
         self.cas = cas
         self._cas = {"demand": cas, "prefetch": prefetch_cas or cas}
@@ -66,7 +67,13 @@ class TieredSource:
         if peers is not None:
             verify = trio.CapacityLimiter(2)
             self._clients = {
-                p: PeerClient(priority=p, token=token, timeout=peer_timeout, verify_limiter=verify)
+                p: PeerClient(
+                    priority=p,
+                    token=token,
+                    timeout=peer_timeout,
+                    verify_limiter=verify,
+                    instance=instance,
+                )
                 for p in ("demand", "prefetch")
             }
 
@@ -98,6 +105,9 @@ class TieredSource:
                     data = await client.get(address, digest)
                 except (BlobNotFound, HomeCouldNotFetch):
                     break  # the home could not get it from the CAS either: ask it ourselves
+                except PeerIsSelf:
+                    self.peers.is_self(address)
+                    break  # this daemon is the blob's home after all
                 except LazyCafError as exc:  # failed, timed out, or bytes that do not verify
                     self.peers.failed(address, str(exc))
                     continue
@@ -159,6 +169,10 @@ class TieredSource:
             got, bad = await self._clients[priority].get_many(address, digests)
         except HomeCouldNotFetch:
             to_cas.extend(digests)
+            return
+        except PeerIsSelf:
+            self.peers.is_self(address)
+            retry.extend(digests)  # re-ranked without the alias: this daemon or another
             return
         except LazyCafError as exc:  # failed, timed out, or a malformed answer
             self.peers.failed(address, str(exc))

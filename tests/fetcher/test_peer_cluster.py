@@ -423,6 +423,23 @@ def _members(daemon: Daemon) -> set[str]:
     return {s["address"] for s in daemon.get("/v1/peers")}
 
 
+def test_a_list_entry_that_is_this_daemon_is_recognised_and_dropped(
+    cluster: Cluster, tree: Path
+) -> None:
+    pack(tree, cluster.cas)
+    ports = [free_port(), free_port()]
+    alias = f"localhost:{ports[0]}"  # A advertises itself as 127.0.0.1:<port>
+    cluster.write_peers([alias, f"127.0.0.1:{ports[1]}"])
+    a = cluster.start("a", port=ports[0])
+    cluster.start("b", port=ports[1])
+    assert alias in _members(a)
+    paths = all_files(tree)
+    assert read_everything(cluster.mount(a, "--no-prefetch"), paths) == file_hashes(tree, paths)
+    assert _members(a) == {a.address, f"127.0.0.1:{ports[1]}"}  # A stopped asking itself
+    assert a.stats()["fetch_failures"] == 0
+    assert "is this daemon" in a.log.read_text()
+
+
 # -- placement ---------------------------------------------------------------------------------
 def test_affinity_ranks_hosts_by_the_hot_set_they_hold(cluster: Cluster, tree: Path) -> None:
     pack(tree, cluster.cas)
