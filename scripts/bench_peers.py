@@ -69,7 +69,7 @@ from bench_prefetch import (
     stop_process,
     tail,
 )
-from benchlib import BenchError, cpu_model, drop_caches, guarded_run, is_mounted, run
+from benchlib import BenchError, cpu_model, drop_caches, guarded_run, is_mounted, run, sample_tree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netsim
@@ -395,12 +395,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def bench(args: argparse.Namespace, made: Made) -> None:
     facts = [f"machine: {cpu_model()}, {os.cpu_count()} CPUs; links {args.rate_mbit:g} Mbit/s"]
-    if args.sample is not None:
-        sample = args.sample.resolve()
-    else:
-        sample = made.tmp / "sample"
-        say("building the sample ...")
-        run([sys.executable, str(REPO / "scripts" / "build_sample.py"), str(sample)], what="build")
+    sample = sample_tree(args.sample, made.tmp)
     facts.append(f"sample: {du(sample) / MB:.1f} MB on disk; workload: import numpy")
     btrfs_image(made)
     with contextlib.ExitStack() as stack:

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from benchlib import BenchError, drop_caches, guarded_run, is_mounted, mount_table, run
+from benchlib import BenchError, drop_caches, guarded_run, is_mounted, mount_table, run, sample_tree
 
 from lazycaf.fetcher_client import socket_answers
 
@@ -835,12 +835,7 @@ def du(path: Path) -> int:
 def prepare(args: argparse.Namespace, made: Made, lz: Lazycaf) -> tuple[Env, list[str]]:
     """Sample, pack, squashfs image, servers, Btrfs image; facts about them."""
     facts = []
-    if args.sample is not None:
-        sample = args.sample.resolve()
-    else:
-        sample = made.tmp / "sample"
-        say("building the sample ...")
-        run([sys.executable, str(REPO / "scripts" / "build_sample.py"), str(sample)], what="build")
+    sample = sample_tree(args.sample, made.tmp)
     facts.append(f"sample: {sample}, {du(sample) / MB:.1f} MB (du)")
     t0 = time.perf_counter()
     lz.cli("pack", str(sample), "--cas", str(lz.cas), "--tag", REF, what="pack")

@@ -18,6 +18,7 @@ from types import FrameType
 __all__ = [
     "BenchError",
     "guarded_run",
+    "sample_tree",
     "cpu_model",
     "drop_caches",
     "fs_of",
@@ -130,3 +131,15 @@ def guarded_run(
             code = code or 3
     print(f"[{name}] total runtime {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code
+
+
+def sample_tree(given: Path | None, tmp: Path) -> Path:
+    """The sample executable: ``given`` (``--sample``), or built under ``tmp`` with
+    ``scripts/build_sample.py`` (Python + numpy)."""
+    if given is not None:
+        return given.resolve()
+    sample = tmp / "sample"
+    print("building the sample ...", file=sys.stderr, flush=True)
+    script = Path(__file__).resolve().parent / "build_sample.py"
+    run([sys.executable, str(script), str(sample)], what="build the sample")
+    return sample
