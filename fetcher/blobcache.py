@@ -144,13 +144,22 @@ class BlobCache:
         return staged.size
 
     def stage(
-        self, digest: Digest, encoding: str, payload: bytes, *, encoded: bool | None = None
+        self,
+        digest: Digest,
+        encoding: str,
+        payload: bytes,
+        *,
+        encoded: bool | None = None,
+        verified: bool = False,
     ) -> Staged:
         """Decode and verify a blob and write it to ``tmp/``. A full disk raises
         ``CacheFull``; on any failure the temp file is gone. ``encoded`` overrides the cache's
-        ``encoded_writes`` for this blob (still only where the filesystem takes them)."""
+        ``encoded_writes`` for this blob (still only where the filesystem takes them).
+        ``verified``: the caller has just decoded and hashed these very bytes (a peer's
+        blob, checked as it arrived): skip hashing them a second time."""
         data = framing.decode(encoding, payload, what=f"blob {digest}")
-        digest.verify(data)
+        if not verified:
+            digest.verify(data)
         tmp = ""
         try:
             fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=digest.hex[:16] + ".")

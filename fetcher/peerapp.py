@@ -185,10 +185,11 @@ class PeerApp:
             raise HttpError(404, f"no such endpoint: {method} {path}")
 
     async def _read(self, digest: Digest, priority: int) -> bytes:
-        """The blob's bytes, fetching it first if needed. GC may evict it between the
-        fetch and the read: then fetch once more."""
-        for _ in range(2):
-            await self.service.ensure(digest, priority=priority, direct=True)
+        """The cached blob's bytes (``ensure`` ran). GC may evict it between the fetch and
+        the read: then fetch once more."""
+        for attempt in range(2):
+            if attempt:
+                await self.service.ensure(digest, priority=priority, direct=True)
             try:
                 return await trio.to_thread.run_sync(
                     self.service.cache.path(digest).read_bytes, limiter=self._disk
@@ -200,19 +201,17 @@ class PeerApp:
     async def _get_blob(self, scope: Scope, send: Send, digest: Digest, priority: int) -> None:
         """The blob as the CAS sent it here when that is still in memory (zstd frames) and
         the asker takes zstd, else its decoded bytes from the cache."""
-        await self.service.ensure(digest, priority=priority, direct=True)
+        size = await self.service.ensure(digest, priority=priority, direct=True)
         recent = self.service.recent.get(digest)
         if recent is not None and accepts(
             dict(scope["headers"]).get(b"accept-encoding", b""), recent[0].encode()
         ):
             body, extra = recent[1], [(b"content-encoding", recent[0].encode())]
-            size = framing.decoded_size(recent[0], body)
         else:
             body, extra = await self._read(digest, priority), []
-            size = len(body)
         async with self._gate.slot(priority):
             await respond(send, 200, body, extra=extra)
-        self.service.note_served_to_peer(size)
+        self.service.note_served_to_peer(1, size)
         self.wire_bytes += len(body)
         self.served[priority] += 1
 
@@ -227,23 +226,23 @@ class PeerApp:
         digests = list(dict.fromkeys(digests))
         await self.service.fetch_many(digests, priority=priority, direct=True, join=True)
         recent = {d: r for d in digests if (r := self.service.recent.get(d)) is not None}
-        records = await trio.to_thread.run_sync(
-            self._read_cached, digests, recent, limiter=self._disk
+        body, blobs, size = await trio.to_thread.run_sync(
+            self._batch, digests, recent, limiter=self._disk
         )
-        body = pack_batch(records)
         async with self._gate.slot(priority):
             await respond(send, 200, body)
-        for _, encoding, data in records:
-            self.service.note_served_to_peer(framing.decoded_size(encoding, data))
+        self.service.note_served_to_peer(blobs, size)
         self.wire_bytes += len(body)
         self.served[priority] += 1
 
-    def _read_cached(
+    def _batch(
         self, digests: list[Digest], recent: dict[Digest, tuple[str, bytes]]
-    ) -> list[tuple[Digest, str, bytes]]:
-        """Batch records: the CAS's frames where still in memory, else the cached bytes."""
+    ) -> tuple[bytes, int, int]:
+        """The answer to a blobs:get (sync, a worker thread: it reads files and joins up to
+        ~192 MiB): records of the CAS's frames where still in memory, else of the cached
+        bytes; with how many blobs and how many decoded bytes it carries."""
         out: list[tuple[Digest, str, bytes]] = []
-        size = 0
+        size = decoded = 0
         for d in digests:
             if size > _MAX_BATCH_BODY:  # the asker fetches what is left out elsewhere
                 break
@@ -256,7 +255,8 @@ class PeerApp:
                     continue
             out.append((d, encoding, data))
             size += len(data)
-        return out
+            decoded += framing.decoded_size(encoding, data)
+        return pack_batch(out), len(out), decoded
 
     async def _coverage(self, manifest_digest: Digest, profile_name: str | None) -> dict[str, Any]:
         await self.service.ensure(manifest_digest)

@@ -173,8 +173,8 @@ class FetchService:
             self._to_peers[1],
         )
 
-    def note_served_to_peer(self, size: int) -> None:
-        self._to_peers[0] += 1
+    def note_served_to_peer(self, blobs: int, size: int) -> None:
+        self._to_peers[0] += blobs
         self._to_peers[1] += size
 
     def is_cached(self, digest: Digest) -> bool:
@@ -189,8 +189,12 @@ class FetchService:
             return None  # it may be waiting on the very peer that asks: never join it
         return flight
 
-    def _new_flight(self, digest: Digest, priority: int, direct: bool) -> _Flight:
-        via_peer = not direct and self.source.first_peer(digest) is not None
+    def _new_flight(
+        self, digest: Digest, priority: int, direct: bool, via_peer: bool | None = None
+    ) -> _Flight:
+        """Register a flight; its route (a peer first, or the CAS) is decided here, once."""
+        if via_peer is None:
+            via_peer = not direct and self.source.first_peer(digest) is not None
         flight = self._flights[(digest, direct)] = _Flight(priority, direct, via_peer)
         return flight
 
@@ -275,14 +279,14 @@ class FetchService:
         # without waiting for the peers': a peer may be waiting for exactly those.
         via_cas = [d for d in todo if direct or self.source.first_peer(d) is None]
         cas_set = set(via_cas)
-        via_peers = [d for d in todo if d not in cas_set]
+        via_peers = [d for d in todo if d not in cas_set]  # ranked once, here
         # The downloads run in the service's nursery, like ``ensure``'s: a requester that
         # gives up (a peer that timed out) does not cancel them for the others.
         assert self._nursery is not None, "FetchService.run() is not running"
         mine: list[_Flight] = []
         for group, to_cas in ((via_cas, True), (via_peers, False)):
             if group:  # flights exist before the first checkpoint: no second download
-                flights = {d: self._new_flight(d, priority, direct) for d in group}
+                flights = {d: self._new_flight(d, priority, direct, not to_cas) for d in group}
                 self._nursery.start_soon(self._fetch_group, flights, priority, direct, to_cas)
                 mine.extend(flights.values())
         for flight in mine + others:
@@ -323,8 +327,9 @@ class FetchService:
     async def _store(self, digest: Digest, fetched: Fetched, flight: _Flight) -> None:
         """Verify, stage and publish one fetched blob; errors end up in ``flight``."""
         try:
+            stage = functools.partial(self.cache.stage, verified=fetched.verified)
             staged = await trio.to_thread.run_sync(
-                self.cache.stage, digest, fetched.encoding, fetched.payload, limiter=self._disk
+                stage, digest, fetched.encoding, fetched.payload, limiter=self._disk
             )
             await self._publish(staged)
         except LazyCafError as exc:

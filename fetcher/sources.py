@@ -9,8 +9,9 @@ blob's home, or the request came from a peer (``direct``: a peer asks us because
 home), the CAS is asked directly, so a request crosses at most one peer hop and never loops.
 
 Results are tagged with their origin (``Fetched.origin``) so that statistics split bytes by
-source. Peer bytes arrive verified and decoded (``fetcher.peerclient``); CAS bytes arrive as
-stored, and the cache verifies them as it stages them.
+source. Peer bytes arrive verified and decoded (``fetcher.peerclient``), so the cache does
+not hash them again; CAS bytes arrive as stored, and the cache verifies them as it stages
+them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class Fetched:
     payload: bytes
     origin: Literal["cas", "peer"]
     peer: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        """Peer bytes arrive decoded and checked against their digest (``peerclient``)."""
+        return self.origin == PEER_ORIGIN
 
 
 class TieredSource:

@@ -44,11 +44,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO, Final
 
 import benchlib
-from benchlib import BenchError, cpu_model, meminfo_gib
+from benchlib import BenchError, cpu_model, guarded_run, meminfo_gib
 
 from lazycaf import __version__ as LAZYCAF_VERSION
 from lazycaf import framing
@@ -591,22 +590,10 @@ def bench(args: argparse.Namespace) -> None:
         say(f"removing {tmp}")
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds: servers stopped, temp dirs removed
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        bench(args)
-    except BenchError as exc:
-        print(f"bench_pack: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench_pack: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    # bench() removes its own temp dirs and servers in ``finally`` blocks: nothing is left
+    return guarded_run("bench_pack", lambda: bench(args), list)
 
 
 if __name__ == "__main__":
