@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import benchlib
 from benchlib import (
     BenchError,
     cpu_model,
@@ -164,22 +165,8 @@ class Lazycaf:
 
 
 # -- bookkeeping for cleanup ---------------------------------------------------------------
-@dataclass
-class Made:
+class Made(benchlib.Made):
     """Everything this run created, undone in reverse by ``cleanup``."""
-
-    tmp: Path
-    mounts: list[Path] = field(default_factory=list)
-    caches: list[Path] = field(default_factory=list)
-    btrfs_mnt: Path | None = None
-    image: Path | None = None
-
-    def mountpoint(self, name: str) -> Path:
-        mnt = self.tmp / name
-        mnt.mkdir(exist_ok=True)
-        if mnt not in self.mounts:
-            self.mounts.append(mnt)
-        return mnt
 
     def cache(self, lz: Lazycaf, name: str) -> Path:
         assert self.btrfs_mnt is not None

@@ -59,7 +59,6 @@ from bench_prefetch import (
     PROFILE,
     REF,
     Lazycaf,
-    Made,
     btrfs_image,
     cleanup,
     du,
@@ -69,7 +68,16 @@ from bench_prefetch import (
     stop_process,
     tail,
 )
-from benchlib import BenchError, cpu_model, drop_caches, guarded_run, is_mounted, run, sample_tree
+from benchlib import (
+    BenchError,
+    Made,
+    cpu_model,
+    drop_caches,
+    guarded_run,
+    is_mounted,
+    run,
+    sample_tree,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netsim

@@ -65,7 +65,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from benchlib import BenchError, drop_caches, guarded_run, is_mounted, mount_table, run, sample_tree
+from benchlib import (
+    BenchError,
+    Made,
+    drop_caches,
+    guarded_run,
+    is_mounted,
+    mount_table,
+    run,
+    sample_tree,
+)
 
 from lazycaf.fetcher_client import socket_answers
 
@@ -171,29 +180,6 @@ def http_put(url: str, body: bytes) -> None:
 
 
 # -- bookkeeping ---------------------------------------------------------------------------
-@dataclass
-class Made:
-    """Everything this run created, undone by ``cleanup``."""
-
-    tmp: Path
-    mounts: list[Path] = field(default_factory=list)
-    caches: list[Path] = field(default_factory=list)
-    servers: list[subprocess.Popen[Any]] = field(default_factory=list)
-    btrfs_mnt: Path | None = None
-    image: Path | None = None
-
-    def mountpoint(self, name: str) -> Path:
-        mnt = self.tmp / name
-        mnt.mkdir(exist_ok=True)
-        if mnt not in self.mounts:
-            self.mounts.append(mnt)
-        return mnt
-
-    def log(self, name: str) -> Path:
-        (self.tmp / "logs").mkdir(exist_ok=True)
-        return self.tmp / "logs" / name
-
-
 @dataclass(frozen=True)
 class Lazycaf:
     """The CLI, run as a subprocess (so figures include interpreter start-up)."""

@@ -12,11 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 __all__ = [
     "BenchError",
+    "Made",
     "guarded_run",
     "sample_tree",
     "cpu_model",
@@ -31,6 +34,30 @@ __all__ = [
 
 class BenchError(Exception):
     """A step of the benchmark failed; the message says which and why."""
+
+
+@dataclass
+class Made:
+    """Everything a benchmark run created, for its cleanup to undo: a temp dir and what lives
+    in it (mount points, host caches, a Btrfs loop image), and the servers it started."""
+
+    tmp: Path
+    mounts: list[Path] = field(default_factory=list)
+    caches: list[Path] = field(default_factory=list)
+    servers: list[subprocess.Popen[Any]] = field(default_factory=list)
+    btrfs_mnt: Path | None = None
+    image: Path | None = None
+
+    def mountpoint(self, name: str) -> Path:
+        mnt = self.tmp / name
+        mnt.mkdir(exist_ok=True)
+        if mnt not in self.mounts:
+            self.mounts.append(mnt)
+        return mnt
+
+    def log(self, name: str) -> Path:
+        (self.tmp / "logs").mkdir(exist_ok=True)
+        return self.tmp / "logs" / name
 
 
 def run(

@@ -89,7 +89,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_prefetch as bp
 import netsim
 from bench_mount import pids_mentioning
-from benchlib import BenchError, cpu_model, drop_caches, fs_of, is_mounted, meminfo_gib, run
+from benchlib import BenchError, Made, cpu_model, drop_caches, fs_of, is_mounted, meminfo_gib, run
 
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_SAMPLE: Final = REPO / "build" / "sample-full"
@@ -698,7 +698,7 @@ http {{
 """
 
 
-def start_nginx(made: bp.Made, root: Path) -> int:
+def start_nginx(made: Made, root: Path) -> int:
     """nginx (Debian's, WebDAV PUT on) serving ``root`` on 127.0.0.1; stopped by cleanup."""
     port = free_port()
     (made.tmp / "nginx-body").mkdir(exist_ok=True)
@@ -786,7 +786,7 @@ class Ctx:
     profiles: dict[str, str] = field(default_factory=dict)  # workload -> profile digest
 
     @property
-    def made(self) -> bp.Made:
+    def made(self) -> Made:
         return self.env.made
 
     @property
@@ -1058,7 +1058,7 @@ def measure_reads(tree: Path, workload: str) -> int:
     return int(m.group(1))
 
 
-def prepare(args: argparse.Namespace, made: bp.Made, lz: bp.Lazycaf, res: Results) -> Ctx:
+def prepare(args: argparse.Namespace, made: Made, lz: bp.Lazycaf, res: Results) -> Ctx:
     sample = ensure_sample(args.sample)
     files = sum(len(f) for _, _, f in os.walk(sample))
     res.facts.append(
@@ -1365,7 +1365,7 @@ def machine_facts(tmp: Path) -> list[str]:
     ]
 
 
-def bench(args: argparse.Namespace, made: bp.Made, lz: bp.Lazycaf, res: Results) -> None:
+def bench(args: argparse.Namespace, made: Made, lz: bp.Lazycaf, res: Results) -> None:
     res.facts += machine_facts(made.tmp)
     res.notes.append(
         f"{args.runs} runs per figure (medians), systems interleaved in rotating order; a "
@@ -1391,7 +1391,7 @@ def write_results(res: Results, out: Path) -> list[Path]:
     return [out / "results.md", out / "results.json", *write_plots(res, out)]
 
 
-def leftovers(made: bp.Made) -> list[str]:
+def leftovers(made: Made) -> list[str]:
     """Mounts, namespaces and nginx processes of this run still present (should be none)."""
     found = []
     mounts = subprocess.run(["mount"], capture_output=True, text=True).stdout
@@ -1424,7 +1424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = Results(
         profiles=args.profile_names, workloads=args.workload_names, systems=args.system_names
     )
-    made = bp.Made(Path(tempfile.mkdtemp(prefix="compare-", dir=args.tmpdir)))
+    made = Made(Path(tempfile.mkdtemp(prefix="compare-", dir=args.tmpdir)))
     lz = bp.Lazycaf(args.lazycaf.absolute(), made.tmp / "cas")
     code = 0
     try:
