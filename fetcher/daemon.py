@@ -5,6 +5,7 @@ once), reconciles the cache, then serves mounts on ``<cache>/fetcher.sock`` unti
 with GC as a background service. With ``PeerOptions`` it also serves its cache to other
 hosts' daemons over HTTP (``fetcher.peerapp``) and fetches its misses from theirs
 (``fetcher.sources``), re-reading the peer list file every second.
+Beside it runs the host's mount zygote (``fetcher.zygote_keeper``).
 ``collect_without_daemon`` runs one GC pass on a cache no daemon serves, holding the same
 lock (LMDB allows one writer).
 """
@@ -37,8 +38,10 @@ from fetcher.server import bind_socket, serve_app
 from fetcher.service import FetchService
 from fetcher.socketapi import MountApi
 from fetcher.sources import TieredSource
+from fetcher.zygote_keeper import keep_zygote
 from lazycaf.cas import open_cas
 from lazycaf.errors import LazyCafError, UsageError
+from lazycaf.zygote_client import zygote_disabled
 
 __all__ = [
     "DaemonRunning",
@@ -124,8 +127,11 @@ async def run_daemon(
     *,
     gc_options: GcOptions = GcOptions(),
     peer_options: PeerOptions = PeerOptions(),
+    zygote: bool = True,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve ``cache_root`` until cancelled or signalled; ``zygote``: keep a mount zygote
+    beside the daemon (``lazycaf.zygote``) so mounts skip Python's imports."""
     await trio.to_thread.run_sync(functools.partial(cache_root.mkdir, parents=True, exist_ok=True))
     socket_path = socket_path or default_socket(cache_root)
     with _exclusive(cache_root / "fetcher.lock"), contextlib.ExitStack() as sockets:
@@ -165,6 +171,8 @@ async def run_daemon(
                 await nursery.start(gc.run)
                 await nursery.start(api[0].serve, sock)
                 nursery.start_soon(_flush_periodically, service)
+                if zygote and not zygote_disabled():
+                    await nursery.start(keep_zygote, socket_path)
                 if peers is not None:
                     nursery.start_soon(_reload_peers_periodically, peers)
                 if peer_sock is not None and peers is not None:

@@ -3,7 +3,9 @@
 Only this module configures logging or decides exit codes: a ``LazyCafError`` becomes one
 line on stderr (``lazycaf: error: ...``) and its ``exit_code``. Command modules are imported
 only for the command that runs (``lazycaf mount`` never loads httpx or hypercorn), which
-keeps start-up, and so mount-ready time, short.
+keeps start-up, and so mount-ready time, short. A background ``lazycaf mount`` first asks
+the host's mount zygote (``lazycaf.zygote_client``, standard library only) to run it in a
+process that has its imports done; trio is imported only when a command runs here.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
-
-import trio
 
 from lazycaf import __version__
 from lazycaf.chunking import DEFAULT_CHUNK_SIZE
@@ -272,8 +272,16 @@ def _command(spec: str) -> Any:
 
 
 # -- entry points --------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, zygote: bool = True) -> int:
+    """``zygote``: let the host's mount zygote run a background ``mount`` (the zygote's own
+    child passes False)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if zygote:
+        from lazycaf.zygote_client import try_zygote
+
+        code = try_zygote(argv)
+        if code is not None:
+            return code
     tail: list[str] = []
     if "--" in argv:  # everything after -- is a command to run (profile record)
         cut = argv.index("--")
@@ -307,6 +315,8 @@ _SERVICES = frozenset({"mount", "fetcher", "cas"})
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command; errors become one line on stderr and an exit code."""
+    import trio  # here, not at the top: a mount through the zygote never needs it
+
     try:
         code: int = trio.run(_command(args.run), args)
         return code

@@ -49,7 +49,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     cas_spec = args.cas or None
     if cas_spec and "://" not in cas_spec:
         cas_spec = os.path.abspath(cas_spec)
-    mnt = args.mountpoint.absolute()
+    mnt = Path(os.path.abspath(args.mountpoint))
     return MountConfig(
         args.ref,
         mnt,

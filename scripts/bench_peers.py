@@ -83,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netsim
 
 from lazycaf.fetcher_client import socket_answers
+from lazycaf.zygote_client import zygote_ready
 
 REPO: Final = Path(__file__).resolve().parent.parent
 CAS_PORT: Final = 8470
@@ -190,7 +191,9 @@ class Hosts:
             self.procs.append(proc)
         deadline = time.monotonic() + 60
         for cache, proc in zip(self.caches, self.procs, strict=True):
-            while not socket_answers(cache / "fetcher.sock"):
+            while not (
+                socket_answers(cache / "fetcher.sock") and zygote_ready(cache / "fetcher.sock")
+            ):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise BenchError(f"daemon for {cache} did not start")
                 time.sleep(0.05)

@@ -77,6 +77,7 @@ from benchlib import (
 )
 
 from lazycaf.fetcher_client import socket_answers
+from lazycaf.zygote_client import zygote_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netsim
@@ -328,7 +329,7 @@ def daemon_in(net: Net, env: Env, cache: Path) -> Iterator[None]:
         )
     try:
         deadline = time.monotonic() + 30
-        while not socket_answers(cache / "fetcher.sock"):
+        while not (socket_answers(cache / "fetcher.sock") and zygote_ready(cache / "fetcher.sock")):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(f"fetcher daemon for {cache} did not start: {tail(log)}")
             time.sleep(0.05)
