@@ -28,9 +28,10 @@ from lazycaf.fetcher_client import FetcherClient, ensure_daemon
 from lazycaf.index import Index
 from lazycaf.inodes import InodeTable
 from lazycaf.manifest import Manifest
-from lazycaf.mountprofile import DEFAULT_EAGER_SHARE, MountProfile
+from lazycaf.mountprofile import DEFAULT_EAGER_SHARE, MountProfile, load_profile
 from lazycaf.refs import profile_name_for
 from lazycaf.sizes import format_size
+from lazycaf.trace import Profile
 
 __all__ = [
     "MountConfig",
@@ -123,15 +124,28 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
     await trio.to_thread.run_sync(start_daemon)
     client = FetcherClient(config.socket_path, timeout=config.fetch_timeout + 5)
     try:
-        digest = await client.resolve(config.ref, cached=config.offline)
-        if config.offline:
-            await _check_all_cached(client, digest, config.ref)
-        else:
-            await client.ensure(digest)
-        await client.mounted(digest)
-        name = f"manifest {digest}" + (f" (ref {config.ref!r})" if config.ref != digest.hex else "")
-        manifest = await trio.to_thread.run_sync(_load_manifest, config.cache_dir, digest.hex, name)
+        prefetch = config.prefetch and not config.offline
+        profile_name = config.profile or profile_name_for(config.ref)
+        loaded: list[Profile | None] = []
+        async with trio.open_nursery() as nursery:
+            if prefetch and profile_name:  # the profile travels beside the manifest
+                nursery.start_soon(_load_into, loaded, client, config.cache_dir, profile_name)
+            digest = await client.resolve(config.ref, cached=config.offline)
+            if config.offline:
+                await _check_all_cached(client, digest, config.ref)
+            else:
+                await client.ensure(digest)
+            await client.mounted(digest)
+            name = f"manifest {digest}"
+            name += f" (ref {config.ref!r})" if config.ref != digest.hex else ""
+            manifest = await trio.to_thread.run_sync(
+                _load_manifest, config.cache_dir, digest.hex, name
+            )
+        if prefetch and not profile_name:  # a bare digest: its profile is named by it
+            profile_name = digest.hex
+            loaded.append(await load_profile(client, config.cache_dir, profile_name))
         table = InodeTable(manifest)
+
         index = Index(config.cache_dir / "index.lmdb", readonly=True)
         reader = BlobReader(
             config.cache_dir,
@@ -147,11 +161,14 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             digest,
             reader,
             config.cache_dir,
-            name=config.profile or profile_name_for(config.ref) or digest.hex,
-            prefetch=config.prefetch and not config.offline,
+            name=profile_name or digest.hex,
+            prefetch=prefetch,
             eager_share=config.eager_share,
             record=not config.offline,
+            profile=loaded[0] if loaded else None,
         )
+        await profile.queue_hot_set()
+
         skip_open = fuse_ops.can_skip_open() and not config.open_roundtrips
         ops = fuse_ops.LazyOperations(table, reader, skip_open=skip_open)
         options = {"fsname=lazycaf", "subtype=lazycaf", "ro", "nosuid", "nodev"}
@@ -181,6 +198,12 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
+
+
+async def _load_into(
+    out: list[Profile | None], client: FetcherClient, cache_dir: Path, name: str
+) -> None:
+    out.append(await load_profile(client, cache_dir, name))
 
 
 async def _check_all_cached(client: FetcherClient, digest: Digest, ref: str) -> None:

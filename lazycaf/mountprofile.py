@@ -23,7 +23,7 @@ from lazycaf.fetcher_client import FetcherClient
 from lazycaf.manifest import FILE, Entry, Manifest
 from lazycaf.trace import Profile, TraceRecorder, plan_prefetch
 
-__all__ = ["DEFAULT_EAGER_SHARE", "MountProfile"]
+__all__ = ["DEFAULT_EAGER_SHARE", "MountProfile", "load_profile"]
 
 _DIR_FILES: Final = 256
 _DIR_BYTES: Final = 8 << 20
@@ -51,6 +51,26 @@ log = logging.getLogger(__name__)
 DEFAULT_EAGER_SHARE: Final = 0.3
 
 
+async def load_profile(client: FetcherClient, cache_dir: Path, name: str) -> Profile | None:
+    """Profile ``name`` through the daemon (which fetches it from the CAS); None when there
+    is none yet, or it cannot be read (said in the log: the run then records a new one)."""
+    try:
+        digest = await client.resolve(f"profiles/{name}")
+    except NotFound:
+        return None
+    except LazyCafError as exc:
+        log.warning("no prefetch for profile %r: %s", name, exc)
+        return None
+    try:
+        await client.ensure(digest)
+        path = cache_dir / "blobs" / digest.hex[:2] / digest.hex
+        data = await trio.to_thread.run_sync(path.read_bytes)
+        return Profile.decode(data, what=f"profile {name!r} ({digest})")
+    except (LazyCafError, OSError) as exc:
+        log.warning("no prefetch for profile %r: %s", name, exc)
+        return None
+
+
 class MountProfile:
     """Invariant: the run's trace is saved at most once (``save``)."""
 
@@ -66,7 +86,9 @@ class MountProfile:
         prefetch: bool = True,
         eager_share: float = DEFAULT_EAGER_SHARE,
         record: bool = True,
+        profile: Profile | None = None,
     ) -> None:
+        """``profile``: the one ``load_profile`` found for ``name`` (None: none yet)."""
         self.client = client
         self.manifest = manifest
         self.reader = reader
@@ -81,10 +103,28 @@ class MountProfile:
         self._nursery: trio.Nursery | None = None
         self._siblings: dict[str, list[Entry]] | None = None  # set when there is no profile
         self._dirs_seen: set[str] = set()
+        self.profile = profile
+        self._plan: list[Digest] = []
+        self._queued = 0
         reader.recorder = self.recorder
 
+    async def queue_hot_set(self) -> None:
+        """Ask the daemon to prefetch the profile's hot set, in profile order (before the
+        mount is ready: the run's first reads come right after)."""
+        if not self.prefetch or self.profile is None:
+            return
+        self._plan = plan_prefetch(
+            self.profile.hot_set(), self.manifest.by_path, self.manifest.chunk_size
+        )
+        self.reader.prefetched.update(self._plan)
+        try:
+            self._queued = await self.client.prefetch(self._plan)
+        except LazyCafError as exc:
+            log.warning("no prefetch for profile %r: %s", self.name, exc)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Queue the hot set, arm eager mode, then stay for eager work until cancelled."""
+        """Arm eager mode (and directory prefetch when there is no profile), then stay for
+        that work until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -94,36 +134,26 @@ class MountProfile:
             self._total = sum(self._blob_sizes.values())
             if 0 < self.eager_share < 1:
                 self.reader.eager_after(int(self._total * self.eager_share), self._go_eager)
-            try:
-                await self._queue_hot_set()
-            except (LazyCafError, OSError) as exc:
-                log.warning("no prefetch for profile %r: %s", self.name, exc)
+            if self.profile is None:
+                log.info(
+                    "no profile %r yet: this run records one; directory prefetch on", self.name
+                )
+                self._siblings = await trio.to_thread.run_sync(_small_files_by_dir, self.manifest)
+                self.reader.on_miss = self._on_miss
+            else:
+                hot_bytes = sum(self._blob_sizes.get(d, 0) for d in self._plan)
+                log.info(
+                    "profile %r: %d blobs (%d bytes) in the hot set, %d queued for prefetch",
+                    self.name,
+                    len(self._plan),
+                    hot_bytes,
+                    self._queued,
+                )
+                if self._total and hot_bytes > self._total * self.eager_share:
+                    # the profile says this run reads much of the tree: fetch the rest too,
+                    # but only once the hot set is in, so the two never compete for the link
+                    self._go_eager(after=self._plan)
             await trio.sleep_forever()
-
-    async def _queue_hot_set(self) -> None:
-        profile = await self._load()
-        if profile is None:
-            log.info("no profile %r yet: this run records one; directory prefetch on", self.name)
-            self._siblings = await trio.to_thread.run_sync(_small_files_by_dir, self.manifest)
-            self.reader.on_miss = self._on_miss
-            return
-        hot = profile.hot_set()
-        plan = plan_prefetch(hot, self.manifest.by_path, self.manifest.chunk_size)
-        self.reader.prefetched.update(plan)
-        queued = await self.client.prefetch(plan)
-        hot_bytes = sum(self._blob_sizes.get(d, 0) for d in plan)
-        log.info(
-            "profile %r: %d hot files, %d blobs (%d bytes), %d queued for prefetch",
-            self.name,
-            len(hot),
-            len(plan),
-            hot_bytes,
-            queued,
-        )
-        if self._total and hot_bytes > self._total * self.eager_share:
-            # the profile says this run reads much of the tree: fetch the rest too, but only
-            # once the hot set is in, so the two never compete for the link
-            self._go_eager(after=plan)
 
     def _on_miss(self, entry: Entry) -> None:
         """Without a profile, a file read on demand announces its directory: the import
@@ -155,16 +185,6 @@ class MountProfile:
             await self.client.prefetch(digests)
         except LazyCafError as exc:
             log.info("directory prefetch failed: %s", exc)
-
-    async def _load(self) -> Profile | None:
-        try:
-            digest = await self.client.resolve(f"profiles/{self.name}")
-        except NotFound:
-            return None
-        await self.client.ensure(digest)
-        path = self.cache_dir / "blobs" / digest.hex[:2] / digest.hex
-        data = await trio.to_thread.run_sync(path.read_bytes)
-        return Profile.decode(data, what=f"profile {self.name!r} ({digest})")
 
     def _go_eager(self, after: list[Digest] | None = None) -> None:
         if self._nursery is None:
