@@ -129,7 +129,9 @@ class FetchService:
             for prio, n in ((DEMAND, concurrency), (PREFETCH, prefetch_concurrency))
             for direct in (False, True)
         }
-        self._disk = trio.CapacityLimiter(4)
+        # Threads that write blobs, per priority: a demand read's blob never queues behind
+        # a prefetch group's stores (trio's limiters are first come, first served)
+        self._disk_for = {DEMAND: trio.CapacityLimiter(4), PREFETCH: trio.CapacityLimiter(2)}
         self._flights: dict[tuple[Digest, bool], _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._hits = self._misses = self._fetches = self._failures = 0
@@ -328,10 +330,11 @@ class FetchService:
         """Verify, stage and publish one fetched blob; errors end up in ``flight``."""
         try:
             stage = functools.partial(self.cache.stage, verified=fetched.verified)
+            disk = self._disk_for[flight.priority]
             staged = await trio.to_thread.run_sync(
-                stage, digest, fetched.encoding, fetched.payload, limiter=self._disk
+                stage, digest, fetched.encoding, fetched.payload, limiter=disk
             )
-            await self._publish(staged)
+            await self._publish(staged, disk)
         except LazyCafError as exc:
             self._fail(flight, digest, exc)
             return
@@ -389,7 +392,7 @@ class FetchService:
         finally:
             self._land(digest, flight)
 
-    async def _publish(self, staged: Staged) -> None:
+    async def _publish(self, staged: Staged, disk: trio.CapacityLimiter) -> None:
         """Publish within the budget, waiting for GC passes to make room; after three
         passes that could not (only pinned blobs left), go over it rather than fail."""
         gc = self.gc
@@ -398,7 +401,7 @@ class FetchService:
                 limit = None if gc is None else gc.policy.budget
                 if await trio.to_thread.run_sync(
                     functools.partial(self.cache.publish, staged, limit=limit),
-                    limiter=self._disk,
+                    limiter=disk,
                 ):
                     break
                 assert gc is not None
@@ -406,7 +409,7 @@ class FetchService:
             else:
                 log.warning("cache over budget: only pinned blobs left to evict")
                 await trio.to_thread.run_sync(
-                    functools.partial(self.cache.publish, staged, limit=None), limiter=self._disk
+                    functools.partial(self.cache.publish, staged, limit=None), limiter=disk
                 )
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -24,7 +24,7 @@ __all__ = ["keep_zygote"]
 
 log = logging.getLogger(__name__)
 _RESTART_S: Final = 1.0
-_STOP_TIMEOUT_S: Final = 5.0
+_STOP_TIMEOUT_S: Final = 8.0  # it drains mounts under way for up to 5 s
 
 
 async def keep_zygote(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import selectors
@@ -31,6 +32,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Final
@@ -44,6 +46,7 @@ __all__ = ["main", "serve"]
 _REQUEST_TIMEOUT: Final = 2.0
 _MAX_REQUEST: Final = 4 << 20
 _PR_SET_PDEATHSIG: Final = 1
+_DRAIN_S: Final = 5.0  # how long a stopping zygote still waits to report mounts under way
 
 
 def _say(msg: str) -> None:
@@ -100,7 +103,10 @@ class Zygote:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
 
     def run(self) -> None:
+        """Serve until told to stop (SIGTERM), the code changed or the parent died; then
+        stop accepting and, for up to ``_DRAIN_S``, still report the mounts under way."""
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._stop)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         while not self.retire and os.getppid() == self.parent:
             for key, _ in self._selector.select(timeout=1.0):
@@ -110,11 +116,16 @@ class Zygote:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
             self._reap()
-        while self.children:  # retiring: still tell waiting clients how their mount went
-            self._selector.select(timeout=1.0)
+        self._selector.unregister(self.listener)
+        deadline = time.monotonic() + _DRAIN_S
+        while self.children and time.monotonic() < deadline:
+            self._selector.select(timeout=0.2)
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)
             self._reap()
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.retire = True
 
     def _accept(self) -> None:
         try:
@@ -253,6 +264,8 @@ def serve(path: Path, parent: int) -> None:
     if os.getppid() != parent:
         return
     _preload()
+    gc.collect()
+    gc.freeze()  # children's collections leave the preloaded objects' pages shared
     setproctitle.setproctitle(f"lazycaf zygote {path}")
     listener = _listen(path)
     try:
@@ -269,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", type=Path, required=True)
     p.add_argument("--parent", type=int, default=os.getppid(), help="exit when it does")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         serve(args.socket.absolute(), args.parent)
     return 0

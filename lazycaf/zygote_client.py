@@ -142,7 +142,7 @@ def try_zygote(argv: list[str]) -> int | None:
         result = None
         why = f"{exc.strerror or exc}"
     else:
-        why = "it exited without a result"
+        why = "it stopped before the mount finished (see the mount's log)"
     finally:
         sock.close()
     if result is not None and result.startswith("exit "):

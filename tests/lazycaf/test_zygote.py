@@ -6,6 +6,7 @@ the zygote's own log lines (in the daemon's ``fetcher.log``) show which mounts i
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -83,6 +84,17 @@ def test_mounts_go_through_the_zygote_and_behave_the_same(host: Host, tmp_path: 
     host.cli("umount", mnt)
     assert not any(mnt.iterdir())
 
+    # several at once: the zygote forks one child each, all mounted and served
+    mnts = [host.mountpoint(f"many{i}") for i in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        procs = list(pool.map(lambda m: host.cli("mount", digest, m, "--cas", cas), mnts))
+    assert all(p.stdout.decode().startswith(f"mounted {digest}") for p in procs)
+    assert len({_mount_pid(m) for m in mnts}) == 3
+    for m in mnts:
+        assert (m / "bin/tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+        host.cli("umount", m)
+    assert sum(str(m) in cmd for cmd in _served(host) for m in mnts) == 3
+
     # errors: the same one line and exit code through the zygote as without it
     full = tmp_path / "full"
     full.mkdir()
@@ -104,6 +116,12 @@ def test_mounts_go_through_the_zygote_and_behave_the_same(host: Host, tmp_path: 
         assert via.stdout == direct.stdout == b""
     served = _served(host)
     assert any("--bogus" in cmd for cmd in served) and any("no-such:ref" in cmd for cmd in served)
+
+    # the zygote stops with its daemon
+    path = _zygote_path(host)
+    assert _zygote_pids(path)
+    host.cli("fetcher", "stop")
+    _wait(lambda: not _zygote_pids(path) and not path.exists(), "the zygote to stop")
 
 
 def _mount_pid(mnt: Path) -> int:
