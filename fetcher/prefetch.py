@@ -5,8 +5,12 @@ Mounts add digests in their profile's hot-set order; workers take them first in,
 a few at a time (8; with peers 8 per peer up to 64, since a group is split by home peer and
 every request has its own cost), and fetch each group with one request per source
 (``FetchService.fetch_many``), which uses its own download slots and connections. A digest
-already cached or in flight (a read got to it first) is skipped. Failures are logged and
-dropped: a later read fetches on demand.
+in flight (a read got to it first) is skipped, one already cached is warmed (below).
+Failures are logged and dropped: a later read fetches on demand.
+
+Blobs of a hot set that are cached already are read into the page cache in the same order
+(``BlobCache.warm``): a host whose cache outlived its page cache starts the run from memory
+(the sample's cold start from a full cache: run 0.55 -> 0.35 s).
 
 Order matters more than width: a run asks for the hot set's first blobs within tens of
 milliseconds of the mount. So few workers (3) take groups that start small when the queue
@@ -51,21 +55,33 @@ class PrefetchQueue:
         self._queue: OrderedDict[Digest, None] = OrderedDict()
         self._wakeup = trio.Event()
         self._ramp = 1  # the next group's size cap: 1 after idle, doubling up to the batch
+        self._nursery: trio.Nursery | None = None
 
     def add(self, digests: list[Digest]) -> int:
         """Queue digests not cached yet, in order; returns how many were added."""
         added = 0
+        cached: list[Digest] = []
         for d in digests:
-            if d in self._queue or self.service.in_flight(d) or self.service.is_cached(d):
+            if d in self._queue or self.service.in_flight(d):
+                continue
+            if self.service.is_cached(d):
+                cached.append(d)
                 continue
             self._queue[d] = None
             added += 1
         self.service.queued = len(self._queue)
         self._wakeup.set()
+        if cached and self._nursery is not None:
+            self._nursery.start_soon(self._warm, cached)
         return added
+
+    async def _warm(self, digests: list[Digest]) -> None:
+        """Cached blobs of a hot set: into the page cache, in order, ahead of the run."""
+        await trio.to_thread.run_sync(self.service.cache.warm, digests)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for _ in range(self._workers):
                 nursery.start_soon(self._worker)
             task_status.started()

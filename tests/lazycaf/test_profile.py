@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import py_compile
 import shutil
@@ -10,7 +12,7 @@ import time
 from pathlib import Path
 
 from lazycaf.digest import Digest
-from tests.conftest import CasServer, Host, run_cli
+from tests.conftest import CasServer, Host, require, run_cli
 from tests.slowproxy import slow_proxy
 
 IMPORT_NUMPY = ["-c", "import numpy"]
@@ -247,4 +249,52 @@ def test_without_a_profile_a_miss_prefetches_its_directory(host: Host, tmp_path:
         (tree / "pkg" / f"m{i}.py").read_bytes() for i in range(10)
     ]
     assert host.stats()["misses"] == stats["misses"]  # all nine were already there
+    host.cli("umount", mnt)
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages in all), by mincore(2)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec.raw), pages
+        finally:
+            libc.munmap(addr, size)
+
+
+def test_a_cached_hot_set_is_read_into_the_page_cache(host: Host, tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "dropping the page cache needs root")
+    tree = tmp_path / "tree"
+    (tree / "hot").mkdir(parents=True)
+    for i in range(6):
+        (tree / "hot" / f"f{i}").write_bytes(os.urandom(300 << 10))
+    cas = tmp_path / "cas"
+    run_cli("pack", tree, "--cas", cas, "--tag", "warm:v1")
+    mnt = host.mountpoint()
+    host.cli("mount", "warm:v1", mnt, "--cas", cas, "--eager-share", "0")
+    for i in range(6):  # the profile: every file, all cached now
+        (mnt / "hot" / f"f{i}").read_bytes()
+    host.cli("umount", mnt)
+    blobs = [host.cache / "blobs" / d[:2] / d for d in _digests(tree / "hot")]
+
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    assert sum(_resident_pages(b)[0] for b in blobs) < len(blobs)  # gone (a stray page at most)
+    host.cli("mount", "warm:v1", mnt, "--cas", cas, "--eager-share", "0")
+    # nothing reads the mount: only the daemon's warming brings the blobs back
+    deadline = time.monotonic() + 20
+    while any(_resident_pages(b)[0] < _resident_pages(b)[1] for b in blobs):
+        assert time.monotonic() < deadline, [_resident_pages(b) for b in blobs]
+        time.sleep(0.05)
     host.cli("umount", mnt)
