@@ -21,8 +21,9 @@ rate limit; the CAS server and the squashfs HTTP server run in the root namespac
    (mounts merge their run into the profile on umount);
 3. lazycaf warm: the python run again in the same mounts (page cache warm), once the
    daemon's background fetching has settled. Diagnostics after each with-profile run: the
-   same cache (every blob now local) is mounted again after ``drop_caches`` and timed (mount,
-   run: the local floor, no network), and mounted once more with the page cache warm;
+   same cache (every blob now local) is mounted again with the profile after ``drop_caches``
+   and timed (mount, run: the local floor, no network; the daemon warms the cached hot set
+   into the page cache), and mounted once more with the page cache warm;
 4. native local disk: the sample tree itself, cold (``drop_caches``) and warm;
 5. baseline: the whole tree as a squashfs image (``mksquashfs -comp zstd``, made once, not
    timed) served by a Python HTTP server: download it from inside the namespace with curl,
@@ -415,9 +416,9 @@ def lazycaf_cold(net: Net, env: Env, *, profile: bool, tag: str, again: bool) ->
         env.lz.umount(mnt)  # saves the run's trace
         trace = trace_summary(env.lz, PROFILE if profile else scratch_name)
         cached = None
-        if again:
+        if again:  # the host runs the job again later: the profile warms the page cache
             drop_caches()
-            t_cached_mount = env.lz.mount(mnt, cache, *scratch)
+            t_cached_mount = env.lz.mount(mnt, cache, *([] if profile else scratch))
             t_cached_run = time_python(mnt)
             env.lz.umount(mnt)
             cached = (t_cached_mount, t_cached_run, env.lz.mount(mnt, cache, *scratch))
@@ -620,7 +621,7 @@ def table(res: ProfileResult, image_bytes: int) -> list[str]:
     if cached:
         c_mount, c_run = med([c[0] for c in cached]), med([c[1] for c in cached])
         c_total = med([c[0] + c[1] for c in cached])
-        name = "(diagnostic) lazycaf cold, blobs in host cache, caches dropped"
+        name = "(diagnostic) lazycaf cold, blobs in host cache, caches dropped, profile"
         rows.append(_row(name, fmt_s(c_mount), fmt_s(c_run), fmt_s(c_total), "0", "-", "-"))
         c_warm = fmt_s(med([c[2] for c in cached]))
         name = "(diagnostic) lazycaf mount alone, page cache warm, blobs cached"
