@@ -56,6 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RECENT_BUDGET: Final = 256 << 20  # zstd payloads kept in memory for peers (fetcher.recent)
+_PEER_PREFETCH_WORKERS: Final = 8  # prefetch groups in flight with peers (3 without)
 
 
 class DaemonRunning(LazyCafError):
@@ -158,7 +159,9 @@ async def run_daemon(
         gc = GarbageCollector(cache, policy, lambda: api[0].hot_set() if api else set())
         recent = _RECENT_BUDGET if peer_sock is not None else 0
         service = FetchService(cache, source, gc=gc, recent_budget=recent)
-        prefetch = PrefetchQueue(service, batch=_prefetch_batch(peers))
+        # with peers a group waits for its slowest home: keep more groups in flight
+        workers = _PEER_PREFETCH_WORKERS if peers is not None else None
+        prefetch = PrefetchQueue(service, batch=_prefetch_batch(peers), workers=workers)
         api.append(MountApi(service, prefetch, gc, peers=peers))
         sock = _unix_listener(socket_path)
         sockets.callback(_remove_socket, socket_path)

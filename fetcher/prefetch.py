@@ -46,11 +46,11 @@ class PrefetchQueue:
         self,
         service: FetchService,
         *,
-        workers: int = _WORKERS,
+        workers: int | None = None,
         batch: Callable[[], int] | None = None,
     ) -> None:
         self.service = service
-        self._workers = workers
+        self._workers = workers or _WORKERS
         self._batch = batch or (lambda: _BATCH)
         self._queue: OrderedDict[Digest, None] = OrderedDict()
         self._wakeup = trio.Event()

@@ -8,8 +8,9 @@ directory, environment and umask and runs ``lazycaf mount`` exactly as the comma
 (which forks the mount process and prints ``mounted ...`` to the client's terminal). The
 zygote reaps the child and sends the client ``exit N``.
 
-It refuses (``refused WHY``; the client then mounts in-process) a peer of another user or in
-another mount namespace (a FUSE mount made here would be invisible to it), and a client
+It refuses (``refused WHY``; the client then mounts in-process) a peer of another user, in
+another mount namespace (a FUSE mount made here would be invisible to it) or under another
+root directory (its paths would name other files here), and a client
 whose code fingerprint differs: the code changed since the zygote started, so it retires and
 the daemon starts a fresh one.
 
@@ -83,6 +84,13 @@ def _namespace(pid: int | str, kind: str) -> str:
         return "?"
 
 
+def _root(pid: int | str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/root")
+    except OSError:
+        return "?"
+
+
 class _Refused(Exception):
     pass
 
@@ -95,6 +103,7 @@ class Zygote:
         self.parent = parent
         self.fingerprint = code_fingerprint()
         self.mnt_ns = _namespace("self", "mnt")
+        self.root = _root("self")
         self.children: dict[int, socket.socket] = {}  # zygote child pid -> its client
         self.retire = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -189,6 +198,8 @@ class Zygote:
             raise _Refused(f"serves uid {os.getuid()} only")
         if _namespace(pid, "mnt") != self.mnt_ns:
             raise _Refused("the client is in another mount namespace")
+        if _root(pid) != self.root:  # its paths would mean other files here
+            raise _Refused("the client has another root directory")
         if request.get("fingerprint") != self.fingerprint:
             self.retire = True
             raise _Refused("the code changed since this zygote started; retiring")

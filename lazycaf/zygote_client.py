@@ -113,13 +113,16 @@ def try_zygote(argv: list[str]) -> int | None:
     path = _socket_for(argv)
     umask = os.umask(0o022)
     os.umask(umask)
-    request = {
-        "argv": argv,
-        "cwd": os.getcwd(),
-        "env": dict(os.environ),
-        "umask": umask,
-        "fingerprint": code_fingerprint(),
-    }
+    try:
+        request = {
+            "argv": argv,
+            "cwd": os.getcwd(),  # fails in a removed directory: mount in-process then
+            "env": dict(os.environ),
+            "umask": umask,
+            "fingerprint": code_fingerprint(),
+        }
+    except OSError:
+        return None
     data = json.dumps(request).encode() + b"\n"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -147,6 +147,12 @@ def test_what_the_zygote_cannot_serve_mounts_in_process(host: Host, tmp_path: Pa
         # no stdin to hand over (CI runs without one)
         "no stdin": ["sh", "-c", f"exec 0<&-; {script}"],
         "turned off": ["env", "LAZYCAF_NO_ZYGOTE=1", "sh", "-c", script],
+        # a working directory that no longer exists: nothing to hand over
+        "removed cwd": [
+            "sh",
+            "-c",
+            f"mkdir {tmp_path}/gone && cd {tmp_path}/gone && rmdir {tmp_path}/gone && {script}",
+        ],
     }
     for why, cmd in cases.items():
         proc = subprocess.run(cmd, capture_output=True, env={**os.environ, **host.env}, timeout=60)
