@@ -33,7 +33,7 @@ from fetcher.collector import GarbageCollector, GcResult, collect_once, resolve_
 from fetcher.gc import GcPolicy
 from fetcher.peerapp import PeerApp
 from fetcher.peers import PeerSet, check_address
-from fetcher.prefetch import PrefetchQueue
+from fetcher.prefetch import PEER_WORKERS, WORKERS, PrefetchQueue
 from fetcher.server import bind_socket, serve_app
 from fetcher.service import FetchService
 from fetcher.socketapi import MountApi
@@ -41,6 +41,7 @@ from fetcher.sources import TieredSource
 from fetcher.zygote_keeper import keep_zygote
 from lazycaf.cas import open_cas
 from lazycaf.errors import LazyCafError, UsageError
+from lazycaf.hostpaths import fetcher_socket
 from lazycaf.zygote_client import zygote_disabled
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
     "GcOptions",
     "PeerOptions",
     "collect_without_daemon",
-    "default_socket",
     "run_daemon",
     "stop_daemon",
 ]
@@ -56,7 +56,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RECENT_BUDGET: Final = 256 << 20  # zstd payloads kept in memory for peers (fetcher.recent)
-_PEER_PREFETCH_WORKERS: Final = 8  # prefetch groups in flight with peers (3 without)
 
 
 class DaemonRunning(LazyCafError):
@@ -88,10 +87,6 @@ class PeerOptions:
     @property
     def enabled(self) -> bool:
         return self.listen is not None or self.peers_file is not None
-
-
-def default_socket(cache_root: Path) -> Path:
-    return cache_root / "fetcher.sock"
 
 
 @contextlib.contextmanager
@@ -134,7 +129,7 @@ async def run_daemon(
     """Serve ``cache_root`` until cancelled or signalled; ``zygote``: keep a mount zygote
     beside the daemon (``lazycaf.zygote``) so mounts skip Python's imports."""
     await trio.to_thread.run_sync(functools.partial(cache_root.mkdir, parents=True, exist_ok=True))
-    socket_path = socket_path or default_socket(cache_root)
+    socket_path = socket_path or fetcher_socket(cache_root)
     with _exclusive(cache_root / "fetcher.lock"), contextlib.ExitStack() as sockets:
         cache = await trio.to_thread.run_sync(BlobCache, cache_root)
         sockets.callback(cache.close)
@@ -159,9 +154,11 @@ async def run_daemon(
         gc = GarbageCollector(cache, policy, lambda: api[0].hot_set() if api else set())
         recent = _RECENT_BUDGET if peer_sock is not None else 0
         service = FetchService(cache, source, gc=gc, recent_budget=recent)
-        # with peers a group waits for its slowest home: keep more groups in flight
-        workers = _PEER_PREFETCH_WORKERS if peers is not None else None
-        prefetch = PrefetchQueue(service, batch=_prefetch_batch(peers), workers=workers)
+        prefetch = PrefetchQueue(
+            service,
+            batch=_prefetch_batch(peers),
+            workers=PEER_WORKERS if peers is not None else WORKERS,
+        )
         api.append(MountApi(service, prefetch, gc, peers=peers))
         sock = _unix_listener(socket_path)
         sockets.callback(_remove_socket, socket_path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Final
 
 import trio
 
@@ -31,10 +32,11 @@ from fetcher.service import FetchService
 from lazycaf.digest import Digest
 from lazycaf.errors import LazyCafError
 
-__all__ = ["PrefetchQueue"]
+__all__ = ["PEER_WORKERS", "WORKERS", "PrefetchQueue"]
 
 _BATCH = 8  # blobs per CAS request: few enough that the first ones land early
-_WORKERS = 3
+WORKERS: Final = 3  # groups in flight: few, so the first blobs land first
+PEER_WORKERS: Final = 8  # with peers a group waits for its slowest home: keep more in flight
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,11 @@ class PrefetchQueue:
         self,
         service: FetchService,
         *,
-        workers: int | None = None,
+        workers: int = WORKERS,
         batch: Callable[[], int] | None = None,
     ) -> None:
         self.service = service
-        self._workers = workers or _WORKERS
+        self._workers = workers
         self._batch = batch or (lambda: _BATCH)
         self._queue: OrderedDict[Digest, None] = OrderedDict()
         self._wakeup = trio.Event()
@@ -58,7 +60,8 @@ class PrefetchQueue:
         self._nursery: trio.Nursery | None = None
 
     def add(self, digests: list[Digest]) -> int:
-        """Queue digests not cached yet, in order; returns how many were added."""
+        """Queue digests not cached yet, in order, and warm the cached ones; returns how
+        many were queued."""
         added = 0
         cached: list[Digest] = []
         for d in digests:

@@ -18,12 +18,13 @@ from typing import Final
 
 import trio
 
-from lazycaf.zygote_client import zygote_socket
+from lazycaf.hostpaths import zygote_socket
 
 __all__ = ["keep_zygote"]
 
 log = logging.getLogger(__name__)
 _RESTART_S: Final = 1.0
+_MAX_UNIX_PATH: Final = 107  # sun_path holds 108 bytes with its NUL
 _STOP_TIMEOUT_S: Final = 8.0  # it drains mounts under way for up to 5 s
 
 
@@ -31,9 +32,12 @@ async def keep_zygote(
     fetcher_socket: Path, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
 ) -> None:
     path = zygote_socket(fetcher_socket)
+    task_status.started(path)
+    if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+        log.warning("no mount zygote: its socket path is too long for AF_UNIX: %s", path)
+        return
     cmd = [sys.executable, "-m", "lazycaf.zygote", "--socket", str(path)]
     cmd += ["--parent", str(os.getpid())]
-    task_status.started(path)
     while True:
         proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL)
         try:

@@ -93,7 +93,11 @@ def _parser() -> argparse.ArgumentParser:
             "(default: 10G, or half the cache's filesystem if smaller)",
         )
 
-    sp = sub.add_parser("mount", help="mount a packed tree; bytes are fetched on first read")
+    # no abbreviated options: the zygote client reads --cache, --socket and --foreground
+    # by their full names before this parser runs
+    sp = sub.add_parser(
+        "mount", help="mount a packed tree; bytes are fetched on first read", allow_abbrev=False
+    )
     sp.add_argument("ref")
     sp.add_argument("mountpoint", type=Path)
     cas_opt(sp)

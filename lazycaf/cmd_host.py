@@ -19,10 +19,10 @@ from lazycaf.errors import LazyCafError, Unavailable, UsageError, first_error
 from lazycaf.fetcher_client import (
     FetcherClient,
     daemon_budget,
-    default_cache_dir,
     ensure_daemon,
     socket_answers,
 )
+from lazycaf.hostpaths import cache_paths
 from lazycaf.mount import MountConfig, check_mountpoint, is_mounted, mount_pid, run_mount
 from lazycaf.sizes import format_size, parse_size
 from lazycaf.tokens import read_token
@@ -40,8 +40,7 @@ __all__ = [
 
 
 def _cache_paths(args: argparse.Namespace) -> tuple[Path, Path]:
-    cache = (args.cache or default_cache_dir()).absolute()
-    return cache, (args.socket or cache / "fetcher.sock").absolute()
+    return cache_paths(args.cache, args.socket)
 
 
 def _mount_config(args: argparse.Namespace) -> MountConfig:

@@ -27,7 +27,6 @@ __all__ = [
     "daemon_budget",
     "DaemonUnreachable",
     "FetcherClient",
-    "default_cache_dir",
     "ensure_daemon",
     "socket_answers",
 ]
@@ -37,10 +36,6 @@ _START_TIMEOUT: Final = 20.0
 
 class DaemonUnreachable(Unavailable):
     """The daemon's socket refused, reset or closed a connection: it is not running."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LAZYCAF_CACHE") or Path.home() / ".cache" / "lazycaf" / "host")
 
 
 class FetcherClient:

@@ -141,11 +141,11 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             manifest = await trio.to_thread.run_sync(
                 _load_manifest, config.cache_dir, digest.hex, name
             )
-        if prefetch and not profile_name:  # a bare digest: its profile is named by it
+        if not profile_name:  # a bare digest: its profile is named by it
             profile_name = digest.hex
-            loaded.append(await load_profile(client, config.cache_dir, profile_name))
+            if prefetch:
+                loaded.append(await load_profile(client, config.cache_dir, profile_name))
         table = InodeTable(manifest)
-
         index = Index(config.cache_dir / "index.lmdb", readonly=True)
         reader = BlobReader(
             config.cache_dir,
@@ -161,14 +161,13 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             digest,
             reader,
             config.cache_dir,
-            name=profile_name or digest.hex,
+            name=profile_name,
             prefetch=prefetch,
             eager_share=config.eager_share,
             record=not config.offline,
             profile=loaded[0] if loaded else None,
         )
         await profile.queue_hot_set()
-
         skip_open = fuse_ops.can_skip_open() and not config.open_roundtrips
         ops = fuse_ops.LazyOperations(table, reader, skip_open=skip_open)
         options = {"fsname=lazycaf", "subtype=lazycaf", "ro", "nosuid", "nodev"}

@@ -178,18 +178,21 @@ class Zygote:
 
     def _read_request(self, conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
         data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 3)
-        buf = bytearray(data)
-        while b"\n" not in buf:
-            if len(buf) > _MAX_REQUEST:
-                raise ValueError("request too long")
-            chunk = conn.recv(65536)
-            if not chunk:
-                raise ValueError("client hung up mid-request")
-            buf += chunk
-        request = json.loads(bytes(buf).partition(b"\n")[0])
-        if len(fds) != 3 or not isinstance(request, dict):
+        try:
+            buf = bytearray(data)
+            while b"\n" not in buf:
+                if len(buf) > _MAX_REQUEST:
+                    raise ValueError("request too long")
+                chunk = conn.recv(65536)
+                if not chunk:
+                    raise ValueError("client hung up mid-request")
+                buf += chunk
+            request = json.loads(bytes(buf).partition(b"\n")[0])
+            if len(fds) != 3 or not isinstance(request, dict):
+                raise ValueError("malformed request")
+        except BaseException:  # the fds came with the request: they go with it
             _close_all(fds)
-            raise ValueError("malformed request")
+            raise
         return request, fds
 
     def _check(self, conn: socket.socket, request: dict[str, Any]) -> None:
@@ -256,7 +259,7 @@ def _listen(path: Path) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # stale: the daemon that starts us holds the cache lock
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".z{os.getpid()}")  # no longer than the final name
     old = os.umask(0o177)
     try:
         sock.bind(str(tmp))

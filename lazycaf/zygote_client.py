@@ -23,13 +23,14 @@ import sys
 from pathlib import Path
 from typing import Final
 
+from lazycaf.hostpaths import cache_paths, zygote_socket
+
 __all__ = [
     "NO_ZYGOTE_ENV",
     "code_fingerprint",
     "try_zygote",
     "zygote_disabled",
     "zygote_ready",
-    "zygote_socket",
 ]
 
 NO_ZYGOTE_ENV: Final = "LAZYCAF_NO_ZYGOTE"
@@ -41,14 +42,9 @@ def zygote_disabled(env: dict[str, str] | os._Environ[str] | None = None) -> boo
     return (env if env is not None else os.environ).get(NO_ZYGOTE_ENV, "") not in ("", "0")
 
 
-def zygote_socket(fetcher_socket: Path) -> Path:
-    """The zygote's socket beside the daemon's: ``fetcher.sock`` -> ``fetcher-zygote.sock``."""
-    return fetcher_socket.with_name(fetcher_socket.stem + "-zygote.sock")
-
-
-def zygote_ready(fetcher_socket: Path) -> bool:
-    """The daemon of ``fetcher_socket`` has a zygote listening (its socket appears then)."""
-    return zygote_socket(fetcher_socket).exists()
+def zygote_ready(fetcher: Path) -> bool:
+    """The daemon at socket ``fetcher`` has a zygote listening (its socket appears then)."""
+    return zygote_socket(fetcher).exists()
 
 
 def code_fingerprint() -> str:
@@ -75,18 +71,17 @@ def _option(argv: list[str], name: str) -> str | None:
 
 
 def _mount_argv(argv: list[str]) -> bool:
-    """A background ``lazycaf mount`` (the only command the zygote serves)."""
+    """A background ``lazycaf mount`` (the only command the zygote serves; the mount parser
+    takes no abbreviated options, so full names are all there is to look for)."""
     command = next((a for a in argv if not a.startswith("-")), None)
     if command != "mount":
         return False
     return not any(a in ("--foreground", "-h", "--help", "--version") for a in argv)
 
 
-def _socket_for(argv: list[str]) -> Path:
-    cache = _option(argv, "--cache") or os.environ.get("LAZYCAF_CACHE")
-    cache_dir = Path(cache) if cache else Path.home() / ".cache" / "lazycaf" / "host"
-    fetcher = _option(argv, "--socket")
-    return zygote_socket(Path(fetcher) if fetcher else cache_dir.absolute() / "fetcher.sock")
+def _fetcher_socket(argv: list[str]) -> Path:
+    cache, sock = _option(argv, "--cache"), _option(argv, "--socket")
+    return cache_paths(Path(cache) if cache else None, Path(sock) if sock else None)[1]
 
 
 def _read_line(sock: socket.socket, buf: bytearray) -> str | None:
@@ -102,7 +97,8 @@ def _read_line(sock: socket.socket, buf: bytearray) -> str | None:
 
 def try_zygote(argv: list[str]) -> int | None:
     """Run ``lazycaf ARGV`` in a child of the zygote; its exit code, or ``None`` when the
-    zygote cannot take it (mount in-process then)."""
+    zygote cannot take it (mount in-process then). Argument errors are the child's to
+    report, in the very words the in-process path would use."""
     if zygote_disabled() or not _mount_argv(argv):
         return None
     try:  # a closed stdio fd: nothing to hand over (and the socket would take its number)
@@ -110,7 +106,7 @@ def try_zygote(argv: list[str]) -> int | None:
             os.fstat(fd)
     except OSError:
         return None
-    path = _socket_for(argv)
+    path = zygote_socket(_fetcher_socket(argv))
     umask = os.umask(0o022)
     os.umask(umask)
     try:
@@ -141,11 +137,9 @@ def try_zygote(argv: list[str]) -> int | None:
     try:
         sock.settimeout(_RESULT_TIMEOUT)
         result = _read_line(sock, buf)
-    except OSError as exc:
-        result = None
-        why = f"{exc.strerror or exc}"
-    else:
         why = "it stopped before the mount finished (see the mount's log)"
+    except OSError as exc:
+        result, why = None, f"{exc.strerror or exc}"
     finally:
         sock.close()
     if result is not None and result.startswith("exit "):

@@ -55,7 +55,17 @@ from bench_mount import (
     count_entries,
     time_import,
 )
-from benchlib import BenchError, cpu_model, drop_caches, fs_of, guarded_run, meminfo_gib, run
+from benchlib import (
+    BenchError,
+    cpu_model,
+    drop_caches,
+    fs_of,
+    guarded_run,
+    md_row,
+    meminfo_gib,
+    progress,
+    run,
+)
 
 if TYPE_CHECKING:
     from lazycaf.digest import Digest
@@ -65,9 +75,7 @@ PY_EDITS: Final = 10
 REFLINK_TARGET: Final = 10.0
 
 
-def say(msg: str) -> None:
-    """Progress goes to stderr; the report alone goes to stdout."""
-    print(f"[bench_cache {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+say = progress("bench_cache")
 
 
 # -- measuring -----------------------------------------------------------------------------
@@ -572,7 +580,7 @@ def print_report(facts: list[str], sample_desc: str, b: Bench) -> None:
     )
     p("|---|---|---:|---:|---:|---|")
     for row in b.rows:
-        p("| " + " | ".join(row.cells()) + " |")
+        p(md_row(*row.cells()))
     p()
     for note in b.notes:
         p(f"- {note}")

@@ -56,8 +56,10 @@ from benchlib import (
     fs_of,
     guarded_run,
     is_mounted,
+    md_row,
     meminfo_gib,
     mount_table,
+    progress,
     run,
 )
 
@@ -78,9 +80,7 @@ STAT_KEYS: Final = ("fetches", "bytes_fetched", "misses", "hits", "wait_seconds"
 _DIGEST_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
-def say(msg: str) -> None:
-    """Progress goes to stderr; the report alone goes to stdout."""
-    print(f"[bench_mount {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+say = progress("bench_mount")
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -592,7 +592,7 @@ def print_report(facts: list[str], sample_desc: str, runs: int, report: Report) 
     p("\n| metric | lazycaf (median) | local (median) | ratio | target |")
     p("|---|---:|---:|---:|---|")
     for row in report.rows:
-        p("| " + " | ".join(row.cells()) + " |")
+        p(md_row(*row.cells()))
     p()
     for note in report.notes:
         p(f"- {note}")

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import IO, Final
 
 import benchlib
-from benchlib import BenchError, cpu_model, guarded_run, meminfo_gib
+from benchlib import BenchError, cpu_model, guarded_run, md_row, meminfo_gib, progress
 
 from lazycaf import __version__ as LAZYCAF_VERSION
 from lazycaf import framing
@@ -66,9 +66,7 @@ _DIGEST_RE: Final = re.compile(r"[0-9a-f]{64}")
 _SERVING_RE: Final = re.compile(r"lazycaf cas: serving .* on (http://\S+)")
 
 
-def say(msg: str) -> None:
-    """Progress goes to stderr; the report alone goes to stdout."""
-    print(f"[bench_pack] {msg}", file=sys.stderr, flush=True)
+say = progress("bench_pack")
 
 
 # -- results -------------------------------------------------------------------------------
@@ -510,7 +508,7 @@ def print_report(
     p("\n| measurement | median | min | max | throughput (median) | mksquashfs / this |")
     p("|---|---:|---:|---:|---:|---:|")
     for row in report.rows:
-        p("| " + " | ".join(row.cells()) + " |")
+        p(md_row(*row.cells()))
     p()
     for row in incr:
         assert row.baseline is not None

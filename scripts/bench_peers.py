@@ -72,18 +72,18 @@ from benchlib import (
     BenchError,
     Made,
     cpu_model,
+    daemon_ready,
     drop_caches,
     guarded_run,
     is_mounted,
+    md_row,
+    progress,
     run,
     sample_tree,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netsim
-
-from lazycaf.fetcher_client import socket_answers
-from lazycaf.zygote_client import zygote_ready
 
 REPO: Final = Path(__file__).resolve().parent.parent
 CAS_PORT: Final = 8470
@@ -93,8 +93,7 @@ MB: Final = 1e6
 VARIANTS: Final = ("single", "peers off", "peers on", "native single", "native")
 
 
-def say(msg: str) -> None:
-    print(f"[bench_peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+say = progress("bench_peers")
 
 
 @contextlib.contextmanager
@@ -191,9 +190,7 @@ class Hosts:
             self.procs.append(proc)
         deadline = time.monotonic() + 60
         for cache, proc in zip(self.caches, self.procs, strict=True):
-            while not (
-                socket_answers(cache / "fetcher.sock") and zygote_ready(cache / "fetcher.sock")
-            ):
+            while not daemon_ready(cache):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise BenchError(f"daemon for {cache} did not start")
                 time.sleep(0.05)
@@ -365,7 +362,7 @@ def report(rounds: list[Round], facts: list[str], hosts: int) -> list[str]:
             f"{m(v, 'from_peers') / MB:.1f} MB" if lazy else "-",
             f"{m(v, 'all_done_s') / single_t:.2f}x",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(*cells))
     if by["peers on"] and by["single"]:
         egress = m("peers on", "cas_bytes") / single_b
         slow = m("peers on", "all_done_s") / single_t

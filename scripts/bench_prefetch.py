@@ -69,16 +69,16 @@ from typing import Any, Final
 from benchlib import (
     BenchError,
     Made,
+    daemon_ready,
     drop_caches,
     guarded_run,
     is_mounted,
+    md_row,
     mount_table,
+    progress,
     run,
     sample_tree,
 )
-
-from lazycaf.fetcher_client import socket_answers
-from lazycaf.zygote_client import zygote_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netsim
@@ -115,9 +115,7 @@ server.serve_forever()
 """
 
 
-def say(msg: str) -> None:
-    """Progress goes to stderr; the report alone goes to stdout."""
-    print(f"[bench_prefetch {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+say = progress("bench_prefetch")
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -330,7 +328,7 @@ def daemon_in(net: Net, env: Env, cache: Path) -> Iterator[None]:
         )
     try:
         deadline = time.monotonic() + 30
-        while not (socket_answers(cache / "fetcher.sock") and zygote_ready(cache / "fetcher.sock")):
+        while not daemon_ready(cache):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(f"fetcher daemon for {cache} did not start: {tail(log)}")
             time.sleep(0.05)
@@ -585,10 +583,6 @@ def fmt_mb(x: float) -> str:
     return f"{x / MB:.1f} MB"
 
 
-def _row(*cells: str) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
 def table(res: ProfileResult, image_bytes: int) -> list[str]:
     target = PROFILE_TARGET_S.get(res.name)
 
@@ -597,7 +591,7 @@ def table(res: ProfileResult, image_bytes: int) -> list[str]:
         decoded = med([r.stats.get("bytes_fetched", 0) for r in rs])
         totals = [r.total for r in rs]
         ok = "-" if limit is None else "yes" if med(totals) <= limit else "**NO**"
-        return _row(
+        return md_row(
             name,
             fmt_s(med([r.mount for r in rs])),
             fmt_s(med([r.run for r in rs])),
@@ -616,25 +610,25 @@ def table(res: ProfileResult, image_bytes: int) -> list[str]:
         "|---|---:|---:|---:|---:|---|---|",
         lazy_row("lazycaf cold, no profile", res.noprof, loose, " (2x the profile target)"),
         lazy_row("lazycaf cold, with profile", res.prof, target, ""),
-        _row("lazycaf warm (same mounts)", "-", *[fmt_s(med(warm))] * 2, warm_wire, "-", "-"),
+        md_row("lazycaf warm (same mounts)", "-", *[fmt_s(med(warm))] * 2, warm_wire, "-", "-"),
     ]
     if cached:
         c_mount, c_run = med([c[0] for c in cached]), med([c[1] for c in cached])
         c_total = med([c[0] + c[1] for c in cached])
         name = "(diagnostic) lazycaf cold, blobs in host cache, caches dropped, profile"
-        rows.append(_row(name, fmt_s(c_mount), fmt_s(c_run), fmt_s(c_total), "0", "-", "-"))
+        rows.append(md_row(name, fmt_s(c_mount), fmt_s(c_run), fmt_s(c_total), "0", "-", "-"))
         c_warm = fmt_s(med([c[2] for c in cached]))
         name = "(diagnostic) lazycaf mount alone, page cache warm, blobs cached"
-        rows.append(_row(name, c_warm, "-", c_warm, "0", "-", "-"))
+        rows.append(md_row(name, c_warm, "-", c_warm, "0", "-", "-"))
     if res.native_cold:
         nc, nw = fmt_s(med(res.native_cold)), fmt_s(med(res.native_warm))
         quoted = f"~{NATIVE_COLD_QUOTED_S:g} s (issue)"
-        rows.append(_row("native disk, cold", "-", nc, nc, "-", quoted, "-"))
-        rows.append(_row("native disk, warm", "-", nw, nw, "-", "-", "-"))
+        rows.append(md_row("native disk, cold", "-", nc, nc, "-", quoted, "-"))
+        rows.append(md_row("native disk, warm", "-", nw, nw, "-", "-", "-"))
     if res.squash:
         sq = res.squash
         rows.append(
-            _row(
+            md_row(
                 "squashfs download+mount+run",
                 fmt_s(med([r.download + r.mount for r in sq])),
                 fmt_s(med([r.run for r in sq])),

@@ -17,9 +17,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from lazycaf.fetcher_client import socket_answers
+from lazycaf.hostpaths import fetcher_socket
+from lazycaf.zygote_client import zygote_ready
+
 __all__ = [
     "BenchError",
     "Made",
+    "daemon_ready",
+    "md_row",
+    "progress",
     "guarded_run",
     "sample_tree",
     "cpu_model",
@@ -30,6 +37,28 @@ __all__ = [
     "mount_table",
     "run",
 ]
+
+
+def progress(name: str) -> Callable[[str], None]:
+    """A ``say(msg)`` for benchmark ``name``: timestamped progress lines on stderr (the
+    report goes to stdout or files)."""
+
+    def say(msg: str) -> None:
+        print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def md_row(*cells: str) -> str:
+    """One row of a Markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def daemon_ready(cache: Path) -> bool:
+    """The fetcher daemon of ``cache`` answers on its socket and its mount zygote listens
+    (a host's daemon has been up a while: mounts go through the zygote)."""
+    sock = fetcher_socket(cache)
+    return socket_answers(sock) and zygote_ready(sock)
 
 
 class BenchError(Exception):

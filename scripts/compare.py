@@ -89,7 +89,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_prefetch as bp
 import netsim
 from bench_mount import pids_mentioning
-from benchlib import BenchError, Made, cpu_model, drop_caches, fs_of, is_mounted, meminfo_gib, run
+from benchlib import (
+    BenchError,
+    Made,
+    cpu_model,
+    drop_caches,
+    fs_of,
+    is_mounted,
+    md_row,
+    meminfo_gib,
+    progress,
+    run,
+)
 
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_SAMPLE: Final = REPO / "build" / "sample-full"
@@ -159,9 +170,7 @@ DEBIAN_TOOLS: Final[dict[str, str]] = {  # command -> Debian package
 }
 
 
-def say(msg: str) -> None:
-    """Progress goes to stderr; the report goes to files (and its path to stdout)."""
-    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+say = progress("compare")
 
 
 # ============================================================================================
@@ -270,13 +279,9 @@ def fmt_x(num: float | None, den: float | None) -> str:
     return "-" if num is None or den is None or den <= 0 else f"{num / den:.1f}x"
 
 
-def _row(*cells: str) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
 def cold_table(res: Results, cells: dict[Key, Cell], profile: str) -> list[str]:
     lines = [
-        _row(
+        md_row(
             "workload",
             "system",
             "cold: time to end",
@@ -301,7 +306,7 @@ def cold_table(res: Results, cells: dict[Key, Cell], profile: str) -> list[str]:
             if settled is not None and c.link_bytes is not None and settled > c.link_bytes:
                 link += f" ({fmt_mb(settled)} once settled)"
             lines.append(
-                _row(
+                md_row(
                     wl,
                     SYSTEMS[system],
                     fmt_s(c.total_s),
@@ -314,13 +319,13 @@ def cold_table(res: Results, cells: dict[Key, Cell], profile: str) -> list[str]:
             )
     for system, why in NOT_YET.items():
         if system in res.systems:
-            lines.append(_row("all", SYSTEMS[system], why, *["-"] * 5))
+            lines.append(md_row("all", SYSTEMS[system], why, *["-"] * 5))
     return lines
 
 
 def update_table(res: Results, cells: dict[Key, Cell], profile: str) -> list[str]:
     lines = [
-        _row(
+        md_row(
             "system",
             "publish v2",
             "publish: bytes over the link",
@@ -342,7 +347,7 @@ def update_table(res: Results, cells: dict[Key, Cell], profile: str) -> list[str
         elif system == "lazycaf-profile" and "lazycaf" in pub:
             continue
         lines.append(
-            _row(
+            md_row(
                 UPDATE_LABELS.get(system, SYSTEMS[system]),
                 fmt_s(p.total_s if p else None),
                 fmt_mb(p.link_bytes if p else None),
@@ -440,9 +445,9 @@ def render_markdown(res: Results) -> str:
     targets = evaluate_targets(res)
     if any(t.met is not None for t in targets):
         out += ["", f"## The issue's targets ({TARGET_PROFILE})", ""]
-        out += [_row("target", "measured", "met?"), "|---|---:|---|"]
+        out += [md_row("target", "measured", "met?"), "|---|---:|---|"]
         verdict = {True: "yes", False: "**NO**", None: "not measured"}
-        out += [_row(t.what, t.measured, verdict[t.met]) for t in targets]
+        out += [md_row(t.what, t.measured, verdict[t.met]) for t in targets]
     if res.notes:
         out += ["", "## Notes", ""]
         out += [f"- {note}" for note in res.notes]

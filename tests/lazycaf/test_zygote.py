@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from lazycaf.zygote_client import zygote_ready, zygote_socket
+from lazycaf.hostpaths import zygote_socket
+from lazycaf.zygote_client import zygote_ready
 from tests.conftest import Host
 from tests.lazycaf.test_cli_pack import make_tree
 from tests.lazycaf.test_mount import pack

@@ -5,27 +5,15 @@ No network, no mounts: the comparison itself runs for minutes and is run by hand
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compare", REPO / "scripts" / "compare.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load()
+compare = load_script("compare")
 Sample = compare.Sample
 
 

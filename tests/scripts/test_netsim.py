@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -10,12 +9,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, require
+from tests.conftest import load_script, require
 
 pytestmark = pytest.mark.root
 
@@ -35,16 +33,7 @@ print(hashlib.sha256(payload).hexdigest(), hashlib.sha256(got).hexdigest(), len(
 """
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("netsim", REPO / "scripts" / "netsim.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["netsim"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-netsim = _load()
+netsim = load_script("netsim")
 
 
 @pytest.fixture(autouse=True)
