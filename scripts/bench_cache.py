@@ -68,7 +68,7 @@ from benchlib import (
 )
 
 if TYPE_CHECKING:
-    from lazycaf.digest import Digest
+    from lazycaf.core.digest import Digest
 
 MIB: Final = 1 << 20
 PY_EDITS: Final = 10
@@ -92,7 +92,7 @@ def own_cpu() -> float:
 
 
 def syncfs_path(path: Path) -> None:
-    from lazycaf.syncfs import syncfs
+    from lazycaf.disk.syncfs import syncfs
 
     syncfs(path)
 
@@ -119,7 +119,7 @@ def ensure_all_seconds(cache: Path, digests: list[Digest]) -> float:
     ``lazycaf materialize`` makes before it writes the tree)."""
     import trio
 
-    from lazycaf.fetcher_client import FetcherClient
+    from lazycaf.host.client import FetcherClient
 
     async def go() -> float:
         client = FetcherClient(cache / "fetcher.sock")
@@ -203,8 +203,8 @@ class Bench:
 
     # -- (a) materialize -------------------------------------------------------------------
     def materialize(self) -> None:
-        from lazycaf.manifest import Manifest
-        from lazycaf.materialize import write_tree
+        from lazycaf.core.manifest import Manifest
+        from lazycaf.trees.materialize import write_tree
 
         cache = self.made.cache(self.lz, "cache-a")
         env = self.lz.env(cache)
@@ -301,7 +301,7 @@ class Bench:
 
     # -- (b) two versions ------------------------------------------------------------------
     def two_versions(self) -> None:
-        from fetcher.diskusage import compression
+        from fetcher.cache.diskusage import compression
 
         v2 = self.made.tmp / "sample-v2"
         edits = make_version_two(self.sample, v2)
@@ -384,11 +384,11 @@ class Bench:
 
     # -- (c) encoded writes ----------------------------------------------------------------
     def encoded_writes(self) -> None:
-        from fetcher.blobcache import BlobCache, init_cache_dir
-        from fetcher.diskusage import compression
-        from lazycaf.casdir import CasDir
-        from lazycaf.digest import Digest
-        from lazycaf.manifest import Manifest
+        from fetcher.cache.blobcache import BlobCache, init_cache_dir
+        from fetcher.cache.diskusage import compression
+        from lazycaf.cas.casdir import CasDir
+        from lazycaf.core.digest import Digest
+        from lazycaf.core.manifest import Manifest
 
         cas = CasDir(self.lz.cas, create=False)
         ref = Digest.parse(self.ref)
@@ -485,8 +485,8 @@ class Bench:
     def cold_import(self) -> None:
         """The on-demand path end to end: a mount on an empty cache whose daemon writes
         encoded or plain, page cache dropped, ``import numpy`` (fetch, store, then read)."""
-        from fetcher.blobcache import ENCODED_WRITES_ENV
-        from fetcher.diskusage import compression
+        from fetcher.cache.blobcache import ENCODED_WRITES_ENV
+        from fetcher.cache.diskusage import compression
 
         mnt = self.made.mountpoint("mnt-c")
         got: dict[str, dict[str, list[float]]] = {"encoded": {}, "plain": {}}

@@ -304,7 +304,7 @@ def read_files(paths: Sequence[Path]) -> float:
 
 def cached_chunks(big: Path, cache: Path) -> list[Path]:
     """The host cache's blob files of ``big``'s 1 MiB chunks, in order; [] if any is absent."""
-    from lazycaf.digest import Digest
+    from lazycaf.core.digest import Digest
 
     paths = []
     with big.open("rb") as f:

@@ -50,9 +50,9 @@ import benchlib
 from benchlib import BenchError, cpu_model, guarded_run, md_row, meminfo_gib, progress
 
 from lazycaf import __version__ as LAZYCAF_VERSION
-from lazycaf import framing
-from lazycaf.digest import Digest
-from lazycaf.manifest import DIR, FILE, Entry, Manifest
+from lazycaf.core import framing
+from lazycaf.core.digest import Digest
+from lazycaf.core.manifest import DIR, FILE, Entry, Manifest
 
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_PACKAGES: Final = ("numpy", "pandas", "scipy")

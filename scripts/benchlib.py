@@ -17,9 +17,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lazycaf.fetcher_client import socket_answers
-from lazycaf.hostpaths import fetcher_socket
-from lazycaf.zygote_client import zygote_ready
+from lazycaf.cli.zygote_client import zygote_ready
+from lazycaf.host.client import socket_answers
+from lazycaf.host.paths import fetcher_socket
 
 __all__ = [
     "BenchError",

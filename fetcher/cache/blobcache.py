@@ -1,0 +1,366 @@
+"""Blob files on disk under the host cache: atomic commit and start-up reconciliation.
+
+Layout::
+
+    <cache>/index.lmdb/          the LMDB index (``lazycaf.host.index``)
+    <cache>/blobs/<2 hex>/<hex>  verified blob content, uncompressed (Btrfs compresses it)
+    <cache>/tmp/                 downloads in flight
+
+Invariant: a file appears under ``blobs/`` only after its content verified against its name:
+write to ``tmp/`` (``stage``), rename, then commit the index (``publish``). A full disk
+while staging raises ``CacheFull`` and leaves no temp file. One fsync per blob costs more than the
+fetch itself on a cold start (hundreds of small blobs), so durability is batched instead:
+the index marks a new blob unsynced, ``flush()`` (the daemon calls it every second) makes
+every pending file durable with one ``syncfs`` and then marks them synced. After a crash,
+``reconcile()`` removes temp files and re-verifies every blob that is unsynced or missing from
+the index, so no blob that reads wrong survives a restart; mounts start the daemon (and so the
+reconciliation) before they read. Sync code: the daemon calls it through worker threads.
+
+Encoded writes (``encoded_writes=True``): a blob the CAS sent as zstd frames is written with
+``BTRFS_IOC_ENCODED_WRITE`` (``lazycaf.disk.btrfs_encoded``), each frame becoming a compressed
+extent as it is, instead of plain bytes that Btrfs compresses again at writeback. The blob is
+still decoded and verified first (the kernel does not check what it stores). Frames Btrfs
+would not keep compressed, and every frame on a filesystem that refuses the ioctl (not Btrfs,
+no CAP_SYS_ADMIN, an old kernel), are written plain; after the first refusal the cache stops
+trying. ``scripts/bench_cache.py`` measures both ways. Off by default: an encoded write leaves
+nothing in the page cache, so the read that follows an on-demand fetch becomes a cold read.
+``$LAZYCAF_ENCODED_WRITES=1`` turns it on for a cache opened without an explicit choice (the
+daemon's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazycaf.core import framing
+from lazycaf.core.digest import Digest, Hasher
+from lazycaf.core.errors import CacheFull
+from lazycaf.disk.btrfs_encoded import frames_of, write_frames
+from lazycaf.disk.syncfs import syncfs
+from lazycaf.host.index import BlobRecord, Index
+
+__all__ = [
+    "ENCODED_WRITES_ENV",
+    "BlobCache",
+    "Reconciled",
+    "Staged",
+    "WriteStatistics",
+    "blob_path",
+    "filesystem_type",
+    "init_cache_dir",
+]
+
+
+log = logging.getLogger(__name__)
+
+ENCODED_WRITES_ENV = "LAZYCAF_ENCODED_WRITES"
+
+
+def blob_path(cache_root: Path, digest: Digest) -> Path:
+    h = digest.hex
+    return cache_root / "blobs" / h[:2] / h
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    temp_removed: int
+    verified: int
+    dropped: int
+    blobs: int
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A verified blob written to ``tmp/``, not yet published under ``blobs/``."""
+
+    digest: Digest
+    tmp: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class WriteStatistics:
+    """How staged blobs were written: extents written encoded and their bytes of data, bytes
+    written plain, and whether the filesystem still takes encoded writes (False after the
+    first refusal)."""
+
+    encoded_extents: int
+    encoded_bytes: int
+    plain_bytes: int
+    encoded_supported: bool
+
+
+class BlobCache:
+    """The daemon's view of the cache: the only writer of blob files and of the index.
+
+    Invariants: ``usage`` is the sum of the sizes of the blobs in the index; a blob is
+    published (renamed into ``blobs/`` and indexed) and evicted (unlinked and unindexed)
+    under one lock, so GC never races a new copy of the blob it deletes.
+    """
+
+    def __init__(self, root: Path, *, encoded_writes: bool | None = None) -> None:
+        self.root = root
+        for sub in ("blobs", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self.index = Index(root / "index.lmdb")
+        self._pending: list[Digest] = []
+        self._lock = threading.Lock()
+        self.usage = self.index.total_bytes()
+        if encoded_writes is None:
+            encoded_writes = os.environ.get(ENCODED_WRITES_ENV) == "1"
+        self._encoded = encoded_writes
+        self._encoded_ok = True  # until the filesystem refuses an encoded write
+        self._sector = os.statvfs(root / "tmp").f_bsize
+        self._written = [0, 0, 0]  # encoded extents, encoded bytes, plain bytes
+        self._written_lock = threading.Lock()  # not _lock: staging never waits for GC
+
+    def write_statistics(self) -> WriteStatistics:
+        with self._written_lock:
+            extents, encoded, plain = self._written
+            return WriteStatistics(extents, encoded, plain, self._encoded_ok)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def path(self, digest: Digest) -> Path:
+        return blob_path(self.root, digest)
+
+    def warm(self, digests: list[Digest]) -> None:
+        """Ask the kernel to read these blob files into the page cache, in this order
+        (``POSIX_FADV_WILLNEED``: reads are queued, not waited for). Blocking: call it in a
+        thread. A blob evicted meanwhile is skipped."""
+        for digest in digests:
+            try:
+                fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def has(self, digest: Digest) -> bool:
+        return digest in self.index and self.path(digest).exists()
+
+    def commit(self, digest: Digest, encoding: str, payload: bytes) -> int:
+        """Decode, verify and store a blob; returns its size. Raises IntegrityError."""
+        staged = self.stage(digest, encoding, payload)
+        self.publish(staged, limit=None)
+        return staged.size
+
+    def stage(
+        self,
+        digest: Digest,
+        encoding: str,
+        payload: bytes,
+        *,
+        encoded: bool | None = None,
+        verified: bool = False,
+    ) -> Staged:
+        """Decode and verify a blob and write it to ``tmp/``. A full disk raises
+        ``CacheFull``; on any failure the temp file is gone. ``encoded`` overrides the cache's
+        ``encoded_writes`` for this blob (still only where the filesystem takes them).
+        ``verified``: the caller has just decoded and hashed these very bytes (a peer's
+        blob, checked as it arrived): skip hashing them a second time."""
+        data = framing.decode(encoding, payload, what=f"blob {digest}")
+        if not verified:
+            digest.verify(data)
+        tmp = ""
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=digest.hex[:16] + ".")
+            try:
+                self._write(fd, encoding, payload, data, encoded)
+            finally:
+                os.close(fd)
+            os.chmod(tmp, 0o444)
+        except BaseException as exc:
+            if tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFull(f"cache disk full while storing blob {digest}") from exc
+            raise
+        return Staged(digest, Path(tmp), len(data))
+
+    def _write(
+        self, fd: int, encoding: str, payload: bytes, data: bytes, encoded: bool | None
+    ) -> None:
+        """Write a verified blob into the empty file ``fd``: its frames as compressed extents
+        where they fit (encoded writes on), else its bytes."""
+        wanted = self._encoded if encoded is None else encoded
+        if wanted and self._encoded_ok and encoding == framing.ZSTD:
+            res = write_frames(fd, payload, frames_of(payload), data, sector=self._sector)
+            with self._written_lock:
+                self._written[0] += res.encoded
+                self._written[1] += res.encoded_bytes
+                self._written[2] += res.plain_bytes
+                if res.refused_errno is not None and self._encoded_ok:
+                    self._encoded_ok = False
+                    log.info(
+                        "cache %s refuses encoded writes (%s): writing blobs plain",
+                        self.root,
+                        os.strerror(res.refused_errno),
+                    )
+            return
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        with self._written_lock:
+            self._written[2] += len(view)
+
+    def publish(self, staged: Staged, *, limit: int | None) -> bool:
+        """Rename a staged blob into ``blobs/`` and index it, unless that would take
+        ``usage`` above ``limit`` (then return False and keep it staged)."""
+        final = self.path(staged.digest)
+        with self._lock:
+            known = staged.digest in self.index
+            added = 0 if known else staged.size
+            if limit is not None and added and self.usage + added > limit:
+                return False
+            try:
+                final.parent.mkdir(exist_ok=True)
+                os.replace(staged.tmp, final)
+            except OSError as exc:
+                self.discard(staged)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CacheFull(f"cache disk full while storing {staged.digest}") from exc
+                raise
+            try:
+                self.index.put(staged.digest, staged.size, synced=False)
+            except BaseException:
+                final.unlink(missing_ok=True)  # no file under blobs/ without its record
+                raise
+            self.usage += added
+            self._pending.append(staged.digest)
+        return True
+
+    def discard(self, staged: Staged) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            staged.tmp.unlink()
+
+    def evict(self, digests: list[Digest]) -> int:
+        """Delete blobs (files, then their records in one transaction); returns the bytes
+        freed. A process that has one open keeps reading it: Linux frees it on the last
+        close. On a full disk the index may need the space the unlinks free, which Btrfs
+        hands back only after a commit: sync once and try again."""
+        with self._lock:
+            gone: list[tuple[Digest, int]] = []
+            for d in digests:
+                rec = self.index.get(d)
+                if rec is None:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(d).unlink()
+                gone.append((d, rec.size))
+            try:
+                self.index.delete_many(d for d, _ in gone)
+            except CacheFull:
+                syncfs(self.root)
+                self.index.delete_many(d for d, _ in gone)
+            freed = sum(n for _, n in gone)
+            self.usage -= freed
+        return freed
+
+    def flush(self, touched: Collection[Digest] = ()) -> int:
+        """Make every blob committed so far durable (one syncfs) and record the access time
+        of ``touched`` blobs (one transaction); returns how many blobs became durable."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        try:
+            if touched:
+                self.index.touch_many(touched)
+            if not pending:
+                return 0
+            syncfs(self.root)
+            self.index.mark_synced(pending)
+            self.index.sync()
+        except BaseException:  # a full disk: the next flush tries again
+            with self._lock:
+                self._pending[:0] = pending
+            raise
+        return len(pending)
+
+    def reconcile(self) -> Reconciled:
+        """Make index and files agree after a crash: drop temp files, index stray blobs,
+        forget index entries whose file is gone."""
+        removed = 0
+        for tmp in (self.root / "tmp").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
+        on_disk: dict[Digest, Path] = {}
+        for sub in (self.root / "blobs").iterdir():
+            for f in sub.iterdir():
+                if Digest.is_hex(f.name):
+                    on_disk[Digest.parse(f.name)] = f
+                else:
+                    f.unlink()
+        indexed = dict(self.index.items())
+        doubtful = [d for d in on_disk if d not in indexed or not indexed[d].synced]
+        bad = [d for d in doubtful if not _verifies(d, on_disk[d])]
+        for d in bad:
+            on_disk.pop(d).unlink()
+        stale = [d for d in indexed if d not in on_disk]
+        self.index.delete_many(stale)
+        syncfs(self.root)
+        fixed = [
+            (
+                d,
+                BlobRecord(
+                    on_disk[d].stat().st_size, indexed[d].last_access_ns if d in indexed else 0
+                ),
+            )
+            for d in doubtful
+            if d in on_disk
+        ]
+        self.index.put_many(fixed)
+        self.index.sync()
+        with self._lock:
+            self.usage = self.index.total_bytes()
+        return Reconciled(removed, len(fixed), len(stale) + len(bad), len(on_disk))
+
+
+def _verifies(digest: Digest, path: Path) -> bool:
+    h = Hasher()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest() == digest
+
+
+def filesystem_type(path: Path) -> str:
+    """The filesystem type name of ``path`` (``btrfs``, ``ext2/ext3``, ``tmpfs``, ...)."""
+    out = subprocess.run(
+        ["stat", "-f", "--format=%T", str(path)], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def init_cache_dir(path: Path) -> tuple[str, bool]:
+    """Create a cache directory; on Btrfs turn zstd compression on for it.
+
+    Returns (filesystem type, compression enabled). New files inherit the property.
+    """
+    for sub in ("blobs", "tmp"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    fs = filesystem_type(path)
+    if fs != "btrfs":
+        return fs, False
+    for target in (path, path / "blobs", path / "tmp"):
+        subprocess.run(
+            ["btrfs", "property", "set", str(target), "compression", "zstd"],
+            check=True,
+            capture_output=True,
+        )
+    return fs, True

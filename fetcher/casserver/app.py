@@ -1,0 +1,464 @@
+"""The HTTP API, v1, as an ASGI app served by hypercorn on trio.
+
+CAS role (``lazycaf cas serve``) over a ``CasDir``:
+
+    GET  /v1/blobs/{hex}     the blob (Range supported; zstd frames when the client accepts)
+    HEAD /v1/blobs/{hex}     200 with its decoded size in content-length, or 404
+    PUT  /v1/blobs/{hex}     store (verified; idempotent: 201 new, 200 already there); answered
+                             once the blob is durable (concurrent PUTs share one syncfs:
+                             ``fetcher.casserver.groupcommit``)
+    POST /v1/blobs:missing   {"digests": [hex, ...]} -> {"missing": [hex, ...]}
+    POST /v1/blobs:get       {"digests": [...]} -> those blobs in one body (``lazycaf.cas.batch``)
+    POST /v1/blobs:batch     many blobs in one body (``lazycaf.cas.batch``); all or nothing
+    GET  /v1/refs/{name}     the manifest digest a ref names (text)
+    PUT  /v1/refs/{name}     set a ref (the blob must be stored); ``If-Match: "<hex>"`` /
+                             ``If-None-Match: *`` make it a compare-and-swap (412 and the
+                             current digest as ETag when the ref moved)
+    GET  /v1/stats           request and byte counters (for tests and operators)
+
+Writes need ``Authorization: Bearer <token>`` when the server has a token. A path that is not
+a well-formed digest or ref name is a 400; nothing outside the store is ever served. A disk
+that fails while storing is a 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from fetcher.casserver.groupcommit import GroupCommitter
+from lazycaf.cas.batch import pack_batch, unpack_batch
+from lazycaf.cas.casdir import CasDir, Staged
+from lazycaf.cas.refs import ANY, Expected
+from lazycaf.core import framing
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import (
+    IntegrityError,
+    LazyCafError,
+    NotFound,
+    RefMoved,
+    RefNotFound,
+    UsageError,
+)
+
+__all__ = [
+    "CasApp",
+    "CasStatistics",
+    "HttpError",
+    "accepts",
+    "answer_errors",
+    "bind_socket",
+    "check_bearer",
+    "digest_from",
+    "lifespan",
+    "read_body",
+    "respond",
+    "serve_app",
+]
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_BODY: Final = 512 << 20
+_BLOBS: Final = "/v1/blobs/"
+_REFS: Final = "/v1/refs/"
+
+
+@dataclass
+class CasStatistics:
+    blob_gets: int = 0
+    blob_heads: int = 0
+    blob_puts: int = 0
+    blobs_stored: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    missing_queries: int = 0
+
+
+class HttpError(Exception):
+    def __init__(
+        self, status: int, message: str, *, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or []
+
+
+class CasApp:
+    """ASGI app of the CAS role. Disk work runs in threads under one limiter; blob writes are
+    committed in groups by ``committer``, which runs for the app's ASGI lifespan."""
+
+    def __init__(self, store: CasDir, *, token: str | None = None) -> None:
+        self.store = store
+        self._token = token
+        self._limiter = trio.CapacityLimiter(16)
+        self.stats = CasStatistics()
+        self.committer = GroupCommitter(store)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            # The lifespan call lasts as long as the server: it hosts the committer service.
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.committer.run)
+                await lifespan(receive, send)
+                nursery.cancel_scope.cancel()
+            return
+        if scope["type"] != "http":
+            return
+        await answer_errors(send, self._route(scope, receive, send))
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        if path.startswith(_BLOBS):
+            digest = digest_from(path[len(_BLOBS) :])
+            if method in ("GET", "HEAD"):
+                await self._get_blob(scope, send, digest, head=method == "HEAD")
+            elif method == "PUT":
+                self._check_token(scope)
+                await self._put_blob(scope, receive, send, digest)
+            else:
+                raise HttpError(405, f"{method} not allowed on blobs")
+        elif path == "/v1/blobs:missing" and method == "POST":
+            await self._missing(receive, send)
+        elif path == "/v1/blobs:get" and method == "POST":
+            await self._get_many(receive, send)
+        elif path == "/v1/blobs:batch" and method == "POST":
+            self._check_token(scope)
+            await self._put_batch(receive, send)
+        elif path.startswith(_REFS):
+            name = path[len(_REFS) :]
+            if method == "GET":
+                digest = await self._thread(self.store.read_ref, name)
+                await respond(send, 200, digest.hex.encode() + b"\n")
+            elif method == "PUT":
+                self._check_token(scope)
+                text = (await read_body(receive, 1024)).decode("ascii", "replace").strip()
+                write = functools.partial(self.store.write_ref, expected=_expected(scope))
+                try:
+                    await self._thread(write, name, Digest.parse(text))
+                except RefMoved as exc:
+                    found = await self._thread(_ref_or_none, self.store, name)
+                    etag = [(b"etag", f'"{found.hex}"'.encode())] if found else []
+                    raise HttpError(412, str(exc), headers=etag) from None
+                await respond(send, 200, b"ok\n")
+            else:
+                raise HttpError(405, f"{method} not allowed on refs")
+        elif path == "/v1/stats" and method == "GET":
+            stats = {**asdict(self.stats), "commit_rounds": self.committer.statistics().rounds}
+            await respond(send, 200, json.dumps(stats).encode(), "application/json")
+        else:
+            raise HttpError(404, f"no such endpoint: {method} {path}")
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _check_token(self, scope: Scope) -> None:
+        check_bearer(scope, self._token, "writes need a valid bearer token")
+
+    async def _get_blob(self, scope: Scope, send: Send, digest: Digest, *, head: bool) -> None:
+        if head:
+            size = await self._thread(self.store.size, digest)
+            self.stats.blob_heads += 1
+            await respond(send, 200, b"", head=True, length=size)
+            return
+        encoding, payload = await self._thread(self.store.read_encoded, digest)
+        headers = dict(scope["headers"])
+        accepts_zstd = accepts(headers.get(b"accept-encoding", b""), b"zstd")
+        range_header = headers.get(b"range")
+        self.stats.blob_gets += 1
+        if encoding == framing.ZSTD and accepts_zstd and range_header is None:
+            self.stats.bytes_sent += len(payload)
+            await respond(send, 200, payload, extra=[(b"content-encoding", b"zstd")])
+            return
+        data = await self._thread(framing.decode, encoding, payload)
+        if range_header is None:
+            self.stats.bytes_sent += len(data)
+            await respond(send, 200, data)
+            return
+        start, end = _parse_range(range_header.decode("latin-1"), len(data))
+        part = data[start:end]
+        self.stats.bytes_sent += len(part)
+        content_range = f"bytes {start}-{end - 1}/{len(data)}".encode()
+        await respond(send, 206, part, extra=[(b"content-range", content_range)])
+
+    async def _put_blob(self, scope: Scope, receive: Receive, send: Send, digest: Digest) -> None:
+        self.stats.blob_puts += 1
+        body = await read_body(receive, MAX_BODY)
+        self.stats.bytes_received += len(body)
+        raw_encoding = dict(scope["headers"]).get(b"content-encoding", b"identity")
+        encoding = raw_encoding.decode("latin-1").strip().lower()  # codings ignore case
+        staged = await self._thread(
+            functools.partial(self.store.stage_encoded, max_size=MAX_BODY),
+            digest,
+            encoding,
+            body,
+        )
+        stored = staged is not None and await self.committer.commit(staged)
+        self.stats.blobs_stored += int(stored)
+        await respond(send, 201 if stored else 200, b"stored\n" if stored else b"exists\n")
+
+    async def _get_many(self, receive: Receive, send: Send) -> None:
+        """Several blobs in one response, as stored (zstd frames or raw); absent ones are
+        left out. For prefetching many small blobs with one request."""
+        try:
+            request = json.loads(await read_body(receive, 16 << 20))
+            digests = [Digest.parse(h) for h in request["digests"]]
+        except (ValueError, KeyError, TypeError, UsageError) as exc:
+            raise HttpError(400, f'expected {{"digests": [hex, ...]}}: {exc}') from None
+        if len(digests) > 1024:
+            raise HttpError(400, "at most 1024 digests per request")
+        records = await self._thread(_read_records, self.store, digests)
+        self.stats.blob_gets += len(records)
+        body = pack_batch(records)
+        self.stats.bytes_sent += len(body)
+        await respond(send, 200, body)
+
+    async def _put_batch(self, receive: Receive, send: Send) -> None:
+        """Many blobs in one request: all verified and staged first (one bad blob refuses the
+        whole batch), then published with one syncfs."""
+        body = await read_body(receive, MAX_BODY)
+        self.stats.bytes_received += len(body)
+        records = unpack_batch(body)
+        self.stats.blob_puts += len(records)
+        staged = await self._thread(self._stage_all, records)
+        stored = sum(await self._thread(self.store.publish, staged))
+        self.stats.blobs_stored += stored
+        reply = json.dumps({"received": len(records), "stored": stored}).encode()
+        await respond(send, 200, reply, "application/json")
+
+    def _stage_all(self, records: list[tuple[Digest, str, bytes]]) -> list[Staged]:
+        staged: list[Staged] = []
+        try:
+            seen: set[Digest] = set()
+            for digest, encoding, payload in records:
+                one = self.store.stage_encoded(digest, encoding, payload, max_size=MAX_BODY)
+                if one is not None and digest not in seen:
+                    staged.append(one)
+                    seen.add(digest)
+                elif one is not None:
+                    self.store.discard([one])
+        except BaseException:
+            self.store.discard(staged)
+            raise
+        return staged
+
+    async def _missing(self, receive: Receive, send: Send) -> None:
+        self.stats.missing_queries += 1
+        try:
+            request = json.loads(await read_body(receive, 64 << 20))
+            digests = [Digest.parse(h) for h in request["digests"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HttpError(400, f'expected {{"digests": [hex, ...]}}: {exc}') from None
+        missing = await self._thread(self.store.find_missing, digests)
+        body = json.dumps({"missing": [d.hex for d in missing]}).encode()
+        await respond(send, 200, body, "application/json")
+
+
+async def answer_errors(send: Send, handler: Awaitable[None]) -> None:
+    """Await ``handler``; answer the errors it raises with one status line each: its own
+    for an ``HttpError``, 404 not found, 400 bad input or bytes, 503 anything unavailable."""
+    try:
+        await handler
+    except HttpError as exc:
+        await respond(send, exc.status, (str(exc) + "\n").encode(), extra=exc.headers)
+    except NotFound as exc:
+        await respond(send, 404, (str(exc) + "\n").encode())
+    except (IntegrityError, UsageError) as exc:
+        await respond(send, 400, (str(exc) + "\n").encode())
+    except LazyCafError as exc:
+        await respond(send, 503, (str(exc) + "\n").encode())
+
+
+def check_bearer(scope: Scope, token: str | None, refusal: str) -> None:
+    """Raise a 401 ``HttpError`` saying ``refusal`` unless the request carries ``token``
+    (no token configured: every request passes)."""
+    if token is None:
+        return
+    auth = dict(scope["headers"]).get(b"authorization", b"")
+    scheme, _, credentials = auth.partition(b" ")
+    # The scheme is case-insensitive (RFC 9110 11.1); the token is compared in constant time.
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), token.encode()):
+        raise HttpError(401, refusal)
+
+
+def _expected(scope: Scope) -> Expected:
+    """The compare-and-swap condition of a ref PUT: ``If-Match: "<hex>"`` (the ref must hold
+    that digest) or ``If-None-Match: *`` (it must not exist yet); neither: unconditional."""
+    headers = dict(scope["headers"])
+    if headers.get(b"if-none-match", b"").strip() == b"*":
+        return None
+    match = headers.get(b"if-match")
+    if match is None:
+        return ANY
+    text = match.decode("latin-1").strip().strip('"')
+    if not Digest.is_hex(text):
+        raise HttpError(400, f"If-Match wants a quoted blob digest, got {text[:80]!r}")
+    return Digest.parse(text)
+
+
+def _ref_or_none(store: CasDir, name: str) -> Digest | None:
+    try:
+        return store.read_ref(name)
+    except RefNotFound:
+        return None
+
+
+def _read_records(store: CasDir, digests: list[Digest]) -> list[tuple[Digest, str, bytes]]:
+    out: list[tuple[Digest, str, bytes]] = []
+    for d in dict.fromkeys(digests):
+        with contextlib.suppress(NotFound):
+            encoding, payload = store.read_encoded(d)
+            out.append((d, encoding, payload))
+    return out
+
+
+def digest_from(text: str) -> Digest:
+    if not Digest.is_hex(text):
+        raise HttpError(400, f"not a blob digest: {text[:80]!r}")
+    return Digest.parse(text)
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int]:
+    """One ``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` range as [start, end)."""
+    unit, _, spec = header.partition("=")
+    first, dash, last = spec.strip().partition("-")
+    try:
+        if unit.strip() != "bytes" or not dash or "," in spec:
+            raise ValueError
+        if first == "":
+            start, end = max(size - int(last), 0), size
+        else:
+            start = int(first)
+            end = min(int(last) + 1, size) if last else size
+    except ValueError:
+        raise HttpError(400, f"unsupported Range header {header!r}") from None
+    if start >= end:
+        raise HttpError(
+            416,
+            f"range {header!r} not satisfiable for {size} bytes",
+            headers=[(b"content-range", f"bytes */{size}".encode())],
+        )
+    return start, end
+
+
+def accepts(header: bytes, coding: bytes) -> bool:
+    """Whether an Accept-Encoding value accepts ``coding`` (``zstd;q=0`` refuses it)."""
+    wildcard: bool | None = None
+    for item in header.lower().split(b","):
+        name, *params = (part.strip() for part in item.split(b";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition(b"=")
+            if key.strip() == b"q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if name == coding:
+            return q > 0
+        if name == b"*":
+            wildcard = q > 0
+    return bool(wildcard)
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise HttpError(400, "client disconnected")
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise HttpError(413, f"body larger than {limit} bytes")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str = "application/octet-stream",
+    *,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    head: bool = False,
+    length: int | None = None,
+) -> None:
+    """Send one response. A HEAD answer sends no body; ``length`` is then the content-length
+    a GET would have (when known)."""
+    headers = [(b"content-type", content_type.encode())]
+    if not head or length is not None:
+        size = len(body) if length is None else length
+        headers.append((b"content-length", str(size).encode()))
+    headers.extend(extra or [])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def bind_socket(listen: str) -> socket.socket:
+    """A listening TCP socket for ``HOST:PORT`` (port 0 picks a free one)."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise UsageError(f"--listen wants HOST:PORT, got {listen!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port_text)))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {listen}: {exc.strerror}") from exc
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_app(
+    app: Any,
+    sock: socket.socket,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on an already bound socket until cancelled.
+
+    Hypercorn closes the socket it serves when it stops, so it gets a duplicate of ``sock``'s
+    descriptor: ``sock`` stays the caller's to close.
+    """
+    config = Config()
+    config.bind = [f"fd://{os.dup(sock.fileno())}"]
+    config.accesslog = None
+    config.errorlog = log
+    config.keep_alive_timeout = 75
+    config.h11_max_incomplete_size = 64 * 1024
+    config.workers = 1
+    await serve(app, config, mode="asgi", task_status=task_status)  # type: ignore[arg-type]

@@ -1,0 +1,202 @@
+"""The daemon's API for mounts on its Unix socket (the line protocol of ``lazycaf.host.wire``).
+
+    ensure <hex> demand|prefetch  -> ok {"size": n} once the blob is in the cache
+    prefetch <hex> [<hex> ...]    -> ok {"queued": n}  (fetched in order, below reads)
+    touch <hex> [<hex> ...]       -> ok {"touched": n}  (a mount read these cached blobs)
+    record <name> <trace json>    -> ok {"profile": hex, "runs": n}  (merged into the profile)
+    resolve <ref> [cached]        -> ok "<hex>"  (the manifest digest a ref names; ``cached``:
+                                     the one it last resolved to here, without the CAS)
+    mounted <hex>                 -> ok null  (an executable was mounted: remember it)
+    holds <hex>                   -> ok {"blobs", "bytes", "missing_blobs", "missing_bytes"}
+                                     (how much of an executable the cache holds)
+    pin <hex> | unpin <hex>       -> ok {"pins": n}  (keep an executable's blobs out of GC)
+    gc                            -> ok {GcResult}  (one GC pass now)
+    stats                         -> ok {FetchService.statistics(), GC statistics}
+    info                          -> ok {"cache", "cas", "pid", "peer_address", "peers"}
+
+Each connection is served by its own task; a failing request answers ``err`` and the
+connection goes on. The digests a connection queued for prefetch are that mount's hot set
+until the connection closes (a mount keeps its pooled connections until it exits): GC
+evicts them after cold blobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import asdict
+from typing import Any
+
+import trio
+
+from fetcher.cache.collector import GarbageCollector
+from fetcher.fetching.prefetch import PrefetchQueue
+from fetcher.fetching.service import DEMAND, PREFETCH, FetchService
+from fetcher.peers import coverage
+from fetcher.peers.peerset import PeerSet
+from lazycaf.cas.api import resolve
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import LazyCafError, NotFound, RefNotFound, UsageError
+from lazycaf.core.manifest import Manifest
+from lazycaf.host.wire import LineReader, error_reply, ok_reply
+from lazycaf.traces.profiles import add_run
+from lazycaf.traces.trace import Trace
+
+__all__ = ["MountApi"]
+
+log = logging.getLogger(__name__)
+
+
+class _Connection:
+    __slots__ = ("hot",)
+
+    def __init__(self) -> None:
+        self.hot: set[Digest] = set()
+
+
+class MountApi:
+    def __init__(
+        self,
+        service: FetchService,
+        prefetch: PrefetchQueue,
+        gc: GarbageCollector | None = None,
+        *,
+        peers: PeerSet | None = None,
+    ) -> None:
+        self.service = service
+        self.prefetch = prefetch
+        self.gc = gc
+        self.peers = peers
+        self._profile_lock = trio.Lock()  # one read-modify-write of a profile at a time
+        self._index_limiter = trio.CapacityLimiter(1)  # index writes of this API
+        self._connections: set[_Connection] = set()
+
+    def hot_set(self) -> set[Digest]:
+        """The digests live mounts queued for prefetch (their profiles' hot sets)."""
+        return set().union(*(c.hot for c in self._connections))
+
+    async def _index(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._index_limiter)
+
+    async def serve(
+        self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, [listener])
+            task_status.started()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        reader = LineReader(stream)
+        conn = _Connection()
+        self._connections.add(conn)
+        try:
+            async with stream:
+                while (line := await reader.readline()) is not None:
+                    try:
+                        reply = ok_reply(await self.dispatch(line.decode(), conn))
+                    except LazyCafError as exc:
+                        reply = error_reply(exc)
+                    await stream.send_all(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, UnicodeDecodeError):
+            pass  # a mount went away mid-exchange
+        finally:
+            self._connections.discard(conn)
+
+    async def dispatch(self, line: str, conn: _Connection | None = None) -> Any:
+        verb, _, rest = line.rstrip("\n").partition(" ")
+        if verb in ("touch", "mounted", "holds", "pin", "unpin", "gc"):
+            return await self._dispatch_cache(verb, rest)
+        match verb:
+            case "ensure":
+                hex_digest, _, priority = rest.partition(" ")
+                prio = PREFETCH if priority == "prefetch" else DEMAND
+                size = await self.service.ensure(Digest.parse(hex_digest), priority=prio)
+                return {"size": size}
+            case "prefetch":
+                digests = [Digest.parse(h) for h in rest.split()]
+                if conn is not None:
+                    conn.hot.update(digests)
+                return {"queued": self.prefetch.add(digests)}
+            case "record":
+                name, _, trace_json = rest.partition(" ")
+                try:
+                    trace = Trace.from_json(json.loads(trace_json))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise UsageError(f"malformed trace: {exc}") from None
+                async with self._profile_lock:
+                    digest, runs = await add_run(self.service.cas, name, trace)
+                log.info("profile %s: %d runs (%s)", name, runs, digest)
+                return {"profile": digest.hex, "runs": runs}
+            case "resolve":
+                return (await self._resolve(*rest.split(" ", 1))).hex
+            case "stats":
+                stats = asdict(self.service.statistics())
+                return stats | (self.gc.statistics() if self.gc else {})
+            case "info":
+                return {
+                    "cache": str(self.service.cache.root),
+                    "cas": self.service.cas.where,
+                    "pid": os.getpid(),
+                    "peer_address": self.peers.self_address if self.peers else None,
+                    "peers": self.peers.members() if self.peers else [],
+                }
+            case _:
+                raise UsageError(f"unknown request {line[:100]!r}")
+
+    async def _resolve(self, ref: str, mode: str = "") -> Digest:
+        index = self.service.cache.index
+        if mode == "cached" and not Digest.is_hex(ref):
+            found: Digest | None = await self._index(index.cached_ref, ref)
+            if found is None:
+                raise RefNotFound(
+                    ref, "this cache (offline: mount it once online, or use a digest)"
+                )
+            return found
+        digest = await resolve(self.service.cas, ref)
+        if not Digest.is_hex(ref) and not ref.startswith("profiles/"):
+            await self._index(index.remember_ref, ref, digest)
+        return digest
+
+    async def _dispatch_cache(self, verb: str, rest: str) -> Any:
+        index = self.service.cache.index
+        match verb:
+            case "touch":
+                digests = [Digest.parse(h) for h in rest.split()]
+                self.service.touch(digests)
+                return {"touched": len(digests)}
+            case "mounted":
+                await self._index(index.note_mounted, Digest.parse(rest))
+                return None
+            case "holds":
+                return await self._holds(Digest.parse(rest))
+            case "pin" | "unpin":
+                digest = Digest.parse(rest)
+                if verb == "unpin":
+                    current = (await self._index(index.executables)).get(digest)
+                    if current is None or current.pins == 0:
+                        raise UsageError(f"executable {digest} is not pinned")
+                pins = await self._index(index.add_pins, digest, 1 if verb == "pin" else -1)
+                if self.gc is not None:
+                    self.gc.pins_changed()
+                return {"pins": pins}
+            case _:  # gc
+                if self.gc is None:
+                    raise UsageError("this daemon runs without GC")
+                return asdict(await self.gc.collect())
+
+    async def _holds(self, digest: Digest) -> dict[str, int]:
+        cache = self.service.cache
+        if not self.service.is_cached(digest):
+            raise NotFound(f"manifest {digest} is not in the cache")
+        data = await trio.to_thread.run_sync(cache.path(digest).read_bytes)
+        manifest = await trio.to_thread.run_sync(Manifest.decode, data)
+        held = await trio.to_thread.run_sync(coverage.measure, manifest, cache.has)
+        return {
+            "blobs": held.blobs,
+            "bytes": held.bytes,
+            "missing_blobs": held.missing_blobs,
+            "missing_bytes": held.missing_bytes,
+        }

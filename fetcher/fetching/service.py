@@ -1,0 +1,424 @@
+"""``ensure(digest)``: make a blob present in the host cache, fetching it at most once.
+
+Cache first, then the source (``fetcher.fetching.sources``: the blob's home peer, then the CAS).
+Concurrent requests for one digest, from any number of mounts and peers, share one download
+(single flight); the download runs in the service's own nursery, so a requester that gives up
+does not cancel it for the others. Downloads are verified before they enter the cache.
+
+A request a peer makes (``direct``: it ranked this daemon the blob's home) is fetched from
+the CAS, never forwarded; it joins a download in flight only if that one goes to the CAS too,
+so two daemons whose peer lists disagree never wait on each other in a cycle.
+
+Priorities: on-demand reads and prefetch use separate download slots (and fetches for peers
+slots of their own) and separate CAS and peer clients (so separate HTTP connection pools): a
+read never waits behind prefetch traffic for a slot or a connection, and a read of a blob
+that prefetch has queued but not started fetches it at once (the queue skips it later).
+
+Budget: a verified blob is staged in ``tmp/`` and published only if the cache stays within
+its budget; otherwise the download waits for a GC pass that makes room (GC normally runs
+ahead of that, from the high watermark). A full disk fails the fetch with ``CacheFull``
+(EIO at the reader) and wakes GC. Cache hits are remembered (``take_touched``) and written
+as access times in batches, never one LMDB write per read.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from fetcher.cache.blobcache import BlobCache, Staged
+from fetcher.cache.collector import GarbageCollector
+from fetcher.fetching.recent import RecentPayloads
+from fetcher.fetching.sources import Fetched, TieredSource
+from lazycaf.cas.api import CAS
+from lazycaf.core import framing
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import BlobNotFound, CacheFull, LazyCafError, Unavailable
+
+__all__ = ["DEMAND", "PREFETCH", "FetchService", "FetchStatistics"]
+
+log = logging.getLogger(__name__)
+DEMAND: Final = 0
+PREFETCH: Final = 1
+
+
+@dataclass(frozen=True)
+class FetchStatistics:
+    hits: int
+    misses: int
+    fetches: int
+    fetch_failures: int
+    bytes_fetched: int
+    bytes_served: int
+    wait_seconds: float
+    blobs_cached: int
+    prefetched: int
+    bytes_prefetched: int
+    prefetch_queued: int
+    bytes_from_cache: int  # demand reads the cache already held
+    bytes_from_peers: int
+    bytes_from_cas: int
+    blobs_from_peers: int
+    blobs_from_cas: int
+    blobs_to_peers: int  # served to other daemons (peer API)
+    bytes_to_peers: int
+
+
+_NAMES: Final = {DEMAND: "demand", PREFETCH: "prefetch"}
+
+
+class _Flight:
+    __slots__ = (
+        "direct",
+        "done",
+        "error",
+        "priority",
+        "size",
+        "started",
+        "stored",
+        "taken",
+        "via_peer",
+    )
+
+    def __init__(self, priority: int, direct: bool, via_peer: bool = False) -> None:
+        self.done = trio.Event()
+        self.error: LazyCafError | None = None
+        self.size = 0
+        self.started = False  # its download holds a slot and asked a source
+        self.taken = False  # a demand read took it over from a prefetch group not started
+        self.stored = False
+        self.priority = priority
+        self.direct = direct
+        self.via_peer = via_peer  # a routed fetch that asks a peer first
+
+
+class FetchService:
+    """Single-flight fetching into a ``BlobCache``. Use inside ``run()``.
+
+    Invariant: at most one download per (digest, direct) is in flight; ``_flights`` holds it
+    until its waiters are woken.
+    """
+
+    def __init__(
+        self,
+        cache: BlobCache,
+        source: TieredSource,
+        *,
+        concurrency: int = 16,
+        prefetch_concurrency: int = 8,
+        gc: GarbageCollector | None = None,
+        recent_budget: int = 0,
+    ) -> None:
+        self.cache = cache
+        self.gc = gc
+        # zstd payloads fetched from the CAS, for serving peers (0: no peers, keep none)
+        self.recent = RecentPayloads(recent_budget)
+        self._touched: set[Digest] = set()
+        self.source = source
+        # Download slots per (priority, direct). Fetches for peers (direct) have their own:
+        # a routed fetch holds its slot while it waits on a peer, and if that peer's fetches
+        # for us took from the same pool, two daemons could each hold every slot waiting on
+        # the other.
+        self._slots = {
+            (prio, direct): trio.CapacityLimiter(n)
+            for prio, n in ((DEMAND, concurrency), (PREFETCH, prefetch_concurrency))
+            for direct in (False, True)
+        }
+        # Threads that write blobs, per priority: a demand read's blob never queues behind
+        # a prefetch group's stores (trio's limiters are first come, first served)
+        self._disk_for = {DEMAND: trio.CapacityLimiter(4), PREFETCH: trio.CapacityLimiter(2)}
+        self._flights: dict[tuple[Digest, bool], _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+        self._hits = self._misses = self._fetches = self._failures = 0
+        self._bytes_fetched = self._bytes_served = 0
+        self._prefetched = self._bytes_prefetched = 0
+        self._wait = 0.0
+        self._by_origin = {"cas": [0, 0], "peer": [0, 0]}  # origin -> [blobs, bytes]
+        self._hit_bytes = 0
+        self._to_peers = [0, 0]
+        self.queued = 0  # set by the prefetch queue
+
+    @property
+    def cas(self) -> CAS:
+        return self.source.cas
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def statistics(self) -> FetchStatistics:
+        return FetchStatistics(
+            self._hits,
+            self._misses,
+            self._fetches,
+            self._failures,
+            self._bytes_fetched,
+            self._bytes_served,
+            round(self._wait, 6),
+            len(self.cache.index),
+            self._prefetched,
+            self._bytes_prefetched,
+            self.queued,
+            self._hit_bytes,
+            self._by_origin["peer"][1],
+            self._by_origin["cas"][1],
+            self._by_origin["peer"][0],
+            self._by_origin["cas"][0],
+            self._to_peers[0],
+            self._to_peers[1],
+        )
+
+    def note_served_to_peer(self, blobs: int, size: int) -> None:
+        self._to_peers[0] += blobs
+        self._to_peers[1] += size
+
+    def is_cached(self, digest: Digest) -> bool:
+        return self._cached_size(digest) is not None
+
+    def in_flight(self, digest: Digest) -> bool:
+        return (digest, False) in self._flights or (digest, True) in self._flights
+
+    def _joinable(self, digest: Digest, direct: bool) -> _Flight | None:
+        flight = self._flights.get((digest, True)) or self._flights.get((digest, False))
+        if flight is not None and direct and flight.via_peer:
+            return None  # it may be waiting on the very peer that asks: never join it
+        return flight
+
+    def _new_flight(
+        self, digest: Digest, priority: int, direct: bool, via_peer: bool | None = None
+    ) -> _Flight:
+        """Register a flight; its route (a peer first, or the CAS) is decided here, once."""
+        if via_peer is None:
+            via_peer = not direct and self.source.first_peer(digest) is not None
+        flight = self._flights[(digest, direct)] = _Flight(priority, direct, via_peer)
+        return flight
+
+    async def ensure(self, digest: Digest, *, priority: int = DEMAND, direct: bool = False) -> int:
+        """Return the blob's size once it is in the cache; raise the fetch's error.
+        ``direct``: a peer asks (fetch from the CAS, never from another peer)."""
+        # An LMDB get is a memory-mapped lookup and the stat hits the dentry cache: cheaper
+        # inline than the ~100 us of a thread hop, on the path every request takes.
+        record = self._cached_size(digest)
+        # Reads of this host's mounts count as hits and misses; peers' requests are counted
+        # by the peer API (``note_served_to_peer``), but keep their blobs recently used too.
+        local = priority == DEMAND and not direct
+        if record is not None:
+            if priority == DEMAND:
+                self._touched.add(digest)
+            if local:
+                self._hits += 1
+                self._bytes_served += record
+                self._hit_bytes += record
+            return record
+        if local:
+            self._misses += 1
+        start = time.monotonic()
+        flight = self._joinable(digest, direct)
+        assert self._nursery is not None, "FetchService.run() is not running"
+        if flight is None:
+            flight = self._new_flight(digest, priority, direct)
+            self._nursery.start_soon(self._download, digest, flight)
+        elif priority == DEMAND and flight.priority == PREFETCH and not flight.started:
+            # queued in a prefetch group still waiting for a slot: a read must not wait for
+            # the batches ahead of it, so it fetches the blob now (the group skips it)
+            flight.taken, flight.priority = True, DEMAND
+            self._nursery.start_soon(self._download, digest, flight)
+        await flight.done.wait()
+        if local:
+            self._wait += time.monotonic() - start
+        if flight.error is not None:
+            raise flight.error
+        if local:
+            self._bytes_served += flight.size
+        return flight.size
+
+    def touch(self, digests: list[Digest]) -> None:
+        """Note reads the daemon did not serve itself (mounts read cached blobs directly)."""
+        self._touched.update(digests)
+
+    def take_touched(self) -> set[Digest]:
+        """The blobs read since the last call (for one batched access-time write)."""
+        touched, self._touched = self._touched, set()
+        return touched
+
+    def _cached_size(self, digest: Digest) -> int | None:
+        rec = self.cache.index.get(digest)
+        if rec is None or not self.cache.path(digest).exists():
+            return None
+        return rec.size
+
+    async def fetch_many(
+        self,
+        digests: list[Digest],
+        *,
+        priority: int = PREFETCH,
+        direct: bool = False,
+        join: bool = False,
+    ) -> None:
+        """Fetch several blobs with one request per source (``TieredSource.get_many``):
+        per-request costs, not bytes, bound prefetch of many small blobs. Blobs already
+        cached are skipped, and so are blobs in flight, unless ``join``: then return only
+        once those landed too. A failure is logged per blob (a later read fetches on demand;
+        a peer that asked misses that blob in the answer)."""
+        todo: dict[Digest, None] = {}
+        others: list[_Flight] = []
+        for d in digests:
+            if self.is_cached(d) or d in todo:
+                continue
+            flight = self._joinable(d, direct)
+            if flight is None:
+                todo[d] = None
+            elif join:
+                others.append(flight)
+        # Blobs this daemon fetches from the CAS form a request of their own, and land
+        # without waiting for the peers': a peer may be waiting for exactly those.
+        via_cas = [d for d in todo if direct or self.source.first_peer(d) is None]
+        cas_set = set(via_cas)
+        via_peers = [d for d in todo if d not in cas_set]  # ranked once, here
+        # The downloads run in the service's nursery, like ``ensure``'s: a requester that
+        # gives up (a peer that timed out) does not cancel them for the others.
+        assert self._nursery is not None, "FetchService.run() is not running"
+        mine: list[_Flight] = []
+        for group, to_cas in ((via_cas, True), (via_peers, False)):
+            if group:  # flights exist before the first checkpoint: no second download
+                flights = {d: self._new_flight(d, priority, direct, not to_cas) for d in group}
+                self._nursery.start_soon(self._fetch_group, flights, priority, direct, to_cas)
+                mine.extend(flights.values())
+        for flight in mine + others:
+            await flight.done.wait()
+
+    async def _fetch_group(
+        self, flights: dict[Digest, _Flight], priority: int, direct: bool, to_cas: bool
+    ) -> None:
+        """Fetch a group with one request per source. ``to_cas``: the group was formed of
+        blobs the CAS serves (the route is the one decided when the flights were made)."""
+        mine = flights
+        try:
+            async with self._slots[priority, direct]:
+                mine = {d: f for d, f in flights.items() if not f.taken}
+                for flight in mine.values():
+                    flight.started = True
+                if not mine:
+                    return
+                got, error = await self.source.get_many(
+                    list(mine), _NAMES[priority], direct=direct or to_cas
+                )
+            for d, flight in mine.items():
+                fetched = got.pop(d, None)
+                if fetched is None:
+                    self._fail(flight, d, error or BlobNotFound(d, self.cas.where))
+                else:
+                    await self._store(d, fetched, flight)
+                self._land(d, flight)
+        except Exception as exc:  # one group must not take the service down
+            failure = exc if isinstance(exc, LazyCafError) else _internal(exc)
+            for d, flight in mine.items():
+                if not flight.done.is_set():
+                    self._fail(flight, d, failure)
+        finally:
+            for d, flight in mine.items():
+                self._land(d, flight)
+
+    async def _store(self, digest: Digest, fetched: Fetched, flight: _Flight) -> None:
+        """Verify, stage and publish one fetched blob; errors end up in ``flight``."""
+        try:
+            stage = functools.partial(self.cache.stage, verified=fetched.verified)
+            disk = self._disk_for[flight.priority]
+            staged = await trio.to_thread.run_sync(
+                stage, digest, fetched.encoding, fetched.payload, limiter=disk
+            )
+            await self._publish(staged, disk)
+        except LazyCafError as exc:
+            self._fail(flight, digest, exc)
+            return
+        except OSError as exc:
+            self._fail(flight, digest, Unavailable(f"cache write of blob {digest} failed: {exc}"))
+            return
+        flight.size = staged.size
+        flight.stored = True
+        if fetched.origin == "cas" and fetched.encoding == framing.ZSTD:
+            self.recent.put(digest, fetched.encoding, fetched.payload)
+        self._fetches += 1
+        self._bytes_fetched += staged.size
+        counts = self._by_origin[fetched.origin]
+        counts[0] += 1
+        counts[1] += staged.size
+        if flight.priority == PREFETCH:
+            self._prefetched += 1
+            self._bytes_prefetched += staged.size
+
+    def _fail(self, flight: _Flight, digest: Digest, exc: LazyCafError) -> None:
+        self._failures += 1
+        flight.error = exc
+        log.warning("fetch of blob %s failed: %s", digest, exc)
+        if isinstance(exc, CacheFull) and self.gc is not None:
+            self.gc.notice_disk_full()
+
+    def _land(self, digest: Digest, flight: _Flight) -> None:
+        """End a flight: forget it and wake its waiters (idempotent). A flight that ends
+        neither stored nor failed was cancelled (the daemon is stopping)."""
+        if flight.done.is_set():
+            return
+        if not flight.stored and flight.error is None:
+            flight.error = Unavailable(f"fetch of blob {digest} was cancelled")
+        key = (digest, flight.direct)
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.done.set()
+
+    async def _download(self, digest: Digest, flight: _Flight) -> None:
+        try:
+            async with self._slots[flight.priority, flight.direct]:
+                flight.started = True
+                fetched = await self.source.get(
+                    digest,
+                    _NAMES[flight.priority],
+                    direct=flight.direct or not flight.via_peer,  # the route decided at first
+                )
+            await self._store(digest, fetched, flight)
+        except LazyCafError as exc:
+            self._fail(flight, digest, exc)
+        except OSError as exc:  # a local CAS directory that failed
+            self._fail(flight, digest, Unavailable(f"fetch of blob {digest} failed: {exc}"))
+        except Exception as exc:  # one fetch must not take the service down
+            self._fail(flight, digest, _internal(exc))
+        finally:
+            self._land(digest, flight)
+
+    async def _publish(self, staged: Staged, disk: trio.CapacityLimiter) -> None:
+        """Publish within the budget, waiting for GC passes to make room; after three
+        passes that could not (only pinned blobs left), go over it rather than fail."""
+        gc = self.gc
+        try:
+            for _ in range(3):
+                limit = None if gc is None else gc.policy.budget
+                if await trio.to_thread.run_sync(
+                    functools.partial(self.cache.publish, staged, limit=limit),
+                    limiter=disk,
+                ):
+                    break
+                assert gc is not None
+                await gc.collect(room=staged.size)
+            else:
+                log.warning("cache over budget: only pinned blobs left to evict")
+                await trio.to_thread.run_sync(
+                    functools.partial(self.cache.publish, staged, limit=None), limiter=disk
+                )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.cache.discard, staged)
+            raise
+        if gc is not None:
+            gc.notice_commit()
+
+
+def _internal(exc: Exception) -> Unavailable:
+    log.error("fetch failed on an unexpected error", exc_info=exc)
+    return Unavailable(f"fetch failed: {type(exc).__name__}: {exc}")

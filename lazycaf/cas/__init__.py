@@ -1,0 +1,9 @@
+"""The CAS library: where blobs and refs live, seen from a client.
+
+``api`` (the ``CAS`` interface, ``open_cas``), ``local`` (the embedded local-directory
+backend), ``http`` (the HTTP client of the CAS server), ``casdir`` (the directory layout and
+its atomic writes, sync code shared with the server), ``refs`` (ref names, compare-and-swap
+conditions) and ``batch`` (the bodies of the batch endpoints).
+
+May import: lazycaf.core, lazycaf.disk.
+"""

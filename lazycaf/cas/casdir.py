@@ -1,0 +1,301 @@
+"""A CAS directory on local disk: the layout, atomic writes, refs (sync code, no trio).
+
+Layout::
+
+    <root>/blobs/<2 hex>/<hex>        a blob kept raw (it did not compress)
+    <root>/blobs/<2 hex>/<hex>.zst    a blob as independent zstd frames (see ``framing``)
+    <root>/refs/<name>                a named ref: the manifest digest in hex
+    <root>/tmp/                       writes in flight
+
+Invariants: a blob file appears only after its content was verified against its name, and
+only by ``os.replace`` of a fully written temp file that a ``syncfs`` made durable first, so a
+crash leaves at most stray temp files, never a blob that reads wrong (``find_missing`` trusts
+an existing blob file forever). A ``.zst`` file always has the layout ``framing.encode`` gives
+(aligned frames of 128 KiB of data); uploads in any other layout are re-encoded. A ref name is
+never also a directory of refs (``p`` and ``p/x`` conflict).
+
+Group commit: one ``fsync`` per blob cost ~40% of a cold pack, so writes go in two steps.
+``stage_*`` verifies a blob and writes it to ``tmp/`` without syncing; ``publish`` makes a
+whole group durable with ONE ``syncfs`` of the CAS filesystem and only then renames each file
+into ``blobs/``. Since every rename follows a ``syncfs``, it also makes every earlier rename
+durable: the manifest a pack writes last is published after its blobs' renames are durable,
+and a ref (written the same way) after its manifest's. ``write_many`` is stage + publish for a
+batch; the HTTP server stages each PUT and publishes concurrent ones together. A crash
+between the two steps leaves temp files only; ``CasDir(..., create=True)`` removes those older
+than ``STALE_TMP_SECONDS`` (younger ones may be another process's writes in flight; nothing
+ever reads them).
+
+Both the embedded local CAS and the HTTP CAS server use this class; async callers reach it
+through a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Final, NamedTuple
+
+from lazycaf.cas.refs import ANY, Expected, check_ref_name
+from lazycaf.core import framing
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import BlobNotFound, RefMoved, RefNotFound, UsageError
+from lazycaf.disk.syncfs import syncfs
+
+__all__ = ["STALE_TMP_SECONDS", "CasDir", "Staged", "check_ref_name"]
+
+STALE_TMP_SECONDS: Final = 3600.0  # a temp file this old is a crash's leftover, not a write
+
+
+class Staged(NamedTuple):
+    """A verified blob written to ``tmp/``: not durable and not visible until ``publish``."""
+
+    digest: Digest
+    tmp: Path
+    final: Path
+
+
+class CasDir:
+    """A content-addressed blob store in a directory. Thread-safe; processes may share it."""
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root)
+        if create:
+            for sub in ("blobs", "refs", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.sweep_tmp()
+        elif not (self.root / "blobs").is_dir():
+            raise UsageError(f"{self.root} is not a CAS directory (no blobs/)")
+
+    def __repr__(self) -> str:
+        return f"CasDir({str(self.root)!r})"
+
+    # -- blobs -----------------------------------------------------------------------------
+    def _path(self, digest: Digest) -> Path:
+        h = digest.hex
+        return self.root / "blobs" / h[:2] / h
+
+    def has(self, digest: Digest) -> bool:
+        p = self._path(digest)
+        return p.with_suffix(".zst").exists() or p.exists()
+
+    def find_missing(self, digests: list[Digest]) -> list[Digest]:
+        return [d for d in digests if not self.has(d)]
+
+    def read_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]:
+        """The stored representation (not verified: callers verify after decoding)."""
+        p = self._path(digest)
+        with contextlib.suppress(FileNotFoundError):
+            return framing.ZSTD, p.with_suffix(".zst").read_bytes()
+        try:
+            return framing.IDENTITY, p.read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFound(digest, str(self.root)) from None
+
+    def read(self, digest: Digest) -> bytes:
+        """The blob's content, verified against its digest."""
+        encoding, payload = self.read_encoded(digest)
+        data = framing.decode(encoding, payload, what=f"blob {digest}")
+        digest.verify(data)
+        return data
+
+    def write(self, digest: Digest, data: bytes) -> bool:
+        """Verify ``data`` and store it; False when the blob was already there."""
+        return self.write_many([(digest, data)]) == 1
+
+    def write_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
+        """Verify and store a batch of blobs with one ``syncfs``; returns how many were new.
+
+        Verification is all or nothing: every item is checked before anything is written, so
+        a batch holding one blob that does not match its digest raises ``DigestMismatch`` and
+        stores none of the batch. Blobs already stored, or repeated in the batch, are skipped.
+        An ``OSError`` while committing may leave part of the batch stored (each of those
+        whole and durable) and nothing in ``tmp/``.
+        """
+        for digest, data in items:
+            digest.verify(data)
+        todo = {digest: data for digest, data in items if not self.has(digest)}
+        staged: list[Staged] = []
+        try:
+            for digest, data in todo.items():
+                staged.append(self._stage(digest, *framing.encode(data)))
+        except BaseException:
+            self.discard(staged)
+            raise
+        return sum(self.publish(staged))
+
+    def write_encoded(
+        self,
+        digest: Digest,
+        encoding: str,
+        payload: bytes,
+        *,
+        max_size: int = framing.MAX_DECODED,
+    ) -> bool:
+        """``stage_encoded`` and ``publish`` one blob; False when it was already there."""
+        staged = self.stage_encoded(digest, encoding, payload, max_size=max_size)
+        return staged is not None and self.publish([staged])[0]
+
+    def stage_encoded(
+        self,
+        digest: Digest,
+        encoding: str,
+        payload: bytes,
+        *,
+        max_size: int = framing.MAX_DECODED,
+    ) -> Staged | None:
+        """Decode a blob received encoded (at most ``max_size`` bytes), verify it and write it
+        to ``tmp/`` for ``publish``; None when it is already stored.
+
+        Frames are kept as they came when they have the layout ``framing.encode`` gives and
+        save space; anything else (an identity upload, one big frame, frames that do not
+        shrink the data) is re-encoded, so the store holds only the canonical layout.
+        """
+        data = framing.decode(encoding, payload, what=f"blob {digest}", max_size=max_size)
+        digest.verify(data)
+        if self.has(digest):
+            return None
+        keep = (
+            encoding == framing.ZSTD
+            and framing.is_canonical(encoding, payload)
+            and len(payload) < len(data)
+        )
+        if not keep:
+            encoding, payload = framing.encode(data)
+        return self._stage(digest, encoding, payload)
+
+    def publish(self, staged: Sequence[Staged]) -> list[bool]:
+        """Make staged blobs durable with one ``syncfs``, then visible by renaming each into
+        ``blobs/``; True for each blob that is new. A blob another writer stored meanwhile is
+        dropped (False). On an error, the files not yet renamed are removed and it propagates.
+        """
+        done = 0
+        try:
+            if staged:
+                syncfs(self.root)  # before any rename: a renamed file has durable content
+            out = []
+            for s in staged:
+                if self.has(s.digest):
+                    os.unlink(s.tmp)
+                    out.append(False)
+                else:
+                    os.replace(s.tmp, s.final)
+                    out.append(True)
+                done += 1
+            return out
+        except BaseException:
+            self.discard(staged[done:])
+            raise
+
+    def discard(self, staged: Iterable[Staged]) -> None:
+        """Remove staged temp files that will not be published."""
+        for s in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(s.tmp)
+
+    def sweep_tmp(self, *, older_than: float = STALE_TMP_SECONDS) -> int:
+        """Remove temp files older than ``older_than`` seconds (a crash's leftovers); returns
+        how many. Best effort: a file that cannot be removed is left, it is never read."""
+        cutoff = time.time() - older_than
+        removed = 0
+        with os.scandir(self.root / "tmp") as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
+
+    def size(self, digest: Digest) -> int:
+        """The blob's content size, from a stat or the frame headers (nothing decoded)."""
+        p = self._path(digest)
+        with contextlib.suppress(FileNotFoundError):
+            payload = p.with_suffix(".zst").read_bytes()
+            return framing.decoded_size(framing.ZSTD, payload, what=f"blob {digest}")
+        try:
+            return p.stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(digest, str(self.root)) from None
+
+    def _stage(self, digest: Digest, encoding: str, payload: bytes) -> Staged:
+        final = self._path(digest)
+        if encoding == framing.ZSTD:
+            final = final.with_suffix(".zst")
+        # Created before the syncfs, so the directory entry is as durable as the content.
+        final.parent.mkdir(exist_ok=True)
+        return Staged(digest, self._write_tmp(final.name, payload), final)
+
+    def _write_tmp(self, name: str, payload: bytes) -> Path:
+        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=name[:16] + ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return Path(tmp)
+
+    def _atomic_write(self, final: Path, payload: bytes) -> None:
+        # A syncfs rather than an fsync: it also makes durable the rename of the blob a ref
+        # names, so a ref never survives a crash that its manifest did not.
+        tmp = self._write_tmp(final.name, payload)
+        try:
+            syncfs(self.root)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    # -- refs ------------------------------------------------------------------------------
+    def read_ref(self, name: str) -> Digest:
+        check_ref_name(name)
+        try:
+            text = (self.root / "refs" / name).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise RefNotFound(name, str(self.root)) from None
+        return Digest.parse(text)
+
+    def write_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
+        """Point ``name`` at ``digest``. With ``expected`` (a digest, or None for "must not
+        exist yet") only if the ref is still at that value, else ``RefMoved``: a
+        compare-and-swap, atomic across processes sharing this directory (a lock file)."""
+        check_ref_name(name)
+        if not self.has(digest):
+            raise BlobNotFound(digest, f"{self.root} (ref {name!r} must name a stored blob)")
+        final = self.root / "refs" / name
+        # As in git, ``p`` and ``p/x`` cannot both be refs: one would be a file, the other
+        # need it as a directory.
+        if final.is_dir():
+            raise _ref_conflict(name)
+        with self._refs_locked():
+            if expected is not ANY:
+                try:
+                    found: Digest | None = self.read_ref(name)
+                except RefNotFound:
+                    found = None
+                if found != expected:
+                    raise RefMoved(name, expected or "no ref", found or "no ref")
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._atomic_write(final, (digest.hex + "\n").encode())
+            except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                raise _ref_conflict(name) from exc
+
+    @contextlib.contextmanager
+    def _refs_locked(self) -> Iterator[None]:
+        fd = os.open(self.root / "refs.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _ref_conflict(name: str) -> UsageError:
+    return UsageError(f"ref name {name!r} conflicts with an existing ref (as 'p' and 'p/x' do)")

@@ -1,0 +1,194 @@
+"""The ``lazycaf cache`` commands: status, gc, pin (init lives with the host commands).
+
+``status`` reads the index read-only (LMDB readers never block the daemon), so it works
+with or without a daemon. ``gc`` asks the running daemon, or, when none runs, takes the
+daemon's lock and collects itself (the index has one writer). ``pin`` goes through the
+daemon, starting one like ``mount`` does, since it may have blobs to fetch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lazycaf.cli.host import _absolute, _cache_paths
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import LazyCafError, UsageError
+from lazycaf.core.manifest import Manifest
+from lazycaf.core.sizes import format_size
+from lazycaf.host.client import FetcherClient, ensure_daemon, socket_answers
+from lazycaf.host.index import Index
+
+__all__ = ["gc", "pin", "status"]
+
+
+def _open_index(cache: Path) -> Index:
+    if not (cache / "index.lmdb").is_dir():
+        raise UsageError(f"no host cache at {cache} (no index.lmdb)")
+    return Index(cache / "index.lmdb", readonly=True)
+
+
+def _manifest_blobs(cache: Path, digest: Digest) -> dict[Digest, int] | None:
+    try:
+        data = (cache / "blobs" / digest.hex[:2] / digest.hex).read_bytes()
+        return Manifest.decode(data).blobs()
+    except (OSError, LazyCafError):
+        return None
+
+
+def collect_status(cache: Path) -> dict[str, Any]:
+    """Everything ``cache status`` shows (sync)."""
+    from fetcher.cache.collector import configured_policy
+    from fetcher.cache.diskusage import compression
+
+    index = _open_index(cache)
+    try:
+        sizes = {d: rec.size for d, rec in index.items()}
+        policy, source = configured_policy(index, cache)
+        exes = index.executables()
+        refs = index.refs()
+    finally:
+        index.close()
+    names: dict[Digest, list[str]] = {}
+    for name, d in sorted(refs.items()):
+        names.setdefault(d, []).append(name)
+    per_exe, pinned, unknown = 0, [], 0
+    distinct: set[Digest] = set()
+    for exe, rec in sorted(exes.items(), key=lambda kv: kv[0].hex):
+        blobs = _manifest_blobs(cache, exe)
+        if blobs is None:
+            unknown += 1
+        cached = {d for d in blobs or () if d in sizes}
+        per_exe += sum(sizes[d] for d in cached)
+        distinct |= cached
+        if rec.pins:
+            pinned.append(
+                {
+                    "digest": exe.hex,
+                    "refs": names.get(exe, []),
+                    "pins": rec.pins,
+                    "bytes": sum((blobs or {}).values()),
+                    "cached_bytes": sum(sizes[d] for d in cached),
+                }
+            )
+    usage = sum(sizes.values())
+    return {
+        "cache": str(cache),
+        "usage": usage,
+        "budget": policy.budget,
+        "budget_source": source,
+        "high_watermark": policy.high_bytes,
+        "low_watermark": policy.low_bytes,
+        "blobs": len(sizes),
+        "executables": len(exes),
+        "executables_without_manifest": unknown,
+        "pinned": pinned,
+        "shared_bytes_saved": per_exe - sum(sizes[d] for d in distinct),
+        "compression": compression(cache / "blobs").to_json(),
+    }
+
+
+async def status(args: argparse.Namespace) -> int:
+    cache, sock = _cache_paths(args)
+    info = await trio.to_thread.run_sync(collect_status, cache)
+    info["daemon"] = socket_answers(sock)
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+        return 0
+    share = info["usage"] / info["budget"] if info["budget"] else 0
+    comp = info["compression"]
+    if comp["ratio"] is not None:
+        comp_text = (
+            f"{comp['ratio']:.2f}x ({format_size(comp['uncompressed_bytes'])} in "
+            f"{format_size(comp['disk_bytes'])}; {comp['method']})"
+        )
+    else:
+        comp_text = f"unknown ({comp['note'] or comp['method']})"
+    lines = [
+        f"cache        {info['cache']} (daemon {'running' if info['daemon'] else 'not running'})",
+        f"size         {format_size(info['usage'])} of {format_size(info['budget'])} "
+        f"({share:.0%}; budget {info['budget_source']}, GC from "
+        f"{format_size(info['high_watermark'])} down to {format_size(info['low_watermark'])})",
+        f"blobs        {info['blobs']}",
+        f"executables  {info['executables']} mounted or pinned here",
+        f"sharing      {format_size(info['shared_bytes_saved'])} saved by blobs shared "
+        "between executables",
+        f"compression  {comp_text}",
+        f"pinned       {len(info['pinned'])}",
+    ]
+    for p in info["pinned"]:
+        refs = f" ({', '.join(p['refs'])})" if p["refs"] else ""
+        lines.append(
+            f"  {p['digest'][:12]}{refs}: {p['pins']} pin(s), "
+            f"{format_size(p['cached_bytes'])} of {format_size(p['bytes'])} cached"
+        )
+    print("\n".join(lines))
+    return 0
+
+
+async def gc(args: argparse.Namespace) -> int:
+    from fetcher.daemon.root import DaemonRunning, collect_without_daemon
+
+    cache, sock = _cache_paths(args)
+    result: dict[str, Any] | None = None
+    if not socket_answers(sock):
+        _open_index(cache).close()  # a clear error for a directory that is no cache
+        try:
+            res = await trio.to_thread.run_sync(collect_without_daemon, cache)
+            result = {"evicted": res.evicted, "bytes_freed": res.bytes_freed}
+            result |= {"usage": res.usage, "budget": res.budget, "by": "this process"}
+        except DaemonRunning:
+            pass  # one started meanwhile: ask it
+    if result is None:
+        client = FetcherClient(sock, timeout=600)
+        try:
+            result = {**await client.gc(), "by": "the fetcher daemon"}
+        finally:
+            await client.aclose()
+    print(
+        f"evicted {result['evicted']} blobs ({format_size(result['bytes_freed'])}) "
+        f"by {result['by']}; cache now {format_size(result['usage'])} of "
+        f"{format_size(result['budget'])}"
+    )
+    return 0
+
+
+async def pin(args: argparse.Namespace) -> int:
+    cache, sock = _cache_paths(args)
+    cas_spec = args.cas
+    if cas_spec and "://" not in cas_spec:
+        cas_spec = str(_absolute(cas_spec))
+    await trio.to_thread.run_sync(ensure_daemon, cache, cas_spec, sock)
+    client = FetcherClient(sock)
+    try:
+        digest = await client.resolve(args.ref)
+        if args.unpin:
+            pins = await client.pin(digest, unpin=True)
+            print(f"unpinned {args.ref} ({digest.short}); {pins} pin(s) left")
+            return 0
+        pins = await client.pin(digest)
+        try:  # pinned first, so GC keeps what arrives
+            nbytes, count = await _fetch_all(client, cache, digest)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await client.pin(digest, unpin=True)
+            raise
+    finally:
+        await client.aclose()
+    print(
+        f"pinned {args.ref} ({digest.short}): {count} blobs, {format_size(nbytes)}; {pins} pin(s)"
+    )
+    return 0
+
+
+async def _fetch_all(client: FetcherClient, cache: Path, digest: Digest) -> tuple[int, int]:
+    await client.ensure(digest)
+    blobs = await trio.to_thread.run_sync(_manifest_blobs, cache, digest)
+    if blobs is None:
+        raise LazyCafError(f"manifest {digest} is unreadable in the cache")
+    await client.ensure_all(list(blobs), cache_root=cache)
+    return sum(blobs.values()), len(blobs)

@@ -1,0 +1,344 @@
+"""The ``lazycaf`` command line: ``main(argv) -> int``.
+
+Only this module configures logging or decides exit codes: a ``LazyCafError`` becomes one
+line on stderr (``lazycaf: error: ...``) and its ``exit_code``. Command modules are imported
+only for the command that runs (``lazycaf mount`` never loads httpx or hypercorn), which
+keeps start-up, and so mount-ready time, short. A background ``lazycaf mount`` first asks
+the host's mount zygote (``lazycaf.cli.zygote_client``, standard library only) to run it in a
+process that has its imports done; trio is imported only when a command runs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from lazycaf import __version__
+from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE
+from lazycaf.core.errors import LazyCafError, first_error
+
+__all__ = ["console_main", "main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lazycaf",
+        description="Lazy, content-addressed Python executables: pack a tree into a CAS, "
+        "mount it anywhere, fetch only what is read.",
+    )
+    p.add_argument("--version", action="version", version=f"lazycaf {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cas_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--cas",
+            metavar="URL|PATH",
+            help="the CAS (default: $LAZYCAF_CAS or ~/.cache/lazycaf/cas)",
+        )
+
+    sp = sub.add_parser("pack", help="pack a tree into the CAS; prints the manifest digest")
+    sp.add_argument("dir", type=Path)
+    cas_opt(sp)
+    sp.add_argument("--tag", metavar="NAME", help="also point the ref NAME at the manifest")
+    sp.add_argument("--keep-setid", action="store_true", help="keep setuid/setgid bits")
+    sp.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
+    sp.add_argument(
+        "--jobs", type=int, default=4, help="upload batches in flight (default and max 4)"
+    )
+    sp.add_argument(
+        "--rehash",
+        action="store_true",
+        help="hash every file again (default: trust digests of files whose stat is unchanged)",
+    )
+    sp.set_defaults(run="store:pack_tree")
+
+    sp = sub.add_parser("ls", help="list a packed tree like ls -l (UTC times)")
+    sp.add_argument("ref")
+    sp.add_argument("path", nargs="?", default="")
+    sp.add_argument("-R", "--recursive", action="store_true", help="every entry below PATH")
+    sp.add_argument("--json", action="store_true", help="one JSON object per entry")
+    cas_opt(sp)
+    sp.set_defaults(run="store:ls")
+
+    sp = sub.add_parser("cat", help="write a packed file's bytes to stdout (verified)")
+    sp.add_argument("ref")
+    sp.add_argument("path")
+    cas_opt(sp)
+    sp.set_defaults(run="store:cat")
+
+    sp = sub.add_parser("diff", help="what changed between two packed trees")
+    sp.add_argument("ref_a")
+    sp.add_argument("ref_b")
+    cas_opt(sp)
+    sp.set_defaults(run="store:diff")
+
+    def cache_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--cache",
+            type=Path,
+            help="host cache (default: $LAZYCAF_CACHE or ~/.cache/lazycaf/host)",
+        )
+        sp.add_argument("--socket", type=Path, help="daemon socket (default: CACHE/fetcher.sock)")
+
+    def cache_size_opt(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument(
+            "--cache-size",
+            metavar="BYTES",
+            help=f"{what}, e.g. 500M or 20G; remembered by the cache "
+            "(default: 10G, or half the cache's filesystem if smaller)",
+        )
+
+    # no abbreviated options: the zygote client reads --cache, --socket and --foreground
+    # by their full names before this parser runs
+    sp = sub.add_parser(
+        "mount", help="mount a packed tree; bytes are fetched on first read", allow_abbrev=False
+    )
+    sp.add_argument("ref")
+    sp.add_argument("mountpoint", type=Path)
+    cas_opt(sp)
+    cache_opts(sp)
+    sp.add_argument("--foreground", action="store_true", help="serve in this process")
+    sp.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a read whose blob is not fetched by then fails with EIO (default 30)",
+    )
+    sp.add_argument(
+        "--open-roundtrips",
+        action="store_true",
+        help="answer every open/opendir in the mount (stock pyfuse3 behaviour; for comparison)",
+    )
+    sp.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="profile to prefetch and record into (default: the ref's name without its tag)",
+    )
+    sp.add_argument("--no-prefetch", action="store_true", help="record, but do not prefetch")
+    sp.add_argument(
+        "--eager-share",
+        type=float,
+        default=0.3,
+        metavar="FRACTION",
+        help="fetch the whole tree in the background once a run has read this "
+        "share of it, or the profile says it will (default 0.3; 0 disables)",
+    )
+    sp.add_argument(
+        "--offline",
+        action="store_true",
+        help="use only the host cache: refuse unless every blob is cached; a ref name "
+        "resolves to what this cache last resolved it to",
+    )
+    cache_size_opt(sp, "the byte budget of the fetcher daemon if this mount starts one")
+    sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    sp.set_defaults(run="host:mount")
+
+    sp = sub.add_parser("materialize", help="a full ordinary copy (reflinks on Btrfs)")
+    sp.add_argument("ref")
+    sp.add_argument("dir", type=Path)
+    sp.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy bytes even where reflinks work (a tree sharing no extents with the cache)",
+    )
+    cas_opt(sp)
+    cache_opts(sp)
+    sp.set_defaults(run="host:materialize")
+
+    sp = sub.add_parser("umount", help="unmount a lazycaf mount")
+    sp.add_argument("mountpoint", type=Path)
+    sp.add_argument("--lazy", action="store_true", help="detach now even if files are open")
+    sp.set_defaults(run="host:umount")
+
+    sp = sub.add_parser("profile", help="access profiles: record, show, save")
+    psub = sp.add_subparsers(dest="profile_command", required=True, metavar="SUBCOMMAND")
+    prec = psub.add_parser(
+        "record",
+        help="mount REF, run CMD from it, unmount, save the run",
+        usage="lazycaf profile record --name NAME REF [--cas ...] -- CMD ... "
+        "({mnt} in CMD is the mountpoint)",
+    )
+    prec.add_argument("--name", required=True, help="the profile to record into")
+    prec.add_argument("ref")
+    prec.set_defaults(cmd=[])
+    cas_opt(prec)
+    cache_opts(prec)
+    prec.set_defaults(run="profile:record")
+    pshow = psub.add_parser("show", help="hot set against the whole executable")
+    pshow.add_argument("name")
+    pshow.add_argument("--top", type=int, default=15, help="hot files to list (default 15)")
+    cas_opt(pshow)
+    pshow.set_defaults(run="profile:show")
+    psave = psub.add_parser("save", help="save a running mount's trace into its profile now")
+    psave.add_argument("mountpoint", type=Path)
+    psave.set_defaults(run="profile:save")
+
+    sp = sub.add_parser("stats", help="the fetcher daemon's statistics")
+    cache_opts(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(run="host:stats")
+
+    sp = sub.add_parser("fetcher", help="the per-host fetcher daemon")
+    fsub = sp.add_subparsers(dest="fetcher_command", required=True, metavar="SUBCOMMAND")
+    fserve = fsub.add_parser("serve", help="run the daemon in the foreground")
+    cas_opt(fserve)
+    cache_opts(fserve)
+    cache_size_opt(fserve, "keep the cache's blobs under this many bytes")
+    for name, default in (("high", 0.9), ("low", 0.8)):
+        fserve.add_argument(
+            f"--gc-{name}",
+            type=float,
+            metavar="FRACTION",
+            help=f"GC {'starts above' if name == 'high' else 'evicts down to'} this share "
+            f"of the budget (default {default})",
+        )
+    fserve.add_argument(
+        "--peer-listen",
+        metavar="HOST:PORT",
+        help="serve this cache to peer daemons on HOST:PORT (port 0 picks one)",
+    )
+    fserve.add_argument(
+        "--peer-advertise",
+        metavar="HOST:PORT",
+        help="this daemon's address as the peer list writes it (default: the bound address)",
+    )
+    fserve.add_argument(
+        "--peers",
+        type=Path,
+        metavar="FILE",
+        help="peer list: one HOST:PORT a line; re-read when it changes",
+    )
+    fserve.add_argument(
+        "--peer-token-file", type=Path, metavar="FILE", help="the bearer token peers share"
+    )
+    fserve.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up on a peer request after this long and back the peer off (default 5)",
+    )
+    fserve.set_defaults(run="host:fetcher_serve")
+    fstop = fsub.add_parser("stop", help="stop the daemon of a cache (mounts restart it)")
+    cache_opts(fstop)
+    fstop.set_defaults(run="host:fetcher_stop")
+
+    sp = sub.add_parser("affinity", help="rank peer hosts by how much of an executable they hold")
+    sp.add_argument("ref")
+    sp.add_argument(
+        "--peers", required=True, metavar="FILE|ADDR,...", help="a peer list file, or addresses"
+    )
+    sp.add_argument("--profile", metavar="NAME", help="hot set of this profile (default: REF's)")
+    sp.add_argument("--token-file", type=Path, help="the bearer token peers share")
+    sp.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    sp.add_argument("--json", action="store_true")
+    cas_opt(sp)
+    sp.set_defaults(run="peers:affinity")
+
+    sp = sub.add_parser("cache", help="manage the host cache")
+    csub = sp.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    cinit = csub.add_parser("init", help="create a cache dir (zstd compression on Btrfs)")
+    cinit.add_argument("dir", type=Path)
+    cinit.set_defaults(run="host:cache_init")
+    cstatus = csub.add_parser("status", help="size against budget, pins, sharing, compression")
+    cache_opts(cstatus)
+    cstatus.add_argument("--json", action="store_true")
+    cstatus.set_defaults(run="cache:status")
+    cgc = csub.add_parser("gc", help="evict down to the low watermark now")
+    cache_opts(cgc)
+    cgc.set_defaults(run="cache:gc")
+    cpin = csub.add_parser("pin", help="fetch an executable's blobs and keep them out of GC")
+    cpin.add_argument("ref")
+    cpin.add_argument("--unpin", action="store_true", help="remove one pin instead")
+    cas_opt(cpin)
+    cache_opts(cpin)
+    cpin.set_defaults(run="cache:pin")
+
+    sp = sub.add_parser("cas", help="run the HTTP CAS server")
+    cas_sub = sp.add_subparsers(dest="cas_command", required=True, metavar="SUBCOMMAND")
+    serve = cas_sub.add_parser("serve", help="serve a CAS directory over HTTP")
+    serve.add_argument("--root", type=Path, required=True)
+    serve.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT")
+    serve.add_argument("--token-file", type=Path, help="writes need this bearer token")
+    serve.set_defaults(run="store:cas_serve")
+    return p
+
+
+def _command(spec: str) -> Any:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(f"lazycaf.cli.{module}"), name)
+
+
+# -- entry points --------------------------------------------------------------------------
+def main(argv: list[str] | None = None, *, zygote: bool = True) -> int:
+    """``zygote``: let the host's mount zygote run a background ``mount`` (the zygote's own
+    child passes False)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if zygote:
+        from lazycaf.cli.zygote_client import try_zygote
+
+        code = try_zygote(argv)
+        if code is not None:
+            return code
+    tail: list[str] = []
+    if "--" in argv:  # everything after -- is a command to run (profile record)
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1 :]
+    args = _parser().parse_args(argv)
+    if tail:
+        if not hasattr(args, "cmd"):
+            _parser().error("'--' is only for `lazycaf profile record`")
+        args.cmd = [*args.cmd, *tail]
+    logging.basicConfig(
+        level=logging.DEBUG
+        if args.verbose
+        else logging.INFO
+        if args.command in _SERVICES
+        else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if args.command == "mount" and not args.foreground:
+        from lazycaf.cli.host import mount_background
+
+        try:
+            return mount_background(args, run_command)
+        except LazyCafError as exc:
+            print(f"lazycaf: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+    return run_command(args)
+
+
+_SERVICES = frozenset({"mount", "fetcher", "cas"})
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become one line on stderr and an exit code."""
+    import trio  # here, not at the top: a mount through the zygote never needs it
+
+    try:
+        code: int = trio.run(_command(args.run), args)
+        return code
+    except LazyCafError as exc:
+        print(f"lazycaf: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BaseExceptionGroup as group:  # errors raised inside nurseries
+        leaf = first_error(group)
+        if not isinstance(leaf, LazyCafError):
+            raise
+        print(f"lazycaf: error: {leaf}", file=sys.stderr)
+        return leaf.exit_code
+    except KeyboardInterrupt:
+        print("lazycaf: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+def console_main() -> None:
+    sys.exit(main())

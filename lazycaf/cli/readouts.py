@@ -1,0 +1,151 @@
+"""Ops read-outs over manifests (pure): ``ls -l`` lines and diffs between two builds."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from lazycaf.core.chunking import chunk_spans
+from lazycaf.core.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest
+
+__all__ = ["Diff", "diff_manifests", "entry_json", "format_ls", "link_counts"]
+
+
+def link_counts(manifest: Manifest) -> dict[str, int]:
+    """``st_nlink`` of every path: hard-link group sizes, and 2 + subdirectories for dirs."""
+    groups = Counter(e.target or e.path for e in manifest.entries if e.kind in (FILE, HARDLINK))
+    subdirs = Counter(e.path.rpartition("/")[0] for e in manifest.entries if e.kind == DIR)
+    out: dict[str, int] = {"": 2 + subdirs[""]}
+    for e in manifest.entries:
+        if e.kind == DIR:
+            out[e.path] = 2 + subdirs[e.path]
+        elif e.kind in (FILE, HARDLINK):
+            out[e.path] = groups[e.target or e.path]
+        else:
+            out[e.path] = 1
+    return out
+
+
+def _mtime_text(ns: int) -> str:
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(secs)) + f".{frac:09d}"
+
+
+def format_ls(entry: Entry, nlink: int, name: str | None = None) -> str:
+    """One ``ls -l --full-time`` style line (UTC)."""
+    line = (
+        f"{stat.filemode(entry.st_mode)} {nlink:3d} {entry.size:>12d} "
+        f"{_mtime_text(entry.mtime_ns)} {name if name is not None else entry.path}"
+    )
+    if entry.kind == SYMLINK:
+        line += f" -> {entry.target}"
+    return line
+
+
+def entry_json(entry: Entry, nlink: int) -> str:
+    record: dict[str, object] = {
+        "path": entry.path,
+        "kind": {DIR: "dir", FILE: "file", SYMLINK: "symlink", HARDLINK: "hardlink"}[entry.kind],
+        "mode": entry.mode,
+        "mtime_ns": entry.mtime_ns,
+        "size": entry.size,
+        "nlink": nlink,
+    }
+    if entry.digest is not None:
+        record["digest"] = entry.digest.hex
+        record["chunks"] = len(entry.chunks)
+    if entry.target is not None:
+        record["target"] = entry.target
+    return json.dumps(record, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One path present in both manifests whose entry differs.
+
+    ``content_of`` names the file whose bytes this entry shows in the second manifest: the
+    path itself, or for a hard link the first path of its inode group. Totals count the
+    changed bytes of each such file once, however many links show them.
+    """
+
+    path: str
+    what: tuple[str, ...]
+    bytes_differ: int
+    content_of: str = ""
+
+
+@dataclass(frozen=True)
+class Diff:
+    added: list[Entry]
+    removed: list[Entry]
+    changed: list[Change]
+    new_blob_bytes: int
+
+    def lines(self) -> list[str]:
+        out = [f"+ {e.path} ({e.size} bytes)" for e in self.added]
+        out += [f"- {e.path} ({e.size} bytes)" for e in self.removed]
+        out += [f"M {c.path} ({', '.join(c.what)})" for c in self.changed]
+        out.sort(key=lambda line: line[2:])
+        added = sum(e.size for e in self.added if e.kind == FILE)
+        removed = sum(e.size for e in self.removed if e.kind == FILE)
+        per_content: dict[str, int] = {}
+        for c in self.changed:
+            key = c.content_of or c.path
+            per_content[key] = max(per_content.get(key, 0), c.bytes_differ)
+        changed = sum(per_content.values())
+        out.append(
+            f"{len(self.added)} added ({added} bytes), {len(self.removed)} removed "
+            f"({removed} bytes), {len(self.changed)} changed ({changed} bytes differ); "
+            f"{self.new_blob_bytes} bytes of blobs new in the second"
+        )
+        return out
+
+
+def _changed_bytes(a: Entry, b: Entry, chunk_size: int) -> int:
+    if a.digest == b.digest:
+        return 0
+    if a.chunks and b.chunks:
+        spans = chunk_spans(b.size, chunk_size)
+        differ = sum(
+            length
+            for i, (_, length) in enumerate(spans)
+            if i >= len(a.chunks) or a.chunks[i] != b.chunks[i]
+        )
+        return differ + max(0, a.size - b.size)
+    return max(a.size, b.size)
+
+
+def _what_changed(a: Entry, b: Entry, chunk_size: int) -> tuple[str, ...]:
+    what = []
+    if a.kind != b.kind:
+        what.append(f"kind {a.kind}->{b.kind}")
+    if a.digest != b.digest:
+        what.append(f"content {a.size}->{b.size} bytes, {_changed_bytes(a, b, chunk_size)} differ")
+    if a.mode != b.mode:
+        what.append(f"mode {a.mode:o}->{b.mode:o}")
+    if a.target != b.target:
+        what.append(f"target {a.target!r}->{b.target!r}")
+    if a.mtime_ns != b.mtime_ns:
+        what.append("mtime")
+    return tuple(what)
+
+
+def diff_manifests(a: Manifest, b: Manifest) -> Diff:
+    pa, pb = a.by_path, b.by_path
+    added = [e for p, e in pb.items() if p not in pa]
+    removed = [e for p, e in pa.items() if p not in pb]
+    changed = []
+    for p, eb in pb.items():
+        ea = pa.get(p)
+        if ea is None or ea == eb:
+            continue
+        what = _what_changed(ea, eb, b.chunk_size)
+        if what:
+            content_of = eb.target if eb.kind == HARDLINK and eb.target else p
+            changed.append(Change(p, what, _changed_bytes(ea, eb, b.chunk_size), content_of))
+    blobs_a = a.blobs()
+    new_blob_bytes = sum(size for d, size in b.blobs().items() if d not in blobs_a)
+    return Diff(added, removed, changed, new_blob_bytes)

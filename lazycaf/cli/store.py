@@ -1,0 +1,170 @@
+"""The CLI commands over the CAS: pack, ls, cat, diff, and the HTTP CAS server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from lazycaf.cas.api import CAS, load_manifest, open_cas
+from lazycaf.cli.readouts import diff_manifests, entry_json, format_ls, link_counts
+from lazycaf.cli.tokens import read_token
+from lazycaf.core.chunking import validate_chunk_size
+from lazycaf.core.digest import Hasher
+from lazycaf.core.errors import DigestMismatch, PathNotFound, UsageError
+from lazycaf.core.manifest import DIR
+from lazycaf.trees.pack import PackProgress, pack
+from lazycaf.trees.statcache import default_stat_cache_dir
+
+__all__ = ["cas_serve", "cat", "diff", "ls", "pack_tree"]
+
+log = logging.getLogger("lazycaf")
+
+
+async def _with_cas(args: argparse.Namespace, fn: Callable[[CAS], Awaitable[int]]) -> int:
+    cas = open_cas(args.cas)
+    try:
+        return await fn(cas)
+    finally:
+        with trio.CancelScope(shield=True):
+            await cas.aclose()
+
+
+# -- pack ----------------------------------------------------------------------------------
+async def pack_tree(args: argparse.Namespace) -> int:
+    try:
+        validate_chunk_size(args.chunk_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    progress = PackProgress()
+
+    async def run(cas: CAS) -> int:
+        async with trio.open_nursery() as nursery:
+            if sys.stderr.isatty():
+                nursery.start_soon(_show_progress, progress)
+            result = await pack(
+                args.dir,
+                cas,
+                tag=args.tag,
+                chunk_size=args.chunk_size,
+                keep_setid=args.keep_setid,
+                concurrency=args.jobs,
+                progress=progress,
+                stat_cache_dir=None if args.rehash else default_stat_cache_dir(),
+            )
+            nursery.cancel_scope.cancel()
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[K" + _progress_line(progress) + "\n")
+        log.info("packed %s: %s", args.dir, _progress_line(progress))
+        print(result.digest.hex)
+        return 0
+
+    return await _with_cas(args, run)
+
+
+def _progress_line(p: PackProgress) -> str:
+    mb = 1e6
+    return (
+        f"{p.phase}: {p.files_hashed}/{p.files} files, {p.bytes_hashed / mb:.1f}/"
+        f"{p.bytes_total / mb:.1f} MB hashed, {p.blobs_uploaded}/{p.blobs_missing} blobs "
+        f"uploaded ({p.bytes_uploaded / mb:.1f} MB), {p.blobs_skipped} already stored"
+    )
+
+
+async def _show_progress(progress: PackProgress) -> None:
+    while True:
+        sys.stderr.write("\r\x1b[K" + _progress_line(progress))
+        sys.stderr.flush()
+        await trio.sleep(0.2)
+
+
+# -- read-outs -----------------------------------------------------------------------------
+async def ls(args: argparse.Namespace) -> int:
+    async def run(cas: CAS) -> int:
+        digest, manifest = await load_manifest(cas, args.ref)
+        path = args.path.strip("/")
+        nlinks = link_counts(manifest)
+        entry = manifest.get(path) if path else None
+        if path and entry is None:
+            raise PathNotFound(path, f"manifest {digest}")
+        by_name = False
+        if entry is not None and entry.kind != DIR:
+            shown = [entry]
+        elif args.recursive:
+            prefix = path + "/" if path else ""
+            shown = [e for e in manifest.entries if e.path.startswith(prefix)]
+        else:
+            shown, by_name = manifest.children(path), True
+        for e in shown:
+            n = nlinks[e.path]
+            name = e.path.rpartition("/")[2] if by_name else e.path
+            sys.stdout.write((entry_json(e, n) if args.json else format_ls(e, n, name)) + "\n")
+        return 0
+
+    return await _with_cas(args, run)
+
+
+async def cat(args: argparse.Namespace) -> int:
+    async def run(cas: CAS) -> int:
+        digest, manifest = await load_manifest(cas, args.ref)
+        entry = manifest.follow(args.path)
+        if entry is None:
+            raise PathNotFound(args.path, f"manifest {digest}")
+        if entry.kind == DIR or entry.digest is None:
+            raise UsageError(f"{args.path} is a directory, not a file")
+        whole = Hasher()
+        out = sys.stdout.buffer
+        for blob in entry.blob_digests():
+            data = await cas.get(blob)
+            whole.update(data)
+            await trio.to_thread.run_sync(out.write, data)
+        await trio.to_thread.run_sync(out.flush)
+        actual = whole.digest()
+        if actual != entry.digest:
+            raise DigestMismatch(entry.digest, actual, f"file {args.path!r}")
+        return 0
+
+    return await _with_cas(args, run)
+
+
+async def diff(args: argparse.Namespace) -> int:
+    async def run(cas: CAS) -> int:
+        _, a = await load_manifest(cas, args.ref_a)
+        _, b = await load_manifest(cas, args.ref_b)
+        for line in diff_manifests(a, b).lines():
+            print(line)
+        return 0
+
+    return await _with_cas(args, run)
+
+
+# -- servers -------------------------------------------------------------------------------
+async def cas_serve(args: argparse.Namespace) -> int:
+    from fetcher.casserver.app import (  # the CLI is fetcher's only door
+        CasApp,
+        bind_socket,
+        serve_app,
+    )
+    from lazycaf.cas.casdir import CasDir
+
+    token = read_token(args.token_file) if args.token_file is not None else None
+    store = CasDir(args.root)
+    sock = bind_socket(args.listen)
+    host, port = sock.getsockname()[:2]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
+        await nursery.start(serve_app, CasApp(store, token=token), sock)
+        print(f"lazycaf cas: serving {store.root} on http://{host}:{port}", flush=True)
+    sock.close()
+    return 0
+
+
+async def _cancel_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return

@@ -1,0 +1,9 @@
+"""What a host's mounts and its fetcher daemon share.
+
+``paths`` (where a host's state lives: cache directory, sockets; standard library only),
+``index`` (the host cache's LMDB index: the only ``lmdb`` importer), ``wire`` (the daemon's
+Unix-socket line protocol) and ``client`` (the daemon's client, and starting one on
+demand).
+
+May import: lazycaf.core.
+"""

@@ -1,0 +1,247 @@
+"""The client of the local fetcher daemon's Unix socket, and starting a daemon on demand.
+
+Mounts never import ``fetcher``: they talk to the daemon through this client. When no daemon
+serves a cache, ``ensure_daemon`` starts one (``lazycaf fetcher serve``) detached, as
+sccache starts its server, and waits until its socket answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import LazyCafError, Unavailable, UsageError
+from lazycaf.host.wire import LineReader, parse_reply
+
+__all__ = [
+    "daemon_budget",
+    "DaemonUnreachable",
+    "FetcherClient",
+    "ensure_daemon",
+    "socket_answers",
+]
+
+_START_TIMEOUT: Final = 20.0
+
+
+class DaemonUnreachable(Unavailable):
+    """The daemon's socket refused, reset or closed a connection: it is not running."""
+
+
+class FetcherClient:
+    """Async client of one daemon with a pool of connections; errors come back typed."""
+
+    def __init__(self, socket_path: Path, *, timeout: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self._timeout = timeout
+        self._idle: list[tuple[trio.SocketStream, LineReader]] = []
+
+    async def _connect(self) -> tuple[trio.SocketStream, LineReader]:
+        try:
+            stream = await trio.open_unix_socket(str(self.socket_path))
+        except OSError as exc:
+            raise DaemonUnreachable(
+                f"fetcher daemon ({self.socket_path}) unreachable: {exc.strerror or exc}"
+            ) from exc
+        return stream, LineReader(stream)
+
+    async def _call(self, request: str) -> Any:
+        conn = self._idle.pop() if self._idle else await self._connect()
+        try:
+            with trio.fail_after(self._timeout):
+                await conn[0].send_all(request.encode() + b"\n")
+                line = await conn[1].readline()
+        except trio.TooSlowError:
+            await conn[0].aclose()
+            raise Unavailable(
+                f"fetcher daemon ({self.socket_path}) did not answer {request!r} "
+                f"within {self._timeout:g} s"
+            ) from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await conn[0].aclose()
+            raise DaemonUnreachable(f"fetcher daemon ({self.socket_path}) failed: {exc}") from exc
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await conn[0].aclose()  # mid-exchange: the connection's state is unknown
+            raise
+        if line is None:
+            await conn[0].aclose()
+            raise DaemonUnreachable(f"fetcher daemon ({self.socket_path}) closed the connection")
+        self._idle.append(conn)
+        return parse_reply(line)
+
+    async def ensure(self, digest: Digest, *, prefetch: bool = False) -> int:
+        reply = await self._call(f"ensure {digest.hex} {'prefetch' if prefetch else 'demand'}")
+        return int(reply["size"])
+
+    async def ensure_all(
+        self,
+        digests: Collection[Digest],
+        *,
+        cache_root: Path | None = None,
+        concurrency: int = 16,
+    ) -> None:
+        """Make every blob present, ``concurrency`` at a time, with a progress line on a
+        terminal (materialize, pin). With ``cache_root``, blobs whose file is already in
+        that cache (a file under ``blobs/`` has verified) cost no round trip each: one
+        ``touch`` for all of them keeps their place in the LRU."""
+        if cache_root is not None:
+            present = await trio.to_thread.run_sync(_present, cache_root, list(digests))
+            await self.touch(present)
+            held = set(present)
+            digests = [d for d in digests if d not in held]
+        limiter = trio.CapacityLimiter(concurrency)
+        done = 0
+        show = sys.stderr.isatty() and len(digests) > 0
+
+        async def fetch(d: Digest) -> None:
+            nonlocal done
+            async with limiter:
+                await self.ensure(d)
+            done += 1
+            if show:
+                sys.stderr.write(f"\r\x1b[Kfetching blobs: {done}/{len(digests)}")
+
+        async with trio.open_nursery() as nursery:
+            for d in digests:
+                nursery.start_soon(fetch, d)
+        if show:
+            sys.stderr.write("\n")
+
+    async def prefetch(self, digests: list[Digest]) -> int:
+        """Queue blobs for background fetching, in order; returns how many were new."""
+        queued = 0
+        for start in range(0, len(digests), 2000):
+            batch = " ".join(d.hex for d in digests[start : start + 2000])
+            queued += int((await self._call(f"prefetch {batch}"))["queued"])
+        return queued
+
+    async def record(self, name: str, trace_json: str) -> dict[str, Any]:
+        """Merge one run's trace into profile ``name`` (the daemon writes it to the CAS)."""
+        result: dict[str, Any] = await self._call(f"record {name} {trace_json}")
+        return result
+
+    async def resolve(self, ref: str, *, cached: bool = False) -> Digest:
+        """The manifest digest ``ref`` names; ``cached``: the one this cache last resolved
+        it to, without asking the CAS (offline)."""
+        if not ref or any(c.isspace() for c in ref):
+            raise UsageError(f"invalid ref {ref!r}")
+        return Digest.parse(await self._call(f"resolve {ref}" + (" cached" if cached else "")))
+
+    async def touch(self, digests: list[Digest]) -> None:
+        """Tell the daemon this mount read these cached blobs (their LRU position)."""
+        for start in range(0, len(digests), 2000):
+            await self._call("touch " + " ".join(d.hex for d in digests[start : start + 2000]))
+
+    async def mounted(self, executable: Digest) -> None:
+        await self._call(f"mounted {executable.hex}")
+
+    async def holds(self, executable: Digest) -> dict[str, int]:
+        """How much of an executable the cache holds: blobs, bytes, missing_* of each."""
+        result: dict[str, int] = await self._call(f"holds {executable.hex}")
+        return result
+
+    async def pin(self, executable: Digest, *, unpin: bool = False) -> int:
+        """Add (or remove) a pin of an executable; returns its pin count."""
+        return int((await self._call(f"{'unpin' if unpin else 'pin'} {executable.hex}"))["pins"])
+
+    async def gc(self) -> dict[str, int]:
+        result: dict[str, int] = await self._call("gc")
+        return result
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("stats")
+        return result
+
+    async def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("info")
+        return result
+
+    async def aclose(self) -> None:
+        while self._idle:
+            await self._idle.pop()[0].aclose()
+
+    async def drop_idle(self) -> None:
+        """Forget pooled connections (after the daemon restarted they are dead)."""
+        await self.aclose()
+
+
+def socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def _present(cache_root: Path, digests: list[Digest]) -> list[Digest]:
+    blobs = cache_root / "blobs"
+    return [d for d in digests if os.path.exists(blobs / d.hex[:2] / d.hex)]
+
+
+def daemon_budget(path: Path) -> int | None:
+    """The byte budget of the daemon answering on ``path``, or None when none answers
+    (sync, one ``stats`` exchange; for the CLI before any event loop exists)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5.0)
+        try:
+            s.connect(str(path))
+            s.sendall(b"stats\n")
+            reply = s.makefile("rb").readline()
+        except OSError:
+            return None
+    try:
+        budget = parse_reply(reply).get("budget")
+    except (LazyCafError, AttributeError):
+        return None
+    return budget if isinstance(budget, int) else None
+
+
+def ensure_daemon(
+    cache_dir: Path, cas_spec: str | None, socket_path: Path, *, cache_size: int | None = None
+) -> None:
+    """Start ``lazycaf fetcher serve`` for ``cache_dir`` unless one already answers (sync).
+
+    ``cache_size`` is the new daemon's byte budget (remembered by the cache); a daemon that
+    already runs keeps its own."""
+    if socket_answers(socket_path):
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log_path = cache_dir / "fetcher.log"
+    cmd = [sys.executable, "-m", "lazycaf", "fetcher", "serve", "--cache", str(cache_dir)]
+    cmd += ["--socket", str(socket_path)]
+    if cas_spec:
+        cmd += ["--cas", cas_spec]
+    if cache_size is not None:
+        cmd += ["--cache-size", str(cache_size)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if socket_answers(socket_path):
+            return
+        if proc.poll() is not None:
+            if socket_answers(socket_path):  # lost a start race to another daemon: fine
+                return
+            break
+        time.sleep(0.05)
+    tail: list[str] = []
+    with contextlib.suppress(OSError):
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+    raise Unavailable(
+        f"could not start the fetcher daemon for {cache_dir} (log {log_path}: {' '.join(tail)})"
+    )

@@ -1,0 +1,236 @@
+"""The host cache's LMDB index (the only ``lmdb`` importer).
+
+Tables of one environment:
+
+- the main table: blob digest (32 bytes) -> ``BlobRecord`` (size, last access, synced);
+- ``executables``: manifest digest -> ``ExecutableRecord`` (pin count, last mount): the
+  executables this cache has mounted or pinned, for pins, GC and ``cache status``;
+- ``refs``: ref name -> the manifest digest it last resolved to (``mount --offline``);
+- ``meta``: small settings of the cache (the byte budget).
+
+LMDB keeps the names of the named tables as keys of the main table; they are never 32 bytes
+long, so blob iteration skips them. Pins are counted per executable, not per blob: a blob is
+pinned while any pinned executable's manifest names it (``BlobRecord.pins`` stays 0, kept
+only so old indexes decode).
+
+The daemon is the one writer; mounts and ``cache status`` open the index read-only and look
+blobs up without a round trip to the daemon. Blob files are the truth (a file exists only
+after it verified), the index is rebuilt from them on daemon start, so commits need not be
+synced one by one: the environment runs with ``sync=False`` and the daemon syncs it in
+batches. Never fork after opening an ``Index`` (LMDB forbids it). Write failures (a full
+disk) raise ``Unavailable``, or ``CacheFull`` when the disk is out of space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+import lmdb
+
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import CacheFull, Unavailable
+
+__all__ = ["BlobRecord", "ExecutableRecord", "Index"]
+
+_VALUE: Final = struct.Struct("<QQIB")  # size, last access (ns), pins, synced
+_EXE: Final = struct.Struct("<IQ")  # pins, last mounted (ns)
+_MAP_SIZE: Final = 1 << 34  # 16 GiB of address space; the file grows as needed
+_TABLES: Final = (b"executables", b"refs", b"meta")
+
+
+class BlobRecord(NamedTuple):
+    """``synced`` is False until the blob file's bytes are known to be on disk (syncfs)."""
+
+    size: int
+    last_access_ns: int
+    pins: int = 0
+    synced: bool = True
+
+
+class ExecutableRecord(NamedTuple):
+    pins: int
+    last_mounted_ns: int  # 0: pinned, never mounted
+
+
+@contextlib.contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    try:
+        yield
+    except lmdb.Error as exc:
+        if "No space left" in str(exc):
+            raise CacheFull(f"cache index: {what}: {exc}") from exc
+        raise Unavailable(f"cache index: {what}: {exc}") from exc
+
+
+class Index:
+    """The tables above. Thread-safe: LMDB transactions are per call."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        try:
+            if not readonly:
+                path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(
+                str(path),
+                map_size=_MAP_SIZE,
+                readonly=readonly,
+                sync=False,
+                metasync=False,
+                max_readers=512,
+                max_dbs=len(_TABLES),
+                lock=True,
+                subdir=True,
+                create=not readonly,
+            )
+        except lmdb.Error as exc:
+            raise Unavailable(f"cannot open cache index {path}: {exc}") from exc
+        self._tables: dict[bytes, Any] = {}
+        if not readonly:
+            self._env.reader_check()  # clear reader slots of killed mounts
+            with _mapped("create tables"):
+                for name in _TABLES:
+                    self._tables[name] = self._env.open_db(name)
+
+    def close(self) -> None:
+        self._env.close()
+
+    def _table(self, name: bytes) -> Any | None:
+        """A named table; None when a read-only index has none yet (an older cache)."""
+        if name not in self._tables:
+            try:
+                self._tables[name] = self._env.open_db(name, create=False)
+            except lmdb.NotFoundError:
+                return None
+        return self._tables[name]
+
+    # -- blobs ------------------------------------------------------------------------------
+    def get(self, digest: Digest) -> BlobRecord | None:
+        with self._env.begin(buffers=False) as txn:
+            value = txn.get(digest.raw)
+        return None if value is None else BlobRecord(*_VALUE.unpack(value))
+
+    def __contains__(self, digest: Digest) -> bool:
+        with self._env.begin() as txn:
+            return txn.get(digest.raw) is not None
+
+    def put_many(self, records: Iterable[tuple[Digest, BlobRecord]]) -> None:
+        with _mapped("put"), self._env.begin(write=True) as txn:
+            for digest, rec in records:
+                txn.put(digest.raw, _VALUE.pack(*rec))
+
+    def put(self, digest: Digest, size: int, *, synced: bool = True) -> None:
+        self.put_many([(digest, BlobRecord(size, time.time_ns(), 0, synced))])
+
+    def mark_synced(self, digests: Iterable[Digest]) -> None:
+        self._update("mark synced", digests, lambda r: r._replace(synced=True))
+
+    def touch_many(self, digests: Iterable[Digest]) -> None:
+        now = time.time_ns()
+        self._update("touch", digests, lambda r: r._replace(last_access_ns=now))
+
+    def _update(
+        self, what: str, digests: Iterable[Digest], change: Callable[[BlobRecord], BlobRecord]
+    ) -> None:
+        """Rewrite the records of ``digests`` that exist, in one write transaction."""
+        with _mapped(what), self._env.begin(write=True) as txn:
+            for d in digests:
+                value = txn.get(d.raw)
+                if value is not None:
+                    rec = change(BlobRecord(*_VALUE.unpack(value)))
+                    txn.put(d.raw, _VALUE.pack(*rec))
+
+    def delete_many(self, digests: Iterable[Digest]) -> None:
+        with _mapped("delete"), self._env.begin(write=True) as txn:
+            for d in digests:
+                txn.delete(d.raw)
+
+    def items(self) -> Iterator[tuple[Digest, BlobRecord]]:
+        with self._env.begin() as txn:
+            for key, value in txn.cursor():
+                if len(key) == 32:  # not the name of a named table
+                    yield Digest(bytes(key)), BlobRecord(*_VALUE.unpack(value))
+
+    def total_bytes(self) -> int:
+        return sum(rec.size for _, rec in self.items())
+
+    def sync(self) -> None:
+        self._env.sync(True)
+
+    def __len__(self) -> int:
+        with self._env.begin() as txn:
+            tables = sum(1 for name in _TABLES if txn.get(name) is not None)
+        return int(self._env.stat()["entries"]) - tables
+
+    # -- executables ------------------------------------------------------------------------
+    def executables(self) -> dict[Digest, ExecutableRecord]:
+        table = self._table(b"executables")
+        if table is None:
+            return {}
+        with self._env.begin(db=table) as txn:
+            return {Digest(bytes(k)): ExecutableRecord(*_EXE.unpack(v)) for k, v in txn.cursor()}
+
+    def note_mounted(self, digest: Digest) -> None:
+        self._update_executable(digest, 0, time.time_ns())
+
+    def add_pins(self, digest: Digest, delta: int) -> int:
+        """Change an executable's pin count (never below 0); returns the new count."""
+        return self._update_executable(digest, delta, None).pins
+
+    def _update_executable(
+        self, digest: Digest, delta: int, mounted_ns: int | None
+    ) -> ExecutableRecord:
+        table = self._tables[b"executables"]
+        with _mapped("update executable"), self._env.begin(write=True, db=table) as txn:
+            value = txn.get(digest.raw)
+            old = ExecutableRecord(*_EXE.unpack(value)) if value else ExecutableRecord(0, 0)
+            new = ExecutableRecord(
+                max(0, old.pins + delta), old.last_mounted_ns if mounted_ns is None else mounted_ns
+            )
+            txn.put(digest.raw, _EXE.pack(*new))
+        return new
+
+    def forget_executables(self, digests: Iterable[Digest]) -> None:
+        table = self._tables[b"executables"]
+        with _mapped("forget executables"), self._env.begin(write=True, db=table) as txn:
+            for d in digests:
+                txn.delete(d.raw)
+
+    # -- refs and settings ------------------------------------------------------------------
+    def remember_ref(self, name: str, digest: Digest) -> None:
+        table = self._tables[b"refs"]
+        with _mapped("remember ref"), self._env.begin(write=True, db=table) as txn:
+            if txn.get(name.encode()) != digest.raw:
+                txn.put(name.encode(), digest.raw)
+
+    def cached_ref(self, name: str) -> Digest | None:
+        table = self._table(b"refs")
+        if table is None:
+            return None
+        with self._env.begin(db=table, buffers=False) as txn:
+            value = txn.get(name.encode())
+        return None if value is None else Digest(value)
+
+    def refs(self) -> dict[str, Digest]:
+        table = self._table(b"refs")
+        if table is None:
+            return {}
+        with self._env.begin(db=table) as txn:
+            return {bytes(k).decode(): Digest(bytes(v)) for k, v in txn.cursor()}
+
+    def get_setting(self, key: str) -> str | None:
+        table = self._table(b"meta")
+        if table is None:
+            return None
+        with self._env.begin(db=table, buffers=False) as txn:
+            value = txn.get(key.encode())
+        return None if value is None else bytes(value).decode()
+
+    def set_setting(self, key: str, value: str) -> None:
+        table = self._tables[b"meta"]
+        with _mapped("set setting"), self._env.begin(write=True, db=table) as txn:
+            txn.put(key.encode(), value.encode())

@@ -1,0 +1,242 @@
+"""Reading a file's bytes in a mount: cached blob files first, the daemon on a miss.
+
+The fast path is a read-only LMDB lookup and a ``preadv(RWF_NOWAIT)`` of the cache file on
+the FUSE thread: page-cache hits are faster there than through a worker thread (see
+MEASUREMENTS.md), and RWF_NOWAIT makes the kernel refuse instead of blocking when the pages
+are not cached, so cold disk reads go to worker threads and overlap rather than stall every
+other request. A miss asks the daemon to fetch the blob, bounded by ``timeout``; the chunks
+a read needs are fetched concurrently.
+
+The daemon never sees reads of cached blobs, so their LRU position would be their fetch
+time: the reader collects the blobs it opens and ``report_touches`` sends them to the
+daemon in one ``touch`` request at most once a second. GC may delete a blob between its
+fetch and its open, or while an old descriptor reads it (that keeps working); an open that
+misses fetches again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from lazycaf.core.chunking import chunks_touched
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import LazyCafError, Unavailable
+from lazycaf.core.manifest import Entry
+from lazycaf.host.client import DaemonUnreachable, FetcherClient
+from lazycaf.host.index import Index
+from lazycaf.traces.trace import TraceRecorder
+
+__all__ = ["BlobReader"]
+
+log = logging.getLogger(__name__)
+_MAX_FDS: Final = 512
+
+
+class BlobReader:
+    """Reads byte ranges of manifest files from the host cache, fetching missing blobs."""
+
+    def __init__(
+        self,
+        cache_root: Path,
+        index: Index,
+        client: FetcherClient,
+        *,
+        chunk_size: int,
+        timeout: float = 30.0,
+    ) -> None:
+        self._blobs = cache_root / "blobs"
+        self._index = index
+        self._client = client
+        self._chunk_size = chunk_size
+        self._timeout = timeout
+        self._fds: OrderedDict[Digest, int] = OrderedDict()
+        self._disk = trio.CapacityLimiter(8)
+        self.recorder: TraceRecorder | None = None
+        self.restart_daemon: Callable[[], None] | None = None
+        self.on_miss: Callable[[Entry], None] | None = None  # told before a demand fetch
+        self.prefetched: set[Digest] = set()  # blobs this mount queued for prefetch
+        self._eager_at: int | None = None
+        self._on_eager: Callable[[], None] | None = None
+        self._opened: set[Digest] = set()  # since the last touch report
+        self._busy: dict[int, int] = {}  # fd -> reads in worker threads using it
+        self._retired: list[int] = []  # fds to close once no thread uses them
+
+    def eager_after(self, nbytes: int, action: Callable[[], None]) -> None:
+        """Call ``action`` once, when the run has touched more than ``nbytes`` of blobs."""
+        self._eager_at, self._on_eager = nbytes, action
+
+    def close(self) -> None:
+        for fd in [*self._fds.values(), *self._retired]:
+            os.close(fd)
+        self._fds.clear()
+        self._retired.clear()
+
+    def _retire(self, fd: int) -> None:
+        if self._busy.get(fd):
+            self._retired.append(fd)
+        else:
+            os.close(fd)
+
+    def drop_evicted(self) -> int:
+        """Close descriptors of blobs GC evicted, so their disk space is freed (an open
+        descriptor keeps a deleted file's extents); returns how many."""
+        retired, self._retired = self._retired, []
+        for fd in retired:
+            self._retire(fd)
+        gone = [d for d in self._fds if d not in self._index]
+        for d in gone:
+            self._retire(self._fds.pop(d))
+        return len(gone)
+
+    def _path(self, digest: Digest) -> str:
+        h = digest.hex
+        return f"{self._blobs}/{h[:2]}/{h}"
+
+    def _open_cached(self, digest: Digest) -> int | None:
+        fd = self._fds.get(digest)
+        if fd is not None:
+            self._fds.move_to_end(digest)
+            return fd
+        if digest not in self._index:
+            return None
+        try:
+            fd = os.open(self._path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # evicted since the index said so: fetch again
+        self._fds[digest] = fd
+        self._opened.add(digest)
+        if len(self._fds) > _MAX_FDS:
+            _, old = self._fds.popitem(last=False)
+            self._retire(old)
+        return fd
+
+    async def _fetch(self, digest: Digest) -> None:
+        with trio.move_on_after(self._timeout) as scope:
+            try:
+                await self._client.ensure(digest)
+            except DaemonUnreachable:
+                if self.restart_daemon is None:
+                    raise
+                # the daemon died (or was stopped): start a new one, which reconciles the
+                # cache first, and ask again
+                log.warning("fetcher daemon gone while fetching %s: restarting it", digest)
+                await self._client.drop_idle()
+                await trio.to_thread.run_sync(self.restart_daemon)
+                await self._client.ensure(digest)
+        if scope.cancelled_caught:
+            raise Unavailable(f"blob {digest} not fetched within {self._timeout:g} s")
+
+    async def report_touches(self, *, interval: float = 1.0) -> None:
+        """Send the blobs opened since the last report, once per ``interval``, forever."""
+        while True:
+            await trio.sleep(interval)
+            self.drop_evicted()
+            if not self._opened:
+                continue
+            opened, self._opened = list(self._opened), set()
+            try:
+                await self._client.touch(opened)
+            except LazyCafError as exc:  # only LRU order suffers
+                log.info("could not report %d blob reads: %s", len(opened), exc)
+
+    async def read(self, inode: int, entry: Entry, offset: int, size: int) -> bytes | bytearray:
+        """Bytes ``[offset, offset + size)`` of a file entry (short at end of file)."""
+        blobs = entry.blob_digests()
+        touched = chunks_touched(offset, size, entry.size, self._chunk_size)
+        needed = [blobs[i] for i in touched]
+        missing = [d for d in needed if self._open_cached(d) is None]
+        wait = 0.0
+        if missing:
+            start = time.monotonic()
+            if self.on_miss is not None:
+                self.on_miss(entry)
+            if len(missing) == 1:
+                await self._fetch(missing[0])
+            else:
+                async with trio.open_nursery() as nursery:
+                    for d in dict.fromkeys(missing):
+                        nursery.start_soon(self._fetch, d)
+            wait = time.monotonic() - start
+        data = await self._assemble(entry, blobs, touched, offset, size)
+        if self.recorder is not None:
+            self._record(inode, entry, needed, touched, len(data), bool(missing), wait)
+        return data
+
+    def _record(
+        self,
+        inode: int,
+        entry: Entry,
+        needed: list[Digest],
+        touched: range,
+        nbytes: int,
+        fetched: bool,
+        wait: float,
+    ) -> None:
+        recorder = self.recorder
+        assert recorder is not None
+        source, digest = "", ""
+        if not recorder.seen(inode):
+            prefetched = any(d in self.prefetched for d in needed)
+            source = "fetch" if fetched else "prefetch" if prefetched else "cache"
+            digest = entry.digest.hex if entry.digest else ""
+        cs, size = self._chunk_size, entry.size
+        recorder.read(
+            inode,
+            entry.path,
+            digest,
+            nbytes,
+            source=source,
+            wait=wait,
+            new_blob_bytes=lambda idx: sum(max(0, min(cs, size - i * cs)) for i in idx),
+            chunks=touched,
+        )
+        if self._eager_at is not None and recorder.touched_bytes > self._eager_at:
+            self._eager_at = None
+            if self._on_eager is not None:
+                self._on_eager()
+
+    async def _assemble(
+        self, entry: Entry, blobs: tuple[Digest, ...], touched: range, offset: int, size: int
+    ) -> bytes | bytearray:
+        end = min(offset + size, entry.size)
+        parts = []
+        for i in touched:
+            fd = self._open_cached(blobs[i])
+            if fd is None:  # evicted between its fetch and now: once more
+                await self._fetch(blobs[i])
+                fd = self._open_cached(blobs[i])
+            if fd is None:
+                raise Unavailable(f"blob {blobs[i]} vanished from the cache after its fetch")
+            base = i * self._chunk_size if entry.chunks else 0
+            lo = max(offset, base)
+            hi = min(end, base + self._chunk_size) if entry.chunks else end
+            parts.append(await self._pread(fd, hi - lo, lo - base))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _pread(self, fd: int, length: int, offset: int) -> bytes | bytearray:
+        buf = bytearray(length)
+        try:
+            got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            got = 0
+        if got == length or length == 0:
+            return buf
+        self._busy[fd] = self._busy.get(fd, 0) + 1
+        try:
+            rest = await trio.to_thread.run_sync(
+                os.pread, fd, length - got, offset + got, limiter=self._disk
+            )
+        finally:
+            if self._busy[fd] == 1:
+                del self._busy[fd]
+            else:
+                self._busy[fd] -= 1
+        return buf[:got] + rest

@@ -1,0 +1,223 @@
+"""The FUSE request handlers (the only ``pyfuse3`` importer).
+
+Handlers are thin: metadata comes from the pure ``InodeTable``, bytes from ``BlobReader``.
+They raise only ``pyfuse3.FUSEError``; ``errno_for`` maps the project's errors in one table.
+The tree is immutable, so entries and attributes are cached by the kernel for a day, negative
+lookups too, and open files keep their page cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine
+from functools import wraps
+from typing import Any, Final, ParamSpec, TypeVar
+
+import pyfuse3
+
+from lazycaf.core.errors import IntegrityError, LazyCafError, NotFound, Unavailable
+from lazycaf.core.manifest import SYMLINK
+from lazycaf.mount.blobreader import BlobReader
+from lazycaf.mount.inodes import InodeTable
+
+__all__ = [
+    "LazyOperations",
+    "can_skip_open",
+    "errno_for",
+    "fuse_close",
+    "fuse_init",
+    "fuse_main",
+    "fuse_terminate",
+]
+
+log = logging.getLogger(__name__)
+TIMEOUT: Final = 86400.0
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_ERRNO: Final[list[tuple[type[BaseException], int]]] = [
+    (NotFound, errno.ENOENT),
+    (KeyError, errno.ENOENT),
+    (IntegrityError, errno.EIO),
+    (Unavailable, errno.EIO),
+    (LazyCafError, errno.EIO),
+    (OSError, errno.EIO),
+]
+
+
+def errno_for(exc: BaseException) -> int:
+    for kind, code in _ERRNO:
+        if isinstance(exc, kind):
+            return code
+    return errno.EIO
+
+
+def _fuse_errors(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn any exception of a handler into a FUSEError, so no request takes the mount down."""
+
+    @wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            code = errno_for(exc)
+            if code == errno.EIO:
+                log.error("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(code) from exc
+
+    return wrapper
+
+
+def can_skip_open() -> bool:
+    """Whether pyfuse3 carries the LazyCAF patch (patches/): with it, ``open``/``opendir``
+    can answer ENOSYS, after which the kernel sends no open/release/opendir/releasedir at all,
+    keeps page caches and caches directory listings, and ``read``/``readdir`` receive the
+    inode in place of the (then zero) file handle. Stock pyfuse3 passes only the handle."""
+    return bool(getattr(pyfuse3, "LAZYCAF_FH_IS_INODE", False))
+
+
+class LazyOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, table: InodeTable, reader: BlobReader, *, skip_open: bool) -> None:
+        super().__init__()
+        self.table = table
+        self.reader = reader
+        self.skip_open = skip_open
+        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self.on_first_open: Callable[[int], None] | None = None
+
+    def attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = self._attrs.get(inode)
+        if a is not None:
+            return a
+        e = self.table.entry(inode)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_mode = e.st_mode
+        a.st_nlink = self.table.nlink[inode]
+        a.st_uid, a.st_gid = self._uid, self._gid
+        a.st_size = e.size
+        a.st_blksize = 4096
+        a.st_blocks = -(-e.size // 512)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        a.entry_timeout = a.attr_timeout = TIMEOUT
+        self._attrs[inode] = a
+        return a
+
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        inode = self.table.lookup(parent_inode, name)
+        if inode is None:
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0  # a cached negative entry
+            negative.entry_timeout = TIMEOUT
+            return negative
+        return self.attributes(inode)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self.attributes(inode)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        e = self.table.entry(inode)
+        if e.kind != SYMLINK or e.target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return e.target.encode()
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if self.skip_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking: see skip_open
+        if not self.table.is_dir(inode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        listing = self.table.listing(fh)
+        for i in range(start_id, len(listing)):
+            name, inode = listing[i]
+            if not pyfuse3.readdir_reply(token, name, self.attributes(inode), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        if self.skip_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not stat.S_ISREG(self.table.entry(inode).st_mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if self.on_first_open is not None:
+            self.on_first_open(inode)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            entry = self.table.entry(fh)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+        try:
+            data = await self.reader.read(fh, entry, off, size)
+        except LazyCafError as exc:  # one line naming the file and the blob's error
+            log.error("read of %s (%d bytes at %d) failed: %s", entry.path, size, off, exc)
+            raise pyfuse3.FUSEError(errno_for(exc)) from exc
+        except OSError as exc:
+            log.error("read of %s failed: %s", entry.path, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        return data  # type: ignore[return-value]  # pyfuse3 takes any buffer
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    @_fuse_errors
+    async def statfs(self, ctx: Any) -> Any:
+        s = pyfuse3.StatvfsData()
+        total = sum(e.size for e in self.table.manifest.entries if e.digest is not None)
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = -(-total // 4096)
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.table)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return not mode & os.W_OK
+
+
+def fuse_init(ops: LazyOperations, mountpoint: str, options: set[str]) -> None:
+    pyfuse3.init(ops, mountpoint, options)
+
+
+async def fuse_main() -> None:
+    await pyfuse3.main()
+
+
+def fuse_terminate() -> None:
+    pyfuse3.terminate()
+
+
+def fuse_close(*, unmount: bool) -> None:
+    pyfuse3.close(unmount=unmount)

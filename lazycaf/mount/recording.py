@@ -1,0 +1,228 @@
+"""A mount's side of traces and prefetch: load the profile, queue its hot set, switch to
+eager fetching when a run reads much of the tree, and save the run's trace.
+
+The daemon does the fetching and writes profiles to the CAS; the mount only says what it
+expects to read (``prefetch``) and what it read (``record``), so a mount never needs CAS
+credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import LazyCafError, NotFound
+from lazycaf.core.manifest import FILE, Entry, Manifest
+from lazycaf.host.client import FetcherClient
+from lazycaf.mount.blobreader import BlobReader
+from lazycaf.traces.trace import Profile, TraceRecorder, plan_prefetch
+
+__all__ = ["DEFAULT_EAGER_SHARE", "MountProfile", "load_profile"]
+
+_DIR_FILES: Final = 256
+_DIR_BYTES: Final = 8 << 20
+_SMALL: Final = 256 << 10
+_EAGER_WAIT_S: Final = 60.0  # longest the rest waits for the hot set
+
+
+def _kind(path: str) -> str:
+    """What sort of file a name is, for directory prefetch: ``.cpython-311.pyc`` apart from
+    ``.cpython-311.opt-1.pyc``, ``.so`` apart from ``.py``."""
+    name = path.rpartition("/")[2]
+    stem, dot, _ = name.partition(".")
+    return name[len(stem) :] if dot else ""
+
+
+def _small_files_by_dir(manifest: Manifest) -> dict[str, list[Entry]]:
+    out: dict[str, list[Entry]] = {}
+    for e in manifest.entries:
+        if e.kind == FILE and e.size <= _SMALL:
+            out.setdefault(e.path.rpartition("/")[0], []).append(e)
+    return out
+
+
+log = logging.getLogger(__name__)
+DEFAULT_EAGER_SHARE: Final = 0.3
+
+
+async def load_profile(client: FetcherClient, cache_dir: Path, name: str) -> Profile | None:
+    """Profile ``name`` through the daemon (which fetches it from the CAS); None when there
+    is none yet, or it cannot be read (said in the log: the run then records a new one)."""
+    try:
+        digest = await client.resolve(f"profiles/{name}")
+    except NotFound:
+        return None
+    except LazyCafError as exc:
+        log.warning("no prefetch for profile %r: %s", name, exc)
+        return None
+    try:
+        await client.ensure(digest)
+        path = cache_dir / "blobs" / digest.hex[:2] / digest.hex
+        data = await trio.to_thread.run_sync(path.read_bytes)
+        return Profile.decode(data, what=f"profile {name!r} ({digest})")
+    except (LazyCafError, OSError) as exc:
+        log.warning("no prefetch for profile %r: %s", name, exc)
+        return None
+
+
+class MountProfile:
+    """Invariant: the run's trace is saved at most once (``save``)."""
+
+    def __init__(
+        self,
+        client: FetcherClient,
+        manifest: Manifest,
+        executable: Digest,
+        reader: BlobReader,
+        cache_dir: Path,
+        *,
+        name: str,
+        prefetch: bool = True,
+        eager_share: float = DEFAULT_EAGER_SHARE,
+        record: bool = True,
+        profile: Profile | None = None,
+    ) -> None:
+        """``profile``: the one ``load_profile`` found for ``name`` (None: none yet)."""
+        self.client = client
+        self.manifest = manifest
+        self.reader = reader
+        self.cache_dir = cache_dir
+        self.name = name
+        self.prefetch = prefetch
+        self.eager_share = eager_share
+        self.recorder = TraceRecorder(executable.hex)
+        self._blob_sizes: dict[Digest, int] = {}  # filled by run(), off the mount-ready path
+        self._total = 0
+        self._saved = not record  # not recording: nothing to save
+        self._nursery: trio.Nursery | None = None
+        self._siblings: dict[str, list[Entry]] | None = None  # set when there is no profile
+        self._dirs_seen: set[str] = set()
+        self.profile = profile
+        self._plan: list[Digest] = []
+        self._queued = 0
+        reader.recorder = self.recorder
+
+    async def queue_hot_set(self) -> None:
+        """Ask the daemon to prefetch the profile's hot set, in profile order (before the
+        mount is ready: the run's first reads come right after)."""
+        if not self.prefetch or self.profile is None:
+            return
+        self._plan = plan_prefetch(
+            self.profile.hot_set(), self.manifest.by_path, self.manifest.chunk_size
+        )
+        self.reader.prefetched.update(self._plan)
+        try:
+            self._queued = await self.client.prefetch(self._plan)
+        except LazyCafError as exc:
+            log.warning("no prefetch for profile %r: %s", self.name, exc)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Arm eager mode (and directory prefetch when there is no profile), then stay for
+        that work until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            if not self.prefetch:
+                return
+            self._blob_sizes = await trio.to_thread.run_sync(self.manifest.blobs)
+            self._total = sum(self._blob_sizes.values())
+            if 0 < self.eager_share < 1:
+                self.reader.eager_after(int(self._total * self.eager_share), self._go_eager)
+            if self.profile is None:
+                log.info(
+                    "no profile %r yet: this run records one; directory prefetch on", self.name
+                )
+                self._siblings = await trio.to_thread.run_sync(_small_files_by_dir, self.manifest)
+                self.reader.on_miss = self._on_miss
+            else:
+                hot_bytes = sum(self._blob_sizes.get(d, 0) for d in self._plan)
+                log.info(
+                    "profile %r: %d blobs (%d bytes) in the hot set, %d queued for prefetch",
+                    self.name,
+                    len(self._plan),
+                    hot_bytes,
+                    self._queued,
+                )
+                if self._total and hot_bytes > self._total * self.eager_share:
+                    # the profile says this run reads much of the tree: fetch the rest too,
+                    # but only once the hot set is in, so the two never compete for the link
+                    self._go_eager(after=self._plan)
+            await trio.sleep_forever()
+
+    def _on_miss(self, entry: Entry) -> None:
+        """Without a profile, a file read on demand announces its directory: the import
+        system reads a package's modules one after another, so fetch that directory's other
+        small files of the same kind in parallel, below the reads (first miss per directory
+        only; at most ``_DIR_FILES`` files, ``_DIR_BYTES`` bytes)."""
+        parent, _, name = entry.path.rpartition("/")
+        if parent in self._dirs_seen or self._siblings is None or self._nursery is None:
+            return
+        self._dirs_seen.add(parent)
+        kind = _kind(name)
+        picked: list[Digest] = []
+        total = 0
+        for e in self._siblings.get(parent, ()):
+            if e.digest is None or e.path == entry.path or _kind(e.path) != kind:
+                continue
+            if e.digest in self.reader.prefetched or total + e.size > _DIR_BYTES:
+                continue
+            picked.append(e.digest)
+            total += e.size
+            if len(picked) >= _DIR_FILES:
+                break
+        if picked:
+            self.reader.prefetched.update(picked)
+            self._nursery.start_soon(self._prefetch_quietly, picked)
+
+    async def _prefetch_quietly(self, digests: list[Digest]) -> None:
+        try:
+            await self.client.prefetch(digests)
+        except LazyCafError as exc:
+            log.info("directory prefetch failed: %s", exc)
+
+    def _go_eager(self, after: list[Digest] | None = None) -> None:
+        if self._nursery is None:
+            return
+        log.info("eager mode: this run reads a large share of the tree; fetching the rest")
+        self._nursery.start_soon(self._prefetch_rest, after or [])
+
+    async def _prefetch_rest(self, after: list[Digest]) -> None:
+        """Queue every blob not queued yet, once the blobs of ``after`` are cached (or
+        ``_EAGER_WAIT_S`` passed: a blob that cannot be fetched must not hold it back)."""
+        with trio.move_on_after(_EAGER_WAIT_S):
+            pending = after
+            while pending:
+                pending = await trio.to_thread.run_sync(self._not_cached, pending)
+                if pending:
+                    await trio.sleep(0.05)
+        rest = [d for d in self._blob_sizes if d not in self.reader.prefetched]
+        self.reader.prefetched.update(rest)
+        try:
+            await self.client.prefetch(rest)
+        except LazyCafError as exc:
+            log.warning("eager prefetch failed: %s", exc)
+
+    def _not_cached(self, digests: list[Digest]) -> list[Digest]:
+        blobs = self.cache_dir / "blobs"
+        return [d for d in digests if not os.path.exists(blobs / d.hex[:2] / d.hex)]
+
+    async def save(self) -> None:
+        """Merge this run's trace into the profile (once; later calls do nothing)."""
+        if self._saved:
+            return
+        self._saved = True
+        trace = self.recorder.trace()
+        if not trace.records:
+            return
+        body = json.dumps(trace.to_json(), separators=(",", ":"))
+        try:
+            reply = await self.client.record(self.name, body)
+            log.info("saved run to profile %r: %s", self.name, reply)
+        except LazyCafError as exc:
+            log.warning("could not save the trace to profile %r: %s", self.name, exc)

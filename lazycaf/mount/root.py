@@ -1,0 +1,268 @@
+"""A mount's composition root: resolve the ref, build the inode table, serve FUSE.
+
+``run_mount`` serves one mount in this process until it is unmounted; ``lazycaf mount``
+runs it in a forked child and returns once the child reports the tree visible (or why not).
+
+Offline (``--offline``): the ref resolves to the digest this cache last resolved it to,
+the mount refuses unless every blob of the executable is cached, and it neither prefetches
+nor records a trace (both need the CAS).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from lazycaf.cas.refs import profile_name_for
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import NotFound, Unavailable, UsageError
+from lazycaf.core.manifest import Manifest
+from lazycaf.core.sizes import format_size
+from lazycaf.host.client import FetcherClient, ensure_daemon
+from lazycaf.host.index import Index
+from lazycaf.mount.blobreader import BlobReader
+from lazycaf.mount.inodes import InodeTable
+from lazycaf.mount.recording import DEFAULT_EAGER_SHARE, MountProfile, load_profile
+from lazycaf.traces.trace import Profile
+
+__all__ = [
+    "MountConfig",
+    "check_mountpoint",
+    "is_mounted",
+    "mount_pid",
+    "mount_pid_file",
+    "run_mount",
+    "runtime_dir",
+]
+
+log = logging.getLogger(__name__)
+_READY_TIMEOUT: Final = 120.0
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    ref: str
+    mountpoint: Path
+    cache_dir: Path
+    socket_path: Path
+    cas_spec: str | None
+    fetch_timeout: float = 30.0
+    readahead_kb: int = 1024
+    open_roundtrips: bool = False  # answer open/opendir even when the kernel could skip them
+    profile: str | None = None  # default: the ref's name without its tag (or the digest)
+    prefetch: bool = True
+    eager_share: float = DEFAULT_EAGER_SHARE
+    offline: bool = False
+    cache_size: int | None = None  # the byte budget of a daemon this mount starts
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def _mount_bdi(target: str) -> str | None:
+    """major:minor of the mount at ``target`` (a real path: never stat inside our own mount,
+    the thread that would answer is the one asking)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                return fields[2]
+    return None
+
+
+def check_mountpoint(path: Path) -> str:
+    """Refuse a missing, non-directory, mounted or non-empty mountpoint; its real path."""
+    if not path.exists():
+        raise UsageError(f"mountpoint {path} does not exist")
+    if not path.is_dir():
+        raise UsageError(f"mountpoint {path} is not a directory")
+    if is_mounted(path):
+        raise UsageError(f"mountpoint {path} is already a mount point (lazycaf umount it first)")
+    if any(path.iterdir()):
+        raise UsageError(f"mountpoint {path} is not empty")
+    return os.path.realpath(path)
+
+
+def _load_manifest(cache_dir: Path, digest_hex: str, name: str) -> Manifest:
+    data = (cache_dir / "blobs" / digest_hex[:2] / digest_hex).read_bytes()
+    return Manifest.decode(data, name=name)
+
+
+def _set_readahead(mountpoint: str, kb: int) -> None:
+    bdi = _mount_bdi(mountpoint)
+    if bdi is None:
+        return
+    try:
+        Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").write_text(str(kb))
+    except OSError as exc:  # not root: the kernel default stays
+        log.info("could not set read_ahead_kb of %s: %s", bdi, exc)
+
+
+async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> None:
+    """Mount and serve until unmounted or signalled; ``ready(digest)`` once visible."""
+    from lazycaf.mount import fuse_ops  # pyfuse3 only where a mount really runs
+
+    real_mountpoint = await trio.to_thread.run_sync(check_mountpoint, config.mountpoint)
+    start_daemon = functools.partial(
+        ensure_daemon,
+        config.cache_dir,
+        config.cas_spec,
+        config.socket_path,
+        cache_size=config.cache_size,
+    )
+    await trio.to_thread.run_sync(start_daemon)
+    client = FetcherClient(config.socket_path, timeout=config.fetch_timeout + 5)
+    try:
+        prefetch = config.prefetch and not config.offline
+        profile_name = config.profile or profile_name_for(config.ref)
+        loaded: list[Profile | None] = []
+        async with trio.open_nursery() as nursery:
+            if prefetch and profile_name:  # the profile travels beside the manifest
+                nursery.start_soon(_load_into, loaded, client, config.cache_dir, profile_name)
+            digest = await client.resolve(config.ref, cached=config.offline)
+            if config.offline:
+                await _check_all_cached(client, digest, config.ref)
+            else:
+                await client.ensure(digest)
+            await client.mounted(digest)
+            name = f"manifest {digest}"
+            name += f" (ref {config.ref!r})" if config.ref != digest.hex else ""
+            manifest = await trio.to_thread.run_sync(
+                _load_manifest, config.cache_dir, digest.hex, name
+            )
+        if not profile_name:  # a bare digest: its profile is named by it
+            profile_name = digest.hex
+            if prefetch:
+                loaded.append(await load_profile(client, config.cache_dir, profile_name))
+        table = InodeTable(manifest)
+        index = Index(config.cache_dir / "index.lmdb", readonly=True)
+        reader = BlobReader(
+            config.cache_dir,
+            index,
+            client,
+            chunk_size=manifest.chunk_size,
+            timeout=config.fetch_timeout,
+        )
+        reader.restart_daemon = start_daemon
+        profile = MountProfile(
+            client,
+            manifest,
+            digest,
+            reader,
+            config.cache_dir,
+            name=profile_name,
+            prefetch=prefetch,
+            eager_share=config.eager_share,
+            record=not config.offline,
+            profile=loaded[0] if loaded else None,
+        )
+        await profile.queue_hot_set()
+        skip_open = fuse_ops.can_skip_open() and not config.open_roundtrips
+        ops = fuse_ops.LazyOperations(table, reader, skip_open=skip_open)
+        options = {"fsname=lazycaf", "subtype=lazycaf", "ro", "nosuid", "nodev"}
+        options |= {"default_permissions"}
+        if os.getuid() == 0:
+            options.add("allow_other")
+        fuse_ops.fuse_init(ops, real_mountpoint, options)
+        pid_file = mount_pid_file(real_mountpoint)
+        try:
+            _set_readahead(real_mountpoint, config.readahead_kb)
+            log.info("mounted %s (%d entries) at %s", digest, len(table), config.mountpoint)
+            await trio.to_thread.run_sync(_write_pid_file, pid_file)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(profile.run)
+                nursery.start_soon(reader.report_touches)
+                ready(digest.hex)
+                nursery.start_soon(_handle_signals, fuse_ops.fuse_terminate, profile.save)
+                await fuse_ops.fuse_main()
+                nursery.cancel_scope.cancel()
+        finally:
+            fuse_ops.fuse_close(unmount=True)
+            reader.close()
+            index.close()
+            with trio.CancelScope(shield=True):
+                await profile.save()
+            pid_file.unlink(missing_ok=True)
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+async def _load_into(
+    out: list[Profile | None], client: FetcherClient, cache_dir: Path, name: str
+) -> None:
+    out.append(await load_profile(client, cache_dir, name))
+
+
+async def _check_all_cached(client: FetcherClient, digest: Digest, ref: str) -> None:
+    """Offline: refuse, saying what is missing, unless the whole executable is cached."""
+    try:
+        held = await client.holds(digest)
+    except NotFound:
+        raise Unavailable(
+            f"offline: the manifest of {ref} ({digest.short}) is not in the cache; "
+            "mount it once without --offline (or `lazycaf cache pin` it)"
+        ) from None
+    if held["missing_blobs"]:
+        raise Unavailable(
+            f"offline: {held['missing_blobs']} of {held['blobs']} blobs "
+            f"({format_size(held['missing_bytes'])} of {format_size(held['bytes'])}) of {ref} "
+            "are not in the cache; mount without --offline to fetch them "
+            "(or `lazycaf cache pin` it while online)"
+        )
+
+
+async def _handle_signals(
+    terminate: Callable[[], None], save: Callable[[], Awaitable[None]]
+) -> None:
+    """SIGTERM/SIGINT/SIGHUP unmount; SIGUSR1 saves the run's trace now (profile save)."""
+    stop = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with trio.open_signal_receiver(*stop, signal.SIGUSR1) as signals:
+        async for signum in signals:
+            if signum == signal.SIGUSR1:
+                await save()
+                continue
+            log.info("unmounting on signal %d", signum)
+            terminate()
+            return
+
+
+def runtime_dir() -> Path:
+    """Where mounts leave their pid files: /run/lazycaf for root, else a per-user dir."""
+    if os.getuid() == 0:
+        return Path("/run/lazycaf")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lazycaf-{os.getuid()}"
+    return Path(base) / "lazycaf"
+
+
+def mount_pid_file(real_mountpoint: str) -> Path:
+    return runtime_dir() / ("mount" + real_mountpoint.replace("%", "%25").replace("/", "%2F"))
+
+
+def _write_pid_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(f"{os.getpid()}\n")
+
+
+def mount_pid(mountpoint: Path) -> int | None:
+    """The pid of the process serving the lazycaf mount at ``mountpoint``, if known."""
+    try:
+        pid = int(mount_pid_file(os.path.realpath(mountpoint)).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid

@@ -1,0 +1,292 @@
+"""`lazycaf mount` end to end: the real CLI, the real FUSE mount, the real daemon, a cache on
+a real Btrfs loop image."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Host, run_cli
+from tests.lazycaf.cli.test_pack import make_tree, walk
+
+MiB = 1 << 20
+
+
+def pack(tree: Path, cas: Path | str, *extra: str) -> str:
+    return run_cli("pack", tree, "--cas", cas, *extra).stdout.decode().strip()
+
+
+def test_sample_python_runs_from_the_mount(host: Host, sample_tree: Path, tmp_path: Path) -> None:
+    cas = tmp_path / "cas"
+    pack(sample_tree, cas, "--tag", "sample:latest")
+    mnt = host.mountpoint()
+    out = host.cli("mount", "sample:latest", mnt, "--cas", cas).stdout.decode()
+    assert "mounted sample:latest" in out and "log:" in out
+    code = "import json, sqlite3, ssl, numpy; print(numpy.__file__)"
+    proc = subprocess.run(
+        [mnt / "bin/python3", "-v", "-c", code], capture_output=True, timeout=120, cwd="/"
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().strip() == f"{mnt}/lib/python3.11/site-packages/numpy/__init__.py"
+    log = proc.stderr.decode()
+    # the packed .pyc files are used: none is stale, none is (re)written
+    assert "code object from" in log and ".pyc" in log
+    assert "bytecode is stale" not in log and "bad mtime" not in log
+    assert "could not create" not in log and "# wrote" not in log
+    stats = host.stats()
+    assert stats["fetches"] > 0 and stats["fetch_failures"] == 0
+    host.cli("umount", mnt)
+    assert not any(mnt.iterdir())
+
+
+def test_full_walk_matches_source(host: Host, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    digest = pack(tree, tmp_path / "cas")
+    mnt = host.mountpoint()
+    host.cli("mount", digest, mnt, "--cas", tmp_path / "cas")
+    source, mounted = walk(tree), walk(mnt)
+    assert sorted(source) == sorted(mounted)
+    for path, st in source.items():
+        m = mounted[path]
+        assert stat.S_IFMT(m.st_mode) == stat.S_IFMT(st.st_mode), path
+        assert m.st_mtime_ns == st.st_mtime_ns, path
+        if stat.S_ISLNK(st.st_mode):
+            assert os.readlink(mnt / path) == os.readlink(tree / path)
+            continue
+        assert stat.S_IMODE(m.st_mode) == stat.S_IMODE(st.st_mode), path
+        assert m.st_nlink == st.st_nlink, path
+        if stat.S_ISDIR(st.st_mode):
+            assert sorted(os.listdir(mnt / path)) == sorted(os.listdir(tree / path))
+        else:
+            assert m.st_size == st.st_size
+            assert (mnt / path).read_bytes() == (tree / path).read_bytes(), path
+    # hard links share an inode in the mount too
+    assert (mnt / "lib/pkg/hardlink.py").stat().st_ino == (
+        mnt / "lib/pkg/__init__.py"
+    ).stat().st_ino
+    assert sorted(os.listdir(mnt)) == sorted(os.listdir(tree))
+    # read-only: writes are refused
+    with pytest.raises(OSError) as info, open(mnt / "bin/tool", "r+b"):
+        pass
+    assert info.value.errno in (errno.EROFS, errno.EACCES)
+    host.cli("umount", mnt)
+
+
+def test_reads_fetch_only_what_they_touch(host: Host, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "small-a").write_bytes(b"a" * 1000)
+    (tree / "small-b").write_bytes(b"b" * 2000)
+    with open(tree / "huge.bin", "wb") as f:  # 1 GiB, every chunk distinct
+        for i in range(1024):
+            f.write(i.to_bytes(8, "little") * (MiB // 8))
+    cas = tmp_path / "cas"
+    digest = pack(tree, cas)
+    mnt = host.mountpoint()
+    # --no-prefetch: without a profile a mount would also fetch a missed file's siblings
+    host.cli("mount", digest, mnt, "--cas", cas, "--no-prefetch")
+    base = host.stats()
+
+    assert (mnt / "small-a").read_bytes() == b"a" * 1000
+    after = host.stats()
+    assert after["fetches"] - base["fetches"] == 1
+    assert after["bytes_fetched"] - base["bytes_fetched"] == 1000
+
+    with open(mnt / "huge.bin", "rb") as f:
+        f.seek(700 * MiB)
+        data = f.read(4096)
+    assert data == (700).to_bytes(8, "little") * 512
+    huge = host.stats()
+    # one 1 MiB chunk (the kernel's readahead stays inside it)
+    assert huge["fetches"] - after["fetches"] == 1
+    assert huge["bytes_fetched"] - after["bytes_fetched"] == MiB
+
+    # a second mount of the same executable fetches nothing it already has
+    mnt2 = host.mountpoint("mnt2")
+    host.cli("mount", digest, mnt2, "--cas", cas, "--no-prefetch")
+    assert (mnt2 / "small-a").read_bytes() == b"a" * 1000
+    with open(mnt2 / "huge.bin", "rb") as f:
+        f.seek(700 * MiB)
+        assert f.read(4096) == data
+    assert host.stats()["fetches"] == huge["fetches"]
+    host.cli("umount", mnt)
+    host.cli("umount", mnt2)
+
+
+def test_two_mounts_reading_one_file_download_once(host: Host, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    payload = os.urandom(8 * MiB)
+    (tree / "shared.bin").write_bytes(payload)
+    cas = tmp_path / "cas"
+    digest = pack(tree, cas)
+    mounts = [host.mountpoint(f"m{i}") for i in range(2)]
+    for m in mounts:
+        host.cli("mount", digest, m, "--cas", cas)
+    base = host.stats()
+    results: list[bytes] = []
+    barrier = threading.Barrier(2)
+
+    def reader(m: Path) -> None:
+        barrier.wait()
+        results.append((m / "shared.bin").read_bytes())
+
+    threads = [threading.Thread(target=reader, args=(m,)) for m in mounts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [payload, payload]
+    after = host.stats()
+    assert after["fetches"] - base["fetches"] == 8  # eight 1 MiB chunks, each fetched once
+    assert after["bytes_fetched"] - base["bytes_fetched"] == 8 * MiB
+    for m in mounts:
+        host.cli("umount", m)
+
+
+def test_corrupt_blob_gives_eio_for_that_file_only(host: Host, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "good").write_bytes(b"good bytes\n" * 100)
+    (tree / "bad").write_bytes(b"will be corrupted\n" * 100)
+    cas = tmp_path / "cas"
+    digest = pack(tree, cas)
+    rec = run_cli("ls", digest, "bad", "--json", "--cas", cas).stdout
+    bad_digest = __import__("json").loads(rec)["digest"]
+    (blob,) = (cas / "blobs" / bad_digest[:2]).glob(bad_digest + "*")
+    blob.write_bytes(b"evil" * 100)
+    mnt = host.mountpoint()
+    host.cli("mount", digest, mnt, "--cas", cas)
+    with pytest.raises(OSError) as info:
+        (mnt / "bad").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert (mnt / "good").read_bytes() == b"good bytes\n" * 100
+    log = (host.cache / "logs").glob("mount*.log")
+    lines = [line for p in log for line in p.read_text().splitlines()]
+    assert any("read of bad" in line and bad_digest in line for line in lines), lines[-5:]
+    assert not (host.cache / "blobs" / bad_digest[:2] / bad_digest).exists()
+    host.cli("umount", mnt)
+
+
+def test_unreachable_cas_gives_eio_within_the_timeout(
+    host: Host, tmp_path: Path, cas_server: object
+) -> None:
+    from tests.conftest import CasServer, stop
+
+    assert isinstance(cas_server, CasServer)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(b"x" * 5000)
+    env = {"LAZYCAF_CAS_TOKEN": cas_server.token}
+    digest = run_cli("pack", tree, "--cas", cas_server.url, env=env).stdout.decode().strip()
+    mnt = host.mountpoint()
+    host.cli("mount", digest, mnt, "--cas", cas_server.url, "--fetch-timeout", "3")
+    stop(cas_server.proc)
+    start = time.monotonic()
+    with pytest.raises(OSError) as info:
+        (mnt / "a").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert time.monotonic() - start < 15
+    assert sorted(os.listdir(mnt)) == ["a"]  # the mount keeps working
+    host.cli("umount", mnt)
+
+
+def test_mount_and_umount_errors_are_one_clear_line(host: Host, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    cas = tmp_path / "cas"
+    digest = pack(tree, cas)
+
+    def fails(*args: str | Path, code: int, needle: str) -> None:
+        proc = host.cli(*args, check=False)
+        err = proc.stderr.decode().strip().splitlines()
+        assert proc.returncode == code, (args, proc.stderr)
+        assert len(err) == 1 and needle in err[0], err
+
+    mnt = host.mountpoint()
+    fails("mount", "no-such:ref", mnt, "--cas", cas, code=1, needle="no-such:ref")
+    assert not any(mnt.iterdir())
+    fails("mount", digest, tmp_path / "missing", "--cas", cas, code=2, needle="does not exist")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    fails("mount", digest, full, "--cas", cas, code=2, needle="not empty")
+    fails("umount", mnt, code=2, needle="not mounted")
+    fails("umount", tmp_path / "missing", code=2, needle="does not exist")
+
+    host.cli("mount", digest, mnt, "--cas", cas)
+    fails("mount", digest, mnt, "--cas", cas, code=2, needle="already a mount point")
+    with open(mnt / "bin/tool", "rb"):
+        fails("umount", mnt, code=1, needle="busy")
+    host.cli("umount", mnt)
+    assert not any(mnt.iterdir())
+
+
+def test_daemon_restart_reconciles_cache(host: Host, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    cas = tmp_path / "cas"
+    digest = pack(tree, cas)
+    mnt = host.mountpoint()
+    host.cli("mount", digest, mnt, "--cas", cas)
+    assert (mnt / "lib/pkg/__init__.py").read_text() == "x = 1\n"
+    host.cli("umount", mnt)
+    host.cli("fetcher", "stop")
+    # what a crash mid-download leaves: a partial temp file, and a wrong "blob" that never
+    # went through the verified commit path must not be trusted either
+    (host.cache / "tmp" / "partial.download").write_bytes(b"half a blob")
+    host.cli("mount", digest, mnt, "--cas", cas)
+    assert not any((host.cache / "tmp").iterdir())
+    assert (mnt / "lib/pkg/sub/data.bin").read_bytes() == (
+        tree / "lib/pkg/sub/data.bin"
+    ).read_bytes()
+    host.cli("umount", mnt)
+
+
+def test_daemon_killed_mid_download_leaves_no_bad_blob(
+    host: Host, tmp_path: Path, cas_server: object
+) -> None:
+    import signal
+
+    from tests.conftest import CasServer
+    from tests.slowproxy import slow_proxy
+
+    assert isinstance(cas_server, CasServer)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    payload = os.urandom(4 * MiB)  # incompressible: ~64 chunks of 64 KiB on the wire
+    (tree / "big.bin").write_bytes(payload)
+    env = {"LAZYCAF_CAS_TOKEN": cas_server.token}
+    digest = run_cli("pack", tree, "--cas", cas_server.url, env=env).stdout.decode().strip()
+    with slow_proxy(cas_server.url, delay=0.05) as slow_url:
+        mnt = host.mountpoint()
+        host.cli("mount", digest, mnt, "--cas", slow_url, "--no-prefetch", "--eager-share", "0")
+        result: list[bytes | BaseException] = []
+
+        def reader() -> None:
+            try:
+                result.append((mnt / "big.bin").read_bytes())
+            except OSError as exc:
+                result.append(exc)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while host.stats()["misses"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the manifest, then the file's first chunk is in flight
+        pid = int((host.cache / "fetcher.lock").read_text())
+        os.kill(pid, signal.SIGKILL)
+        thread.join(60)
+        # the mount restarted the daemon (which reconciled the cache) and finished the read
+        assert result == [payload]
+        assert not any((host.cache / "tmp").iterdir())
+        for blob in (host.cache / "blobs").glob("*/*"):
+            from lazycaf.core.digest import Digest
+
+            assert Digest.of(blob.read_bytes()).hex == blob.name
+        host.cli("umount", mnt)

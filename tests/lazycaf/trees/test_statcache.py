@@ -1,0 +1,243 @@
+"""Tests for lazycaf.trees.statcache: the per-tree stat cache that lets a pack skip re-hashing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from lazycaf.core.digest import Digest
+from lazycaf.trees.statcache import StatCache, StatKey
+
+CS = 64 << 10
+OLD_NS = 1_600_000_000 * 10**9  # September 2020: far from racy
+
+
+def D(tag: str) -> Digest:
+    return Digest.of(tag.encode())
+
+
+def key_of(path: Path) -> StatKey:
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def make(path: Path, data: bytes, mtime_ns: int = OLD_NS) -> StatKey:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return key_of(path)
+
+
+def synthetic(mtime_ns: int = OLD_NS, size: int = 10) -> StatKey:
+    return (size, mtime_ns, mtime_ns + 5, 1234, 56)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "pack-stat"  # does not exist yet
+
+
+def test_for_tree_names_one_file_per_root_and_chunk_size(tree: Path, cache_dir: Path) -> None:
+    a = StatCache.for_tree(cache_dir, tree, CS)
+    assert a.path.parent == cache_dir
+    assert a.path.suffix == ".json"
+    assert StatCache.for_tree(cache_dir, tree / "sub" / "..", CS).path == a.path
+    assert StatCache.for_tree(cache_dir, tree, 2 * CS).path != a.path
+    assert StatCache.for_tree(cache_dir, tree.parent, CS).path != a.path
+
+
+def test_unchanged_file_keeps_its_digests_across_save_and_reload(
+    tree: Path, cache_dir: Path
+) -> None:
+    small = make(tree / "small", b"abc")
+    big = make(tree / "dir" / "big", b"x" * (CS + 1))
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    assert cache.lookup("small", small) is None  # nothing saved yet
+    cache.record("small", small, D("small"), ())
+    cache.record("dir/big", big, D("big"), (D("big#0"), D("big#1")))
+    cache.save()
+
+    again = StatCache.for_tree(cache_dir, tree, CS)
+    assert again.lookup("small", key_of(tree / "small")) == (D("small"), ())
+    assert again.lookup("dir/big", key_of(tree / "dir" / "big")) == (
+        D("big"),
+        (D("big#0"), D("big#1")),
+    )
+    assert again.hits == 2
+    assert again.lookup("missing", small) is None
+    assert again.hits == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "name"), [(0, "size"), (1, "mtime"), (2, "ctime"), (3, "inode"), (4, "device")]
+)
+def test_a_changed_stat_field_misses(cache_dir: Path, tree: Path, field: int, name: str) -> None:
+    key = synthetic()
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache.record("f", key, D("f"), ())
+    cache.save()
+    changed = list(key)
+    changed[field] -= 1  # earlier, never racy
+    again = StatCache.for_tree(cache_dir, tree, CS)
+    assert again.lookup("f", tuple(changed)) is None, name  # type: ignore[arg-type]
+    assert again.hits == 0
+    assert again.lookup("f", key) == (D("f"), ())
+
+
+def test_rewriting_a_file_with_the_same_size_and_mtime_misses(tree: Path, cache_dir: Path) -> None:
+    key = make(tree / "f", b"one")
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache.record("f", key, D("one"), ())
+    cache.save()
+    time.sleep(0.02)  # let the ctime tick move on
+    changed = make(tree / "f", b"two")  # same size, mtime restored: only ctime tells
+    assert changed[:2] == key[:2]
+    if changed == key:
+        pytest.skip("ctime did not move (coarse file system timestamps)")
+    assert StatCache.for_tree(cache_dir, tree, CS).lookup("f", changed) is None
+
+
+def test_files_modified_just_before_the_save_are_not_trusted(tree: Path, cache_dir: Path) -> None:
+    now = time.time_ns()
+    racy = synthetic(now - 500_000_000)  # 0.5 s before the save
+    racy_edge = synthetic(now - 1_500_000_000)  # 1.5 s before the save
+    future = synthetic(now + 60 * 10**9)  # the clock went backwards, or a touch -d
+    settled = synthetic(now - 10 * 10**9)  # 10 s before the save
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    for name, key in [("racy", racy), ("edge", racy_edge), ("future", future), ("ok", settled)]:
+        cache.record(name, key, D(name), ())
+    cache.save()
+
+    again = StatCache.for_tree(cache_dir, tree, CS)
+    assert again.lookup("racy", racy) is None
+    assert again.lookup("edge", racy_edge) is None
+    assert again.lookup("future", future) is None
+    assert again.lookup("ok", settled) == (D("ok"), ())
+
+
+def test_a_freshly_written_file_is_not_trusted(tree: Path, cache_dir: Path) -> None:
+    (tree / "new").write_bytes(b"just now")
+    key = key_of(tree / "new")
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache.record("new", key, D("new"), ())
+    cache.save()
+    assert StatCache.for_tree(cache_dir, tree, CS).lookup("new", key) is None
+
+
+def test_missing_file_gives_an_empty_cache(tree: Path, cache_dir: Path) -> None:
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    assert not cache.path.exists()
+    assert cache.lookup("f", synthetic()) is None
+    assert cache.hits == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"garbage",
+        b"\xff\xfe\x00",
+        b"null",
+        b"[1, 2]",
+        b"{}",
+        b'{"v": 1}',
+        b'{"v": 2, "saved_ns": 0, "files": {}}',
+        b'{"v": 1, "saved_ns": "soon", "files": {}}',
+    ],
+)
+def test_corrupt_file_gives_an_empty_cache(tree: Path, cache_dir: Path, data: bytes) -> None:
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache.record("f", synthetic(), D("f"), ())
+    cache.save()
+    cache.path.write_bytes(data)
+    broken = StatCache.for_tree(cache_dir, tree, CS)
+    assert broken.lookup("f", synthetic()) is None
+    broken.record("g", synthetic(), D("g"), ())
+    broken.save()  # a corrupt cache is simply replaced
+    assert StatCache.for_tree(cache_dir, tree, CS).lookup("g", synthetic()) == (D("g"), ())
+
+
+def test_a_record_that_does_not_parse_misses(tree: Path, cache_dir: Path) -> None:
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache.record("f", synthetic(), D("f"), (D("c0"),))
+    cache.save()
+    body = json.loads(cache.path.read_bytes())
+    body["files"]["f"][1] = "not hex"
+    body["files"]["g"] = [list(synthetic()), D("g").hex, ["zz"]]
+    cache.path.write_text(json.dumps(body))
+    again = StatCache.for_tree(cache_dir, tree, CS)
+    assert again.lookup("f", synthetic()) is None
+    assert again.lookup("g", synthetic()) is None
+    assert again.hits == 0
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        [],  # files is not an object
+        {"f": 5},  # a record is not a list
+        {"f": []},  # a record is too short
+    ],
+)
+def test_a_structurally_wrong_file_gives_an_empty_cache(
+    tree: Path, cache_dir: Path, files: object
+) -> None:
+    # Valid JSON of the right version whose records have the wrong shape: as corrupt as
+    # garbage, so the cache must be empty rather than raise from lookup().
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache.path.parent.mkdir(parents=True)
+    cache.path.write_text(json.dumps({"v": 1, "saved_ns": time.time_ns(), "files": files}))
+    broken = StatCache.for_tree(cache_dir, tree, CS)
+    assert broken.lookup("f", synthetic()) is None
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tree: Path, cache_dir: Path) -> None:
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache.record("f", synthetic(), D("f"), ())
+    cache.save()
+    cache.save()
+    assert os.listdir(cache_dir) == [cache.path.name]
+    body = json.loads(cache.path.read_bytes())
+    assert body["v"] == 1
+    assert set(body["files"]) == {"f"}
+
+
+def test_a_failed_save_leaves_the_old_state_and_no_temp_file(tree: Path, cache_dir: Path) -> None:
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache.path.mkdir(parents=True)  # os.replace onto a non-empty directory fails
+    (cache.path / "keep").write_bytes(b"")
+    cache.record("f", synthetic(), D("f"), ())
+    with pytest.raises(OSError):
+        cache.save()
+    assert os.listdir(cache_dir) == [cache.path.name]
+    assert os.listdir(cache.path) == ["keep"]
+
+
+def test_files_not_seen_by_the_latest_pack_are_dropped(tree: Path, cache_dir: Path) -> None:
+    a, b, c = synthetic(size=1), synthetic(size=2), synthetic(size=3)
+    first = StatCache.for_tree(cache_dir, tree, CS)
+    first.record("a", a, D("a"), ())
+    first.record("b", b, D("b"), ())
+    first.save()
+
+    second = StatCache.for_tree(cache_dir, tree, CS)
+    assert second.lookup("a", a) == (D("a"), ())  # a hit counts as seen
+    second.record("c", c, D("c"), ())  # b was deleted from the tree
+    second.save()
+
+    third = StatCache.for_tree(cache_dir, tree, CS)
+    assert third.lookup("a", a) == (D("a"), ())
+    assert third.lookup("c", c) == (D("c"), ())
+    assert third.lookup("b", b) is None
+    assert set(json.loads(third.path.read_bytes())["files"]) == {"a", "c"}
