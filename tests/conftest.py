@@ -2,6 +2,15 @@
 
 A test that needs a capability the machine lacks (root, /dev/fuse, Btrfs, netns) skips on a
 developer machine but fails under ``CI=true``: CI must never silently skip them.
+
+Tiers: ``pytest -m "not slow"`` is the unit tier (under a minute on two cores): in-process
+tests, quick CLI runs, and the API suites against one CAS server process per module. The whole
+suite adds the ``slow`` tests: real mounts, daemons, Btrfs images, a CAS server process of the
+test's own, and anything else over about a second. Markers come from the fixtures a test uses
+(``FIXTURE_MARKS``, applied in ``pytest_collection_modifyitems``: ``host`` means a FUSE mount on
+Btrfs as root, and so on) plus an explicit ``pytest.mark.slow`` on the other long tests. A
+marker only selects: leaving a tier out is the caller's choice, and a capability missing from a
+selected test still fails under ``CI=true`` (``require``).
 """
 
 from __future__ import annotations
@@ -41,6 +50,28 @@ def require(ok: bool, why: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must have this capability: {why}")
     pytest.skip(why)
+
+
+# The markers a fixture brings to every test that uses it, directly or through another fixture.
+FIXTURE_MARKS: dict[str, tuple[str, ...]] = {
+    "host": ("fuse", "btrfs", "root", "slow"),  # a cache on Btrfs, its daemon, FUSE mounts
+    "btrfs_dir": ("btrfs", "root", "slow"),  # a Btrfs loop image
+    "sample_tree": ("slow",),  # builds an interpreter prefix with numpy
+    "cas_server": ("slow",),  # a `lazycaf cas serve` process of the test's own
+    "cluster": ("fuse", "btrfs", "root", "slow"),  # tests/fetcher/peers: daemons that mount
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        have = {mark.name for mark in item.iter_markers()}
+        for fixture, marks in FIXTURE_MARKS.items():
+            if fixture in used:
+                for name in marks:
+                    if name not in have:
+                        item.add_marker(name)
+                        have.add(name)
 
 
 def run_cli(

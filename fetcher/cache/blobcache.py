@@ -44,9 +44,11 @@ from pathlib import Path
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest, Hasher
 from lazycaf.core.errors import CacheFull
+from lazycaf.core.verified import Verified, verify_blob
 from lazycaf.disk.btrfs_encoded import frames_of, write_frames
 from lazycaf.disk.syncfs import syncfs
 from lazycaf.host.index import BlobRecord, Index
+from lazycaf.host.paths import CacheLayout
 
 __all__ = [
     "ENCODED_WRITES_ENV",
@@ -54,7 +56,6 @@ __all__ = [
     "Reconciled",
     "Staged",
     "WriteStatistics",
-    "blob_path",
     "filesystem_type",
     "init_cache_dir",
 ]
@@ -63,11 +64,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENCODED_WRITES_ENV = "LAZYCAF_ENCODED_WRITES"
-
-
-def blob_path(cache_root: Path, digest: Digest) -> Path:
-    h = digest.hex
-    return cache_root / "blobs" / h[:2] / h
 
 
 @dataclass(frozen=True)
@@ -109,9 +105,10 @@ class BlobCache:
 
     def __init__(self, root: Path, *, encoded_writes: bool | None = None) -> None:
         self.root = root
-        for sub in ("blobs", "tmp"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        self.index = Index(root / "index.lmdb")
+        self.layout = layout = CacheLayout(root)
+        for sub in (layout.blobs, layout.tmp):
+            sub.mkdir(parents=True, exist_ok=True)
+        self.index = Index(layout.index)
         self._pending: list[Digest] = []
         self._lock = threading.Lock()
         self.usage = self.index.total_bytes()
@@ -119,7 +116,7 @@ class BlobCache:
             encoded_writes = os.environ.get(ENCODED_WRITES_ENV) == "1"
         self._encoded = encoded_writes
         self._encoded_ok = True  # until the filesystem refuses an encoded write
-        self._sector = os.statvfs(root / "tmp").f_bsize
+        self._sector = os.statvfs(layout.tmp).f_bsize
         self._written = [0, 0, 0]  # encoded extents, encoded bytes, plain bytes
         self._written_lock = threading.Lock()  # not _lock: staging never waits for GC
 
@@ -132,7 +129,7 @@ class BlobCache:
         self.index.close()
 
     def path(self, digest: Digest) -> Path:
-        return blob_path(self.root, digest)
+        return self.layout.blob(digest)
 
     def warm(self, digests: list[Digest]) -> None:
         """Ask the kernel to read these blob files into the page cache, in this order
@@ -155,30 +152,18 @@ class BlobCache:
 
     def commit(self, digest: Digest, encoding: str, payload: bytes) -> int:
         """Decode, verify and store a blob; returns its size. Raises IntegrityError."""
-        staged = self.stage(digest, encoding, payload)
+        staged = self.stage(verify_blob(digest, encoding, payload))
         self.publish(staged, limit=None)
         return staged.size
 
-    def stage(
-        self,
-        digest: Digest,
-        encoding: str,
-        payload: bytes,
-        *,
-        encoded: bool | None = None,
-        verified: bool = False,
-    ) -> Staged:
-        """Decode and verify a blob and write it to ``tmp/``. A full disk raises
-        ``CacheFull``; on any failure the temp file is gone. ``encoded`` overrides the cache's
-        ``encoded_writes`` for this blob (still only where the filesystem takes them).
-        ``verified``: the caller has just decoded and hashed these very bytes (a peer's
-        blob, checked as it arrived): skip hashing them a second time."""
-        data = framing.decode(encoding, payload, what=f"blob {digest}")
-        if not verified:
-            digest.verify(data)
+    def stage(self, blob: Verified, *, encoded: bool | None = None) -> Staged:
+        """Write a verified blob to ``tmp/``. A full disk raises ``CacheFull``; on any
+        failure the temp file is gone. ``encoded`` overrides the cache's ``encoded_writes``
+        for this blob (still only where the filesystem takes them)."""
+        digest, encoding, payload, data = blob.digest, blob.encoding, blob.payload, blob.data
         tmp = ""
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=digest.hex[:16] + ".")
+            fd, tmp = tempfile.mkstemp(dir=self.layout.tmp, prefix=digest.hex[:16] + ".")
             try:
                 self._write(fd, encoding, payload, data, encoded)
             finally:
@@ -295,12 +280,12 @@ class BlobCache:
         """Make index and files agree after a crash: drop temp files, index stray blobs,
         forget index entries whose file is gone."""
         removed = 0
-        for tmp in (self.root / "tmp").iterdir():
+        for tmp in self.layout.tmp.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
                 removed += 1
         on_disk: dict[Digest, Path] = {}
-        for sub in (self.root / "blobs").iterdir():
+        for sub in self.layout.blobs.iterdir():
             for f in sub.iterdir():
                 if Digest.is_hex(f.name):
                     on_disk[Digest.parse(f.name)] = f
@@ -352,12 +337,13 @@ def init_cache_dir(path: Path) -> tuple[str, bool]:
 
     Returns (filesystem type, compression enabled). New files inherit the property.
     """
-    for sub in ("blobs", "tmp"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
+    layout = CacheLayout(path)
+    for sub in (layout.blobs, layout.tmp):
+        sub.mkdir(parents=True, exist_ok=True)
     fs = filesystem_type(path)
     if fs != "btrfs":
         return fs, False
-    for target in (path, path / "blobs", path / "tmp"):
+    for target in (path, layout.blobs, layout.tmp):
         subprocess.run(
             ["btrfs", "property", "set", str(target), "compression", "zstd"],
             check=True,

@@ -34,6 +34,7 @@ from lazycaf.core.errors import LazyCafError
 from lazycaf.core.manifest import Manifest
 from lazycaf.disk.syncfs import syncfs
 from lazycaf.host.index import Index
+from lazycaf.host.paths import CacheLayout
 
 __all__ = [
     "GarbageCollector",
@@ -99,7 +100,7 @@ def pinned_blobs(
             continue
         pinned.add(exe)
         if exe not in memo:
-            path = root / "blobs" / exe.hex[:2] / exe.hex
+            path = CacheLayout(root).blob(exe)
             try:
                 memo[exe] = frozenset(Manifest.decode(path.read_bytes()).blobs())
             except (OSError, LazyCafError) as exc:  # not fetched yet: only the manifest

@@ -25,55 +25,43 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hmac
 import json
 import logging
-import os
-import socket
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from fetcher.casserver.groupcommit import GroupCommitter
+from fetcher.web.asgi import (
+    HttpError,
+    Receive,
+    Scope,
+    Send,
+    accepts,
+    answer_errors,
+    check_bearer,
+    digest_from,
+    lifespan,
+    read_body,
+    respond,
+)
 from lazycaf.cas.batch import pack_batch, unpack_batch
 from lazycaf.cas.casdir import CasDir, Staged
 from lazycaf.cas.refs import ANY, Expected
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import (
-    IntegrityError,
-    LazyCafError,
     NotFound,
     RefMoved,
     RefNotFound,
     UsageError,
 )
 
-__all__ = [
-    "CasApp",
-    "CasStatistics",
-    "HttpError",
-    "accepts",
-    "answer_errors",
-    "bind_socket",
-    "check_bearer",
-    "digest_from",
-    "lifespan",
-    "read_body",
-    "respond",
-    "serve_app",
-]
+__all__ = ["CasApp", "CasStatistics"]
 
 log = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY: Final = 512 << 20
 _BLOBS: Final = "/v1/blobs/"
@@ -89,15 +77,6 @@ class CasStatistics:
     bytes_sent: int = 0
     bytes_received: int = 0
     missing_queries: int = 0
-
-
-class HttpError(Exception):
-    def __init__(
-        self, status: int, message: str, *, headers: list[tuple[bytes, bytes]] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or []
 
 
 class CasApp:
@@ -270,33 +249,6 @@ class CasApp:
         await respond(send, 200, body, "application/json")
 
 
-async def answer_errors(send: Send, handler: Awaitable[None]) -> None:
-    """Await ``handler``; answer the errors it raises with one status line each: its own
-    for an ``HttpError``, 404 not found, 400 bad input or bytes, 503 anything unavailable."""
-    try:
-        await handler
-    except HttpError as exc:
-        await respond(send, exc.status, (str(exc) + "\n").encode(), extra=exc.headers)
-    except NotFound as exc:
-        await respond(send, 404, (str(exc) + "\n").encode())
-    except (IntegrityError, UsageError) as exc:
-        await respond(send, 400, (str(exc) + "\n").encode())
-    except LazyCafError as exc:
-        await respond(send, 503, (str(exc) + "\n").encode())
-
-
-def check_bearer(scope: Scope, token: str | None, refusal: str) -> None:
-    """Raise a 401 ``HttpError`` saying ``refusal`` unless the request carries ``token``
-    (no token configured: every request passes)."""
-    if token is None:
-        return
-    auth = dict(scope["headers"]).get(b"authorization", b"")
-    scheme, _, credentials = auth.partition(b" ")
-    # The scheme is case-insensitive (RFC 9110 11.1); the token is compared in constant time.
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), token.encode()):
-        raise HttpError(401, refusal)
-
-
 def _expected(scope: Scope) -> Expected:
     """The compare-and-swap condition of a ref PUT: ``If-Match: "<hex>"`` (the ref must hold
     that digest) or ``If-None-Match: *`` (it must not exist yet); neither: unconditional."""
@@ -328,12 +280,6 @@ def _read_records(store: CasDir, digests: list[Digest]) -> list[tuple[Digest, st
     return out
 
 
-def digest_from(text: str) -> Digest:
-    if not Digest.is_hex(text):
-        raise HttpError(400, f"not a blob digest: {text[:80]!r}")
-    return Digest.parse(text)
-
-
 def _parse_range(header: str, size: int) -> tuple[int, int]:
     """One ``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` range as [start, end)."""
     unit, _, spec = header.partition("=")
@@ -355,110 +301,3 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
             headers=[(b"content-range", f"bytes */{size}".encode())],
         )
     return start, end
-
-
-def accepts(header: bytes, coding: bytes) -> bool:
-    """Whether an Accept-Encoding value accepts ``coding`` (``zstd;q=0`` refuses it)."""
-    wildcard: bool | None = None
-    for item in header.lower().split(b","):
-        name, *params = (part.strip() for part in item.split(b";"))
-        q = 1.0
-        for param in params:
-            key, _, value = param.partition(b"=")
-            if key.strip() == b"q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if name == coding:
-            return q > 0
-        if name == b"*":
-            wildcard = q > 0
-    return bool(wildcard)
-
-
-async def read_body(receive: Receive, limit: int) -> bytes:
-    parts: list[bytes] = []
-    total = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise HttpError(400, "client disconnected")
-        chunk = message.get("body", b"")
-        total += len(chunk)
-        if total > limit:
-            raise HttpError(413, f"body larger than {limit} bytes")
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-async def respond(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: str = "application/octet-stream",
-    *,
-    extra: list[tuple[bytes, bytes]] | None = None,
-    head: bool = False,
-    length: int | None = None,
-) -> None:
-    """Send one response. A HEAD answer sends no body; ``length`` is then the content-length
-    a GET would have (when known)."""
-    headers = [(b"content-type", content_type.encode())]
-    if not head or length is not None:
-        size = len(body) if length is None else length
-        headers.append((b"content-length", str(size).encode()))
-    headers.extend(extra or [])
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body})
-
-
-async def lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-def bind_socket(listen: str) -> socket.socket:
-    """A listening TCP socket for ``HOST:PORT`` (port 0 picks a free one)."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise UsageError(f"--listen wants HOST:PORT, got {listen!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, int(port_text)))
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen on {listen}: {exc.strerror}") from exc
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock
-
-
-async def serve_app(
-    app: Any,
-    sock: socket.socket,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``app`` on an already bound socket until cancelled.
-
-    Hypercorn closes the socket it serves when it stops, so it gets a duplicate of ``sock``'s
-    descriptor: ``sock`` stays the caller's to close.
-    """
-    config = Config()
-    config.bind = [f"fd://{os.dup(sock.fileno())}"]
-    config.accesslog = None
-    config.errorlog = log
-    config.keep_alive_timeout = 75
-    config.h11_max_incomplete_size = 64 * 1024
-    config.workers = 1
-    await serve(app, config, mode="asgi", task_status=task_status)  # type: ignore[arg-type]

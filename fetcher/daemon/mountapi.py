@@ -33,13 +33,14 @@ import trio
 
 from fetcher.cache.collector import GarbageCollector
 from fetcher.fetching.prefetch import PrefetchQueue
-from fetcher.fetching.service import DEMAND, PREFETCH, FetchService
+from fetcher.fetching.service import FetchService
 from fetcher.peers import coverage
 from fetcher.peers.peerset import PeerSet
 from lazycaf.cas.api import resolve
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import LazyCafError, NotFound, RefNotFound, UsageError
 from lazycaf.core.manifest import Manifest
+from lazycaf.core.priority import Priority
 from lazycaf.host.wire import LineReader, error_reply, ok_reply
 from lazycaf.traces.profiles import add_run
 from lazycaf.traces.trace import Trace
@@ -112,8 +113,9 @@ class MountApi:
         match verb:
             case "ensure":
                 hex_digest, _, priority = rest.partition(" ")
-                prio = PREFETCH if priority == "prefetch" else DEMAND
-                size = await self.service.ensure(Digest.parse(hex_digest), priority=prio)
+                size = await self.service.ensure(
+                    Digest.parse(hex_digest), priority=Priority.from_label(priority)
+                )
                 return {"size": size}
             case "prefetch":
                 digests = [Digest.parse(h) for h in rest.split()]

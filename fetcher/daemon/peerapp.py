@@ -36,7 +36,11 @@ from urllib.parse import parse_qs
 
 import trio
 
-from fetcher.casserver.app import (
+from fetcher.fetching.peersource import INSTANCE_HEADER, PRIORITY_HEADER
+from fetcher.fetching.service import FetchService
+from fetcher.peers import coverage
+from fetcher.peers.peerset import PeerSet
+from fetcher.web.asgi import (
     HttpError,
     Message,
     Receive,
@@ -50,10 +54,6 @@ from fetcher.casserver.app import (
     read_body,
     respond,
 )
-from fetcher.fetching.service import DEMAND, PREFETCH, FetchService
-from fetcher.peers import coverage
-from fetcher.peers.client import INSTANCE_HEADER, PRIORITY_HEADER
-from fetcher.peers.peerset import PeerSet
 from lazycaf.cas.batch import pack_batch
 from lazycaf.cas.refs import check_ref_name
 from lazycaf.core import framing
@@ -61,6 +61,7 @@ from lazycaf.core.digest import Digest
 from lazycaf.core.errors import NotFound, Unavailable, UsageError
 from lazycaf.core.framing import IDENTITY
 from lazycaf.core.manifest import Manifest
+from lazycaf.core.priority import Priority
 from lazycaf.traces.profiles import load_profile
 
 __all__ = ["PeerApp", "PriorityGate"]
@@ -80,11 +81,11 @@ class PriorityGate:
 
     def __init__(self, capacity: int) -> None:
         self._free = capacity
-        self._waiting: dict[int, deque[trio.Event]] = {DEMAND: deque(), PREFETCH: deque()}
+        self._waiting: dict[Priority, deque[trio.Event]] = {p: deque() for p in Priority}
 
     @contextlib.asynccontextmanager
-    async def slot(self, priority: int) -> AsyncIterator[None]:
-        ahead = self._waiting[DEMAND] if priority == PREFETCH else ()
+    async def slot(self, priority: Priority) -> AsyncIterator[None]:
+        ahead = self._waiting[Priority.DEMAND] if priority == Priority.PREFETCH else ()
         if self._free > 0 and not ahead and not self._waiting[priority]:
             self._free -= 1
         else:
@@ -104,7 +105,7 @@ class PriorityGate:
             self._release()
 
     def _release(self) -> None:
-        for priority in (DEMAND, PREFETCH):
+        for priority in Priority:
             if self._waiting[priority]:
                 self._waiting[priority].popleft().set()
                 return
@@ -127,7 +128,7 @@ class PeerApp:
         self._token = token
         self._gate = PriorityGate(send_slots)
         self._disk = trio.CapacityLimiter(4)
-        self.served = {DEMAND: 0, PREFETCH: 0}  # requests answered, by priority
+        self.served = dict.fromkeys(Priority, 0)  # requests answered, by priority
         self.wire_bytes = 0  # bodies sent to peers (zstd frames where the CAS sent those)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -151,8 +152,7 @@ class PeerApp:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        raw_priority = dict(scope["headers"]).get(PRIORITY_HEADER.encode(), b"demand")
-        priority = PREFETCH if raw_priority.strip().lower() == b"prefetch" else DEMAND
+        priority = Priority.from_label(dict(scope["headers"]).get(PRIORITY_HEADER.encode()))
         if path.startswith(_BLOBS) and method in ("GET", "HEAD"):
             digest = digest_from(path[len(_BLOBS) :])
             if method == "HEAD":
@@ -174,8 +174,8 @@ class PeerApp:
             await respond(send, 200, body.encode(), "application/json")
         elif path == "/v1/stats" and method == "GET":
             requests = {
-                "requests_demand": self.served[DEMAND],
-                "requests_prefetch": self.served[PREFETCH],
+                "requests_demand": self.served[Priority.DEMAND],
+                "requests_prefetch": self.served[Priority.PREFETCH],
                 "wire_bytes_to_peers": self.wire_bytes,
                 "recent_payloads": len(self.service.recent),
             }
@@ -184,12 +184,12 @@ class PeerApp:
         else:
             raise HttpError(404, f"no such endpoint: {method} {path}")
 
-    async def _read(self, digest: Digest, priority: int) -> bytes:
+    async def _read(self, digest: Digest, priority: Priority) -> bytes:
         """The cached blob's bytes (``ensure`` ran). GC may evict it between the fetch and
         the read: then fetch once more."""
         for attempt in range(2):
             if attempt:
-                await self.service.ensure(digest, priority=priority, direct=True)
+                await self.service.ensure(digest, priority=priority, for_peer=True)
             try:
                 return await trio.to_thread.run_sync(
                     self.service.cache.path(digest).read_bytes, limiter=self._disk
@@ -198,10 +198,10 @@ class PeerApp:
                 continue
         raise Unavailable(f"blob {digest} was evicted while being served")
 
-    async def _get_blob(self, scope: Scope, send: Send, digest: Digest, priority: int) -> None:
+    async def _get_blob(self, scope: Scope, send: Send, digest: Digest, priority: Priority) -> None:
         """The blob as the CAS sent it here when that is still in memory (zstd frames) and
         the asker takes zstd, else its decoded bytes from the cache."""
-        size = await self.service.ensure(digest, priority=priority, direct=True)
+        size = await self.service.ensure(digest, priority=priority, for_peer=True)
         recent = self.service.recent.get(digest)
         if recent is not None and accepts(
             dict(scope["headers"]).get(b"accept-encoding", b""), recent[0].encode()
@@ -215,7 +215,7 @@ class PeerApp:
         self.wire_bytes += len(body)
         self.served[priority] += 1
 
-    async def _get_many(self, receive: Receive, send: Send, priority: int) -> None:
+    async def _get_many(self, receive: Receive, send: Send, priority: Priority) -> None:
         try:
             request = json.loads(await read_body(receive, 1 << 20))
             digests = [Digest.parse(h) for h in request["digests"]]
@@ -224,7 +224,7 @@ class PeerApp:
         if len(digests) > _MAX_BATCH:
             raise HttpError(400, f"at most {_MAX_BATCH} digests per request")
         digests = list(dict.fromkeys(digests))
-        await self.service.fetch_many(digests, priority=priority, direct=True, join=True)
+        await self.service.fetch_many(digests, priority=priority, for_peer=True, join=True)
         recent = {d: r for d in digests if (r := self.service.recent.get(d)) is not None}
         body, blobs, size = await trio.to_thread.run_sync(
             self._batch, digests, recent, limiter=self._disk

@@ -31,17 +31,19 @@ import trio
 from fetcher.cache.blobcache import BlobCache
 from fetcher.cache.collector import GarbageCollector, GcResult, collect_once, resolve_policy
 from fetcher.cache.policy import GcPolicy
-from fetcher.casserver.app import bind_socket, serve_app
 from fetcher.daemon.mountapi import MountApi
 from fetcher.daemon.peerapp import PeerApp
 from fetcher.daemon.zygote_keeper import keep_zygote
+from fetcher.fetching.peersource import PeerSources
 from fetcher.fetching.prefetch import PEER_WORKERS, WORKERS, PrefetchQueue
 from fetcher.fetching.service import FetchService
-from fetcher.fetching.sources import TieredSource
+from fetcher.fetching.sources import CasSource, TieredSource
 from fetcher.peers.peerset import PeerSet, check_address
+from fetcher.web.asgi import bind_socket, serve_app
 from lazycaf.cas.api import open_cas
 from lazycaf.core.errors import LazyCafError, UsageError
-from lazycaf.host.paths import fetcher_socket, zygote_disabled
+from lazycaf.host.defaults import PEER_TIMEOUT
+from lazycaf.host.paths import CacheLayout, fetcher_socket, zygote_disabled
 
 __all__ = [
     "DaemonRunning",
@@ -83,7 +85,7 @@ class PeerOptions:
     advertise: str | None = None
     peers_file: Path | None = None
     token: str | None = None
-    timeout: float = 5.0
+    timeout: float = PEER_TIMEOUT
 
     @property
     def enabled(self) -> bool:
@@ -131,7 +133,7 @@ async def run_daemon(
     beside the daemon (``lazycaf.cli.zygote``) so mounts skip Python's imports."""
     await trio.to_thread.run_sync(functools.partial(cache_root.mkdir, parents=True, exist_ok=True))
     socket_path = socket_path or fetcher_socket(cache_root)
-    with _exclusive(cache_root / "fetcher.lock"), contextlib.ExitStack() as sockets:
+    with _exclusive(CacheLayout(cache_root).lock), contextlib.ExitStack() as sockets:
         cache = await trio.to_thread.run_sync(BlobCache, cache_root)
         sockets.callback(cache.close)
         sockets.callback(cache.index.sync)
@@ -144,12 +146,14 @@ async def run_daemon(
         log.info("cache %s reconciled: %s", cache_root, rec)
         policy = await trio.to_thread.run_sync(_policy, cache, gc_options)
         source = TieredSource(
-            open_cas(cas_spec),
-            open_cas(cas_spec),  # its own connection pool: reads never queue behind prefetch
+            # prefetch has its own connection pool: reads never queue behind it
+            CasSource(open_cas(cas_spec), open_cas(cas_spec)),
             peers=peers,
-            token=peer_options.token,
-            peer_timeout=peer_options.timeout,
-            instance=instance,
+            peer_sources=None
+            if peers is None
+            else PeerSources(
+                token=peer_options.token, timeout=peer_options.timeout, instance=instance
+            ),
         )
         api: list[MountApi] = []
         gc = GarbageCollector(cache, policy, lambda: api[0].hot_set() if api else set())
@@ -269,7 +273,7 @@ async def _flush_periodically(service: FetchService) -> None:
 def collect_without_daemon(cache_root: Path, options: GcOptions = GcOptions()) -> GcResult:
     """One GC pass on a cache that no daemon serves (sync). Raises ``DaemonRunning`` when
     a daemon holds the cache: ask it instead."""
-    with _exclusive(cache_root / "fetcher.lock"):
+    with _exclusive(CacheLayout(cache_root).lock):
         cache = BlobCache(cache_root)
         try:
             result = collect_once(cache, _policy(cache, options))
@@ -293,7 +297,7 @@ def stop_daemon(cache_root: Path, *, timeout: float = 15.0) -> int | None:
 
     Returns its pid, or None when no daemon holds the cache's lock.
     """
-    lock_path = cache_root / "fetcher.lock"
+    lock_path = CacheLayout(cache_root).lock
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -1,8 +1,10 @@
 """Fetching into the host cache: the fetch service and its sources.
 
-``source`` (the ``BlobSource`` protocol, ``Priority``, ``Fetched``), ``sources`` (the tiered
-source: home peer, then the CAS), ``service`` (``ensure``: single flight, priorities, budget),
-``prefetch`` (the queue below on-demand reads), ``recent`` (payloads kept for peers).
+``source`` (the ``BlobSource`` protocol every source implements, ``Fetched``),
+``sources`` (the CAS source and the tiered source: home peer, then the CAS),
+``peersource`` (another host's daemon as a source: the peer API's client), ``service``
+(``ensure``: single flight, priorities, verification, budget), ``prefetch`` (the queue below
+on-demand reads), ``recent`` (payloads kept for peers).
 
-May import: lazycaf.core, lazycaf.cas, fetcher.cache, fetcher.peers.
+May import: lazycaf.core, lazycaf.cas, lazycaf.host, fetcher.cache, fetcher.peers.
 """

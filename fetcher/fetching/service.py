@@ -3,11 +3,18 @@
 Cache first, then the source (``fetcher.fetching.sources``: the blob's home peer, then the CAS).
 Concurrent requests for one digest, from any number of mounts and peers, share one download
 (single flight); the download runs in the service's own nursery, so a requester that gives up
-does not cancel it for the others. Downloads are verified before they enter the cache.
+does not cancel it for the others.
 
-A request a peer makes (``direct``: it ranked this daemon the blob's home) is fetched from
-the CAS, never forwarded; it joins a download in flight only if that one goes to the CAS too,
-so two daemons whose peer lists disagree never wait on each other in a cycle.
+Verification happens here and only here: every answer of every source goes through
+``verify_blob`` in the worker thread that then stages it, and ``BlobCache`` takes nothing but
+``Verified`` blobs. A peer whose bytes do not verify is backed off and the blob is fetched from
+the CAS instead.
+
+Who asks and where a fetch goes are two things. A request a peer makes (``for_peer``: it
+ranked this daemon the blob's home) gets download slots of its own and is fetched from the
+CAS, never forwarded; it joins a download in flight only if that one goes to the CAS too, so
+two daemons whose peer lists disagree never wait on each other in a cycle. A flight's route
+(home peer first, or the CAS) is decided once, when the flight is made.
 
 Priorities: on-demand reads and prefetch use separate download slots (and fetches for peers
 slots of their own) and separate CAS and peer clients (so separate HTTP connection pools): a
@@ -34,17 +41,20 @@ import trio
 from fetcher.cache.blobcache import BlobCache, Staged
 from fetcher.cache.collector import GarbageCollector
 from fetcher.fetching.recent import RecentPayloads
-from fetcher.fetching.sources import Fetched, TieredSource
+from fetcher.fetching.source import BlobSource, Fetched
+from fetcher.fetching.sources import TieredSource
 from lazycaf.cas.api import CAS
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import BlobNotFound, CacheFull, LazyCafError, Unavailable
+from lazycaf.core.errors import BlobNotFound, CacheFull, IntegrityError, LazyCafError, Unavailable
+from lazycaf.core.priority import Priority
+from lazycaf.core.verified import verify_blob
 
-__all__ = ["DEMAND", "PREFETCH", "FetchService", "FetchStatistics"]
+__all__ = ["FetchService", "FetchStatistics"]
 
 log = logging.getLogger(__name__)
-DEMAND: Final = 0
-PREFETCH: Final = 1
+DEMAND: Final = Priority.DEMAND
+PREFETCH: Final = Priority.PREFETCH
 
 
 @dataclass(frozen=True)
@@ -69,14 +79,11 @@ class FetchStatistics:
     bytes_to_peers: int
 
 
-_NAMES: Final = {DEMAND: "demand", PREFETCH: "prefetch"}
-
-
 class _Flight:
     __slots__ = (
-        "direct",
         "done",
         "error",
+        "for_peer",
         "priority",
         "size",
         "started",
@@ -85,7 +92,7 @@ class _Flight:
         "via_peer",
     )
 
-    def __init__(self, priority: int, direct: bool, via_peer: bool = False) -> None:
+    def __init__(self, priority: Priority, for_peer: bool, via_peer: bool = False) -> None:
         self.done = trio.Event()
         self.error: LazyCafError | None = None
         self.size = 0
@@ -93,15 +100,15 @@ class _Flight:
         self.taken = False  # a demand read took it over from a prefetch group not started
         self.stored = False
         self.priority = priority
-        self.direct = direct
-        self.via_peer = via_peer  # a routed fetch that asks a peer first
+        self.for_peer = for_peer  # a peer asked: own slots, never forwarded
+        self.via_peer = via_peer  # the route: the blob's home peer first (else the CAS)
 
 
 class FetchService:
     """Single-flight fetching into a ``BlobCache``. Use inside ``run()``.
 
-    Invariant: at most one download per (digest, direct) is in flight; ``_flights`` holds it
-    until its waiters are woken.
+    Invariant: at most one download per (digest, for_peer) is in flight; ``_flights`` holds
+    it until its waiters are woken.
     """
 
     def __init__(
@@ -120,14 +127,14 @@ class FetchService:
         self.recent = RecentPayloads(recent_budget)
         self._touched: set[Digest] = set()
         self.source = source
-        # Download slots per (priority, direct). Fetches for peers (direct) have their own:
+        # Download slots per (priority, for_peer). Fetches for peers have their own:
         # a routed fetch holds its slot while it waits on a peer, and if that peer's fetches
         # for us took from the same pool, two daemons could each hold every slot waiting on
         # the other.
         self._slots = {
-            (prio, direct): trio.CapacityLimiter(n)
+            (prio, for_peer): trio.CapacityLimiter(n)
             for prio, n in ((DEMAND, concurrency), (PREFETCH, prefetch_concurrency))
-            for direct in (False, True)
+            for for_peer in (False, True)
         }
         # Threads that write blobs, per priority: a demand read's blob never queues behind
         # a prefetch group's stores (trio's limiters are first come, first served)
@@ -145,7 +152,7 @@ class FetchService:
 
     @property
     def cas(self) -> CAS:
-        return self.source.cas
+        return self.source.cas.store
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -185,30 +192,37 @@ class FetchService:
     def in_flight(self, digest: Digest) -> bool:
         return (digest, False) in self._flights or (digest, True) in self._flights
 
-    def _joinable(self, digest: Digest, direct: bool) -> _Flight | None:
+    def _joinable(self, digest: Digest, for_peer: bool) -> _Flight | None:
         flight = self._flights.get((digest, True)) or self._flights.get((digest, False))
-        if flight is not None and direct and flight.via_peer:
+        if flight is not None and for_peer and flight.via_peer:
             return None  # it may be waiting on the very peer that asks: never join it
         return flight
 
     def _new_flight(
-        self, digest: Digest, priority: int, direct: bool, via_peer: bool | None = None
+        self, digest: Digest, priority: Priority, for_peer: bool, via_peer: bool | None = None
     ) -> _Flight:
         """Register a flight; its route (a peer first, or the CAS) is decided here, once."""
         if via_peer is None:
-            via_peer = not direct and self.source.first_peer(digest) is not None
-        flight = self._flights[(digest, direct)] = _Flight(priority, direct, via_peer)
+            via_peer = not for_peer and self.source.first_peer(digest) is not None
+        flight = self._flights[(digest, for_peer)] = _Flight(priority, for_peer, via_peer)
         return flight
 
-    async def ensure(self, digest: Digest, *, priority: int = DEMAND, direct: bool = False) -> int:
+    def _route(self, flight: _Flight) -> BlobSource:
+        """Where a flight's download goes: the tiered source (its home peer first), or the
+        CAS directly (a peer asked, or this daemon is the blob's home)."""
+        return self.source if flight.via_peer else self.source.cas
+
+    async def ensure(
+        self, digest: Digest, *, priority: Priority = DEMAND, for_peer: bool = False
+    ) -> int:
         """Return the blob's size once it is in the cache; raise the fetch's error.
-        ``direct``: a peer asks (fetch from the CAS, never from another peer)."""
+        ``for_peer``: a peer asks (fetch from the CAS, never from another peer)."""
         # An LMDB get is a memory-mapped lookup and the stat hits the dentry cache: cheaper
         # inline than the ~100 us of a thread hop, on the path every request takes.
         record = self._cached_size(digest)
         # Reads of this host's mounts count as hits and misses; peers' requests are counted
         # by the peer API (``note_served_to_peer``), but keep their blobs recently used too.
-        local = priority == DEMAND and not direct
+        local = priority == DEMAND and not for_peer
         if record is not None:
             if priority == DEMAND:
                 self._touched.add(digest)
@@ -220,10 +234,10 @@ class FetchService:
         if local:
             self._misses += 1
         start = time.monotonic()
-        flight = self._joinable(digest, direct)
+        flight = self._joinable(digest, for_peer)
         assert self._nursery is not None, "FetchService.run() is not running"
         if flight is None:
-            flight = self._new_flight(digest, priority, direct)
+            flight = self._new_flight(digest, priority, for_peer)
             self._nursery.start_soon(self._download, digest, flight)
         elif priority == DEMAND and flight.priority == PREFETCH and not flight.started:
             # queued in a prefetch group still waiting for a slot: a read must not wait for
@@ -258,11 +272,11 @@ class FetchService:
         self,
         digests: list[Digest],
         *,
-        priority: int = PREFETCH,
-        direct: bool = False,
+        priority: Priority = PREFETCH,
+        for_peer: bool = False,
         join: bool = False,
     ) -> None:
-        """Fetch several blobs with one request per source (``TieredSource.get_many``):
+        """Fetch several blobs with one request per source (``BlobSource.fetch_many``):
         per-request costs, not bytes, bound prefetch of many small blobs. Blobs already
         cached are skipped, and so are blobs in flight, unless ``join``: then return only
         once those landed too. A failure is logged per blob (a later read fetches on demand;
@@ -272,14 +286,14 @@ class FetchService:
         for d in digests:
             if self.is_cached(d) or d in todo:
                 continue
-            flight = self._joinable(d, direct)
+            flight = self._joinable(d, for_peer)
             if flight is None:
                 todo[d] = None
             elif join:
                 others.append(flight)
         # Blobs this daemon fetches from the CAS form a request of their own, and land
         # without waiting for the peers': a peer may be waiting for exactly those.
-        via_cas = [d for d in todo if direct or self.source.first_peer(d) is None]
+        via_cas = [d for d in todo if for_peer or self.source.first_peer(d) is None]
         cas_set = set(via_cas)
         via_peers = [d for d in todo if d not in cas_set]  # ranked once, here
         # The downloads run in the service's nursery, like ``ensure``'s: a requester that
@@ -288,28 +302,27 @@ class FetchService:
         mine: list[_Flight] = []
         for group, to_cas in ((via_cas, True), (via_peers, False)):
             if group:  # flights exist before the first checkpoint: no second download
-                flights = {d: self._new_flight(d, priority, direct, not to_cas) for d in group}
-                self._nursery.start_soon(self._fetch_group, flights, priority, direct, to_cas)
+                flights = {d: self._new_flight(d, priority, for_peer, not to_cas) for d in group}
+                self._nursery.start_soon(self._fetch_group, flights, priority, for_peer, to_cas)
                 mine.extend(flights.values())
         for flight in mine + others:
             await flight.done.wait()
 
     async def _fetch_group(
-        self, flights: dict[Digest, _Flight], priority: int, direct: bool, to_cas: bool
+        self, flights: dict[Digest, _Flight], priority: Priority, for_peer: bool, to_cas: bool
     ) -> None:
         """Fetch a group with one request per source. ``to_cas``: the group was formed of
         blobs the CAS serves (the route is the one decided when the flights were made)."""
         mine = flights
         try:
-            async with self._slots[priority, direct]:
+            async with self._slots[priority, for_peer]:
                 mine = {d: f for d, f in flights.items() if not f.taken}
                 for flight in mine.values():
                     flight.started = True
                 if not mine:
                     return
-                got, error = await self.source.get_many(
-                    list(mine), _NAMES[priority], direct=direct or to_cas
-                )
+                source: BlobSource = self.source.cas if to_cas else self.source
+                got, error = await source.fetch_many(list(mine), priority)
             for d, flight in mine.items():
                 fetched = got.pop(d, None)
                 if fetched is None:
@@ -326,14 +339,29 @@ class FetchService:
             for d, flight in mine.items():
                 self._land(d, flight)
 
+    def _verify_and_stage(self, digest: Digest, fetched: Fetched) -> Staged:
+        """The one place fetched bytes are verified (a worker thread: hashing, writing)."""
+        what = f"peer {fetched.peer}" if fetched.peer is not None else ""
+        return self.cache.stage(verify_blob(digest, fetched.encoding, fetched.payload, what=what))
+
     async def _store(self, digest: Digest, fetched: Fetched, flight: _Flight) -> None:
-        """Verify, stage and publish one fetched blob; errors end up in ``flight``."""
+        """Verify, stage and publish one fetched blob; errors end up in ``flight``. Bytes
+        from a peer that do not verify back that peer off and come from the CAS instead."""
+        disk = self._disk_for[flight.priority]
         try:
-            stage = functools.partial(self.cache.stage, verified=fetched.verified)
-            disk = self._disk_for[flight.priority]
-            staged = await trio.to_thread.run_sync(
-                stage, digest, fetched.encoding, fetched.payload, limiter=disk
-            )
+            try:
+                staged = await trio.to_thread.run_sync(
+                    self._verify_and_stage, digest, fetched, limiter=disk
+                )
+            except IntegrityError as exc:
+                if fetched.peer is None:
+                    raise
+                self.source.peer_failed(fetched.peer, str(exc))
+                log.warning("%s; fetching blob %s from the CAS", exc, digest)
+                fetched = await self.source.cas.fetch(digest, flight.priority)
+                staged = await trio.to_thread.run_sync(
+                    self._verify_and_stage, digest, fetched, limiter=disk
+                )
             await self._publish(staged, disk)
         except LazyCafError as exc:
             self._fail(flight, digest, exc)
@@ -368,20 +396,16 @@ class FetchService:
             return
         if not flight.stored and flight.error is None:
             flight.error = Unavailable(f"fetch of blob {digest} was cancelled")
-        key = (digest, flight.direct)
+        key = (digest, flight.for_peer)
         if self._flights.get(key) is flight:
             del self._flights[key]
         flight.done.set()
 
     async def _download(self, digest: Digest, flight: _Flight) -> None:
         try:
-            async with self._slots[flight.priority, flight.direct]:
+            async with self._slots[flight.priority, flight.for_peer]:
                 flight.started = True
-                fetched = await self.source.get(
-                    digest,
-                    _NAMES[flight.priority],
-                    direct=flight.direct or not flight.via_peer,  # the route decided at first
-                )
+                fetched = await self._route(flight).fetch(digest, flight.priority)
             await self._store(digest, fetched, flight)
         except LazyCafError as exc:
             self._fail(flight, digest, exc)

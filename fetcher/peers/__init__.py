@@ -1,8 +1,8 @@
-"""The peer side as a client sees it: the peer set and asking peers for blobs.
+"""The peer set: which daemons share their caches, and what a cache holds.
 
-``peerset`` (members, liveness, each blob's home by rendezvous hashing), ``client`` (the
-peer API's client, a ``BlobSource``), ``coverage`` (how much of an executable a cache
-holds).
+``peerset`` (members, liveness and back-off, each blob's home by rendezvous hashing) and
+``coverage`` (how much of an executable a host cache holds). Asking a peer for blobs is a
+source of the fetch service (``fetcher.fetching.peersource``).
 
-May import: lazycaf.core, lazycaf.cas, lazycaf.traces, fetcher.fetching.source.
+May import: lazycaf.core, lazycaf.traces.
 """

@@ -1,4 +1,5 @@
-"""The CAS interface and its backends: a local directory and the HTTP CAS (httpx client).
+"""The CAS interface, and opening a backend: a local directory (``lazycaf.cas.local``) or
+the HTTP CAS (``lazycaf.cas.http``).
 
 ``open_cas(spec)`` picks the backend: an ``http(s)://`` URL is the project's HTTP CAS server,
 anything else a local directory (default ``~/.cache/lazycaf/cas``, or ``$LAZYCAF_CAS``).
@@ -9,42 +10,25 @@ hash to their digest raise an ``IntegrityError`` and never store them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import Protocol
 
-import httpx
 import trio
 
-from lazycaf.cas.batch import pack_batch, unpack_batch
-from lazycaf.cas.casdir import CasDir, check_ref_name
+from lazycaf.cas.http import HttpCAS
+from lazycaf.cas.local import LocalCAS
 from lazycaf.cas.refs import ANY, Expected
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import (
-    AccessDenied,
-    BlobNotFound,
-    CasUnavailable,
-    DigestMismatch,
-    IntegrityError,
-    LazyCafError,
-    RefMoved,
-    RefNotFound,
     UsageError,
-    first_error,
 )
 from lazycaf.core.manifest import Manifest
 
-__all__ = ["CAS", "HttpCAS", "LocalCAS", "default_cas_spec", "load_manifest", "open_cas", "resolve"]
-
-T = TypeVar("T")
-MISSING_BATCH: Final = 4096
-PUT_CONCURRENCY: Final = 8  # PUTs an HttpCAS keeps in flight (the server commits them as a group)
-_DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
+__all__ = ["CAS", "default_cas_spec", "load_manifest", "open_cas", "resolve"]
 
 
 class CAS(Protocol):
@@ -111,324 +95,6 @@ async def resolve(cas: CAS, ref: str) -> Digest:
     if Digest.is_hex(ref):
         return Digest.parse(ref)
     return await cas.get_ref(ref)
-
-
-class LocalCAS:
-    """The embedded CAS: a ``CasDir`` reached through worker threads (no server needed)."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        try:
-            self._dir = CasDir(root)
-        except OSError as exc:
-            raise CasUnavailable(str(root), exc.strerror or str(exc)) from exc
-        self.where = str(self._dir.root)
-        self._limiter = trio.CapacityLimiter(8)
-
-    async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-        except OSError as exc:
-            raise CasUnavailable(
-                self.where, f"{exc.strerror or exc} ({exc.filename or ''})"
-            ) from exc
-
-    async def has(self, digest: Digest) -> bool:
-        return await self._call(self._dir.has, digest)
-
-    async def find_missing(self, digests: Sequence[Digest]) -> set[Digest]:
-        return set(await self._call(self._dir.find_missing, list(digests)))
-
-    async def get(self, digest: Digest) -> bytes:
-        return await self._call(self._dir.read, digest)
-
-    async def get_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]:
-        return await self._call(self._dir.read_encoded, digest)
-
-    async def put(self, digest: Digest, data: bytes) -> bool:
-        return await self._call(self._dir.write, digest, data)
-
-    async def get_many_encoded(
-        self, digests: Sequence[Digest]
-    ) -> dict[Digest, tuple[framing.Encoding, bytes]]:
-        return await self._call(_read_many, self._dir, list(digests))
-
-    async def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
-        # One thread hop, one syncfs for the batch (CasDir.write_many).
-        return await self._call(self._dir.write_many, list(items))
-
-    async def get_ref(self, name: str) -> Digest:
-        return await self._call(self._dir.read_ref, name)
-
-    async def set_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
-        await self._call(functools.partial(self._dir.write_ref, expected=expected), name, digest)
-
-    async def aclose(self) -> None:
-        pass
-
-
-_BATCH_BODY: Final = 8 << 20
-
-
-class _NoBatchEndpoint(Exception):
-    """The server has no POST /v1/blobs:batch (an older server)."""
-
-
-class HttpCAS:
-    """Client of the HTTP CAS API v1 (httpx, pooled connections).
-
-    Transport failures and 5xx answers become ``CasUnavailable`` naming the URL; every request
-    is bounded by ``timeout``. Blobs travel as zstd frames (``Accept-Encoding: zstd``) and are
-    decoded and verified here, never trusted.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        token: str | None = None,
-        timeout: httpx.Timeout = _DEFAULT_TIMEOUT,
-        max_connections: int = 16,
-        put_concurrency: int = PUT_CONCURRENCY,
-    ) -> None:
-        self.where = url.rstrip("/")
-        self._put_limiter = trio.CapacityLimiter(min(put_concurrency, max_connections))
-        self._batch_supported = True
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.where,
-            headers=headers,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections),
-            transport=httpx.AsyncHTTPTransport(retries=2),
-        )
-
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._client.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise CasUnavailable(self.where, f"{type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 500:
-            raise CasUnavailable(self.where, f"{method} {path}: HTTP {response.status_code}")
-        if response.status_code in (401, 403):
-            raise AccessDenied(f"CAS {self.where} refused {method} {path}: {response.text.strip()}")
-        return response
-
-    async def has(self, digest: Digest) -> bool:
-        r = await self._request("HEAD", f"/v1/blobs/{digest.hex}")
-        return r.status_code == 200
-
-    async def find_missing(self, digests: Sequence[Digest]) -> set[Digest]:
-        missing: set[Digest] = set()
-        unique = list(dict.fromkeys(digests))
-        for start in range(0, len(unique), MISSING_BATCH):
-            batch = [d.hex for d in unique[start : start + MISSING_BATCH]]
-            r = await self._request("POST", "/v1/blobs:missing", json={"digests": batch})
-            self._expect(r, "POST /v1/blobs:missing")
-            missing.update(Digest.parse(h) for h in r.json()["missing"])
-        return missing
-
-    async def get_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]:
-        path = f"/v1/blobs/{digest.hex}"
-        try:
-            async with self._client.stream(
-                "GET", path, headers={"accept-encoding": "zstd"}
-            ) as response:
-                if response.status_code == 404:
-                    raise BlobNotFound(digest, self.where)
-                if response.status_code >= 500:
-                    raise CasUnavailable(self.where, f"GET {path}: HTTP {response.status_code}")
-                if response.status_code != 200:
-                    raise CasUnavailable(self.where, f"GET {path}: HTTP {response.status_code}")
-                payload = b"".join([chunk async for chunk in response.aiter_raw()])
-                encoding = response.headers.get("content-encoding", framing.IDENTITY)
-        except httpx.TransportError as exc:
-            raise CasUnavailable(self.where, f"{type(exc).__name__}: {exc}") from exc
-        if encoding not in (framing.IDENTITY, framing.ZSTD):
-            raise IntegrityError(f"blob {digest}: unexpected content encoding {encoding!r}")
-        return encoding, payload
-
-    async def get(self, digest: Digest) -> bytes:
-        encoding, payload = await self.get_encoded(digest)
-        data = await trio.to_thread.run_sync(_decode_verify, digest, encoding, payload)
-        return data
-
-    async def put(self, digest: Digest, data: bytes) -> bool:
-        encoded = await trio.to_thread.run_sync(framing.encode, data)
-        return await self._put_encoded(digest, data, encoded)
-
-    async def _put_encoded(
-        self, digest: Digest, data: bytes, encoded: tuple[framing.Encoding, bytes]
-    ) -> bool:
-        encoding, payload = encoded
-        headers = {"content-encoding": encoding} if encoding != framing.IDENTITY else {}
-        r = await self._request("PUT", f"/v1/blobs/{digest.hex}", content=payload, headers=headers)
-        if r.status_code == 400:
-            # The server refuses what does not verify; name the mismatch as LocalCAS does.
-            actual = await trio.to_thread.run_sync(Digest.of, data)
-            if actual != digest:
-                raise DigestMismatch(digest, actual)
-            raise IntegrityError(f"CAS {self.where} refused blob {digest}: {_detail(r)}")
-        self._expect(r, f"PUT blob {digest}")
-        return r.status_code == 201
-
-    async def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
-        """PUT the blobs concurrently: at most ``put_concurrency`` in flight per client (shared
-        by concurrent calls), so the server can commit them as a group. The first failure
-        cancels the rest and is raised as it is (not wrapped in an exception group)."""
-        batch = dict(items)
-        if len(batch) < len(items):  # a repeated blob still has to verify
-            for digest, data in items:
-                if batch[digest] is not data:
-                    await trio.to_thread.run_sync(digest.verify, data)
-        # One thread hop encodes the batch (the per-blob hops of ``put`` add up).
-        encoded = await trio.to_thread.run_sync(_encode_all, list(batch.values()))
-        records = [(d, enc, payload) for d, (enc, payload) in zip(batch, encoded, strict=True)]
-        if self._batch_supported:
-            try:
-                return await self._post_batches(records)
-            except _NoBatchEndpoint:
-                self._batch_supported = False  # an older server: one PUT per blob
-        stored = 0
-
-        async def put_one(digest: Digest, data: bytes, enc: tuple[framing.Encoding, bytes]) -> None:
-            nonlocal stored
-            async with self._put_limiter:
-                new = await self._put_encoded(digest, data, enc)
-            stored += new  # not ``stored += await ...``: that reads ``stored`` before awaiting
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for (digest, data), enc in zip(batch.items(), encoded, strict=True):
-                    nursery.start_soon(put_one, digest, data, enc)
-        except BaseExceptionGroup as group:
-            leaf = first_error(group)
-            if isinstance(leaf, LazyCafError):
-                raise leaf from None
-            raise
-        return stored
-
-    async def get_many_encoded(
-        self, digests: Sequence[Digest]
-    ) -> dict[Digest, tuple[framing.Encoding, bytes]]:
-        """POST /v1/blobs:get: several blobs in one response (``lazycaf.cas.batch`` records).
-        Against a server without it, one GET per blob, concurrently."""
-        if self._batch_supported:
-            body = json.dumps({"digests": [d.hex for d in digests]})
-            r = await self._request(
-                "POST", "/v1/blobs:get", content=body, headers={"content-type": "application/json"}
-            )
-            if r.status_code not in (404, 405):
-                self._expect(r, "POST /v1/blobs:get")
-                records = await trio.to_thread.run_sync(unpack_batch, r.content)
-                return {d: (enc, payload) for d, enc, payload in records}  # type: ignore[misc]
-            self._batch_supported = False
-        out: dict[Digest, tuple[framing.Encoding, bytes]] = {}
-
-        async def one(d: Digest) -> None:
-            with contextlib.suppress(BlobNotFound):
-                out[d] = await self.get_encoded(d)
-
-        async with trio.open_nursery() as nursery:
-            for d in digests:
-                nursery.start_soon(one, d)
-        return out
-
-    async def _post_batches(self, records: Sequence[tuple[Digest, str, bytes]]) -> int:
-        """POST /v1/blobs:batch in bodies of about ``_BATCH_BODY`` bytes, two at a time."""
-        bodies: list[list[tuple[Digest, str, bytes]]] = [[]]
-        size = 0
-        for rec in records:
-            if size + len(rec[2]) > _BATCH_BODY and bodies[-1]:
-                bodies.append([])
-                size = 0
-            bodies[-1].append(rec)
-            size += len(rec[2])
-        stored = 0
-        limiter = trio.CapacityLimiter(2)
-
-        async def post(part: list[tuple[Digest, str, bytes]]) -> None:
-            nonlocal stored
-            async with limiter:
-                body = await trio.to_thread.run_sync(pack_batch, part)
-                r = await self._request("POST", "/v1/blobs:batch", content=body)
-            if r.status_code in (404, 405):
-                raise _NoBatchEndpoint
-            if r.status_code == 400:
-                raise IntegrityError(f"CAS {self.where} refused a blob batch: {_detail(r)}")
-            self._expect(r, "POST /v1/blobs:batch")
-            stored += int(r.json()["stored"])
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for part in bodies:
-                    if part:
-                        nursery.start_soon(post, part)
-        except BaseExceptionGroup as group:
-            leaf = first_error(group)
-            if isinstance(leaf, LazyCafError | _NoBatchEndpoint):
-                raise leaf from None
-            raise
-        return stored
-
-    async def get_ref(self, name: str) -> Digest:
-        check_ref_name(name)
-        r = await self._request("GET", f"/v1/refs/{name}")
-        if r.status_code == 404:
-            raise RefNotFound(name, self.where)
-        self._expect(r, f"GET ref {name!r}")
-        return Digest.parse(r.text.strip())
-
-    async def set_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
-        check_ref_name(name)
-        headers = {}
-        if expected is None:
-            headers["if-none-match"] = "*"
-        elif isinstance(expected, Digest):
-            headers["if-match"] = f'"{expected.hex}"'
-        r = await self._request(
-            "PUT", f"/v1/refs/{name}", content=digest.hex.encode(), headers=headers
-        )
-        if r.status_code == 412:
-            found = r.headers.get("etag", "").strip('"') or "no ref"
-            raise RefMoved(name, expected or "no ref", found)
-        if r.status_code == 404:  # the server refuses a ref to a blob it does not hold
-            raise BlobNotFound(digest, f"{self.where} (ref {name!r} must name a stored blob)")
-        if r.status_code == 400:  # the name is valid here, so it conflicts with another ref
-            raise UsageError(f"CAS {self.where} refused ref {name!r}: {_detail(r)}")
-        self._expect(r, f"PUT ref {name!r}")
-
-    def _expect(self, r: httpx.Response, what: str) -> None:
-        if r.status_code >= 400:
-            if r.status_code == 404:
-                raise LazyCafError(f"CAS {self.where}: {what}: not found ({_detail(r)})")
-            raise LazyCafError(f"CAS {self.where}: {what}: HTTP {r.status_code} {_detail(r)}")
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-
-def _detail(r: httpx.Response) -> str:
-    return r.text.strip()[:200]
-
-
-def _encode_all(blobs: list[bytes]) -> list[tuple[framing.Encoding, bytes]]:
-    return [framing.encode(data) for data in blobs]
-
-
-def _read_many(
-    store: CasDir, digests: list[Digest]
-) -> dict[Digest, tuple[framing.Encoding, bytes]]:
-    out = {}
-    for d in digests:
-        with contextlib.suppress(BlobNotFound):
-            out[d] = store.read_encoded(d)
-    return out
-
-
-def _decode_verify(digest: Digest, encoding: str, payload: bytes) -> bytes:
-    data = framing.decode(encoding, payload, what=f"blob {digest}")
-    digest.verify(data)
-    return data
 
 
 async def load_manifest(cas: CAS, ref: str) -> tuple[Digest, Manifest]:

@@ -4,7 +4,12 @@
 a ``lazycaf mount`` can reach the zygote fast), ``store`` (pack, ls, cat, diff, cas serve),
 ``host`` (mount, umount, stats, fetcher, materialize), ``cache`` (cache status, gc, pin),
 ``peers`` (affinity), ``profile`` (profile record, show, save), ``readouts`` (ls/diff text
-over manifests, pure), ``tokens`` (bearer tokens read from files).
+over manifests, pure), ``tokens`` (bearer tokens read from files), ``zygote`` and
+``zygote_client`` (``lazycaf mount`` forked by a pre-imported process the daemon keeps; the
+client half is standard library only and must stay so).
+
+The package imports nothing itself: ``zygote_client`` runs on the command line's fast path,
+before trio or pyfuse3 are imported.
 
 The only part of ``lazycaf`` that may import ``fetcher``.
 

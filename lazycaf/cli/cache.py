@@ -22,19 +22,21 @@ from lazycaf.core.manifest import Manifest
 from lazycaf.core.sizes import format_size
 from lazycaf.host.client import FetcherClient, ensure_daemon, socket_answers
 from lazycaf.host.index import Index
+from lazycaf.host.paths import CacheLayout
 
 __all__ = ["gc", "pin", "status"]
 
 
 def _open_index(cache: Path) -> Index:
-    if not (cache / "index.lmdb").is_dir():
-        raise UsageError(f"no host cache at {cache} (no index.lmdb)")
-    return Index(cache / "index.lmdb", readonly=True)
+    index = CacheLayout(cache).index
+    if not index.is_dir():
+        raise UsageError(f"no host cache at {cache} (no {index.name})")
+    return Index(index, readonly=True)
 
 
 def _manifest_blobs(cache: Path, digest: Digest) -> dict[Digest, int] | None:
     try:
-        data = (cache / "blobs" / digest.hex[:2] / digest.hex).read_bytes()
+        data = CacheLayout(cache).blob(digest).read_bytes()
         return Manifest.decode(data).blobs()
     except (OSError, LazyCafError):
         return None
@@ -88,7 +90,7 @@ def collect_status(cache: Path) -> dict[str, Any]:
         "executables_without_manifest": unknown,
         "pinned": pinned,
         "shared_bytes_saved": per_exe - sum(sizes[d] for d in distinct),
-        "compression": compression(cache / "blobs").to_json(),
+        "compression": compression(CacheLayout(cache).blobs).to_json(),
     }
 
 

@@ -24,7 +24,7 @@ from lazycaf.host.client import (
     ensure_daemon,
     socket_answers,
 )
-from lazycaf.host.paths import cache_paths
+from lazycaf.host.paths import CacheLayout, cache_paths
 from lazycaf.mount.root import MountConfig, check_mountpoint, is_mounted, mount_pid, run_mount
 
 __all__ = [
@@ -291,7 +291,7 @@ async def materialize(args: argparse.Namespace) -> int:
     try:
         digest = await client.resolve(args.ref)
         await client.ensure(digest)
-        blob = cache / "blobs" / digest.hex[:2] / digest.hex
+        blob = CacheLayout(cache).blob(digest)
         data = await trio.to_thread.run_sync(blob.read_bytes)
         manifest = await trio.to_thread.run_sync(Manifest.decode, data)
         await client.ensure_all(list(manifest.blobs()), cache_root=cache)

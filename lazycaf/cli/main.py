@@ -20,6 +20,7 @@ from typing import Any
 from lazycaf import __version__
 from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE
 from lazycaf.core.errors import LazyCafError, first_error
+from lazycaf.host.defaults import FETCH_TIMEOUT, PEER_TIMEOUT
 
 __all__ = ["console_main", "main"]
 
@@ -106,9 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--fetch-timeout",
         type=float,
-        default=30.0,
+        default=FETCH_TIMEOUT,
         metavar="SECONDS",
-        help="a read whose blob is not fetched by then fails with EIO (default 30)",
+        help=f"a read whose blob is not fetched by then fails with EIO (default {FETCH_TIMEOUT:g})",
     )
     sp.add_argument(
         "--open-roundtrips",
@@ -220,9 +221,10 @@ def _parser() -> argparse.ArgumentParser:
     fserve.add_argument(
         "--peer-timeout",
         type=float,
-        default=5.0,
+        default=PEER_TIMEOUT,
         metavar="SECONDS",
-        help="give up on a peer request after this long and back the peer off (default 5)",
+        help="give up on a peer request after this long and back the peer off "
+        f"(default {PEER_TIMEOUT:g})",
     )
     fserve.set_defaults(run="host:fetcher_serve")
     fstop = fsub.add_parser("stop", help="stop the daemon of a cache (mounts restart it)")
@@ -236,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--profile", metavar="NAME", help="hot set of this profile (default: REF's)")
     sp.add_argument("--token-file", type=Path, help="the bearer token peers share")
-    sp.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    sp.add_argument("--timeout", type=float, default=PEER_TIMEOUT, metavar="SECONDS")
     sp.add_argument("--json", action="store_true")
     cas_opt(sp)
     sp.set_defaults(run="peers:affinity")

@@ -144,11 +144,8 @@ async def diff(args: argparse.Namespace) -> int:
 
 # -- servers -------------------------------------------------------------------------------
 async def cas_serve(args: argparse.Namespace) -> int:
-    from fetcher.casserver.app import (  # the CLI is fetcher's only door
-        CasApp,
-        bind_socket,
-        serve_app,
-    )
+    from fetcher.casserver.app import CasApp  # the CLI is fetcher's only door
+    from fetcher.web.asgi import bind_socket, serve_app
     from lazycaf.cas.casdir import CasDir
 
     token = read_token(args.token_file) if args.token_file is not None else None

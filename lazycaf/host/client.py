@@ -21,6 +21,9 @@ import trio
 
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import LazyCafError, Unavailable, UsageError
+from lazycaf.core.priority import Priority
+from lazycaf.host.defaults import FETCH_TIMEOUT
+from lazycaf.host.paths import CacheLayout
 from lazycaf.host.wire import LineReader, parse_reply
 
 __all__ = [
@@ -41,7 +44,7 @@ class DaemonUnreachable(Unavailable):
 class FetcherClient:
     """Async client of one daemon with a pool of connections; errors come back typed."""
 
-    def __init__(self, socket_path: Path, *, timeout: float = 30.0) -> None:
+    def __init__(self, socket_path: Path, *, timeout: float = FETCH_TIMEOUT) -> None:
         self.socket_path = socket_path
         self._timeout = timeout
         self._idle: list[tuple[trio.SocketStream, LineReader]] = []
@@ -80,8 +83,8 @@ class FetcherClient:
         self._idle.append(conn)
         return parse_reply(line)
 
-    async def ensure(self, digest: Digest, *, prefetch: bool = False) -> int:
-        reply = await self._call(f"ensure {digest.hex} {'prefetch' if prefetch else 'demand'}")
+    async def ensure(self, digest: Digest, *, priority: Priority = Priority.DEMAND) -> int:
+        reply = await self._call(f"ensure {digest.hex} {priority.label}")
         return int(reply["size"])
 
     async def ensure_all(
@@ -187,8 +190,8 @@ def socket_answers(path: Path) -> bool:
 
 
 def _present(cache_root: Path, digests: list[Digest]) -> list[Digest]:
-    blobs = cache_root / "blobs"
-    return [d for d in digests if os.path.exists(blobs / d.hex[:2] / d.hex)]
+    layout = CacheLayout(cache_root)
+    return [d for d in digests if os.path.exists(layout.blob(d))]
 
 
 def daemon_budget(path: Path) -> int | None:
@@ -219,7 +222,7 @@ def ensure_daemon(
     if socket_answers(socket_path):
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
-    log_path = cache_dir / "fetcher.log"
+    log_path = CacheLayout(cache_dir).log
     cmd = [sys.executable, "-m", "lazycaf", "fetcher", "serve", "--cache", str(cache_dir)]
     cmd += ["--socket", str(socket_path)]
     if cas_spec:

@@ -1,4 +1,7 @@
-"""Where a host's LazyCAF state is by default: the cache directory and the sockets in it.
+"""Where a host's LazyCAF state lives: the cache directory, its layout, the sockets in it.
+
+``CacheLayout`` is the one owner of a host cache's on-disk layout: every module that opens a
+blob file, the index or the temp directory asks it for the path.
 
 Standard library only: the command line's zygote fast path (``lazycaf.cli.zygote_client``) needs
 these before anything heavier is imported.
@@ -8,9 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lazycaf.core.digest import Digest
 
 __all__ = [
     "NO_ZYGOTE_ENV",
+    "CacheLayout",
     "cache_paths",
     "default_cache_dir",
     "fetcher_socket",
@@ -45,3 +53,38 @@ def zygote_socket(fetcher: Path) -> Path:
 def zygote_disabled(env: dict[str, str] | os._Environ[str] | None = None) -> bool:
     """``LAZYCAF_NO_ZYGOTE=1``: no zygote kept by a daemon, none asked by a mount."""
     return (env if env is not None else os.environ).get(NO_ZYGOTE_ENV, "") not in ("", "0")
+
+
+class CacheLayout:
+    """A host cache directory::
+
+    <root>/index.lmdb/           the LMDB index (``lazycaf.host.index``)
+    <root>/blobs/<2 hex>/<hex>   verified blob content, uncompressed (Btrfs compresses it)
+    <root>/tmp/                  blobs being staged
+    <root>/fetcher.sock, fetcher.lock, fetcher.log   the daemon's socket, lock and log
+    """
+
+    __slots__ = ("blobs", "index", "root", "tmp")
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.index = root / "index.lmdb"
+        self.blobs = root / "blobs"
+        self.tmp = root / "tmp"
+
+    def blob(self, digest: Digest) -> Path:
+        return self.blobs / self.blob_name(digest)
+
+    @staticmethod
+    def blob_name(digest: Digest) -> str:
+        """A blob file's path relative to ``blobs``."""
+        h = digest.hex
+        return f"{h[:2]}/{h}"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "fetcher.lock"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "fetcher.log"

@@ -21,8 +21,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -31,47 +30,67 @@ from lazycaf.core.digest import Digest
 from lazycaf.core.errors import LazyCafError, Unavailable
 from lazycaf.core.manifest import Entry
 from lazycaf.host.client import DaemonUnreachable, FetcherClient
+from lazycaf.host.defaults import FETCH_TIMEOUT
 from lazycaf.host.index import Index
-from lazycaf.traces.trace import TraceRecorder
+from lazycaf.host.paths import CacheLayout
 
-__all__ = ["BlobReader"]
+__all__ = ["BlobReader", "ReadObserver"]
 
 log = logging.getLogger(__name__)
 _MAX_FDS: Final = 512
 
 
+class ReadObserver(Protocol):
+    """What a mount learns from its reads (``lazycaf.mount.recording.MountProfile``)."""
+
+    def missed(self, entry: Entry) -> None:
+        """A read of ``entry`` is about to wait for a fetch."""
+
+    def read(
+        self,
+        inode: int,
+        entry: Entry,
+        blobs: list[Digest],
+        chunks: range,
+        nbytes: int,
+        *,
+        fetched: bool,
+        wait: float,
+    ) -> None:
+        """A read returned ``nbytes`` of ``entry`` from ``blobs`` (the ``chunks`` it
+        touched); ``fetched``: some had to be fetched, which took ``wait`` seconds."""
+
+
 class BlobReader:
-    """Reads byte ranges of manifest files from the host cache, fetching missing blobs."""
+    """Reads byte ranges of manifest files from the host cache, fetching missing blobs.
+
+    ``observer`` hears of every miss and read (traces, prefetch); ``restart_daemon`` starts
+    a new daemon when the one asked has gone (None: the read fails instead).
+    """
 
     def __init__(
         self,
-        cache_root: Path,
+        cache: CacheLayout,
         index: Index,
         client: FetcherClient,
         *,
         chunk_size: int,
-        timeout: float = 30.0,
+        timeout: float = FETCH_TIMEOUT,
+        observer: ReadObserver | None = None,
+        restart_daemon: Callable[[], None] | None = None,
     ) -> None:
-        self._blobs = cache_root / "blobs"
+        self._cache = cache
         self._index = index
         self._client = client
         self._chunk_size = chunk_size
         self._timeout = timeout
+        self._observer = observer
+        self._restart_daemon = restart_daemon
         self._fds: OrderedDict[Digest, int] = OrderedDict()
         self._disk = trio.CapacityLimiter(8)
-        self.recorder: TraceRecorder | None = None
-        self.restart_daemon: Callable[[], None] | None = None
-        self.on_miss: Callable[[Entry], None] | None = None  # told before a demand fetch
-        self.prefetched: set[Digest] = set()  # blobs this mount queued for prefetch
-        self._eager_at: int | None = None
-        self._on_eager: Callable[[], None] | None = None
         self._opened: set[Digest] = set()  # since the last touch report
         self._busy: dict[int, int] = {}  # fd -> reads in worker threads using it
         self._retired: list[int] = []  # fds to close once no thread uses them
-
-    def eager_after(self, nbytes: int, action: Callable[[], None]) -> None:
-        """Call ``action`` once, when the run has touched more than ``nbytes`` of blobs."""
-        self._eager_at, self._on_eager = nbytes, action
 
     def close(self) -> None:
         for fd in [*self._fds.values(), *self._retired]:
@@ -96,10 +115,6 @@ class BlobReader:
             self._retire(self._fds.pop(d))
         return len(gone)
 
-    def _path(self, digest: Digest) -> str:
-        h = digest.hex
-        return f"{self._blobs}/{h[:2]}/{h}"
-
     def _open_cached(self, digest: Digest) -> int | None:
         fd = self._fds.get(digest)
         if fd is not None:
@@ -108,7 +123,7 @@ class BlobReader:
         if digest not in self._index:
             return None
         try:
-            fd = os.open(self._path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._cache.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None  # evicted since the index said so: fetch again
         self._fds[digest] = fd
@@ -123,13 +138,13 @@ class BlobReader:
             try:
                 await self._client.ensure(digest)
             except DaemonUnreachable:
-                if self.restart_daemon is None:
+                if self._restart_daemon is None:
                     raise
                 # the daemon died (or was stopped): start a new one, which reconciles the
                 # cache first, and ask again
                 log.warning("fetcher daemon gone while fetching %s: restarting it", digest)
                 await self._client.drop_idle()
-                await trio.to_thread.run_sync(self.restart_daemon)
+                await trio.to_thread.run_sync(self._restart_daemon)
                 await self._client.ensure(digest)
         if scope.cancelled_caught:
             raise Unavailable(f"blob {digest} not fetched within {self._timeout:g} s")
@@ -156,8 +171,8 @@ class BlobReader:
         wait = 0.0
         if missing:
             start = time.monotonic()
-            if self.on_miss is not None:
-                self.on_miss(entry)
+            if self._observer is not None:
+                self._observer.missed(entry)
             if len(missing) == 1:
                 await self._fetch(missing[0])
             else:
@@ -166,42 +181,11 @@ class BlobReader:
                         nursery.start_soon(self._fetch, d)
             wait = time.monotonic() - start
         data = await self._assemble(entry, blobs, touched, offset, size)
-        if self.recorder is not None:
-            self._record(inode, entry, needed, touched, len(data), bool(missing), wait)
+        if self._observer is not None:
+            self._observer.read(
+                inode, entry, needed, touched, len(data), fetched=bool(missing), wait=wait
+            )
         return data
-
-    def _record(
-        self,
-        inode: int,
-        entry: Entry,
-        needed: list[Digest],
-        touched: range,
-        nbytes: int,
-        fetched: bool,
-        wait: float,
-    ) -> None:
-        recorder = self.recorder
-        assert recorder is not None
-        source, digest = "", ""
-        if not recorder.seen(inode):
-            prefetched = any(d in self.prefetched for d in needed)
-            source = "fetch" if fetched else "prefetch" if prefetched else "cache"
-            digest = entry.digest.hex if entry.digest else ""
-        cs, size = self._chunk_size, entry.size
-        recorder.read(
-            inode,
-            entry.path,
-            digest,
-            nbytes,
-            source=source,
-            wait=wait,
-            new_blob_bytes=lambda idx: sum(max(0, min(cs, size - i * cs)) for i in idx),
-            chunks=touched,
-        )
-        if self._eager_at is not None and recorder.touched_bytes > self._eager_at:
-            self._eager_at = None
-            if self._on_eager is not None:
-                self._on_eager()
 
     async def _assemble(
         self, entry: Entry, blobs: tuple[Digest, ...], touched: range, offset: int, size: int

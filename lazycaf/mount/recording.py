@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Final
 
 import trio
@@ -20,7 +19,7 @@ from lazycaf.core.digest import Digest
 from lazycaf.core.errors import LazyCafError, NotFound
 from lazycaf.core.manifest import FILE, Entry, Manifest
 from lazycaf.host.client import FetcherClient
-from lazycaf.mount.blobreader import BlobReader
+from lazycaf.host.paths import CacheLayout
 from lazycaf.traces.trace import Profile, TraceRecorder, plan_prefetch
 
 __all__ = ["DEFAULT_EAGER_SHARE", "MountProfile", "load_profile"]
@@ -51,7 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EAGER_SHARE: Final = 0.3
 
 
-async def load_profile(client: FetcherClient, cache_dir: Path, name: str) -> Profile | None:
+async def load_profile(client: FetcherClient, cache: CacheLayout, name: str) -> Profile | None:
     """Profile ``name`` through the daemon (which fetches it from the CAS); None when there
     is none yet, or it cannot be read (said in the log: the run then records a new one)."""
     try:
@@ -63,8 +62,7 @@ async def load_profile(client: FetcherClient, cache_dir: Path, name: str) -> Pro
         return None
     try:
         await client.ensure(digest)
-        path = cache_dir / "blobs" / digest.hex[:2] / digest.hex
-        data = await trio.to_thread.run_sync(path.read_bytes)
+        data = await trio.to_thread.run_sync(cache.blob(digest).read_bytes)
         return Profile.decode(data, what=f"profile {name!r} ({digest})")
     except (LazyCafError, OSError) as exc:
         log.warning("no prefetch for profile %r: %s", name, exc)
@@ -72,15 +70,19 @@ async def load_profile(client: FetcherClient, cache_dir: Path, name: str) -> Pro
 
 
 class MountProfile:
-    """Invariant: the run's trace is saved at most once (``save``)."""
+    """The mount's ``ReadObserver``: records the run's trace, prefetches what the profile (or,
+    without one, a read's directory) says comes next, and turns eager once the run has read
+    ``eager_share`` of the tree.
+
+    Invariant: the run's trace is saved at most once (``save``).
+    """
 
     def __init__(
         self,
         client: FetcherClient,
         manifest: Manifest,
         executable: Digest,
-        reader: BlobReader,
-        cache_dir: Path,
+        cache: CacheLayout,
         *,
         name: str,
         prefetch: bool = True,
@@ -91,8 +93,7 @@ class MountProfile:
         """``profile``: the one ``load_profile`` found for ``name`` (None: none yet)."""
         self.client = client
         self.manifest = manifest
-        self.reader = reader
-        self.cache_dir = cache_dir
+        self.cache = cache
         self.name = name
         self.prefetch = prefetch
         self.eager_share = eager_share
@@ -106,7 +107,46 @@ class MountProfile:
         self.profile = profile
         self._plan: list[Digest] = []
         self._queued = 0
-        reader.recorder = self.recorder
+        self.prefetched: set[Digest] = set()  # blobs this mount queued for prefetch
+        self._eager_at: int | None = None  # touched bytes that turn the run eager
+        self._dir_prefetch = False  # no profile: a miss announces its directory
+
+    # -- ReadObserver ----------------------------------------------------------------------
+    def missed(self, entry: Entry) -> None:
+        if self._dir_prefetch:
+            self._on_miss(entry)
+
+    def read(
+        self,
+        inode: int,
+        entry: Entry,
+        blobs: list[Digest],
+        chunks: range,
+        nbytes: int,
+        *,
+        fetched: bool,
+        wait: float,
+    ) -> None:
+        recorder = self.recorder
+        source, digest = "", ""
+        if not recorder.seen(inode):
+            prefetched = any(d in self.prefetched for d in blobs)
+            source = "fetch" if fetched else "prefetch" if prefetched else "cache"
+            digest = entry.digest.hex if entry.digest else ""
+        cs, size = self.manifest.chunk_size, entry.size
+        recorder.read(
+            inode,
+            entry.path,
+            digest,
+            nbytes,
+            source=source,
+            wait=wait,
+            new_blob_bytes=lambda idx: sum(max(0, min(cs, size - i * cs)) for i in idx),
+            chunks=chunks,
+        )
+        if self._eager_at is not None and recorder.touched_bytes > self._eager_at:
+            self._eager_at = None
+            self._go_eager()
 
     async def queue_hot_set(self) -> None:
         """Ask the daemon to prefetch the profile's hot set, in profile order (before the
@@ -116,7 +156,7 @@ class MountProfile:
         self._plan = plan_prefetch(
             self.profile.hot_set(), self.manifest.by_path, self.manifest.chunk_size
         )
-        self.reader.prefetched.update(self._plan)
+        self.prefetched.update(self._plan)
         try:
             self._queued = await self.client.prefetch(self._plan)
         except LazyCafError as exc:
@@ -133,13 +173,13 @@ class MountProfile:
             self._blob_sizes = await trio.to_thread.run_sync(self.manifest.blobs)
             self._total = sum(self._blob_sizes.values())
             if 0 < self.eager_share < 1:
-                self.reader.eager_after(int(self._total * self.eager_share), self._go_eager)
+                self._eager_at = int(self._total * self.eager_share)
             if self.profile is None:
                 log.info(
                     "no profile %r yet: this run records one; directory prefetch on", self.name
                 )
                 self._siblings = await trio.to_thread.run_sync(_small_files_by_dir, self.manifest)
-                self.reader.on_miss = self._on_miss
+                self._dir_prefetch = True
             else:
                 hot_bytes = sum(self._blob_sizes.get(d, 0) for d in self._plan)
                 log.info(
@@ -170,14 +210,14 @@ class MountProfile:
         for e in self._siblings.get(parent, ()):
             if e.digest is None or e.path == entry.path or _kind(e.path) != kind:
                 continue
-            if e.digest in self.reader.prefetched or total + e.size > _DIR_BYTES:
+            if e.digest in self.prefetched or total + e.size > _DIR_BYTES:
                 continue
             picked.append(e.digest)
             total += e.size
             if len(picked) >= _DIR_FILES:
                 break
         if picked:
-            self.reader.prefetched.update(picked)
+            self.prefetched.update(picked)
             self._nursery.start_soon(self._prefetch_quietly, picked)
 
     async def _prefetch_quietly(self, digests: list[Digest]) -> None:
@@ -201,16 +241,15 @@ class MountProfile:
                 pending = await trio.to_thread.run_sync(self._not_cached, pending)
                 if pending:
                     await trio.sleep(0.05)
-        rest = [d for d in self._blob_sizes if d not in self.reader.prefetched]
-        self.reader.prefetched.update(rest)
+        rest = [d for d in self._blob_sizes if d not in self.prefetched]
+        self.prefetched.update(rest)
         try:
             await self.client.prefetch(rest)
         except LazyCafError as exc:
             log.warning("eager prefetch failed: %s", exc)
 
     def _not_cached(self, digests: list[Digest]) -> list[Digest]:
-        blobs = self.cache_dir / "blobs"
-        return [d for d in digests if not os.path.exists(blobs / d.hex[:2] / d.hex)]
+        return [d for d in digests if not os.path.exists(self.cache.blob(d))]
 
     async def save(self) -> None:
         """Merge this run's trace into the profile (once; later calls do nothing)."""

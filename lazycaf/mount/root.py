@@ -27,7 +27,9 @@ from lazycaf.core.errors import NotFound, Unavailable, UsageError
 from lazycaf.core.manifest import Manifest
 from lazycaf.core.sizes import format_size
 from lazycaf.host.client import FetcherClient, ensure_daemon
+from lazycaf.host.defaults import FETCH_TIMEOUT
 from lazycaf.host.index import Index
+from lazycaf.host.paths import CacheLayout
 from lazycaf.mount.blobreader import BlobReader
 from lazycaf.mount.inodes import InodeTable
 from lazycaf.mount.recording import DEFAULT_EAGER_SHARE, MountProfile, load_profile
@@ -54,7 +56,7 @@ class MountConfig:
     cache_dir: Path
     socket_path: Path
     cas_spec: str | None
-    fetch_timeout: float = 30.0
+    fetch_timeout: float = FETCH_TIMEOUT
     readahead_kb: int = 1024
     open_roundtrips: bool = False  # answer open/opendir even when the kernel could skip them
     profile: str | None = None  # default: the ref's name without its tag (or the digest)
@@ -94,8 +96,8 @@ def check_mountpoint(path: Path) -> str:
     return os.path.realpath(path)
 
 
-def _load_manifest(cache_dir: Path, digest_hex: str, name: str) -> Manifest:
-    data = (cache_dir / "blobs" / digest_hex[:2] / digest_hex).read_bytes()
+def _load_manifest(cache: CacheLayout, digest: Digest, name: str) -> Manifest:
+    data = cache.blob(digest).read_bytes()
     return Manifest.decode(data, name=name)
 
 
@@ -123,13 +125,14 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
     )
     await trio.to_thread.run_sync(start_daemon)
     client = FetcherClient(config.socket_path, timeout=config.fetch_timeout + 5)
+    cache = CacheLayout(config.cache_dir)
     try:
         prefetch = config.prefetch and not config.offline
         profile_name = config.profile or profile_name_for(config.ref)
         loaded: list[Profile | None] = []
         async with trio.open_nursery() as nursery:
             if prefetch and profile_name:  # the profile travels beside the manifest
-                nursery.start_soon(_load_into, loaded, client, config.cache_dir, profile_name)
+                nursery.start_soon(_load_into, loaded, client, cache, profile_name)
             digest = await client.resolve(config.ref, cached=config.offline)
             if config.offline:
                 await _check_all_cached(client, digest, config.ref)
@@ -138,34 +141,32 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             await client.mounted(digest)
             name = f"manifest {digest}"
             name += f" (ref {config.ref!r})" if config.ref != digest.hex else ""
-            manifest = await trio.to_thread.run_sync(
-                _load_manifest, config.cache_dir, digest.hex, name
-            )
+            manifest = await trio.to_thread.run_sync(_load_manifest, cache, digest, name)
         if not profile_name:  # a bare digest: its profile is named by it
             profile_name = digest.hex
             if prefetch:
-                loaded.append(await load_profile(client, config.cache_dir, profile_name))
+                loaded.append(await load_profile(client, cache, profile_name))
         table = InodeTable(manifest)
-        index = Index(config.cache_dir / "index.lmdb", readonly=True)
-        reader = BlobReader(
-            config.cache_dir,
-            index,
-            client,
-            chunk_size=manifest.chunk_size,
-            timeout=config.fetch_timeout,
-        )
-        reader.restart_daemon = start_daemon
+        index = Index(cache.index, readonly=True)
         profile = MountProfile(
             client,
             manifest,
             digest,
-            reader,
-            config.cache_dir,
+            cache,
             name=profile_name,
             prefetch=prefetch,
             eager_share=config.eager_share,
             record=not config.offline,
             profile=loaded[0] if loaded else None,
+        )
+        reader = BlobReader(
+            cache,
+            index,
+            client,
+            chunk_size=manifest.chunk_size,
+            timeout=config.fetch_timeout,
+            observer=profile,
+            restart_daemon=start_daemon,
         )
         await profile.queue_hot_set()
         skip_open = fuse_ops.can_skip_open() and not config.open_roundtrips
@@ -200,9 +201,9 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
 
 
 async def _load_into(
-    out: list[Profile | None], client: FetcherClient, cache_dir: Path, name: str
+    out: list[Profile | None], client: FetcherClient, cache: CacheLayout, name: str
 ) -> None:
-    out.append(await load_profile(client, cache_dir, name))
+    out.append(await load_profile(client, cache, name))
 
 
 async def _check_all_cached(client: FetcherClient, digest: Digest, ref: str) -> None:

@@ -25,6 +25,7 @@ from typing import Final
 from lazycaf.core.chunking import chunk_spans
 from lazycaf.core.errors import UsageError
 from lazycaf.core.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest
+from lazycaf.host.paths import CacheLayout
 
 __all__ = ["MaterializeResult", "check_target", "write_tree"]
 
@@ -92,8 +93,9 @@ def _write_file(blobs_fd: int, e: Entry, path: str, chunk_size: int, copy: bool)
         for digest, (offset, length) in zip(blobs, spans, strict=True):
             if length == 0:
                 continue
-            h = digest.hex
-            src = os.open(f"{h[:2]}/{h}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=blobs_fd)
+            src = os.open(
+                CacheLayout.blob_name(digest), os.O_RDONLY | os.O_CLOEXEC, dir_fd=blobs_fd
+            )
             try:
                 if copy:
                     ok = False
@@ -124,7 +126,7 @@ def write_tree(
     target.mkdir(parents=True, exist_ok=True)
     res = MaterializeResult()
     root = str(target)
-    blobs_fd = os.open(cache_root / "blobs", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    blobs_fd = os.open(CacheLayout(cache_root).blobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for e in manifest.entries:
             path = os.path.join(root, e.path)

@@ -15,6 +15,7 @@ from fetcher.cache.blobcache import ENCODED_WRITES_ENV, BlobCache, filesystem_ty
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import DigestMismatch
+from lazycaf.core.verified import verify_blob
 from lazycaf.disk.btrfs_encoded import Frame, extent_fits, frames_of, write_frames
 from tests.conftest import require
 
@@ -151,7 +152,7 @@ def test_plain_writes_in_the_same_place_are_not_encoded(no_compress_dir: Path) -
         assert cache.write_statistics().encoded_extents == 0
         # one blob can still ask for an encoded write
         other = text(512 * KiB, seed=1)
-        staged = cache.stage(Digest.of(other), *framing.encode(other), encoded=True)
+        staged = cache.stage(verify_blob(Digest.of(other), *framing.encode(other)), encoded=True)
         assert all(encoded for _, _, encoded in extents(staged.tmp))
         assert staged.tmp.read_bytes() == other
         cache.discard(staged)
@@ -177,7 +178,7 @@ def test_a_blob_that_does_not_verify_is_never_written(no_compress_dir: Path) -> 
         data = text(300 * KiB)
         encoding, payload = framing.encode(data)
         with pytest.raises(DigestMismatch):
-            cache.stage(Digest.of(b"something else"), encoding, payload)
+            cache.commit(Digest.of(b"something else"), encoding, payload)
         assert list((cache.root / "tmp").iterdir()) == []
         assert cache.write_statistics().encoded_extents == 0
     finally:

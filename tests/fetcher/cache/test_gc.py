@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from lazycaf.core.errors import UsageError
 from lazycaf.core.sizes import format_size, parse_size
 from lazycaf.host.index import BlobRecord
 from tests.conftest import Host, _fuse_available, require, run_cli
+from tests.helpers import wait_for
 
 MiB = 1 << 20
 
@@ -157,8 +157,9 @@ def test_budget_smaller_than_two_executables(host: Host, tmp_path: Path) -> None
     st = status(host)
     assert st["budget_source"] == "configured"
     assert st["executables"] >= 1
-    # index and files agree after all that eviction
-    time.sleep(1.2)  # one flush of access times
+    # index and files agree after all that eviction, and after the daemon's last flush of
+    # access times (which runs as it stops)
+    host.cli("fetcher", "stop")
     assert blob_files(host).keys() == set(json.loads(_index_dump(host)))
 
 
@@ -302,20 +303,26 @@ def small_btrfs(tmp_path: Path) -> Iterator[Path]:
 
 
 def read_with_retries(path: Path, expected: bytes, eio: list[str]) -> None:
-    """Read a file until it reads whole; every failure must be EIO (a failed fetch)."""
-    for _ in range(20):
+    """Read a file until it reads whole (GC frees space in the background meanwhile); every
+    failure must be EIO (a failed fetch)."""
+
+    def read() -> bool:
         try:
             data = path.read_bytes()
         except OSError as exc:
             assert exc.errno == errno.EIO, exc
             eio.append(path.name)
-            time.sleep(0.3)  # GC frees space in the background
-            continue
+            return False
         assert data == expected, f"{path.name} read wrong bytes"
-        return
-    raise AssertionError(f"{path.name} never read whole")
+        return True
+
+    wait_for(read, f"{path.name} to read whole", timeout=30, interval=0.3)
 
 
+@pytest.mark.btrfs
+@pytest.mark.fuse
+@pytest.mark.root
+@pytest.mark.slow
 def test_full_disk_fails_reads_cleanly_and_gc_recovers(small_btrfs: Path, tmp_path: Path) -> None:
     cache = small_btrfs / "cache"
     run_cli("cache", "init", cache)

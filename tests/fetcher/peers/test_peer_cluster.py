@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from lazycaf.cas.batch import pack_batch
 from lazycaf.core.digest import Digest
 from lazycaf.host.client import socket_answers
 from tests.conftest import CasServer, _fuse_available, _is_mountpoint, require, run_cli
+from tests.helpers import wait_for
 
 REF = "trainer:1"
 
@@ -143,11 +144,13 @@ class Cluster:
             )
         daemon = Daemon(name, cache, address, proc, log)
         self.daemons.append(daemon)
-        deadline = time.monotonic() + 30
-        while not (socket_answers(cache / "fetcher.sock") and _listens(address)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"daemon {name} did not start:\n{log.read_text()}")
-            time.sleep(0.05)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon {name} exited:\n{log.read_text()}")
+            return socket_answers(cache / "fetcher.sock") and _listens(address)
+
+        wait_for(up, f"daemon {name} to start", timeout=30)
         return daemon
 
     def write_peers(self, addresses: list[str]) -> None:
@@ -205,14 +208,6 @@ def cluster(btrfs_dir: Path, cas_server: CasServer, tmp_path: Path) -> Iterator[
 
 def read_everything(mnt: Path, paths: list[str]) -> dict[str, str]:
     return file_hashes(mnt, paths)
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 # -- the CAS sends each blob once ------------------------------------------------------------

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from tests.conftest import CasServer, Host, run_cli, stop
-from tests.lazycaf.cli.test_pack import make_tree
+from tests.helpers import make_tree
 
 MiB = 1 << 20
 

@@ -8,11 +8,11 @@ import os
 import py_compile
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from lazycaf.core.digest import Digest
 from tests.conftest import CasServer, Host, require, run_cli
+from tests.helpers import wait_for
 from tests.slowproxy import slow_proxy
 
 IMPORT_NUMPY = ["-c", "import numpy"]
@@ -74,7 +74,12 @@ def test_record_show_and_prefetch(host: Host, sample_tree: Path, tmp_path: Path)
     shutil.rmtree(host.cache)
     mnt = host.mountpoint()
     host.cli("mount", "trainer:v1", mnt, "--cas", cas)
-    time.sleep(2)  # the job's own start-up; prefetch runs meanwhile
+
+    def hot_set_under_way() -> bool:  # during the job's own start-up
+        stats = host.stats()
+        return stats["prefetched"] > 0 and stats["prefetch_queued"] == 0
+
+    wait_for(hot_set_under_way, "prefetch to take up the profile's hot set", timeout=60)
     subprocess.run([mnt / "bin/python3", *IMPORT_NUMPY], check=True, timeout=120)
     stats = host.stats()
     assert stats["prefetched"] > 100
@@ -90,9 +95,9 @@ def test_record_show_and_prefetch(host: Host, sample_tree: Path, tmp_path: Path)
     before = host.stats()
     mnt2 = host.mountpoint("v2")
     host.cli("mount", "trainer:v2", mnt2, "--cas", cas)
-    deadline = time.monotonic() + 30
-    while host.stats()["prefetch_queued"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(
+        lambda: host.stats()["prefetch_queued"] == 0, "the v2 prefetch queue to drain", timeout=30
+    )
     subprocess.run([mnt2 / "bin/python3", *IMPORT_NUMPY], check=True, timeout=120)
     after = host.stats()
     assert after["prefetched"] - before["prefetched"] >= 1  # the changed file's new blob
@@ -121,11 +126,9 @@ def test_demand_reads_jump_the_prefetch_queue(
     host.cli("fetcher", "stop")
     shutil.rmtree(host.cache)
 
-    with slow_proxy(cas_server.url, delay=0.1) as slow_url:
-        host.cli("mount", "big:v1", mnt, "--cas", slow_url, "--eager-share", "0")
-        deadline = time.monotonic() + 20
-        while host.stats()["prefetched"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with slow_proxy(cas_server.url, delay=0.1) as proxy:
+        host.cli("mount", "big:v1", mnt, "--cas", proxy.url, "--eager-share", "0")
+        wait_for(lambda: host.stats()["prefetched"] > 0, "the first prefetched blob")
         assert (mnt / "cold-file").read_bytes() == b"needed now\n" * 1000
         stats = host.stats()
         # the read was served while much of the hot set still waited in the queue
@@ -145,9 +148,7 @@ def test_eager_mode_fetches_the_rest(host: Host, tmp_path: Path) -> None:
     host.cli("mount", digest, mnt, "--cas", cas, "--eager-share", "0.3")
     for i in range(7):  # 35% of the tree
         (mnt / f"f{i:02d}").read_bytes()
-    deadline = time.monotonic() + 30
-    while host.stats()["blobs_cached"] < 21 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: host.stats()["blobs_cached"] >= 21, "the eager fetch of the rest")
     stats = host.stats()
     assert stats["blobs_cached"] == 21  # 20 files + the manifest
     assert stats["prefetched"] >= 13
@@ -175,25 +176,25 @@ def test_eager_mode_from_the_profile_waits_for_the_hot_set(
     host.cli("fetcher", "stop")
     shutil.rmtree(host.cache)
 
-    with slow_proxy(cas_server.url, delay=0.05) as slow_url:
-        host.cli("mount", "eg:v1", mnt, "--cas", slow_url, "--eager-share", "0.3")
+    with slow_proxy(cas_server.url, delay=0.05) as proxy:
+        host.cli("mount", "eg:v1", mnt, "--cas", proxy.url, "--eager-share", "0.3")
         hot = [host.cache / "blobs" / d[:2] / d for d in _digests(tree / "hot")]
         cold = [host.cache / "blobs" / d[:2] / d for d in _digests(tree / "cold")]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def hot_set_in() -> bool:
             # observed first, then checked against the hot set: if it is still not all in
             # now, it was not when these were taken either
             stats = host.stats()
             cold_seen = any(p.exists() for p in cold)
             if all(p.exists() for p in hot):
-                break
+                return True
             # the rest is queued only once the hot set is in
             assert stats["prefetch_queued"] + stats["prefetched"] <= 10, stats
             assert not cold_seen
-            time.sleep(0.02)
-        while not all(p.exists() for p in cold) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert all(p.exists() for p in hot + cold)  # and then everything came
+            return False
+
+        wait_for(hot_set_in, "the hot set", timeout=60)
+        wait_for(lambda: all(p.exists() for p in cold), "the rest after it", timeout=60)
         host.cli("umount", mnt)
 
 
@@ -211,11 +212,10 @@ def test_profile_save_and_errors(host: Host, tmp_path: Path) -> None:
     host.cli("mount", "small:v1", mnt, "--cas", cas)
     assert (mnt / "a").read_text() == "a"
     host.cli("profile", "save", mnt)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if run_cli("profile", "show", "small", "--cas", cas, check=False).returncode == 0:
-            break
-        time.sleep(0.05)
+    wait_for(
+        lambda: run_cli("profile", "show", "small", "--cas", cas, check=False).returncode == 0,
+        "the saved profile in the CAS",
+    )
     assert show(host, "small", cas)[0].startswith("profile 'small': 1 run(s)")
     host.cli("umount", mnt)
     assert show(host, "small", cas)[0].startswith("profile 'small': 1 run(s)")  # saved once
@@ -240,9 +240,7 @@ def test_without_a_profile_a_miss_prefetches_its_directory(host: Host, tmp_path:
     mnt = host.mountpoint()
     host.cli("mount", digest, mnt, "--cas", cas, "--eager-share", "0")
     assert (mnt / "pkg/m0.py").read_bytes() == (tree / "pkg/m0.py").read_bytes()
-    deadline = time.monotonic() + 20
-    while host.stats()["prefetched"] < 9 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: host.stats()["prefetched"] >= 9, "the directory's prefetch")
     stats = host.stats()
     assert stats["prefetched"] == 9  # pkg's other .py files, not big.so, nothing of other/
     assert [(mnt / "pkg" / f"m{i}.py").read_bytes() for i in range(10)] == [
@@ -293,8 +291,8 @@ def test_a_cached_hot_set_is_read_into_the_page_cache(host: Host, tmp_path: Path
     assert sum(_resident_pages(b)[0] for b in blobs) < len(blobs)  # gone (a stray page at most)
     host.cli("mount", "warm:v1", mnt, "--cas", cas, "--eager-share", "0")
     # nothing reads the mount: only the daemon's warming brings the blobs back
-    deadline = time.monotonic() + 20
-    while any(_resident_pages(b)[0] < _resident_pages(b)[1] for b in blobs):
-        assert time.monotonic() < deadline, [_resident_pages(b) for b in blobs]
-        time.sleep(0.05)
+    wait_for(
+        lambda: all(n == total for n, total in map(_resident_pages, blobs)),
+        "the daemon to read the hot set into the page cache",
+    )
     host.cli("umount", mnt)

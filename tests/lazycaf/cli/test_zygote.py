@@ -14,14 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from lazycaf.cli.zygote_client import zygote_ready
 from lazycaf.host.paths import zygote_socket
 from tests.conftest import Host
-from tests.lazycaf.cli.test_pack import make_tree
-from tests.lazycaf.mount.test_mount import pack
+from tests.helpers import make_tree, pack, wait_for
 
 
 def _zygote_path(host: Host) -> Path:
@@ -42,13 +40,6 @@ def _zygote_pids(path: Path) -> list[int]:
     return pids
 
 
-def _wait(pred: object, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _served(host: Host) -> list[str]:
     """The commands the zygote forked a child for, from its log lines."""
     log = (host.cache / "fetcher.log").read_text(errors="replace")
@@ -62,7 +53,7 @@ def _started(host: Host, tmp_path: Path) -> tuple[str, Path]:
     mnt = host.mountpoint("first")
     host.cli("mount", digest, mnt, "--cas", cas)
     host.cli("umount", mnt)
-    _wait(lambda: zygote_ready(host.cache / "fetcher.sock"), "the mount zygote")
+    wait_for(lambda: zygote_ready(host.cache / "fetcher.sock"), "the mount zygote")
     return digest, cas
 
 
@@ -122,7 +113,7 @@ def test_mounts_go_through_the_zygote_and_behave_the_same(host: Host, tmp_path: 
     path = _zygote_path(host)
     assert _zygote_pids(path)
     host.cli("fetcher", "stop")
-    _wait(lambda: not _zygote_pids(path) and not path.exists(), "the zygote to stop")
+    wait_for(lambda: not _zygote_pids(path) and not path.exists(), "the zygote to stop")
 
 
 def _mount_pid(mnt: Path) -> int:
@@ -176,12 +167,12 @@ def test_zygote_retires_on_changed_code_and_dies_with_the_daemon(
         socket.send_fds(s, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         answer = s.makefile("rb").readline().decode()
     assert answer.startswith("refused the code changed"), answer
-    _wait(lambda: old not in _zygote_pids(path), "the stale zygote to exit")
-    _wait(lambda: len(_zygote_pids(path)) == 1 and path.exists(), "a fresh zygote")
+    wait_for(lambda: old not in _zygote_pids(path), "the stale zygote to exit")
+    wait_for(lambda: len(_zygote_pids(path)) == 1 and path.exists(), "a fresh zygote")
     (new,) = _zygote_pids(path)
     assert new != old
 
     # the daemon killed outright: its zygote follows it
     daemon = int((host.cache / "fetcher.lock").read_text())
     os.kill(daemon, signal.SIGKILL)
-    _wait(lambda: not _zygote_pids(path), "the zygote to exit with its daemon")
+    wait_for(lambda: not _zygote_pids(path), "the zygote to exit with its daemon")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 import subprocess
 import threading
@@ -13,14 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Host, run_cli
-from tests.lazycaf.cli.test_pack import make_tree, walk
+from lazycaf.core.digest import Digest
+from tests.conftest import CasServer, Host, run_cli, stop
+from tests.helpers import make_tree, pack, wait_for, walk
+from tests.slowproxy import slow_proxy
 
 MiB = 1 << 20
-
-
-def pack(tree: Path, cas: Path | str, *extra: str) -> str:
-    return run_cli("pack", tree, "--cas", cas, *extra).stdout.decode().strip()
 
 
 def test_sample_python_runs_from_the_mount(host: Host, sample_tree: Path, tmp_path: Path) -> None:
@@ -176,11 +175,8 @@ def test_corrupt_blob_gives_eio_for_that_file_only(host: Host, tmp_path: Path) -
 
 
 def test_unreachable_cas_gives_eio_within_the_timeout(
-    host: Host, tmp_path: Path, cas_server: object
+    host: Host, tmp_path: Path, cas_server: CasServer
 ) -> None:
-    from tests.conftest import CasServer, stop
-
-    assert isinstance(cas_server, CasServer)
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "a").write_bytes(b"x" * 5000)
@@ -248,24 +244,34 @@ def test_daemon_restart_reconciles_cache(host: Host, tmp_path: Path) -> None:
     host.cli("umount", mnt)
 
 
+def _daemon_pid(host: Host) -> int:
+    return int((host.cache / "fetcher.lock").read_text())
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat_line.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 def test_daemon_killed_mid_download_leaves_no_bad_blob(
-    host: Host, tmp_path: Path, cas_server: object
+    host: Host, tmp_path: Path, cas_server: CasServer
 ) -> None:
-    import signal
-
-    from tests.conftest import CasServer
-    from tests.slowproxy import slow_proxy
-
-    assert isinstance(cas_server, CasServer)
     tree = tmp_path / "tree"
     tree.mkdir()
-    payload = os.urandom(4 * MiB)  # incompressible: ~64 chunks of 64 KiB on the wire
+    payload = os.urandom(4 * MiB)  # incompressible: four 1 MiB chunks
     (tree / "big.bin").write_bytes(payload)
     env = {"LAZYCAF_CAS_TOKEN": cas_server.token}
     digest = run_cli("pack", tree, "--cas", cas_server.url, env=env).stdout.decode().strip()
-    with slow_proxy(cas_server.url, delay=0.05) as slow_url:
+    with slow_proxy(cas_server.url) as proxy:
         mnt = host.mountpoint()
-        host.cli("mount", digest, mnt, "--cas", slow_url, "--no-prefetch", "--eager-share", "0")
+        host.cli("mount", digest, mnt, "--cas", proxy.url, "--no-prefetch", "--eager-share", "0")
+        killed = _daemon_pid(host)
+        # from now on the daemon gets about 256 KiB of what the CAS sends, the rest waits
+        proxy.hold(after=256 << 10)
         result: list[bytes | BaseException] = []
 
         def reader() -> None:
@@ -276,17 +282,23 @@ def test_daemon_killed_mid_download_leaves_no_bad_blob(
 
         thread = threading.Thread(target=reader)
         thread.start()
-        deadline = time.monotonic() + 20
-        while host.stats()["misses"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)  # the manifest, then the file's first chunk is in flight
-        pid = int((host.cache / "fetcher.lock").read_text())
-        os.kill(pid, signal.SIGKILL)
+        # the read is in flight: the daemon is part way through the file's first chunk, and
+        # the rest of it cannot reach the daemon before the kill
+        wait_for(proxy.held, "the rest of the first chunk, held at the proxy")
+        assert thread.is_alive() and not result
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: not _running(killed), f"the daemon (pid {killed}) to die")
+        proxy.release()
         thread.join(60)
-        # the mount restarted the daemon (which reconciled the cache) and finished the read
-        assert result == [payload]
+        assert not thread.is_alive(), "the read never finished"
+        # the mount started a new daemon (which reconciled the cache) and it served the read
+        (read,) = result
+        assert not isinstance(read, BaseException), f"the read failed: {read!r}"
+        assert Digest.of(read) == Digest.of(payload), "the read returned other bytes"
+        restarted = _daemon_pid(host)
+        assert restarted != killed and _running(restarted)
+        assert host.stats()["bytes_fetched"] >= len(payload)  # the new daemon's own count
         assert not any((host.cache / "tmp").iterdir())
         for blob in (host.cache / "blobs").glob("*/*"):
-            from lazycaf.core.digest import Digest
-
             assert Digest.of(blob.read_bytes()).hex == blob.name
         host.cli("umount", mnt)

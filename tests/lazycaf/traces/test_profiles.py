@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from lazycaf.cas.api import CAS, HttpCAS, LocalCAS
+from lazycaf.cas.api import CAS
+from lazycaf.cas.http import HttpCAS
+from lazycaf.cas.local import LocalCAS
 from lazycaf.traces.profiles import add_run, load_profile
 from lazycaf.traces.trace import AccessRecord, Trace
 from tests.conftest import CasServer
@@ -18,7 +20,7 @@ def trace(i: int) -> Trace:
     return Trace("trainer", 1_700_000_000.0 + i, [record])
 
 
-@pytest.fixture(params=["local", "http"])
+@pytest.fixture(params=["local", pytest.param("http", marks=pytest.mark.slow)])
 async def cas(request: pytest.FixtureRequest, tmp_path: Path) -> CAS:
     if request.param == "local":
         return LocalCAS(tmp_path / "cas")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lazycaf.core.digest import Digest
 from tests.conftest import Host, run_cli
-from tests.lazycaf.cli.test_pack import make_tree, walk
+from tests.helpers import make_tree, walk
 
 
 def exclusive_bytes(path: Path) -> int:

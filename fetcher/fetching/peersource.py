@@ -1,15 +1,15 @@
-"""Asking another host's daemon for blobs (its peer API, ``fetcher.daemon.peerapp``), over httpx.
+"""Another host's daemon as a ``BlobSource``: the client of its peer API (``peerapp``).
 
     GET  http://PEER/v1/blobs/{hex}   one blob; the peer pulls it from the CAS if it lacks it
     POST http://PEER/v1/blobs:get     several blobs in one body (``lazycaf.cas.batch`` records)
 
 Requests carry ``X-LazyCAF-Priority: demand|prefetch`` (the peer serves reads before
 prefetch) and the shared bearer token when there is one. Nothing a peer sends is trusted:
-every blob is decoded and verified here, in a worker thread, and what does not verify is an
-``IntegrityError`` naming the peer. Every request is bounded by ``timeout`` seconds in total,
-so a peer that hangs or trickles costs at most that, and bodies are capped in size. Transport
-failures, timeouts and unexpected answers are ``PeerUnavailable``; a 404 is ``BlobNotFound``
-and a 503 ``HomeCouldNotFetch`` (the peer could not get the blob either).
+answers go back as they arrived (``Fetched``, origin ``peer``) and the fetch service verifies
+them, backing off a peer whose bytes do not verify. Every request is bounded by ``timeout``
+seconds in total, so a peer that hangs or trickles costs at most that, and bodies are capped
+in size. Transport failures, timeouts and unexpected answers are ``PeerUnavailable``; a 404
+is ``BlobNotFound`` and a 503 ``HomeCouldNotFetch`` (the peer could not get the blob either).
 """
 
 from __future__ import annotations
@@ -21,12 +21,23 @@ from typing import Any, Final
 import httpx
 import trio
 
+from fetcher.fetching.source import Fetched, Outcome
 from lazycaf.cas.batch import unpack_batch
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import BlobNotFound, IntegrityError, LazyCafError, PeerUnavailable
+from lazycaf.core.priority import Priority
+from lazycaf.host.defaults import PEER_TIMEOUT
 
-__all__ = ["INSTANCE_HEADER", "PRIORITY_HEADER", "HomeCouldNotFetch", "PeerClient", "PeerIsSelf"]
+__all__ = [
+    "INSTANCE_HEADER",
+    "PRIORITY_HEADER",
+    "HomeCouldNotFetch",
+    "PeerClient",
+    "PeerIsSelf",
+    "PeerSource",
+    "PeerSources",
+]
 
 PRIORITY_HEADER: Final = "x-lazycaf-priority"
 INSTANCE_HEADER: Final = "x-lazycaf-instance"  # a daemon's random id, on its peer answers
@@ -50,11 +61,10 @@ class PeerClient:
     def __init__(
         self,
         *,
-        priority: str,
+        priority: Priority,
         token: str | None = None,
-        timeout: float = 5.0,
+        timeout: float = PEER_TIMEOUT,
         max_connections: int = 64,
-        verify_limiter: trio.CapacityLimiter | None = None,
         instance: str = "",
     ) -> None:
         self.priority = priority
@@ -62,7 +72,7 @@ class PeerClient:
         self.timeout = timeout
         # zstd: a peer sends the CAS's frames of blobs it fetched lately
         # (``fetcher.fetching.recent``), decoded bytes otherwise; it never compresses for us.
-        headers = {PRIORITY_HEADER: priority, "accept-encoding": "zstd"}
+        headers = {PRIORITY_HEADER: priority.label, "accept-encoding": "zstd"}
         if token:
             headers["authorization"] = f"Bearer {token}"
         self._client = httpx.AsyncClient(
@@ -72,22 +82,21 @@ class PeerClient:
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
         )
-        self._verify = verify_limiter or trio.CapacityLimiter(2)
 
-    async def get(self, address: str, digest: Digest) -> bytes:
-        """The blob's verified bytes from the peer at ``address``."""
+    async def get(self, address: str, digest: Digest) -> tuple[str, bytes]:
+        """The blob from the peer at ``address``: its encoding and payload (not verified)."""
         url = f"http://{address}/v1/blobs/{digest.hex}"
         status, encoding, payload = await self._exchange(address, "GET", url, _MAX_BLOB_BODY)
         if status == 404:
             raise BlobNotFound(digest, f"peer {address}")
         self._expect(address, status, payload, f"GET blob {digest}")
-        return await self._verified(address, digest, encoding, payload)
+        _check_encoding(address, digest, encoding)
+        return encoding, payload
 
     async def get_many(
         self, address: str, digests: Sequence[Digest]
-    ) -> tuple[dict[Digest, bytes], IntegrityError | None]:
-        """Verified bytes of the blobs the peer sent, and the first verification failure if
-        some did not verify (those are left out: the caller fetches them elsewhere)."""
+    ) -> dict[Digest, tuple[str, bytes]]:
+        """The blobs the peer sent of those asked (not verified), by digest."""
         url = f"http://{address}/v1/blobs:get"
         body = json.dumps({"digests": [d.hex for d in digests]}).encode()
         status, encoding, payload = await self._exchange(
@@ -106,16 +115,12 @@ class PeerClient:
         except LazyCafError as exc:
             raise IntegrityError(f"peer {address} sent a malformed batch: {exc}") from None
         wanted = set(digests)
-        out: dict[Digest, bytes] = {}
-        bad: IntegrityError | None = None
+        out: dict[Digest, tuple[str, bytes]] = {}
         for digest, record_encoding, data in records:
-            if digest not in wanted:
-                continue
-            try:
-                out[digest] = await self._verified(address, digest, record_encoding, data)
-            except IntegrityError as exc:
-                bad = bad or exc
-        return out, bad
+            if digest in wanted:
+                _check_encoding(address, digest, record_encoding)
+                out[digest] = (record_encoding, data)
+        return out
 
     async def _exchange(
         self, address: str, method: str, url: str, limit: int, **kwargs: Any
@@ -151,21 +156,55 @@ class PeerClient:
             raise HomeCouldNotFetch(address, f"{what}: HTTP 503 {detail}")
         raise PeerUnavailable(address, f"{what}: HTTP {status} {detail}")
 
-    async def _verified(self, address: str, digest: Digest, encoding: str, payload: bytes) -> bytes:
-        if encoding not in (framing.IDENTITY, framing.ZSTD):
-            raise IntegrityError(f"peer {address} sent blob {digest} as {encoding!r}")
-        try:
-            return await trio.to_thread.run_sync(
-                _decode_verify, digest, encoding, payload, limiter=self._verify
-            )
-        except IntegrityError as exc:
-            raise IntegrityError(f"peer {address}: {exc}") from None
-
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-def _decode_verify(digest: Digest, encoding: str, payload: bytes) -> bytes:
-    data = framing.decode(encoding, payload, what=f"blob {digest}")
-    digest.verify(data)
-    return data
+def _check_encoding(address: str, digest: Digest, encoding: str) -> None:
+    if encoding not in (framing.IDENTITY, framing.ZSTD):
+        raise IntegrityError(f"peer {address} sent blob {digest} as {encoding!r}")
+
+
+class PeerSource:
+    """The daemon at ``address`` as a ``BlobSource`` (over the clients of ``PeerSources``)."""
+
+    def __init__(self, address: str, clients: dict[Priority, PeerClient]) -> None:
+        self.address = address
+        self.where = f"peer {address}"
+        self._clients = clients
+
+    async def fetch(self, digest: Digest, priority: Priority) -> Fetched:
+        encoding, payload = await self._clients[priority].get(self.address, digest)
+        return Fetched(encoding, payload, "peer", self.address)
+
+    async def fetch_many(self, digests: Sequence[Digest], priority: Priority) -> Outcome:
+        try:
+            got = await self._clients[priority].get_many(self.address, digests)
+        except LazyCafError as exc:
+            return {}, exc
+        return {d: Fetched(e, p, "peer", self.address) for d, (e, p) in got.items()}, None
+
+    async def aclose(self) -> None:
+        """The clients belong to ``PeerSources``, which closes them."""
+
+
+class PeerSources:
+    """Every peer as a ``BlobSource``: ``sources(address)``. One client (so one connection
+    pool) per priority, shared by all peers: demand requests never queue behind prefetch
+    ones for a connection."""
+
+    def __init__(
+        self, *, token: str | None = None, timeout: float = PEER_TIMEOUT, instance: str = ""
+    ) -> None:
+        self._clients = {
+            p: PeerClient(priority=p, token=token, timeout=timeout, instance=instance)
+            for p in Priority
+        }
+
+    def __call__(self, address: str) -> PeerSource:
+        return PeerSource(address, self._clients)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            for client in self._clients.values():
+                await client.aclose()

@@ -1,0 +1,17 @@
+"""Defaults a host's commands, mounts and daemon share, each defined once here.
+
+Standard library only (the command line's parser reads them before anything heavy is
+imported).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["FETCH_TIMEOUT", "PEER_TIMEOUT"]
+
+FETCH_TIMEOUT: Final = 30.0
+"""Seconds a read through a mount waits for a blob the cache lacks before it fails with EIO."""
+
+PEER_TIMEOUT: Final = 5.0
+"""Seconds one request to another host's daemon may take in all before the CAS is asked."""

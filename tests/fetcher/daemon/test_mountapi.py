@@ -1,0 +1,133 @@
+"""The daemon's socket API for mounts, served in-process on a real Unix socket and driven by
+the very client a mount uses (``FetcherClient``), over a fetch service with a local CAS.
+
+Each request of the protocol: its reply, its typed error (the error kind crosses the socket
+and is raised again on the mount's side), and a connection that goes on after an error.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from fetcher.cache.blobcache import BlobCache
+from fetcher.daemon.mountapi import MountApi
+from fetcher.fetching.prefetch import PrefetchQueue
+from fetcher.fetching.service import FetchService
+from fetcher.fetching.sources import CasSource, TieredSource
+from lazycaf.cas.casdir import CasDir
+from lazycaf.cas.local import LocalCAS
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import NotFound, UsageError
+from lazycaf.core.manifest import DIR, FILE, Entry, Manifest
+from lazycaf.core.priority import Priority
+from lazycaf.host.client import FetcherClient
+from tests.helpers import wait_for_async
+
+BLOBS = [f"module {i}\n".encode() * 50 for i in range(6)]
+DIGESTS = [Digest.of(b) for b in BLOBS]
+
+
+@dataclass
+class Daemon:
+    client: FetcherClient
+    cache: BlobCache
+    store: CasDir
+    manifest: Digest
+
+
+def _manifest() -> Manifest:
+    entries = [Entry("pkg", DIR, 0o755, 0, 0)]
+    entries += [
+        Entry(f"pkg/m{i}.py", FILE, 0o644, 0, len(b), d)
+        for i, (b, d) in enumerate(zip(BLOBS, DIGESTS, strict=True))
+    ]
+    return Manifest(entries)
+
+
+@asynccontextmanager
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    store = CasDir(tmp_path / "cas")
+    for d, b in zip(DIGESTS[:4], BLOBS[:4], strict=True):  # the last two are not in the CAS
+        store.write(d, b)
+    manifest = _manifest().encode()
+    mdigest = Digest.of(manifest)
+    store.write(mdigest, manifest)
+    store.write_ref("app:v1", mdigest)
+    cache = BlobCache(tmp_path / "cache")
+    service = FetchService(cache, TieredSource(CasSource(LocalCAS(store.root))))
+    path = tmp_path / "fetcher.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+    client = FetcherClient(path, timeout=10)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            prefetch = PrefetchQueue(service)
+            await nursery.start(prefetch.run)
+            await nursery.start(MountApi(service, prefetch).serve, sock)
+            yield Daemon(client, cache, store, mdigest)
+            nursery.cancel_scope.cancel()
+    finally:
+        await client.aclose()
+        sock.close()
+        cache.close()
+
+
+async def test_ensure_brings_a_verified_blob_into_the_cache(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        assert await d.client.ensure(DIGESTS[0]) == len(BLOBS[0])
+        assert d.cache.path(DIGESTS[0]).read_bytes() == BLOBS[0]
+        assert await d.client.ensure(DIGESTS[1], priority=Priority.PREFETCH) == len(BLOBS[1])
+        stats = await d.client.stats()
+        assert stats["misses"] == 1 and stats["fetches"] == 2 and stats["prefetched"] == 1
+
+
+async def test_errors_cross_the_socket_typed_and_the_connection_goes_on(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        with pytest.raises(NotFound, match=DIGESTS[5].hex):
+            await d.client.ensure(DIGESTS[5])
+        with pytest.raises(UsageError, match="unknown request"):
+            await d.client._call("frobnicate now")
+        with pytest.raises(NotFound, match="app:v9"):  # kinds cross: not found, unavailable...
+            await d.client.resolve("app:v9")
+        with pytest.raises(NotFound, match="not in the cache"):
+            await d.client.holds(d.manifest)
+        assert await d.client.ensure(DIGESTS[0]) == len(BLOBS[0])  # still answering
+
+
+async def test_resolve_remembers_refs_for_offline_mounts(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        with pytest.raises(NotFound, match="offline"):
+            await d.client.resolve("app:v1", cached=True)
+        assert await d.client.resolve("app:v1") == d.manifest
+        assert await d.client.resolve("app:v1", cached=True) == d.manifest
+        assert await d.client.resolve(d.manifest.hex) == d.manifest
+
+
+async def test_prefetch_queues_and_fetches_in_the_background(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        assert await d.client.prefetch(DIGESTS[:4]) == 4
+        await wait_for_async(
+            lambda: all(d.cache.has(x) for x in DIGESTS[:4]), "the prefetched blobs"
+        )
+        assert (await d.client.stats())["misses"] == 0
+
+
+async def test_holds_and_pins_of_an_executable(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        await d.client.ensure(d.manifest)
+        await d.client.ensure(DIGESTS[0])
+        held = await d.client.holds(d.manifest)
+        assert held["blobs"] == 6 and held["missing_blobs"] == 5
+        assert await d.client.pin(d.manifest) == 1
+        assert await d.client.pin(d.manifest, unpin=True) == 0
+        with pytest.raises(UsageError, match="not pinned"):
+            await d.client.pin(d.manifest, unpin=True)
