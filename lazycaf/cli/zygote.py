@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib
 import json
 import os
 import selectors
@@ -54,8 +55,22 @@ def _say(msg: str) -> None:
     print(f"lazycaf zygote[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
 
+# What a mount imports, loaded once in the zygote and shared by every child it forks.
+PRELOAD: Final = (
+    "lazycaf.cli.host",
+    "lazycaf.cli.main",
+    "lazycaf.host.index",
+    "lazycaf.mount.blobreader",
+    "lazycaf.mount.fuse_ops",
+    "lazycaf.mount.recording",
+    "lazycaf.mount.root",
+)
+
+
 def _preload() -> None:
     """Import everything a mount imports, so a child has nothing left to load."""
+    for name in PRELOAD:
+        importlib.import_module(name)
 
 
 def _die_with_parent() -> None:
