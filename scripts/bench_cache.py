@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark the host cache on Btrfs: reflink materialize, disk use, encoded writes.
 
 Prints figures and asserts nothing. Every timing is a median over ``--runs`` runs taken in this
@@ -26,49 +25,53 @@ run by run) so drift hits both. Needs root (a Btrfs loop image, drop_caches, enc
 The Btrfs loop image (``mount -o loop,compress=zstd``), its loop device, every daemon and the
 temp dir are removed in a ``finally`` (also on Ctrl-C and SIGTERM); leftovers are reported.
 
-Usage: python scripts/bench_cache.py [--sample DIR] [--runs N] [--parts abc] [--json FILE]
+Usage: python -m scripts.bench_cache [--sample DIR] [--runs N] [--parts abc] [--json PATH]
+
+Writes ``results/bench_cache/results.json`` (``--json PATH``: there instead).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from bench_mount import (
+from scripts.harness import (
+    BenchError,
+    Figure,
     Lazycaf,
     Made,
+    Record,
     btrfs_image,
-    build_sample,
+    busy_seconds,
     cleanup,
     count_entries,
-    time_import,
-)
-from benchlib import (
-    BenchError,
-    cpu_model,
+    default_json,
     drop_caches,
+    find_lazycaf,
     fs_of,
     guarded_run,
     md_row,
-    meminfo_gib,
+    median,
     progress,
     run,
+    sample_tree,
+    temp_env,
+    time_python,
 )
 
 if TYPE_CHECKING:
     from lazycaf.core.digest import Digest
+from lazycaf.core.verified import verify_blob
 
 MIB: Final = 1 << 20
 PY_EDITS: Final = 10
@@ -79,13 +82,6 @@ say = progress("bench_cache")
 
 
 # -- measuring -----------------------------------------------------------------------------
-def busy_seconds() -> float:
-    """CPU time the whole machine has spent busy (all cores, every process and kernel thread)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def own_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -145,7 +141,16 @@ class Row:
     note: str = ""
 
     def med(self, xs: list[float]) -> float | None:
-        return statistics.median(xs) if xs else None
+        return median(xs) if xs else None
+
+    def figure(self) -> Figure:
+        name = f"{self.part}: {self.metric}"
+        unit = "bytes" if self.unit == "MB" else self.unit
+        if not self.b:
+            return Figure(name, unit, tuple(self.a))
+        a, b = median(self.a), median(self.b)
+        ratio = b / a if a > 0 else None
+        return Figure(name, unit, tuple(self.a), "B", tuple(self.b), ratio, "B / A")
 
     def cells(self) -> list[str]:
         a, b = self.med(self.a), self.med(self.b)
@@ -410,7 +415,7 @@ class Bench:
             try:
                 busy0, cpu0, t0 = busy_seconds(), own_cpu(), time.perf_counter()
                 for d, enc, payload in blobs:
-                    cache.publish(cache.stage(d, enc, payload), limit=None)
+                    cache.publish(cache.stage(verify_blob(d, enc, payload)), limit=None)
                 cache.flush()
                 t1 = time.perf_counter()
                 busy1, cpu1 = busy_seconds(), own_cpu()
@@ -493,13 +498,11 @@ class Bench:
 
         def one(side: str, i: int) -> None:
             cache = self.made.cache(self.lz, f"cache-c-mount-{side}-{i}")
-            os.environ[ENCODED_WRITES_ENV] = "1" if side == "encoded" else "0"
-            try:  # the daemon the mount starts inherits the variable
+            # the daemon the mount starts inherits the variable
+            with temp_env(ENCODED_WRITES_ENV, "1" if side == "encoded" else "0"):
                 self.lz.mount(self.ref, mnt, cache, "--no-prefetch")
-            finally:
-                del os.environ[ENCODED_WRITES_ENV]
             drop_caches()
-            secs = time_import(mnt)
+            secs = time_python(mnt)
             self.lz.umount(mnt)
             self.lz.fetcher_stop(cache)
             got[side].setdefault("import", []).append(secs)
@@ -520,8 +523,8 @@ class Bench:
         )
         self.notes.append(
             f"(c) cold import: blobs fetched, compressed on disk: encoded "
-            f"{statistics.median(e['disk']) / 1e6:.1f} MB, plain "
-            f"{statistics.median(p['disk']) / 1e6:.1f} MB (tells the daemon wrote them as asked)"
+            f"{median(e['disk']) / 1e6:.1f} MB, plain "
+            f"{median(p['disk']) / 1e6:.1f} MB (tells the daemon wrote them as asked)"
         )
 
 
@@ -551,53 +554,40 @@ def make_version_two(sample: Path, out: Path) -> str:
 
 
 # -- report --------------------------------------------------------------------------------
-def machine_facts(tmp: Path, load: tuple[float, float, float]) -> list[str]:
-    import platform
-
-    from lazycaf import __version__
-
-    return [
-        f"nproc: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), {cpu_model()}, "
-        f"RAM {meminfo_gib():.1f} GiB",
-        f"kernel: {platform.release()}; python {platform.python_version()}; lazycaf {__version__}",
-        f"local disk (sample, CAS dir, squashfs images): {fs_of(tmp)}",
-        "caches and materialized trees: a Btrfs loop image (4G, compress=zstd) on that disk",
-        f"load average (1 min) at start / end: {load[0]:.2f} / {os.getloadavg()[0]:.2f} "
-        "(a shared machine: other processes add noise)",
+def report_lines(facts: list[str], b: Bench) -> list[str]:
+    out = [f"- {fact}" for fact in facts]
+    out.append(f"- timings: medians of {b.runs} runs, sides interleaved; ratio = B / A")
+    out += [
+        "",
+        "| part | metric | A: reflink / lazycaf cache / encoded | B: copy / squashfs / plain "
+        "| B / A | note |",
+        "|---|---|---:|---:|---:|---|",
     ]
+    out += [md_row(*row.cells()) for row in b.rows]
+    out += ["", *(f"- {note}" for note in b.notes), "", "All samples:", ""]
+    out += [f"- {row.part}, {row.metric}: A {row.a}; B {row.b}" for row in b.rows]
+    return out
 
 
-def print_report(facts: list[str], sample_desc: str, b: Bench) -> None:
-    p = print
-    p("\n## Host cache on Btrfs (scripts/bench_cache.py)\n")
-    for fact in facts:
-        p(f"- {fact}")
-    p(f"- sample: {sample_desc}")
-    p(f"- timings: medians of {b.runs} runs, sides interleaved; ratio = B / A")
-    p(
-        "\n| part | metric | A: reflink / lazycaf cache / encoded | B: copy / squashfs / plain "
-        "| B / A | note |"
+TITLE: Final = "Host cache on Btrfs"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.bench_cache", description=(__doc__ or "").splitlines()[0]
     )
-    p("|---|---|---:|---:|---:|---|")
-    for row in b.rows:
-        p(md_row(*row.cells()))
-    p()
-    for note in b.notes:
-        p(f"- {note}")
-    p("\nAll samples:\n")
-    for row in b.rows:
-        p(f"- {row.part}, {row.metric}: A {row.a}; B {row.b}")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--sample", type=Path, help="use this tree instead of building one")
     ap.add_argument("--runs", type=int, default=3, help="runs per timing (default 3)")
     ap.add_argument("--parts", default="abc", help="which parts to run (default abc)")
     ap.add_argument(
         "--no-mount", action="store_true", help="(c) without the cold import through a mount"
     )
-    ap.add_argument("--json", type=Path, help="also write every figure and sample here")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=default_json("bench_cache"),
+        help="where to write the results (default results/bench_cache/results.json)",
+    )
     ap.add_argument("--tmpdir", type=Path, help="parent of the temp dir (default: system temp)")
     ap.add_argument("--lazycaf", type=Path, default=Path(sys.executable).parent / "lazycaf")
     args = ap.parse_args(argv)
@@ -610,42 +600,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
-    load = os.getloadavg()
-    if args.sample is not None:
-        sample = args.sample.resolve()
-    else:
-        sample = made.tmp / "sample"
-        build_sample(sample)
+def bench(args: argparse.Namespace, record: Record, made: Made, lz: Lazycaf) -> None:
+    sample = sample_tree(args.sample, made.tmp)
     entries, nbytes = count_entries(sample)
     sample_desc = f"{sample.name}: {entries:,} entries, {nbytes / 1e6:.1f} MB"
     say(f"sample: {sample_desc}; packing ...")
     ref = lz.pack(sample)
-    with btrfs_image(made):
-        b = Bench(lz, made, args.runs, sample, ref, mounts=not args.no_mount)
-        if "a" in args.parts:
-            b.materialize()
-        if "b" in args.parts:
-            b.two_versions()
-        if "c" in args.parts:
-            b.encoded_writes()
-    print_report(machine_facts(made.tmp, load), sample_desc, b)
-    if args.json is not None:
-        doc = {
-            "sample": sample_desc,
-            "runs": args.runs,
-            "rows": [r.to_json() for r in b.rows],
-            "notes": b.notes,
-        }
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    btrfs_image(made)
+    b = Bench(lz, made, args.runs, sample, ref, mounts=not args.no_mount)
+    if "a" in args.parts:
+        b.materialize()
+    if "b" in args.parts:
+        b.two_versions()
+    if "c" in args.parts:
+        b.encoded_writes()
+    record.facts = [
+        f"local disk (sample, CAS dir, squashfs images): {fs_of(made.tmp)}",
+        "caches and materialized trees: a Btrfs loop image (4G, compress=zstd) on that disk",
+        f"sample: {sample_desc}",
+    ]
+    record.report = report_lines(record.facts, b)
+    record.figures = [row.figure() for row in b.rows]
+    record.data = {"rows": [r.to_json() for r in b.rows], "notes": b.notes}
+    record.finish(args.json)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("bench_cache: error: needs root (loop mounts, drop_caches)", file=sys.stderr)
         return 2
-    exe = args.lazycaf if args.lazycaf.is_file() else shutil.which("lazycaf")
+    exe = find_lazycaf(args.lazycaf)
     if exe is None:
         print(f"bench_cache: error: lazycaf not found at {args.lazycaf}", file=sys.stderr)
         return 2
@@ -653,15 +639,20 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench_cache: error: {tool} is not installed", file=sys.stderr)
             return 2
+    record = Record.begin("bench_cache", TITLE, argv, args)
     made = Made(Path(tempfile.mkdtemp(prefix="bench_cache-", dir=args.tmpdir)))
-    lz = Lazycaf(Path(exe), made.tmp / "cas")
+    cas = made.tmp / "cas"
+    lz = Lazycaf(exe, cas, clean_env=False, mount_args=("--cas", str(cas)), wait_after_umount=True)
 
     def clean() -> list[str]:
         say(f"cleaning up {made.tmp} ...")
         return cleanup(made, lz)
 
+    def body() -> None:
+        bench(args, record, made, lz)
+
     errors = (BenchError, subprocess.CalledProcessError, OSError)
-    return guarded_run("bench_cache", lambda: bench(args, made, lz), clean, errors=errors)
+    return guarded_run("bench_cache", body, clean, errors=errors)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark ``lazycaf mount`` against the same tree on local disk, side by side.
 
 Prints figures and asserts nothing: speed targets are read off the printed table, never checked
@@ -25,45 +24,47 @@ daemons, the loop image, temp dirs -- is removed in a ``finally`` (also on Ctrl-
 SIGTERM), and the script warns about any FUSE mount, loop device or process of its own that
 is left.
 
-Usage: python scripts/bench_mount.py [--sample DIR] [--runs N] [--tmpdir DIR]
+Usage: python -m scripts.bench_mount [--sample DIR] [--runs N] [--tmpdir DIR] [--json PATH]
+
+Writes ``results/bench_mount/results.json`` (``--json PATH``: there instead).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import platform
 import re
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import benchlib
-from benchlib import (
+from scripts.harness import (
     BenchError,
-    cpu_model,
+    Figure,
+    Lazycaf,
+    Made,
+    Record,
+    btrfs_image,
+    cleanup,
+    count_entries,
+    default_json,
     drop_caches,
+    find_lazycaf,
     fs_of,
     guarded_run,
-    is_mounted,
     md_row,
-    meminfo_gib,
-    mount_table,
+    median,
     progress,
-    run,
+    sample_tree,
+    time_python,
+    timed,
 )
 
-REPO: Final = Path(__file__).resolve().parent.parent
 MIB: Final = 1 << 20
 BIG_FILE_MIB: Final = 1024
 SMALL_DIRS: Final = 1000
@@ -74,196 +75,14 @@ IMPORT_WARM_TARGET: Final = 1.2
 IMPORT_COLD_TARGET: Final = 1.4
 READ_TARGET_GBPS: Final = 2.0
 CMD_TIMEOUT_S: Final = 600.0
-EXIT_WAIT_S: Final = 15.0
-IMPORT_CMD: Final = ("-c", "import numpy")
 STAT_KEYS: Final = ("fetches", "bytes_fetched", "misses", "hits", "wait_seconds")
-_DIGEST_RE: Final = re.compile(r"[0-9a-f]{64}")
+TITLE: Final = "lazycaf mount vs local disk"
 
 
 say = progress("bench_mount")
 
 
-# -- processes -----------------------------------------------------------------------------
-def timed(
-    cmd: Sequence[str], *, what: str, env: dict[str, str] | None = None, cwd: str | None = None
-) -> float:
-    t0 = time.perf_counter()
-    run(cmd, what=what, env=env, cwd=cwd)
-    return time.perf_counter() - t0
-
-
-def pids_mentioning(marker: str) -> list[int]:
-    """Live processes whose command line contains ``marker`` (our unique temp dir)."""
-    me = os.getpid()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        with contextlib.suppress(OSError):
-            if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace"
-            ):
-                found.append(int(entry.name))
-    return found
-
-
-def wait_for_exit(marker: str, timeout: float = EXIT_WAIT_S) -> list[int]:
-    """Wait until no process mentions ``marker``; the pids still alive at the deadline."""
-    deadline = time.monotonic() + timeout
-    while (left := pids_mentioning(marker)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
-
-
-# -- lazycaf -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Lazycaf:
-    """The CLI, run as a subprocess (so figures include interpreter start-up)."""
-
-    exe: Path
-    cas: Path
-
-    def env(self, cache: Path | None) -> dict[str, str]:
-        env = dict(os.environ)
-        if cache is not None:
-            env["LAZYCAF_CACHE"] = str(cache)
-        return env
-
-    def pack(self, tree: Path) -> str:
-        out = run([str(self.exe), "pack", str(tree), "--cas", str(self.cas)], what="pack")
-        digest = out.strip().splitlines()[-1] if out.strip() else ""
-        if not _DIGEST_RE.fullmatch(digest):
-            raise BenchError(f"pack {tree}: expected a manifest digest, got {out!r:.200}")
-        return digest
-
-    def mount(self, ref: str, mnt: Path, cache: Path, *extra: str) -> float:
-        cmd = [str(self.exe), "mount", ref, str(mnt), "--cas", str(self.cas), *extra]
-        secs = timed(cmd, what=f"mount {ref[:12]} at {mnt}", env=self.env(cache))
-        if not is_mounted(mnt):
-            raise BenchError(f"lazycaf mount returned but {mnt} is not a mount point")
-        return secs
-
-    def umount(self, mnt: Path) -> None:
-        run([str(self.exe), "umount", str(mnt)], what=f"umount {mnt}")
-        # The mount process exits after the kernel lets go; wait, so it costs no CPU later.
-        left = wait_for_exit(f" {mnt} ")
-        if left:
-            say(f"mount process(es) {left} for {mnt} still running after umount")
-
-    def fetcher_stop(self, cache: Path) -> None:
-        run([str(self.exe), "fetcher", "stop"], what=f"fetcher stop ({cache})", env=self.env(cache))
-
-    def stats(self, cache: Path) -> dict[str, float]:
-        out = run([str(self.exe), "stats", "--json"], what="stats --json", env=self.env(cache))
-        raw = json.loads(out)
-        return {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
-
-    def cache_init(self, cache: Path) -> None:
-        out = run([str(self.exe), "cache", "init", str(cache)], what="cache init")
-        if "compression on" not in out:
-            raise BenchError(f"cache init {cache} did not turn compression on: {out.strip()}")
-
-
-# -- bookkeeping for cleanup ---------------------------------------------------------------
-class Made(benchlib.Made):
-    """Everything this run created, undone in reverse by ``cleanup``."""
-
-    def cache(self, lz: Lazycaf, name: str) -> Path:
-        assert self.btrfs_mnt is not None
-        cache = self.btrfs_mnt / name
-        self.caches.append(cache)
-        lz.cache_init(cache)
-        return cache
-
-
-def cleanup(made: Made, lz: Lazycaf | None) -> list[str]:
-    """Undo everything in ``made``; returns warnings about what could not be undone."""
-    warnings: list[str] = []
-    t0 = time.perf_counter()
-    for mnt in made.mounts:
-        if not is_mounted(mnt):
-            continue
-        try:
-            if lz is None:
-                raise BenchError("no lazycaf")
-            run([str(lz.exe), "umount", str(mnt)], what=f"umount {mnt}", timeout=60)
-        except BenchError as exc:
-            say(f"lazycaf umount {mnt} failed ({exc}); fusermount3 -u -z")
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-    for cache in made.caches:
-        if lz is not None and (cache / "fetcher.lock").exists():
-            try:
-                lz.fetcher_stop(cache)
-            except BenchError as exc:
-                warnings.append(f"fetcher stop for {cache} failed: {exc}")
-    say(f"cleanup: mounts and daemons stopped ({time.perf_counter() - t0:.1f} s)")
-    marker = str(made.tmp)
-    left = wait_for_exit(marker)
-    for pid in left:  # started (indirectly) by this run: its temp dir is in their command line
-        warnings.append(f"process {pid} still mentions {marker} after cleanup; SIGTERM")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    if left and wait_for_exit(marker, 5.0):
-        warnings.append(f"processes {pids_mentioning(marker)} survived SIGTERM")
-    if made.btrfs_mnt is not None and is_mounted(made.btrfs_mnt):
-        res = subprocess.run(["umount", str(made.btrfs_mnt)], capture_output=True, text=True)
-        if res.returncode != 0:
-            warnings.append(f"umount {made.btrfs_mnt}: {res.stderr.strip()}")
-    if made.image is not None:
-        loops = run(["losetup", "-j", str(made.image)], what="losetup -j").strip()
-        for line in loops.splitlines():
-            dev = line.split(":", 1)[0]
-            subprocess.run(["losetup", "-d", dev], check=False)
-    say(f"cleanup: Btrfs image unmounted ({time.perf_counter() - t0:.1f} s)")
-    still = [t for _, t, _ in mount_table() if t == marker or t.startswith(marker + "/")]
-    if still:
-        warnings.append(f"mounts left under {marker}: {still}; NOT removing it")
-    else:
-        shutil.rmtree(made.tmp, ignore_errors=True)
-        say(f"cleanup: {marker} removed ({time.perf_counter() - t0:.1f} s)")
-        if made.tmp.exists():
-            warnings.append(f"could not remove all of {made.tmp}")
-    return warnings + final_check(made)
-
-
-def final_check(made: Made) -> list[str]:
-    warnings = []
-    fuse = [t for src, t, fs in mount_table() if "fuse" in fs or "fuse" in src]
-    ours = [t for t in fuse if t.startswith(str(made.tmp))]
-    if ours:
-        warnings.append(f"FUSE mounts of this run left: {ours}")
-    if made.image is not None:
-        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-        left = [ln for ln in loops.splitlines() if str(made.image) in ln]
-        if left:
-            warnings.append(f"loop devices of this run left: {left}")
-    procs = pids_mentioning(str(made.tmp))
-    if procs:
-        warnings.append(f"processes of this run left: {procs}")
-    return warnings
-
-
 # -- trees ---------------------------------------------------------------------------------
-def count_entries(root: Path) -> tuple[int, int]:
-    """(entries, bytes of regular files) below ``root``."""
-    n = nbytes = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        n += len(dirnames) + len(filenames)
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                nbytes += os.lstat(p).st_size
-    return n, nbytes
-
-
-def build_sample(out: Path) -> None:
-    cmd = [sys.executable, str(REPO / "scripts" / "build_sample.py"), str(out), "--force"]
-    say(f"building the sample in {out} ...")
-    t0 = time.perf_counter()
-    last = run(cmd, what="build_sample.py").strip().splitlines()[-1:]
-    say(f"sample built in {time.perf_counter() - t0:.1f} s: {' '.join(last)[:200]}")
-
-
 def make_small_tree(root: Path) -> None:
     """1000 dirs x 100 files of a few bytes; 100 distinct contents keep the pack quick."""
     for d in range(SMALL_DIRS):
@@ -317,16 +136,6 @@ def cached_chunks(big: Path, cache: Path) -> list[Path]:
     return paths
 
 
-def python_env() -> dict[str, str]:
-    """A clean environment: nothing of this venv leaks into the sample's interpreter."""
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-
-
-def time_import(tree: Path) -> float:
-    cmd = [str(tree / "bin" / "python3"), *IMPORT_CMD]
-    return timed(cmd, what=f"import numpy from {tree}", env=python_env(), cwd="/")
-
-
 # -- results -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
@@ -340,8 +149,8 @@ class Row:
     verdict: str = ""
 
     def cells(self) -> list[str]:
-        ours = statistics.median(self.ours)
-        local = statistics.median(self.local) if self.local else None
+        ours = median(self.ours)
+        local = median(self.local) if self.local else None
         ratio = "-" if local is None or local == 0 else f"{ours / local:.2f}x"
         target = f"{self.target} ({self.verdict})" if self.verdict else self.target
         return [self.metric, _fmt(ours, self.rate), _fmt(local, self.rate), ratio, target]
@@ -352,6 +161,13 @@ class Row:
 
         text = f"{self.metric}: lazycaf [{one(self.ours)}]"
         return text + (f"; local [{one(self.local)}]" if self.local else "")
+
+    def figure(self) -> Figure:
+        unit = "GB/s" if self.rate else "s"
+        if not self.local:
+            return Figure(self.metric, unit, self.ours)
+        ratio = median(self.ours) / median(self.local)
+        return Figure(self.metric, unit, self.ours, "local disk", self.local, ratio, "this / local")
 
 
 def _fmt(x: float | None, rate: bool) -> str:
@@ -404,7 +220,7 @@ class Bench:
             if not os.listdir(mnt):
                 raise BenchError(f"{mnt} is mounted but empty")
             self.lz.umount(mnt)
-        med = statistics.median(samples)
+        med = median(samples)
         self.report.add(
             Row(
                 f"mount ready, {name} ({entries:,} entries, manifest cached)",
@@ -430,28 +246,28 @@ class Bench:
             self.lz.mount(ref, mnt, cache, "--no-prefetch")  # starts a daemon on the empty cache
             before = self.lz.stats(cache)
             drop_caches()
-            cold.append(time_import(mnt))
+            cold.append(time_python(mnt))
             after = self.lz.stats(cache)
-            warm += [time_import(mnt) for _ in range(self.runs)]
+            warm += [time_python(mnt) for _ in range(self.runs)]
             after_warm = self.lz.stats(cache)
             self._note_cold(i, cold[-1], before, after, after_warm)
             self.lz.umount(mnt)
             self.lz.mount(ref, mnt, cache, "--no-prefetch")
             drop_caches()
-            cached_cold.append(time_import(mnt))
+            cached_cold.append(time_python(mnt))
             self.lz.umount(mnt)
             self.lz.mount(ref, mnt, cache, "--no-prefetch", "--open-roundtrips")
-            time_import(mnt)
-            warm_rt += [time_import(mnt) for _ in range(self.runs)]
+            time_python(mnt)
+            warm_rt += [time_python(mnt) for _ in range(self.runs)]
             self.lz.umount(mnt)
             self.lz.fetcher_stop(cache)
             shutil.rmtree(cache)
             drop_caches()
-            local_cold.append(time_import(sample))
-            local_warm += [time_import(sample) for _ in range(self.runs)]
+            local_cold.append(time_python(sample))
+            local_warm += [time_python(sample) for _ in range(self.runs)]
             say(f"import run {i}: cold {cold[-1]:.3f} s (local {local_cold[-1]:.3f} s)")
-        cached_ratio = statistics.median(cached_cold) / statistics.median(local_cold)
-        warm_ratio = statistics.median(warm) / statistics.median(local_warm)
+        cached_ratio = median(cached_cold) / median(local_cold)
+        warm_ratio = median(warm) / median(local_warm)
         self.report.add(
             Row(
                 "`import numpy`, cold, empty cache (on-demand fetches from the local CAS)",
@@ -549,7 +365,7 @@ class Bench:
                 _gbps(local_cold),
                 f">= {READ_TARGET_GBPS} GB/s",
                 rate=True,
-                verdict=_verdict(statistics.median(gb_first) >= READ_TARGET_GBPS),
+                verdict=_verdict(median(gb_first) >= READ_TARGET_GBPS),
             )
         )
         self.report.add(Row("1 GiB read, warm re-read", _gbps(again), _gbps(local_warm), rate=True))
@@ -564,50 +380,35 @@ class Bench:
 
 
 # -- report --------------------------------------------------------------------------------
-def machine_facts(tmp: Path, load: tuple[float, float, float]) -> list[str]:
-    from lazycaf import __version__
-
-    return [
-        f"nproc: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), {cpu_model()}, "
-        f"RAM {meminfo_gib():.1f} GiB",
-        f"kernel: {platform.release()}",
-        f"python: {platform.python_version()} ({sys.executable}); lazycaf {__version__}",
-        f"local disk (sample, CAS dir, 1 GiB file): {fs_of(tmp)}",
-        f"host caches: Btrfs loop image ({IMAGE_SIZE}, compress=zstd) on that disk",
-        f"load average (1 min) at start / end: {load[0]:.2f} / {os.getloadavg()[0]:.2f} "
-        "(other processes on the host add noise)",
-    ]
-
-
-def print_report(facts: list[str], sample_desc: str, runs: int, report: Report) -> None:
-    p = print
-    p("\n## lazycaf mount vs local disk (scripts/bench_mount.py)\n")
-    for fact in facts:
-        p(f"- {fact}")
-    p(f"- sample: {sample_desc}")
-    p(
+def report_lines(facts: list[str], runs: int, report: Report) -> list[str]:
+    out = [f"- {fact}" for fact in facts]
+    out.append(
         f"- {runs} runs per measurement (warm import: {runs} per cold mount); medians; "
         "ratio = lazycaf / local (times for import, GB/s for reads)"
     )
-    p("\n| metric | lazycaf (median) | local (median) | ratio | target |")
-    p("|---|---:|---:|---:|---|")
-    for row in report.rows:
-        p(md_row(*row.cells()))
-    p()
-    for note in report.notes:
-        p(f"- {note}")
-    p("\nAll samples:\n")
-    for row in report.rows:
-        p(f"- {row.spread()}")
+    out += ["", "| metric | lazycaf (median) | local (median) | ratio | target |"]
+    out.append("|---|---:|---:|---:|---|")
+    out += [md_row(*row.cells()) for row in report.rows]
+    out += ["", *(f"- {note}" for note in report.notes), "", "All samples:", ""]
+    out += [f"- {row.spread()}" for row in report.rows]
+    return out
 
 
 # -- main ----------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.bench_mount", description=(__doc__ or "").splitlines()[0]
+    )
     ap.add_argument("--sample", type=Path, help="use this tree instead of building one")
     ap.add_argument("--runs", type=int, default=5, help="runs per measurement (default 5)")
     ap.add_argument("--tmpdir", type=Path, help="parent of the temp dir (default: system temp)")
     ap.add_argument("--lazycaf", type=Path, default=Path(sys.executable).parent / "lazycaf")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=default_json("bench_mount"),
+        help="where to write the results (default results/bench_mount/results.json)",
+    )
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
@@ -616,29 +417,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def btrfs_image(made: Made) -> Iterator[Path]:
-    made.image = made.tmp / "cache.img"
-    run(["truncate", "-s", IMAGE_SIZE, str(made.image)], what="truncate")
-    run(["mkfs.btrfs", "-q", str(made.image)], what="mkfs.btrfs")
-    mnt = made.tmp / "btrfs"
-    mnt.mkdir()
-    run(["mount", "-o", "loop,compress=zstd", str(made.image), str(mnt)], what="mount loop")
-    made.btrfs_mnt = mnt
-    yield mnt
-
-
-def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
-    load = os.getloadavg()
+def bench(args: argparse.Namespace, record: Record, made: Made, lz: Lazycaf) -> None:
     report = Report()
     tmp = made.tmp
-    if args.sample is not None:
-        sample = args.sample.resolve()
-        origin = "given with --sample"
-    else:
-        sample = tmp / "sample"
-        build_sample(sample)
-        origin = "built by build_sample.py (numpy)"
+    sample = sample_tree(args.sample, tmp)
+    origin = "given with --sample" if args.sample is not None else "built by build_sample.py"
     entries, nbytes = count_entries(sample)
     sample_desc = f"{sample} ({origin}): {entries:,} entries, {nbytes / 1e6:.1f} MB"
     say(f"sample: {sample_desc}")
@@ -655,36 +438,48 @@ def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
     refs["big"] = lz.pack(big_file.parent)
     say(f"packed 3 trees in {time.perf_counter() - t0:.1f} s")
     small_entries = SMALL_DIRS * (SMALL_FILES_PER_DIR + 1)
-    with btrfs_image(made):
-        host = made.cache(lz, "cache-host")
-        b = Bench(lz, made, args.runs, report)
-        b.startup_floor()
-        b.mount_ready("sample", refs["sample"], host, entries)
-        b.mount_ready("100k files", refs["small"], host, small_entries)
-        b.imports(refs["sample"], sample)
-        b.big_read(refs["big"], big_file, host)
-        lz.fetcher_stop(host)
-    print_report(machine_facts(tmp, load), sample_desc, args.runs, report)
+    btrfs_image(made, IMAGE_SIZE)
+    host = made.cache(lz, "cache-host")
+    b = Bench(lz, made, args.runs, report)
+    b.startup_floor()
+    b.mount_ready("sample", refs["sample"], host, entries)
+    b.mount_ready("100k files", refs["small"], host, small_entries)
+    b.imports(refs["sample"], sample)
+    b.big_read(refs["big"], big_file, host)
+    lz.fetcher_stop(host)
+    record.facts = [
+        f"local disk (sample, CAS dir, 1 GiB file): {fs_of(tmp)}",
+        f"host caches: Btrfs loop image ({IMAGE_SIZE}, compress=zstd) on that disk",
+        f"sample: {sample_desc}",
+    ]
+    record.report = report_lines(record.facts, args.runs, report)
+    record.figures = [row.figure() for row in report.rows]
+    record.finish(args.json)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("bench_mount: error: needs root (drop_caches, loop mounts)", file=sys.stderr)
         return 2
-    exe = args.lazycaf if args.lazycaf.is_file() else shutil.which("lazycaf")
+    exe = find_lazycaf(args.lazycaf)
     if exe is None:
         print(f"bench_mount: error: lazycaf not found at {args.lazycaf}", file=sys.stderr)
         return 2
+    record = Record.begin("bench_mount", TITLE, argv, args)
     made = Made(Path(tempfile.mkdtemp(prefix="bench_mount-", dir=args.tmpdir)))
-    lz = Lazycaf(Path(exe), made.tmp / "cas")
+    cas = made.tmp / "cas"
+    lz = Lazycaf(exe, cas, clean_env=False, mount_args=("--cas", str(cas)), wait_after_umount=True)
 
     def clean() -> list[str]:
         say(f"cleaning up {made.tmp} ...")
         return cleanup(made, lz)
 
-    errors = (BenchError,)
-    return guarded_run("bench_mount", lambda: bench(args, made, lz), clean, errors=errors)
+    def body() -> None:
+        bench(args, record, made, lz)
+
+    return guarded_run("bench_mount", body, clean)
 
 
 if __name__ == "__main__":

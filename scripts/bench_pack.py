@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark ``lazycaf pack`` against ``mksquashfs`` (the XAR-like full rebuild), side by side.
 
 Prints figures and asserts nothing: speed targets are read off the printed table, never checked
@@ -20,7 +19,9 @@ Commands run as subprocesses, so pack times include interpreter start-up and imp
 read); no cache is dropped. Every temp dir and subprocess made here is removed or stopped on
 exit, also on errors, Ctrl-C and SIGTERM.
 
-Usage: python scripts/bench_pack.py [--sample DIR] [--runs N] [--packages numpy ...]
+Usage: python -m scripts.bench_pack [--sample DIR] [--runs N] [--packages numpy ...] [--json PATH]
+
+Writes ``results/bench_pack/results.json`` (``--json PATH``: there instead).
 """
 
 from __future__ import annotations
@@ -28,33 +29,42 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import random
 import re
 import selectors
 import shutil
 import signal
 import stat
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-import benchlib
-from benchlib import BenchError, cpu_model, guarded_run, md_row, meminfo_gib, progress
-
-from lazycaf import __version__ as LAZYCAF_VERSION
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.manifest import DIR, FILE, Entry, Manifest
+from scripts import harness
+from scripts.harness import (
+    BenchError,
+    Figure,
+    Made,
+    Record,
+    build_sample,
+    cleanup,
+    default_json,
+    find_lazycaf,
+    fs_of,
+    guarded_run,
+    md_row,
+    median,
+    progress,
+)
 
-REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_PACKAGES: Final = ("numpy", "pandas", "scipy")
 EDITED_FILES: Final = 10
 INCREMENTAL_TARGET: Final = 20.0
@@ -94,7 +104,16 @@ class Row:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.samples)
+        return median(self.samples)
+
+    def figure(self) -> Figure:
+        if self.baseline is None:
+            return Figure(self.name, "s", self.samples)
+        ratio = self.baseline / self.median if self.median > 0 else None
+        base = "mksquashfs (edited tree)" if "incremental" in self.name else "mksquashfs, full"
+        return Figure(
+            self.name, "s", self.samples, base, (self.baseline,), ratio, "mksquashfs / this"
+        )
 
     def cells(self) -> list[str]:
         med = self.median
@@ -132,7 +151,7 @@ class Report:
 # -- processes -----------------------------------------------------------------------------
 def run(cmd: list[str], *, what: str) -> str:
     """Run ``cmd`` to completion, however long it takes (mksquashfs of a big tree)."""
-    return benchlib.run(cmd, what=what, timeout=None)
+    return harness.run(cmd, what=what, timeout=None)
 
 
 def timed(cmd: list[str], *, what: str) -> tuple[float, str]:
@@ -244,23 +263,20 @@ def walk_tree(root: Path) -> Tree:
     return Tree(root, files, nbytes, dirs, symlinks)
 
 
-def build_sample(out: Path, packages: list[str], notes: list[str]) -> list[str]:
-    """Build the sample with build_sample.py; fall back to numpy alone if that build fails."""
+def build_with_fallback(out: Path, packages: list[str], notes: list[str]) -> list[str]:
+    """Build the sample with ``packages``; fall back to numpy alone if that build fails.
+    The packages built."""
     for attempt in (packages, ["numpy"]):
-        cmd = [sys.executable, str(REPO / "scripts" / "build_sample.py"), str(out)]
-        cmd += ["--force", "--packages", *attempt]
         say(f"building the sample ({' '.join(attempt)}) in {out} ...")
-        t0 = time.perf_counter()
-        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if res.returncode == 0:
-            last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-            say(last or f"built in {time.perf_counter() - t0:.1f} s")
+        try:
+            say(build_sample(out, attempt) or "built")
             return attempt
-        tail = res.stdout.strip().splitlines()[-1:] or ["(no output)"]
-        say(f"build with {' '.join(attempt)} failed: {tail[0]}")
-        if attempt == ["numpy"]:
-            break
-        notes.append(f"the {'+'.join(packages)} build failed ({tail[0]}); FELL BACK to numpy only")
+        except BenchError as exc:
+            last = (str(exc).strip().splitlines() or ["(no output)"])[-1]
+            say(f"build with {' '.join(attempt)} failed: {last}")
+            if attempt == ["numpy"]:
+                break
+            notes.append(f"the {'+'.join(packages)} build failed ({last}); FELL BACK to numpy only")
     raise BenchError("build_sample.py failed, also with numpy alone")
 
 
@@ -464,76 +480,58 @@ def bench_manifest(report: Report) -> Row:
 
 
 # -- report --------------------------------------------------------------------------------
-def machine_facts(tools: Tools, tmp: Path, load: tuple[float, float, float]) -> list[str]:
-    squash_version = run([tools.mksquashfs, "-version"], what="mksquashfs -version")
-    return [
-        f"nproc: {len(os.sched_getaffinity(0))} ({cpu_model()}), "
-        f"RAM {meminfo_gib():.1f} GiB, kernel {platform.release()}",
-        f"python: {platform.python_version()} ({sys.executable}); lazycaf {LAZYCAF_VERSION}",
-        f"mksquashfs: {squash_version.strip().splitlines()[0]}",
-        f"temp dir (sample copy, CAS dirs, images): {tmp} on {_fs_type(tmp)}",
-        f"load average (1 min) at start / end: {load[0]:.2f} / {os.getloadavg()[0]:.2f} "
-        "(other processes on the host add noise)",
-    ]
+TITLE: Final = "lazycaf pack vs mksquashfs"
 
 
-def _fs_type(path: Path) -> str:
-    best, kind = "", "?"
-    real = os.path.realpath(path)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            mnt = parts[1]
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, kind = mnt, f"{parts[2]} ({parts[0]} at {mnt})"
-    return kind
-
-
-def print_report(
+def report_lines(
     facts: list[str], sample: Tree, origin: str, runs: int, report: Report, incr: list[Row]
-) -> None:
-    p = print
-    p("\n## lazycaf pack vs mksquashfs (scripts/bench_pack.py)\n")
-    for fact in facts:
-        p(f"- {fact}")
-    p(
+) -> list[str]:
+    out = [f"- {fact}" for fact in facts]
+    out.append(
         f"- sample: {sample.path} ({origin}): {sample.files:,} files, {sample.nbytes:,} bytes "
         f"({sample.nbytes / 2**20:.1f} MiB), {sample.dirs:,} dirs, {sample.symlinks} symlinks"
     )
-    p(
+    out.append(
         f"- {runs} runs per measurement (manifest rows: {MANIFEST_RUNS}); warm page cache "
         "(no cache dropped: the tree was just built or read). Pack times include interpreter "
         "start-up; the local CAS fsyncs every blob it writes; mksquashfs output went to a pipe."
     )
-    p("\n| measurement | median | min | max | throughput (median) | mksquashfs / this |")
-    p("|---|---:|---:|---:|---:|---:|")
-    for row in report.rows:
-        p(md_row(*row.cells()))
-    p()
+    out += ["", "| measurement | median | min | max | throughput (median) | mksquashfs / this |"]
+    out.append("|---|---:|---:|---:|---:|---:|")
+    out += [md_row(*row.cells()) for row in report.rows]
+    out.append("")
     for row in incr:
         assert row.baseline is not None
         ratio = row.baseline / row.median
         verdict = "meets" if ratio >= INCREMENTAL_TARGET else "MISSES"
-        p(
+        out.append(
             f"- {row.name}: mksquashfs of the edited tree / incremental pack = {ratio:.1f}x "
             f"({verdict} the >= {INCREMENTAL_TARGET:.0f}x target)"
         )
-    p(
+    out.append(
         "- 'mksquashfs / this' compares incremental rows with mksquashfs of the edited tree, "
         "the other pack rows with the full mksquashfs of the sample (> 1 means pack is faster)"
     )
-    for note in report.notes:
-        p(f"- {note}")
+    out += [f"- {note}" for note in report.notes]
+    return out
 
 
 # -- main ----------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.bench_pack", description=(__doc__ or "").splitlines()[0]
+    )
     ap.add_argument("--sample", type=Path, help="pack this tree instead of building one")
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument("--packages", nargs="+", default=list(DEFAULT_PACKAGES), metavar="PKG")
     ap.add_argument("--tmpdir", type=Path, help="parent of the temp dir (default: system temp)")
     ap.add_argument("--lazycaf", type=Path, default=Path(sys.executable).parent / "lazycaf")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=default_json("bench_pack"),
+        help="where to write the results (default results/bench_pack/results.json)",
+    )
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
@@ -543,55 +541,66 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def find_tools(args: argparse.Namespace) -> Tools:
-    lazycaf = args.lazycaf if args.lazycaf.is_file() else shutil.which("lazycaf")
+    lazycaf = find_lazycaf(args.lazycaf)
     squash = shutil.which("mksquashfs")
     if lazycaf is None:
         raise BenchError(f"lazycaf not found at {args.lazycaf} nor on PATH")
     if squash is None:
         raise BenchError("mksquashfs not found (apt-get install squashfs-tools)")
-    return Tools(Path(lazycaf), squash)
+    return Tools(lazycaf, squash)
 
 
-def bench(args: argparse.Namespace) -> None:
+def bench(args: argparse.Namespace, record: Record, tmp: Path) -> None:
     tools = find_tools(args)
-    load = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="bench_pack-", dir=args.tmpdir) as tmp_name:
-        tmp = Path(tmp_name)
-        report = Report()
-        if args.sample is not None:
-            root, origin = args.sample.resolve(), "given with --sample"
-        else:
-            root = tmp / "sample"
-            origin = "built: " + "+".join(build_sample(root, args.packages, report.notes))
-        sample = walk_tree(root)
-        say(f"sample: {sample.files} files, {sample.nbytes / 1e6:.1f} MB")
-        b = Bench(tools, tmp, args.runs, sample, report)
-        b.startup()
-        cas = b.local_packs()
-        full = b.squash_full()
-        copy = tmp / "edited"
-        run(["cp", "-a", str(root), str(copy)], what="cp -a of the sample")
-        edited = pick_py_files(copy, EDITED_FILES)
-        incr, squash_incr = b.incremental(copy, edited, cas)
-        http_incr = b.http_packs(copy, edited, squash_incr.median)
-        bench_manifest(report)
-        if len(b.digests) != 1:
-            report.notes.append(f"ODD: unedited packs gave {len(b.digests)} manifest digests")
-        else:
-            report.notes.append(
-                f"every unedited pack (local and HTTP) gave manifest {next(iter(b.digests))}"
-            )
-        report.rows = set_baselines(report.rows, full.median)
-        print_report(
-            machine_facts(tools, tmp, load), sample, origin, args.runs, report, [incr, http_incr]
+    report = Report()
+    if args.sample is not None:
+        root, origin = args.sample.resolve(), "given with --sample"
+    else:
+        root = tmp / "sample"
+        origin = "built: " + "+".join(build_with_fallback(root, args.packages, report.notes))
+    sample = walk_tree(root)
+    say(f"sample: {sample.files} files, {sample.nbytes / 1e6:.1f} MB")
+    b = Bench(tools, tmp, args.runs, sample, report)
+    b.startup()
+    cas = b.local_packs()
+    full = b.squash_full()
+    copy = tmp / "edited"
+    run(["cp", "-a", str(root), str(copy)], what="cp -a of the sample")
+    edited = pick_py_files(copy, EDITED_FILES)
+    incr, squash_incr = b.incremental(copy, edited, cas)
+    http_incr = b.http_packs(copy, edited, squash_incr.median)
+    bench_manifest(report)
+    if len(b.digests) != 1:
+        report.notes.append(f"ODD: unedited packs gave {len(b.digests)} manifest digests")
+    else:
+        report.notes.append(
+            f"every unedited pack (local and HTTP) gave manifest {next(iter(b.digests))}"
         )
-        say(f"removing {tmp}")
+    report.rows = set_baselines(report.rows, full.median)
+    squash_version = run([tools.mksquashfs, "-version"], what="mksquashfs -version")
+    record.facts = [
+        f"mksquashfs: {squash_version.strip().splitlines()[0]}",
+        f"temp dir (sample copy, CAS dirs, images): {tmp} on {fs_of(tmp)}",
+    ]
+    record.report = report_lines(record.facts, sample, origin, args.runs, report, [incr, http_incr])
+    record.figures = [row.figure() for row in report.rows]
+    record.finish(args.json)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    # bench() removes its own temp dirs and servers in ``finally`` blocks: nothing is left
-    return guarded_run("bench_pack", lambda: bench(args), list)
+    record = Record.begin("bench_pack", TITLE, argv, args)
+    made = Made(Path(tempfile.mkdtemp(prefix="bench_pack-", dir=args.tmpdir)))
+
+    def clean() -> list[str]:  # the CAS servers stop when their blocks exit
+        say(f"removing {made.tmp}")
+        return cleanup(made, None)
+
+    def body() -> None:
+        bench(args, record, made.tmp)
+
+    return guarded_run("bench_pack", body, clean)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark many hosts starting one executable at once, with peers on and off, side by side.
 
 Prints figures and asserts nothing. Topology, built with ``scripts/netsim.py``: one network
@@ -33,8 +32,10 @@ Targets (issue 5): CAS egress with peers on <= 1.2x one host's (the executable's
 against ~N x with peers off), and all hosts finished with peers on within 1.5x of a single
 host's cold start.
 
-Usage: python scripts/bench_peers.py [--hosts 8] [--runs 3] [--rate-mbit 1000]
-       [--sample DIR] [--tmpdir DIR] [--json]
+Usage: python -m scripts.bench_peers [--hosts 8] [--runs 3] [--rate-mbit 1000]
+       [--sample DIR] [--tmpdir DIR] [--json PATH]
+Writes ``results/bench_peers/results.json`` (every round in its ``data``; ``--json PATH``:
+there instead).
 Needs root. Removes every mount, daemon, server, namespace and loop device it made.
 """
 
@@ -44,48 +45,46 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from bench_prefetch import (
-    IMPORT_CMD,
-    PROFILE,
-    REF,
+from scripts import netsim
+from scripts.bench_prefetch import IMPORT_CODE, PROFILE, REF
+from scripts.harness import (
+    REPO,
+    BenchError,
+    Figure,
     Lazycaf,
+    Made,
+    Record,
     btrfs_image,
+    busy_seconds,
     cleanup,
+    daemon_ready,
+    default_json,
+    drop_caches,
     du,
+    find_lazycaf,
+    guarded_run,
     http_get,
     http_put,
+    is_mounted,
+    md_row,
+    median,
+    progress,
     python_env,
+    run,
+    sample_tree,
     stop_process,
     tail,
 )
-from benchlib import (
-    BenchError,
-    Made,
-    cpu_model,
-    daemon_ready,
-    drop_caches,
-    guarded_run,
-    is_mounted,
-    md_row,
-    progress,
-    run,
-    sample_tree,
-)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import netsim
-
-REPO: Final = Path(__file__).resolve().parent.parent
 CAS_PORT: Final = 8470
 PEER_PORT: Final = 7000
 HOST_TIMEOUT_S: Final = 300.0
@@ -125,7 +124,9 @@ class Cluster:
         return stats
 
 
-def build_cluster(stack: contextlib.ExitStack, args: argparse.Namespace, made: Made) -> Cluster:
+def build_cluster(
+    stack: contextlib.ExitStack, args: argparse.Namespace, made: Made, lz: Lazycaf
+) -> Cluster:
     stack.enter_context(ip_forwarding())
     links = [
         stack.enter_context(netsim.shaped_link(name, rate_mbit=args.rate_mbit, rtt_ms=0))
@@ -133,7 +134,6 @@ def build_cluster(stack: contextlib.ExitStack, args: argparse.Namespace, made: M
     ]
     for link in links:  # every namespace reaches every other through the root namespace
         link.run(["ip", "route", "add", "10.77.0.0/16", "via", link.host_ip], check=True)
-    lz = Lazycaf(args.lazycaf.absolute(), made.tmp / "cas")
     return Cluster(links[0], links[1:], lz, made)
 
 
@@ -176,7 +176,7 @@ class Hosts:
         for i, link in enumerate(c.hosts[: self.n]):
             cache = c.made.btrfs_mnt / f"cache-{i}-{time.monotonic_ns()}"
             c.made.caches.append(cache)
-            c.lz.cli("cache", "init", str(cache), what="cache init")
+            c.lz.cache_init(cache)
             cmd = [str(c.lz.python), "-m", "lazycaf", "fetcher", "serve", "--cache", str(cache)]
             cmd += ["--cas", c.cas_url]
             if self.peers:
@@ -210,11 +210,7 @@ class Hosts:
             c.made.caches.remove(cache)
 
     def stats(self) -> list[dict[str, float]]:
-        out = []
-        for cache in self.caches:
-            raw = json.loads(self.cluster.lz.cli("stats", "--json", cache=cache, what="stats"))
-            out.append({k: float(v) for k, v in raw.items() if isinstance(v, int | float)})
-        return out
+        return [self.cluster.lz.stats(cache) for cache in self.caches]
 
 
 @dataclass
@@ -230,14 +226,6 @@ class Round:
     from_peers: float = 0.0  # decoded bytes the daemons got from peers
     from_cas: float = 0.0  # ... and from the CAS
     cpu_s: float = 0.0  # CPU time the machine spent during the round
-
-
-def busy_seconds() -> float:
-    """CPU time spent by the whole machine since boot (all states but idle and iowait)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def run_all_at_once(
@@ -280,8 +268,7 @@ def lazy_round(cluster: Cluster, variant: str, n: int, profile_digest: str) -> R
             mnt = cluster.made.mountpoint(f"mnt-{i}")
             script = (
                 f'LAZYCAF_CACHE="{cache}" "{cluster.lz.exe}" mount {REF} "{mnt}" '
-                f'--cas {cluster.cas_url} && "{mnt}/bin/python3" {IMPORT_CMD[0]} '
-                f'"{IMPORT_CMD[1]}"'
+                f'--cas {cluster.cas_url} && "{mnt}/bin/python3" -c "{IMPORT_CODE}"'
             )
             cmds.append((link, ["sh", "-c", script]))
         drop_caches()
@@ -306,7 +293,7 @@ def lazy_round(cluster: Cluster, variant: str, n: int, profile_digest: str) -> R
 
 
 def native_round(sample: Path, variant: str, n: int) -> Round:
-    cmd = [str(sample / "bin" / "python3"), *IMPORT_CMD]
+    cmd = [str(sample / "bin" / "python3"), "-c", IMPORT_CODE]
     drop_caches()
     cpu0 = busy_seconds()
     times = run_all_at_once([(None, cmd)] * n, python_env())
@@ -318,7 +305,12 @@ def record_profile(cluster: Cluster) -> tuple[str, list[str]]:
         drop_caches()
         cmd = ["profile", "record", "--name", PROFILE, REF, "--cas", cluster.cas_url, "--"]
         cluster.lz.cli(
-            *cmd, "{mnt}/bin/python3", *IMPORT_CMD, cache=hosts.caches[0], what="profile record"
+            *cmd,
+            "{mnt}/bin/python3",
+            "-c",
+            IMPORT_CODE,
+            cache=hosts.caches[0],
+            what="profile record",
         )
     digest = http_get(f"{cluster.cas_url}/v1/refs/profiles/{PROFILE}").decode().strip()
     show = cluster.lz.cli("profile", "show", PROFILE, "--cas", cluster.cas_url, what="profile show")
@@ -327,18 +319,14 @@ def record_profile(cluster: Cluster) -> tuple[str, list[str]]:
 
 
 # -- report --------------------------------------------------------------------------------
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def report(rounds: list[Round], facts: list[str], hosts: int) -> list[str]:
     by = {v: [r for r in rounds if r.variant == v] for v in VARIANTS}
 
     def m(v: str, key: str) -> float:
-        return med([float(getattr(r, key)) for r in by[v]])
+        return median([float(getattr(r, key)) for r in by[v]])
 
     single_t, single_b = m("single", "all_done_s"), m("single", "cas_bytes")
-    lines = [*facts, ""]
+    lines = [*(f"- {fact}" for fact in facts), ""]
     lines.append(
         "| variant | hosts | all finished s | per host s | CPU s used | CAS sent | "
         "CAS sent / one host's | CAS blobs | from peers | time / single |"
@@ -354,7 +342,7 @@ def report(rounds: list[Round], facts: list[str], hosts: int) -> list[str]:
             v,
             str(rs[0].hosts),
             f"{m(v, 'all_done_s'):.2f}",
-            f"{med([t for r in rs for t in r.per_host_s]):.2f}",
+            f"{median([t for r in rs for t in r.per_host_s]):.2f}",
             f"{m(v, 'cpu_s'):.1f}",
             f"{cas / MB:.1f} MB" if lazy else "-",
             f"{cas / single_b:.2f}x" if lazy else "-",
@@ -363,36 +351,68 @@ def report(rounds: list[Round], facts: list[str], hosts: int) -> list[str]:
             f"{m(v, 'all_done_s') / single_t:.2f}x",
         ]
         lines.append(md_row(*cells))
+    lines.append("")
     if by["peers on"] and by["single"]:
         egress = m("peers on", "cas_bytes") / single_b
         slow = m("peers on", "all_done_s") / single_t
         lines += [
-            "",
-            f"target CAS egress with peers <= 1.2x one host's: {egress:.2f}x "
+            f"- target CAS egress with peers <= 1.2x one host's: {egress:.2f}x "
             f"({'met' if egress <= 1.2 else 'NOT met'}; peers off: "
             f"{m('peers off', 'cas_bytes') / single_b:.2f}x)",
-            f"target all {hosts} hosts with peers <= 1.5x a single host's cold start: "
+            f"- target all {hosts} hosts with peers <= 1.5x a single host's cold start: "
             f"{slow:.2f}x ({'met' if slow <= 1.5 else 'NOT met'})",
         ]
     if by["native"] and by["native single"]:
         floor = m("native", "all_done_s") / m("native single", "all_done_s")
         lines.append(
-            f"CPU floor: {hosts} native imports at once take {floor:.2f}x one alone here "
+            f"- CPU floor: {hosts} native imports at once take {floor:.2f}x one alone here "
             f"({os.cpu_count()} cores for {hosts} hosts)"
         )
     return lines
 
 
+def figures(rounds: list[Round]) -> list[Figure]:
+    """Per variant: time until all hosts finished and what the CAS sent, against ``single``."""
+    by = {v: [r for r in rounds if r.variant == v] for v in VARIANTS}
+    single_t = tuple(r.all_done_s for r in by["single"])
+    single_b = tuple(float(r.cas_bytes) for r in by["single"])
+    out = []
+    for v, rs in by.items():
+        if not rs:
+            continue
+        times = tuple(r.all_done_s for r in rs)
+        ratio = median(times) / median(single_t) if single_t else None
+        name = f"{v}: all {rs[0].hosts} host(s) finished"
+        out.append(Figure(name, "s", times, "single", single_t, ratio, "this / single"))
+        out.append(Figure(f"{v}: CPU time used", "s", tuple(r.cpu_s for r in rs)))
+        if not v.startswith("native"):
+            sent = tuple(float(r.cas_bytes) for r in rs)
+            ratio = median(sent) / median(single_b) if single_b else None
+            name = f"{v}: CAS sent"
+            out.append(Figure(name, "bytes", sent, "single", single_b, ratio, "this / single"))
+    return out
+
+
 # -- main ----------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+TITLE: Final = "Many hosts at once, peers on and off"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.bench_peers", description=(__doc__ or "").splitlines()[0]
+    )
     ap.add_argument("--hosts", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rate-mbit", type=float, default=1000.0)
     ap.add_argument("--sample", type=Path, help="use this tree instead of building one")
     ap.add_argument("--tmpdir", type=Path, help="parent of the temp dir (default: system temp)")
     ap.add_argument("--lazycaf", type=Path, default=REPO / ".venv" / "bin" / "lazycaf")
-    ap.add_argument("--json", action="store_true", help="also print the rounds as JSON")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=default_json("bench_peers"),
+        help="where to write the results (default results/bench_peers/results.json)",
+    )
     args = ap.parse_args(argv)
     if not 1 <= args.hosts <= 60 or args.runs < 1:
         ap.error("--hosts must be 1..60 and --runs at least 1")
@@ -401,14 +421,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def bench(args: argparse.Namespace, made: Made) -> None:
-    facts = [f"machine: {cpu_model()}, {os.cpu_count()} CPUs; links {args.rate_mbit:g} Mbit/s"]
+def bench(args: argparse.Namespace, record: Record, made: Made, lz: Lazycaf) -> None:
+    facts = [f"links {args.rate_mbit:g} Mbit/s; {args.hosts} client hosts"]
     sample = sample_tree(args.sample, made.tmp)
     facts.append(f"sample: {du(sample) / MB:.1f} MB on disk; workload: import numpy")
     btrfs_image(made)
     with contextlib.ExitStack() as stack:
-        cluster = build_cluster(stack, args, made)
-        cluster.lz.cli("pack", str(sample), "--cas", str(cluster.lz.cas), "--tag", REF, what="pack")
+        cluster = build_cluster(stack, args, made, lz)
+        lz.pack(sample, tag=REF)
         start_cas(cluster)
         say("recording the profile ...")
         digest, lines = record_profile(cluster)
@@ -425,25 +445,37 @@ def bench(args: argparse.Namespace, made: Made) -> None:
                     rounds.append(lazy_round(cluster, variant, n, digest))
                 r = rounds[-1]
                 say(f"  all done {r.all_done_s:.2f} s, CAS sent {r.cas_bytes / MB:.1f} MB")
-    print("\n".join(report(rounds, facts, args.hosts)))
-    if args.json:
-        print(json.dumps([asdict(r) for r in rounds]))
+    record.facts = facts
+    record.report = report(rounds, facts, args.hosts)
+    record.figures = figures(rounds)
+    record.data = {"rounds": [asdict(r) for r in rounds]}
+    record.finish(args.json)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("bench_peers: error: needs root (netns, drop_caches, mounts)", file=sys.stderr)
         return 2
+    exe = find_lazycaf(args.lazycaf)
+    if exe is None:
+        print(f"bench_peers: error: lazycaf not found at {args.lazycaf}", file=sys.stderr)
+        return 2
+    record = Record.begin("bench_peers", TITLE, argv, args)
     made = Made(Path(tempfile.mkdtemp(prefix="bench_peers-", dir=args.tmpdir)))
-    lz = Lazycaf(args.lazycaf.absolute(), made.tmp / "cas")
+    made.netns_prefix = "lzc-p"
+    lz = Lazycaf(exe, made.tmp / "cas")
 
     def clean() -> list[str]:
         say(f"cleaning up {made.tmp} ...")
         return cleanup(made, lz)
 
+    def body() -> None:
+        bench(args, record, made, lz)
+
     errors = (BenchError, RuntimeError, subprocess.CalledProcessError)
-    return guarded_run("bench_peers", lambda: bench(args, made), clean, errors=errors)
+    return guarded_run("bench_peers", body, clean, errors=errors)
 
 
 if __name__ == "__main__":

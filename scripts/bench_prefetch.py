@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark cold starts from a lazycaf mount over a network-shaped link, side by side.
 
 Prints figures and asserts nothing: the targets are read off the printed tables. Every figure
@@ -42,8 +41,13 @@ The host caches live on a fresh Btrfs loop image (``mount -o loop,compress=zstd`
 root. Everything made here -- mounts, daemons, servers, namespaces, the loop image, temp
 dirs -- is removed in ``finally`` blocks, also on Ctrl-C and SIGTERM.
 
-Usage: python scripts/bench_prefetch.py [--runs N] [--profiles 1gbit,100mbit] [--sample DIR]
-       [--no-loopback] [--tmpdir DIR]
+Usage: python -m scripts.bench_prefetch [--quick] [--runs N] [--profiles 1gbit,100mbit]
+       [--no-loopback] [--sample DIR] [--tmpdir DIR] [--json PATH]
+
+``--quick`` is the short run for before/after checks: 3 runs, the ``1gbit`` link only, no
+loopback reference (explicit options still win). Writes
+``results/bench_prefetch/results.json`` (``--json PATH``: there instead), from which
+``python -m scripts.render_benchmarks`` writes ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -52,38 +56,49 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from benchlib import (
+from scripts import netsim
+from scripts.harness import (
+    REPO,
     BenchError,
+    Figure,
+    Lazycaf,
     Made,
+    Record,
+    btrfs_image,
+    cleanup,
+    cleanup_mounts,
     daemon_ready,
+    default_json,
     drop_caches,
+    du,
+    find_lazycaf,
     guarded_run,
+    http_get,
+    http_put,
     is_mounted,
     md_row,
-    mount_table,
+    median,
+    packages,
     progress,
     run,
     sample_tree,
+    stop_process,
+    tail,
+    time_python,
+    timed,
+    wait_for_line,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import netsim
-
-REPO: Final = Path(__file__).resolve().parent.parent
 REF: Final = "sample:v1"
 PROFILE: Final = "sample"
 SCRATCH_PROFILE: Final = "bench-no-profile"  # prefix of the unused profile names of those runs
@@ -95,8 +110,10 @@ NATIVE_COLD_QUOTED_S: Final = 0.15
 WARM_PER_MOUNT: Final = 2
 CMD_TIMEOUT_S: Final = 300.0
 SETTLE_TIMEOUT_S: Final = 120.0
-IMPORT_CMD: Final = ("-c", "import numpy")
+IMPORT_CODE: Final = "import numpy"
 MB: Final = 1e6
+QUICK: Final[dict[str, Any]] = {"runs": 3, "profiles": "1gbit", "no_loopback": True}
+TITLE: Final = "Cold start over a shaped link"
 
 _HTTP_SERVER: Final = r"""
 import functools, http.server, sys
@@ -116,154 +133,6 @@ server.serve_forever()
 
 
 say = progress("bench_prefetch")
-
-
-# -- processes -----------------------------------------------------------------------------
-def timed(cmd: Sequence[str], *, what: str, env: dict[str, str] | None = None) -> float:
-    t0 = time.perf_counter()
-    run(cmd, what=what, env=env, cwd="/")
-    return time.perf_counter() - t0
-
-
-def python_env() -> dict[str, str]:
-    """A clean environment: nothing of this venv leaks into the sample's interpreter."""
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-
-
-def time_python(tree: Path) -> float:
-    cmd = [str(tree / "bin" / "python3"), *IMPORT_CMD]
-    return timed(cmd, what=f"import numpy from {tree}", env=python_env())
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-
-
-def tail(path: Path, n: int = 5) -> str:
-    with contextlib.suppress(OSError):
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
-    return "(no log)"
-
-
-def wait_for_line(proc: subprocess.Popen[Any], log: Path, pattern: str, what: str) -> str:
-    """Wait until ``log`` (the process's stdout) has a line matching ``pattern``."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            m = re.search(pattern, log.read_text(errors="replace"))
-            if m:
-                return m.group(1)
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited {proc.returncode}: {tail(log)}")
-        time.sleep(0.05)
-    raise BenchError(f"{what} did not start within 30 s: {tail(log)}")
-
-
-def http_get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        data: bytes = resp.read()
-        return data
-
-
-def http_put(url: str, body: bytes) -> None:
-    req = urllib.request.Request(url, data=body, method="PUT")
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        resp.read()
-
-
-# -- bookkeeping ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Lazycaf:
-    """The CLI, run as a subprocess (so figures include interpreter start-up)."""
-
-    exe: Path
-    cas: Path
-
-    @property
-    def python(self) -> Path:
-        return self.exe.parent / "python"
-
-    def env(self, cache: Path | None) -> dict[str, str]:
-        env = {**os.environ, **python_env()}
-        if cache is not None:
-            env["LAZYCAF_CACHE"] = str(cache)
-        return env
-
-    def cli(self, *args: str, cache: Path | None = None, what: str) -> str:
-        return run([str(self.exe), *args], what=what, env=self.env(cache))
-
-    def mount(self, mnt: Path, cache: Path, *extra: str) -> float:
-        cmd = [str(self.exe), "mount", REF, str(mnt), *extra]
-        secs = timed(cmd, what=f"mount {REF} at {mnt}", env=self.env(cache))
-        if not is_mounted(mnt):
-            raise BenchError(f"lazycaf mount returned but {mnt} is not a mount point")
-        return secs
-
-    def umount(self, mnt: Path) -> None:
-        self.cli("umount", str(mnt), what=f"umount {mnt}")  # waits for the trace save
-
-    def stats(self, cache: Path) -> dict[str, float]:
-        raw = json.loads(self.cli("stats", "--json", cache=cache, what="stats --json"))
-        return {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
-
-    def fetcher_stop(self, cache: Path) -> None:
-        self.cli("fetcher", "stop", cache=cache, what=f"fetcher stop ({cache})")
-
-
-def cleanup_mounts(made: Made, lz: Lazycaf) -> list[str]:
-    """Unmount every mount of ``made`` and stop every daemon of its caches."""
-    warnings: list[str] = []
-    for mnt in made.mounts:
-        if not is_mounted(mnt):
-            continue
-        res = subprocess.run(
-            [str(lz.exe), "umount", str(mnt)], capture_output=True, text=True, timeout=90
-        )
-        if res.returncode != 0 and is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-            warnings.append(f"{mnt} needed a lazy unmount")
-    for cache in made.caches:
-        if (cache / "fetcher.lock").exists():
-            try:
-                lz.fetcher_stop(cache)
-            except BenchError as exc:
-                warnings.append(f"fetcher stop for {cache} failed: {exc}")
-    return warnings
-
-
-def cleanup(made: Made, lz: Lazycaf) -> list[str]:
-    warnings = cleanup_mounts(made, lz)
-    for proc in made.servers:
-        stop_process(proc)
-    if made.btrfs_mnt is not None and is_mounted(made.btrfs_mnt):
-        res = subprocess.run(["umount", str(made.btrfs_mnt)], capture_output=True, text=True)
-        if res.returncode != 0:
-            warnings.append(f"umount {made.btrfs_mnt}: {res.stderr.strip()}")
-    if made.image is not None:
-        loops = subprocess.run(
-            ["losetup", "-j", str(made.image)], capture_output=True, text=True
-        ).stdout
-        for line in loops.splitlines():
-            subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False)
-    marker = str(made.tmp)
-    still = [t for _, t, _ in mount_table() if t == marker or t.startswith(marker + "/")]
-    if still:
-        warnings.append(f"mounts left under {marker}: {still}; NOT removing it")
-    else:
-        shutil.rmtree(made.tmp, ignore_errors=True)
-        if made.tmp.exists():
-            warnings.append(f"could not remove all of {made.tmp}")
-    return warnings
 
 
 # -- the pieces of one measurement ---------------------------------------------------------
@@ -403,7 +272,7 @@ def lazycaf_cold(net: Net, env: Env, *, profile: bool, tag: str, again: bool) ->
             http_put(url, env.profile_digest.encode())
         drop_caches()
         wire0 = env.cas_bytes_sent()
-        t_mount = env.lz.mount(mnt, cache, *([] if profile else scratch))
+        t_mount = env.lz.mount(REF, mnt, cache, *([] if profile else scratch))
         t_run = time_python(mnt)
         wire = env.cas_bytes_sent() - wire0
         stats = env.lz.stats(cache)
@@ -416,10 +285,10 @@ def lazycaf_cold(net: Net, env: Env, *, profile: bool, tag: str, again: bool) ->
         cached = None
         if again:  # the host runs the job again later: the profile warms the page cache
             drop_caches()
-            t_cached_mount = env.lz.mount(mnt, cache, *([] if profile else scratch))
+            t_cached_mount = env.lz.mount(REF, mnt, cache, *([] if profile else scratch))
             t_cached_run = time_python(mnt)
             env.lz.umount(mnt)
-            cached = (t_cached_mount, t_cached_run, env.lz.mount(mnt, cache, *scratch))
+            cached = (t_cached_mount, t_cached_run, env.lz.mount(REF, mnt, cache, *scratch))
             env.lz.umount(mnt)
     return LazyRun(t_mount, t_run, wire, stats, settled, warm, warm_wire, trace, cached)
 
@@ -472,7 +341,7 @@ def measure_rtt(link: netsim.Link, url: str, n: int = 20) -> float:
         capture_output=True,
         text=True,
     ).stdout.split()
-    return statistics.median(float(x) for x in out[1:])  # the first one also connects
+    return median([float(x) for x in out[1:]])  # the first one also connects
 
 
 def record_profile(net: Net, env: Env) -> list[str]:
@@ -482,7 +351,7 @@ def record_profile(net: Net, env: Env) -> list[str]:
         drop_caches()
         t0 = time.perf_counter()
         cmd = ["profile", "record", "--name", PROFILE, REF, "--"]
-        env.lz.cli(*cmd, "{mnt}/bin/python3", *IMPORT_CMD, cache=cache, what="profile record")
+        env.lz.cli(*cmd, "{mnt}/bin/python3", "-c", IMPORT_CODE, cache=cache, what="profile record")
         secs = time.perf_counter() - t0
     url = f"http://127.0.0.1:{env.cas_port}/v1/refs/profiles/{PROFILE}"
     env.profile_digest = http_get(url).decode().strip()
@@ -571,10 +440,6 @@ def run_once(env: Env, res: ProfileResult, i: int, *, squash_url: str | None) ->
 
 
 # -- report --------------------------------------------------------------------------------
-def med(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
-
-
 def fmt_s(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -587,15 +452,15 @@ def table(res: ProfileResult, image_bytes: int) -> list[str]:
     target = PROFILE_TARGET_S.get(res.name)
 
     def lazy_row(name: str, rs: list[LazyRun], limit: float | None, what: str) -> str:
-        wire = med([r.wire for r in rs])
-        decoded = med([r.stats.get("bytes_fetched", 0) for r in rs])
+        wire = median([r.wire for r in rs])
+        decoded = median([r.stats.get("bytes_fetched", 0) for r in rs])
         totals = [r.total for r in rs]
-        ok = "-" if limit is None else "yes" if med(totals) <= limit else "**NO**"
+        ok = "-" if limit is None else "yes" if median(totals) <= limit else "**NO**"
         return md_row(
             name,
-            fmt_s(med([r.mount for r in rs])),
-            fmt_s(med([r.run for r in rs])),
-            fmt_s(med(totals)),
+            fmt_s(median([r.mount for r in rs])),
+            fmt_s(median([r.run for r in rs])),
+            fmt_s(median(totals)),
             f"{fmt_mb(wire)} ({fmt_mb(decoded)} decoded)",
             "-" if limit is None else f"<= {limit:g} s{what}",
             ok,
@@ -603,25 +468,25 @@ def table(res: ProfileResult, image_bytes: int) -> list[str]:
 
     loose = None if target is None else target * NO_PROFILE_FACTOR
     warm = [w for r in res.noprof + res.prof for w in r.warm]
-    warm_wire = fmt_mb(med([r.warm_wire for r in res.noprof + res.prof]))
+    warm_wire = fmt_mb(median([r.warm_wire for r in res.noprof + res.prof]))
     cached = [r.cached for r in res.prof if r.cached is not None]
     rows = [
         "| variant | mount s | run s | total s | bytes over the link | target | meets? |",
         "|---|---:|---:|---:|---:|---|---|",
         lazy_row("lazycaf cold, no profile", res.noprof, loose, " (2x the profile target)"),
         lazy_row("lazycaf cold, with profile", res.prof, target, ""),
-        md_row("lazycaf warm (same mounts)", "-", *[fmt_s(med(warm))] * 2, warm_wire, "-", "-"),
+        md_row("lazycaf warm (same mounts)", "-", *[fmt_s(median(warm))] * 2, warm_wire, "-", "-"),
     ]
     if cached:
-        c_mount, c_run = med([c[0] for c in cached]), med([c[1] for c in cached])
-        c_total = med([c[0] + c[1] for c in cached])
+        c_mount, c_run = median([c[0] for c in cached]), median([c[1] for c in cached])
+        c_total = median([c[0] + c[1] for c in cached])
         name = "(diagnostic) lazycaf cold, blobs in host cache, caches dropped, profile"
         rows.append(md_row(name, fmt_s(c_mount), fmt_s(c_run), fmt_s(c_total), "0", "-", "-"))
-        c_warm = fmt_s(med([c[2] for c in cached]))
+        c_warm = fmt_s(median([c[2] for c in cached]))
         name = "(diagnostic) lazycaf mount alone, page cache warm, blobs cached"
         rows.append(md_row(name, c_warm, "-", c_warm, "0", "-", "-"))
     if res.native_cold:
-        nc, nw = fmt_s(med(res.native_cold)), fmt_s(med(res.native_warm))
+        nc, nw = fmt_s(median(res.native_cold)), fmt_s(median(res.native_warm))
         quoted = f"~{NATIVE_COLD_QUOTED_S:g} s (issue)"
         rows.append(md_row("native disk, cold", "-", nc, nc, "-", quoted, "-"))
         rows.append(md_row("native disk, warm", "-", nw, nw, "-", "-", "-"))
@@ -630,9 +495,9 @@ def table(res: ProfileResult, image_bytes: int) -> list[str]:
         rows.append(
             md_row(
                 "squashfs download+mount+run",
-                fmt_s(med([r.download + r.mount for r in sq])),
-                fmt_s(med([r.run for r in sq])),
-                fmt_s(med([r.total for r in sq])),
+                fmt_s(median([r.download + r.mount for r in sq])),
+                fmt_s(median([r.run for r in sq])),
+                fmt_s(median([r.total for r in sq])),
                 fmt_mb(image_bytes),
                 f"~{SQUASHFS_QUOTED_S[res.name]:g} s (issue, reference)",
                 "-",
@@ -669,15 +534,15 @@ def run_notes(res: ProfileResult) -> list[str]:
                 f"{fmt_mb(e.get('bytes_fetched', 0))}{cached}"
             )
     if res.native_cold and res.prof and res.noprof:
-        native = med(res.native_cold)
-        with_profile = med([r.total for r in res.prof])
+        native = median(res.native_cold)
+        with_profile = median([r.total for r in res.prof])
         target = PROFILE_TARGET_S[res.name]
         notes.append(
             f"this machine now: native cold {native:.3f} s against the ~"
             f"{NATIVE_COLD_QUOTED_S:g} s the issue quotes ({native / NATIVE_COLD_QUOTED_S:.1f}x); "
             f"with profile = {with_profile / native:.1f}x native cold (the target is "
             f"{target / NATIVE_COLD_QUOTED_S:.1f}x the quoted native cold); no profile = "
-            f"{med([r.total for r in res.noprof]) / with_profile:.2f}x with profile. "
+            f"{median([r.total for r in res.noprof]) / with_profile:.2f}x with profile. "
             "Verdicts use the absolute targets"
         )
     for i, q in enumerate(res.squash):
@@ -692,92 +557,83 @@ def samples_line(name: str, xs: Sequence[float]) -> str:
     return f"{name}: [" + ", ".join(f"{x:.3f}" for x in xs) + "]"
 
 
-def print_report(
+def report_lines(
     facts: list[str], results: list[ProfileResult], image_bytes: int, runs: int
-) -> None:
-    p = print
-    p("\n## Cold start over a shaped link (scripts/bench_prefetch.py)\n")
-    for fact in facts:
-        p(f"- {fact}")
-    p(
+) -> list[str]:
+    """The report in Markdown: facts, then per link a table, per-run notes and all samples."""
+    out = [f"- {fact}" for fact in facts]
+    out.append(
         f"- {runs} runs per variant, medians (each column its own median, so total is not "
         f"mount + run); warm: {WARM_PER_MOUNT} runs per lazycaf mount (both kinds) and after "
         "each native cold run"
     )
     for res in results:
         if res.net.link is None:
-            p(
-                "\n### reference: no shaping (daemon in the root namespace, CAS on 127.0.0.1, "
-                "no proxy)\n"
+            title = (
+                "reference: no shaping (daemon in the root namespace, CAS on 127.0.0.1, no proxy)"
             )
         else:
-            p(
-                f"\n### {res.name}: tbf {res.net.rate_mbit:g} Mbit/s, {res.rtt_ms:g} ms RTT "
-                f"delay line (tiny GET through the proxy: {res.net.rtt_s * 1000:.2f} ms)\n"
+            title = (
+                f"{res.name}: tbf {res.net.rate_mbit:g} Mbit/s, {res.rtt_ms:g} ms RTT "
+                f"delay line (tiny GET through the proxy: {res.net.rtt_s * 1000:.2f} ms)"
             )
-        for line in table(res, image_bytes):
-            p(line)
-        p()
-        for note in res.notes + run_notes(res):
-            p(f"- {note}")
-        p("\nAll samples (s):\n")
-        p(f"- {samples_line('no profile total', [r.total for r in res.noprof])}")
-        p(f"- {samples_line('profile total', [r.total for r in res.prof])}")
-        p(f"- {samples_line('lazycaf warm', [w for r in res.noprof + res.prof for w in r.warm])}")
+        out += ["", f"### {title}", "", *table(res, image_bytes), ""]
+        out += [f"- {note}" for note in res.notes + run_notes(res)]
+        out += ["", "All samples (s):", ""]
+        warm = [w for r in res.noprof + res.prof for w in r.warm]
+        out.append(f"- {samples_line('no profile total', [r.total for r in res.noprof])}")
+        out.append(f"- {samples_line('profile total', [r.total for r in res.prof])}")
+        out.append(f"- {samples_line('lazycaf warm', warm)}")
         if res.native_cold:
-            p(f"- {samples_line('native cold', res.native_cold)}")
-            p(f"- {samples_line('native warm', res.native_warm)}")
+            out.append(f"- {samples_line('native cold', res.native_cold)}")
+            out.append(f"- {samples_line('native warm', res.native_warm)}")
         if res.squash:
-            p(f"- {samples_line('squashfs total', [r.total for r in res.squash])}")
+            out.append(f"- {samples_line('squashfs total', [r.total for r in res.squash])}")
+    return out
 
 
-def cpu_pressure() -> str:
-    with contextlib.suppress(OSError, IndexError):
-        avg60 = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()[2]
-        return avg60.removeprefix("avg60=")
-    return "?"
+def figures(res: ProfileResult) -> list[Figure]:
+    """Every figure of one link; lazycaf's totals compared to the squashfs path's."""
+    name = res.name
+    squash = tuple(r.total for r in res.squash)
 
+    def vs_squash(what: str, xs: Sequence[float]) -> Figure:
+        if not squash or not xs:
+            return Figure(f"{name}: {what}", "s", tuple(xs))
+        ratio = median(squash) / median(xs)
+        return Figure(
+            f"{name}: {what}", "s", tuple(xs), "squashfs total", squash, ratio, "squashfs / this"
+        )
 
-def steal_ticks() -> tuple[int, int]:
-    """(steal, total) jiffies of all CPUs so far."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (fields[7] if len(fields) > 7 else 0), sum(fields)
-
-
-def machine_facts(env: Env, start: Load, setup: list[str]) -> list[str]:
-    from lazycaf import __version__
-
-    cpu = platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.partition(":")[2].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cli_cold, cli_warm = cli_floor(env.lz)
-    steal, total = steal_ticks()
-    steal_pct = 100 * (steal - start.steal[0]) / max(1, total - start.steal[1])
-    return [
-        f"nproc: {os.cpu_count()}, {cpu}, RAM {mem:.1f} GiB; kernel {platform.release()}",
-        f"python {platform.python_version()} ({sys.executable}); lazycaf {__version__}",
-        f"load average (1 min) at start / end: {start.load:.2f} / {os.getloadavg()[0]:.2f}; "
-        f"CPU pressure (PSI some avg60) at start / end: {start.psi} / {cpu_pressure()} %; "
-        f"CPU steal during the run: {steal_pct:.1f} % (other work on the host adds noise)",
-        f"CLI start-up floor, `lazycaf --version`: cold (drop_caches) {cli_cold:.3f} s, "
-        f"warm {cli_warm:.3f} s (part of every mount figure)",
-        *setup,
+    out = [
+        vs_squash("lazycaf cold, no profile, total", [r.total for r in res.noprof]),
+        vs_squash("lazycaf cold, with profile, total", [r.total for r in res.prof]),
+        Figure(f"{name}: lazycaf cold, no profile, mount", "s", tuple(r.mount for r in res.noprof)),
+        Figure(f"{name}: lazycaf cold, with profile, mount", "s", tuple(r.mount for r in res.prof)),
+        Figure(
+            f"{name}: lazycaf cold, with profile, bytes over the link",
+            "bytes",
+            tuple(float(r.wire) for r in res.prof),
+        ),
+        Figure(
+            f"{name}: lazycaf warm", "s", tuple(w for r in res.noprof + res.prof for w in r.warm)
+        ),
     ]
-
-
-@dataclass(frozen=True)
-class Load:
-    load: float
-    psi: str
-    steal: tuple[int, int]
-
-    @classmethod
-    def now(cls) -> Load:
-        return cls(os.getloadavg()[0], cpu_pressure(), steal_ticks())
+    cached = [r.cached for r in res.prof if r.cached is not None]
+    if cached:
+        out.append(
+            Figure(
+                f"{name}: lazycaf cold, blobs in host cache, caches dropped, profile, total",
+                "s",
+                tuple(c[0] + c[1] for c in cached),
+            )
+        )
+    if res.native_cold:
+        out.append(Figure(f"{name}: native disk, cold", "s", tuple(res.native_cold)))
+        out.append(Figure(f"{name}: native disk, warm", "s", tuple(res.native_warm)))
+    if squash:
+        out.append(Figure(f"{name}: squashfs download+mount+run", "s", squash))
+    return [f for f in out if f.samples]
 
 
 def cli_floor(lz: Lazycaf, n: int = 3) -> tuple[float, float]:
@@ -786,20 +642,10 @@ def cli_floor(lz: Lazycaf, n: int = 3) -> tuple[float, float]:
         drop_caches()
         cold.append(timed([str(lz.exe), "--version"], what="lazycaf --version"))
         warm.append(timed([str(lz.exe), "--version"], what="lazycaf --version"))
-    return med(cold), med(warm)
+    return median(cold), median(warm)
 
 
 # -- setup ---------------------------------------------------------------------------------
-def btrfs_image(made: Made) -> None:
-    made.image = made.tmp / "cache.img"
-    run(["truncate", "-s", IMAGE_SIZE, str(made.image)], what="truncate")
-    run(["mkfs.btrfs", "-q", str(made.image)], what="mkfs.btrfs")
-    mnt = made.tmp / "btrfs"
-    mnt.mkdir()
-    run(["mount", "-o", "loop,compress=zstd", str(made.image), str(mnt)], what="mount loop")
-    made.btrfs_mnt = mnt
-
-
 def start_server(made: Made, cmd: list[str], name: str) -> int:
     log = made.log(f"{name}.log")
     with open(log, "wb") as out:
@@ -808,10 +654,6 @@ def start_server(made: Made, cmd: list[str], name: str) -> int:
         )
     made.servers.append(proc)
     return int(wait_for_line(proc, log, r"serving .*http://127\.0\.0\.1:(\d+)", name))
-
-
-def du(path: Path) -> int:
-    return int(run(["du", "-sb", str(path)], what="du").split()[0])
 
 
 def prepare(args: argparse.Namespace, made: Made, lz: Lazycaf) -> tuple[Env, list[str]]:
@@ -838,27 +680,41 @@ def prepare(args: argparse.Namespace, made: Made, lz: Lazycaf) -> tuple[Env, lis
     cas_cmd = [str(lz.exe), "cas", "serve", "--root", str(lz.cas), "--listen", "127.0.0.1:0"]
     cas_port = start_server(made, cas_cmd, "cas-server")
     http_port = start_server(made, [sys.executable, "-c", _HTTP_SERVER, str(served)], "http")
-    btrfs_image(made)
+    btrfs_image(made, IMAGE_SIZE)
     facts.append(f"host caches: fresh dirs on a Btrfs loop image ({IMAGE_SIZE}, compress=zstd)")
     return Env(lz, made, sample, cas_port, http_port, image), facts
 
 
-def packages(*names: str) -> str:
-    fmt = "${Package} ${Version}, "
-    res = subprocess.run(["dpkg-query", "-W", "-f", fmt, *names], capture_output=True, text=True)
-    return res.stdout.strip().rstrip(",") or ", ".join(names)
-
-
 # -- main ----------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3, help="runs per variant (default 3)")
-    ap.add_argument("--profiles", default="1gbit,100mbit", help="netsim profiles, in order")
-    ap.add_argument("--no-loopback", action="store_true", help="skip the unshaped reference")
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.bench_prefetch", description=(__doc__ or "").splitlines()[0]
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short before/after check: 3 runs, the 1gbit link, no loopback reference "
+        "(explicit options still win)",
+    )
+    ap.add_argument("--runs", type=int, help="runs per variant (default 3)")
+    ap.add_argument("--profiles", help="netsim profiles, in order (default 1gbit,100mbit)")
+    ap.add_argument(
+        "--no-loopback", action="store_true", default=None, help="skip the unshaped reference"
+    )
     ap.add_argument("--sample", type=Path, help="use this tree instead of building one")
     ap.add_argument("--tmpdir", type=Path, help="parent of the temp dir (default: system temp)")
     ap.add_argument("--lazycaf", type=Path, default=REPO / ".venv" / "bin" / "lazycaf")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=default_json("bench_prefetch"),
+        help="where to write the results (default results/bench_prefetch/results.json)",
+    )
     args = ap.parse_args(argv)
+    defaults: dict[str, Any] = {"runs": 3, "profiles": "1gbit,100mbit", "no_loopback": False}
+    for name, value in {**defaults, **(QUICK if args.quick else {})}.items():
+        if getattr(args, name) is None:  # options given explicitly win
+            setattr(args, name, value)
     args.profile_names = [p for p in args.profiles.split(",") if p]
     unknown = [p for p in args.profile_names if p not in PROFILE_TARGET_S]
     if unknown or not args.profile_names:
@@ -875,8 +731,7 @@ def missing_tools() -> list[str]:
     return [t for t in tools if shutil.which(t) is None]
 
 
-def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
-    start = Load.now()
+def bench(args: argparse.Namespace, record: Record, made: Made, lz: Lazycaf) -> None:
     env, setup = prepare(args, made, lz)
     results = []
     for k, name in enumerate(args.profile_names):
@@ -885,11 +740,19 @@ def bench(args: argparse.Namespace, made: Made, lz: Lazycaf) -> None:
     if not args.no_loopback:
         say("reference: loopback ...")
         results.append(bench_loopback(env, args.runs))
-    facts = machine_facts(env, start, setup)
-    print_report(facts, results, env.image.stat().st_size, args.runs)
+    cli_cold, cli_warm = cli_floor(env.lz)
+    record.facts = [
+        f"CLI start-up floor, `lazycaf --version`: cold (drop_caches) {cli_cold:.3f} s, "
+        f"warm {cli_warm:.3f} s (part of every mount figure)",
+        *setup,
+    ]
+    record.report = report_lines(record.facts, results, env.image.stat().st_size, args.runs)
+    record.figures = [f for res in results for f in figures(res)]
+    record.finish(args.json)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("bench_prefetch: error: needs root (netns, drop_caches, mounts)", file=sys.stderr)
@@ -897,15 +760,25 @@ def main(argv: list[str] | None = None) -> int:
     if missing := missing_tools():
         print(f"bench_prefetch: error: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
+    exe = find_lazycaf(args.lazycaf)
+    if exe is None:
+        print(f"bench_prefetch: error: lazycaf not found at {args.lazycaf}", file=sys.stderr)
+        return 2
+    record = Record.begin("bench_prefetch", TITLE, argv, args)
     made = Made(Path(tempfile.mkdtemp(prefix="bench_prefetch-", dir=args.tmpdir)))
-    lz = Lazycaf(args.lazycaf.absolute(), made.tmp / "cas")
+    made.netns_prefix = f"lzc-bp{os.getpid() % 100000}"
+    lz = Lazycaf(exe, made.tmp / "cas")
 
     def clean() -> list[str]:
         say(f"cleaning up {made.tmp} ...")
         return cleanup(made, lz)
 
     errors = (BenchError, subprocess.CalledProcessError, subprocess.TimeoutExpired)
-    return guarded_run("bench_prefetch", lambda: bench(args, made, lz), clean, errors=errors)
+
+    def body() -> None:
+        bench(args, record, made, lz)
+
+    return guarded_run("bench_prefetch", body, clean, errors=errors)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Compare LazyCAF side by side with what users run today, on one shaped link, in one run.
 
 One executable (the sample: a relocatable Python 3.11 with numpy, scipy and pandas, built by
@@ -53,11 +52,11 @@ squashfs-tools, zstd, curl; PyPI: matplotlib into this venv), skipping what is p
 Everything it made -- mounts, namespaces, nginx, servers, daemons, the loop image, temp dirs --
 is removed in ``finally`` blocks, also on Ctrl-C and SIGTERM; leftovers are reported.
 
-Usage: python scripts/compare.py [--quick] [--runs N] [--profiles 1gbit,100mbit]
+Usage: python -m scripts.compare [--quick] [--runs N] [--profiles 1gbit,100mbit]
        [--workloads numpy,pandas,script] [--systems ...] [--parts cold,update]
        [--update-profiles 100mbit] [--slow-after S] [--out DIR] [--sample DIR]
        [--tmpdir DIR] [--no-install]
-       python scripts/compare.py --render results/compare/results.json [--out DIR]
+       python -m scripts.compare --render results/compare/results.json [--out DIR]
 """
 
 from __future__ import annotations
@@ -67,7 +66,6 @@ import contextlib
 import importlib
 import json
 import os
-import platform
 import random
 import re
 import shlex
@@ -82,27 +80,41 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_prefetch as bp
-import netsim
-from bench_mount import pids_mentioning
-from benchlib import (
+from scripts import bench_prefetch as bp
+from scripts import netsim
+from scripts.harness import (
+    REPO,
     BenchError,
+    Figure,
+    Lazycaf,
+    Load,
+    Machine,
     Made,
-    cpu_model,
+    Record,
+    btrfs_image,
+    cleanup,
+    cleanup_mounts,
     drop_caches,
+    du,
     fs_of,
+    http_get,
+    http_put,
     is_mounted,
+    load_line,
     md_row,
-    meminfo_gib,
+    packages,
     progress,
+    python_env,
     run,
+    stop_process,
+    tail,
+    timed,
+    unwind_on_sigterm,
+    write_results,
 )
 
-REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_SAMPLE: Final = REPO / "build" / "sample-full"
 DEFAULT_OUT: Final = REPO / "results" / "compare"
 SAMPLE_PACKAGES: Final = ("numpy", "scipy", "pandas")
@@ -571,7 +583,9 @@ def _csv(value: str, allowed: Sequence[str], what: str, ap: argparse.ArgumentPar
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.compare", description=(__doc__ or "").splitlines()[0]
+    )
     ap.add_argument(
         "--quick",
         action="store_true",
@@ -723,9 +737,9 @@ def start_nginx(made: Made, root: Path) -> int:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
             return port
         if proc.poll() is not None:
-            raise BenchError(f"nginx exited {proc.returncode}: {bp.tail(err)}")
+            raise BenchError(f"nginx exited {proc.returncode}: {tail(err)}")
         time.sleep(0.05)
-    raise BenchError(f"nginx did not listen on {port} within 15 s: {bp.tail(err)}")
+    raise BenchError(f"nginx did not listen on {port} within 15 s: {tail(err)}")
 
 
 def disk_bytes(path: Path) -> int:
@@ -745,9 +759,7 @@ def workload_cmd(tree: Path, workload: str) -> list[str]:
 
 
 def time_workload(tree: Path, workload: str) -> float:
-    return bp.timed(
-        workload_cmd(tree, workload), what=f"{workload} from {tree}", env=bp.python_env()
-    )
+    return timed(workload_cmd(tree, workload), what=f"{workload} from {tree}", env=python_env())
 
 
 @dataclass
@@ -795,12 +807,12 @@ class Ctx:
         return self.env.made
 
     @property
-    def lz(self) -> bp.Lazycaf:
+    def lz(self) -> Lazycaf:
         return self.env.lz
 
     def put_profile(self, workload: str) -> None:
         url = f"http://127.0.0.1:{self.env.cas_port}/v1/refs/profiles/{profile_name(workload)}"
-        bp.http_put(url, self.profiles[workload].encode())
+        http_put(url, self.profiles[workload].encode())
 
 
 def profile_name(workload: str) -> str:
@@ -820,14 +832,14 @@ def fuse_mount(mnt: Path, *, proc: subprocess.Popen[Any] | None = None) -> Itera
         if proc is not None:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)  # casync does not exit on unmount alone
-            bp.stop_process(proc, timeout=5)
+            stop_process(proc, timeout=5)
 
 
 def wait_mounted(mnt: Path, proc: subprocess.Popen[Any], log: Path, what: str) -> None:
     deadline = time.monotonic() + MOUNT_WAIT_S
     while not is_mounted(mnt):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise BenchError(f"{what} did not mount {mnt}: {bp.tail(log)}")
+            raise BenchError(f"{what} did not mount {mnt}: {tail(log)}")
         time.sleep(0.01)
 
 
@@ -866,7 +878,7 @@ def run_xar(ctx: Ctx, cl: Client, job: Job, i: int) -> Sample:
         "download the squashfs image",
     )
     with fuse_mount(mnt):
-        t_mount = bp.timed(["squashfuse", str(image), str(mnt)], what="squashfuse")
+        t_mount = timed(["squashfuse", str(image), str(mnt)], what="squashfuse")
         t_run = time_workload(mnt, job.workload)
         link = cl.link_bytes() - b0
         warm = time_workload(mnt, job.workload) if job.phase == "cold" else None
@@ -934,7 +946,7 @@ def run_casync(ctx: Ctx, cl: Client, job: Job, i: int) -> Sample:
 
 def lazycaf_mount(ctx: Ctx, ref: str, mnt: Path, cache: Path, *extra: str) -> float:
     cmd = [str(ctx.lz.exe), "mount", ref, str(mnt), *extra]
-    secs = bp.timed(cmd, what=f"lazycaf mount {ref}", env=ctx.lz.env(cache))
+    secs = timed(cmd, what=f"lazycaf mount {ref}", env=ctx.lz.env(cache))
     if not is_mounted(mnt):
         raise BenchError(f"lazycaf mount returned but {mnt} is not a mount point")
     return secs
@@ -1025,7 +1037,7 @@ def make_artifacts(tree: Path, www: Path, version: str, *, store: Path) -> dict[
         "tarball": tar_zst(tree, www / f"{version}.tar.zst"),
         "casync": casync_make(store, www / f"{version}.caidx", tree),
     }
-    return {name: bp.timed(cmd, what=f"build the {name} artifact") for name, cmd in builds.items()}
+    return {name: timed(cmd, what=f"build the {name} artifact") for name, cmd in builds.items()}
 
 
 def casync_make(store: Path, index: Path, tree: Path) -> list[str]:
@@ -1053,7 +1065,7 @@ def measure_reads(tree: Path, workload: str) -> int:
         [str(tree / "bin" / "python3"), "-c", code],
         capture_output=True,
         text=True,
-        env=bp.python_env(),
+        env=python_env(),
         cwd="/",
         timeout=CMD_TIMEOUT_S,
     )
@@ -1063,12 +1075,11 @@ def measure_reads(tree: Path, workload: str) -> int:
     return int(m.group(1))
 
 
-def prepare(args: argparse.Namespace, made: Made, lz: bp.Lazycaf, res: Results) -> Ctx:
+def prepare(args: argparse.Namespace, made: Made, lz: Lazycaf, res: Results) -> Ctx:
     sample = ensure_sample(args.sample)
     files = sum(len(f) for _, _, f in os.walk(sample))
     res.facts.append(
-        f"sample: {sample}, {files} files, {bp.du(sample) / MB:.1f} MB "
-        f"({', '.join(SAMPLE_PACKAGES)})"
+        f"sample: {sample}, {files} files, {du(sample) / MB:.1f} MB ({', '.join(SAMPLE_PACKAGES)})"
     )
     www = made.tmp / "www"
     (www / "store.castr").mkdir(parents=True)
@@ -1081,7 +1092,7 @@ def prepare(args: argparse.Namespace, made: Made, lz: bp.Lazycaf, res: Results) 
     res.facts.append(
         f"v1 artifacts: squashfs {fmt_mb(sizes['xar'])} (mksquashfs -comp zstd, "
         f"{secs['xar']:.1f} s); tar.zst {fmt_mb(sizes['tarball'])} (zstd -3, "
-        f"{secs['tarball']:.1f} s); casync store {fmt_mb(bp.du(www / 'store.castr'))} + index "
+        f"{secs['tarball']:.1f} s); casync store {fmt_mb(du(www / 'store.castr'))} + index "
         f"{fmt_mb(sizes['casync'])} (casync make, default chunking and zstd, "
         f"{secs['casync']:.1f} s)"
     )
@@ -1089,13 +1100,13 @@ def prepare(args: argparse.Namespace, made: Made, lz: bp.Lazycaf, res: Results) 
     lz.cli("pack", str(sample), "--cas", str(lz.cas), "--tag", REF_V1, what="lazycaf pack")
     res.facts.append(
         f"LazyCAF CAS (a local directory behind `lazycaf cas serve`): "
-        f"{fmt_mb(bp.du(lz.cas))} after packing v1 in "
+        f"{fmt_mb(du(lz.cas))} after packing v1 in "
         f"{time.perf_counter() - t0:.1f} s (untimed)"
     )
     cas_cmd = [str(lz.exe), "cas", "serve", "--root", str(lz.cas), "--listen", "127.0.0.1:0"]
     cas_port = bp.start_server(made, cas_cmd, "cas-server")
     nginx_port = start_nginx(made, www)
-    bp.btrfs_image(made)
+    btrfs_image(made)
     env = bp.Env(lz, made, sample, cas_port, nginx_port, www / "v1.sqfs")
     for wl in args.workload_names:
         res.reads[wl] = measure_reads(sample, wl)
@@ -1127,7 +1138,7 @@ def client(ctx: Ctx, profile: str) -> Iterator[Client]:
             )
             yield cl
         finally:
-            for warning in bp.cleanup_mounts(ctx.made, ctx.lz):
+            for warning in cleanup_mounts(ctx.made, ctx.lz):
                 say(f"WARNING: {warning}")
             shutil.rmtree(ctx.made.tmp / f"client-{profile}", ignore_errors=True)
 
@@ -1144,7 +1155,7 @@ def record_profiles(ctx: Ctx, cl: Client, workloads: Sequence[str]) -> None:
             ctx.lz.cli(*cmd, "{mnt}/bin/python3", "-c", code, cache=cache, what="profile record")
             secs = time.perf_counter() - t0
         url = f"http://127.0.0.1:{ctx.env.cas_port}/v1/refs/profiles/{profile_name(wl)}"
-        ctx.profiles[wl] = bp.http_get(url).decode().strip()
+        ctx.profiles[wl] = http_get(url).decode().strip()
         ctx.results.notes.append(
             f"profile {profile_name(wl)} recorded over the {cl.profile} link in {secs:.2f} s "
             "(one cold run, mount to umount)"
@@ -1195,7 +1206,7 @@ def module_files(tree: Path, workload: str) -> list[Path]:
     out = run(
         [str(tree / "bin" / "python3"), "-c", code],
         what="list modules",
-        env=bp.python_env(),
+        env=python_env(),
         cwd="/",
     )
     return [Path(f) for f in json.loads(out.strip().splitlines()[-1]) if f]
@@ -1226,7 +1237,7 @@ def make_v2(v1: Path, v2: Path, py: Sequence[Path], so: Path, tag: str) -> None:
     run(
         [str(v2 / "bin" / "python3"), "-c", compile_code, *(str(v2 / p) for p in py)],
         what="py_compile the edited files",
-        env=bp.python_env(),
+        env=python_env(),
         cwd="/",
     )
     with (v2 / so).open("ab") as f:
@@ -1256,7 +1267,7 @@ def publish_lazycaf(ctx: Ctx, cl: Client, v2: Path, stem: Path) -> dict[str, flo
 
 
 def _build_and_put(cl: Client, build: list[str], artifact: Path) -> dict[str, float]:
-    secs = bp.timed(build, what=f"build {artifact.name}")
+    secs = timed(build, what=f"build {artifact.name}")
     url = f"{cl.web}/{artifact.name}"
     return {
         "build_s": secs,
@@ -1285,7 +1296,7 @@ def publish_casync(ctx: Ctx, cl: Client, v2: Path, stem: Path) -> dict[str, floa
         run(["cp", "-al", str(served), str(store)], what="cp -al the chunk store")
     before = set(store.rglob("*.cacnk"))
     index = stem.with_suffix(".caidx")
-    build = bp.timed(casync_make(store, index, v2), what="casync make v2")
+    build = timed(casync_make(store, index, v2), what="casync make v2")
     t0 = time.perf_counter()
     new = sorted(set(store.rglob("*.cacnk")) - before)
     listing = stem.with_suffix(".new-chunks")
@@ -1355,14 +1366,10 @@ def update_lazycaf(ctx: Ctx, cl: Client, job: Job, i: int) -> Sample:
 
 
 def machine_facts(tmp: Path) -> list[str]:
-    from lazycaf import __version__
-
-    tools = bp.packages("nginx-light", "casync", "squashfuse", "squashfs-tools", "zstd", "curl")
+    tools = packages("nginx-light", "casync", "squashfuse", "squashfs-tools", "zstd", "curl")
     return [
-        f"machine: {os.cpu_count()} cores ({cpu_model()}), {meminfo_gib():.1f} GiB, kernel "
-        f"{platform.release()}; shared with other work: load average (1 min) "
-        f"{os.getloadavg()[0]:.2f} at the start",
-        f"python {platform.python_version()}, lazycaf {__version__}; {tools}",
+        *Machine.now().lines(),
+        f"tools: {tools}",
         "client side: a network namespace behind tbf + netsim's delay line; servers (nginx, "
         "`lazycaf cas serve`) on 127.0.0.1; LazyCAF host caches on a Btrfs loop image "
         "(compress=zstd), the rest on the root filesystem "
@@ -1370,7 +1377,7 @@ def machine_facts(tmp: Path) -> list[str]:
     ]
 
 
-def bench(args: argparse.Namespace, made: Made, lz: bp.Lazycaf, res: Results) -> None:
+def bench(args: argparse.Namespace, made: Made, lz: Lazycaf, res: Results) -> None:
     res.facts += machine_facts(made.tmp)
     res.notes.append(
         f"{args.runs} runs per figure (medians), systems interleaved in rotating order; a "
@@ -1389,48 +1396,73 @@ def bench(args: argparse.Namespace, made: Made, lz: bp.Lazycaf, res: Results) ->
                 update_phase(ctx, cl, args)
 
 
-def write_results(res: Results, out: Path) -> list[Path]:
+def figures(res: Results) -> list[Figure]:
+    """Every (phase, profile, workload, system) as a figure of its totals, against the
+    XAR-like system's totals of the same phase, profile and workload."""
+    groups: dict[Key, list[float]] = {}
+    for s in res.samples:
+        groups.setdefault((s.phase, s.profile, s.workload, s.system), []).append(s.total_s)
+    out = []
+    for (phase, profile, wl, system), secs in groups.items():
+        name = f"{phase}, {profile}, {wl}: {SYSTEMS.get(system, system)}"
+        xar = groups.get((phase, profile, wl, "xar"))
+        if system == "xar" or not xar:
+            out.append(Figure(name, "s", tuple(secs)))
+            continue
+        ratio = statistics.median(xar) / statistics.median(secs)
+        out.append(Figure(name, "s", tuple(secs), SYSTEMS["xar"], tuple(xar), ratio, "XAR / this"))
+    return out
+
+
+def write_outputs(res: Results, out: Path, record: Record | dict[str, Any]) -> list[Path]:
+    """results.md, results.json (``record``: this run's, or the document read back by
+    ``--render``, whose date, machine and load are kept) and the plots in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(render_markdown(res))
-    (out / "results.json").write_text(json.dumps(res.to_json(), indent=1) + "\n")
+    md = render_markdown(res)
+    (out / "results.md").write_text(md)
+    body = md.splitlines()[2:]  # without the title: the rendered page has its own
+    if isinstance(record, Record):
+        record.report, record.figures, record.data = body, figures(res), res.to_json()
+        write_results(out / "results.json", record)
+    else:
+        doc = {**record, "report": body, "figures": [f.to_json() for f in figures(res)]}
+        doc["data"] = res.to_json()
+        (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     return [out / "results.md", out / "results.json", *write_plots(res, out)]
 
 
-def leftovers(made: Made) -> list[str]:
-    """Mounts, namespaces and nginx processes of this run still present (should be none)."""
-    found = []
-    mounts = subprocess.run(["mount"], capture_output=True, text=True).stdout
-    found += [ln for ln in mounts.splitlines() if str(made.tmp) in ln]
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    found += [
-        f"netns {ln.split()[0]}"
-        for ln in netns.splitlines()
-        if ln.startswith(f"lzc-cmp{os.getpid() % 100000}")
-    ]
-    found += [f"process {pid}" for pid in pids_mentioning(str(made.tmp))]
-    return found
+def read_back(path: Path) -> tuple[Results, dict[str, Any]]:
+    """A results.json as this script writes it (or the bare ``Results.to_json`` of older
+    runs, wrapped): the results and the document."""
+    doc = json.loads(path.read_text())
+    if "data" not in doc:
+        doc = {"bench": "compare", "title": TITLE, "data": doc}
+    return Results.from_json(doc["data"]), doc
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds into the finally blocks
+TITLE: Final = "LazyCAF side by side"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.render is not None:
-        for path in write_results(Results.from_json(json.loads(args.render.read_text())), args.out):
+        res, doc = read_back(args.render)
+        for path in write_outputs(res, args.out, doc):
             print(path)
         return 0
     if os.geteuid() != 0:
         print("compare: error: needs root (netns, drop_caches, mounts)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    unwind_on_sigterm()
+    record = Record.begin("compare", TITLE, argv, args)
     start = time.perf_counter()
     res = Results(
         profiles=args.profile_names, workloads=args.workload_names, systems=args.system_names
     )
     made = Made(Path(tempfile.mkdtemp(prefix="compare-", dir=args.tmpdir)))
-    lz = bp.Lazycaf(args.lazycaf.absolute(), made.tmp / "cas")
+    made.netns_prefix = f"lzc-cmp{os.getpid() % 100000}"
+    lz = Lazycaf(args.lazycaf.absolute(), made.tmp / "cas")
     code = 0
     try:
         installed = ensure_tools(install=not args.no_install)
@@ -1446,15 +1478,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 130
     finally:  # also on SIGTERM (SystemExit): clean up, then write what was measured
         say(f"cleaning up {made.tmp} ...")
-        for warning in bp.cleanup(made, lz) + leftovers(made):
+        for warning in cleanup(made, lz):
             print(f"compare: WARNING: left behind: {warning}", file=sys.stderr)
             code = code or 3
         res.notes.append(
-            f"total runtime of scripts/compare.py: {time.perf_counter() - start:.0f} s; load "
-            f"average (1 min) at the end: {os.getloadavg()[0]:.2f}"
+            f"total runtime of `python -m scripts.compare`: {time.perf_counter() - start:.0f} s; "
+            + load_line(record.start, Load.now())
         )
         if res.samples:
-            for path in write_results(res, args.out):
+            for path in write_outputs(res, args.out, record):
                 print(path)
     return code
 

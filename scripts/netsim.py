@@ -46,7 +46,7 @@ command a private mount namespace: a FUSE mount made by such a command is invisi
 root namespace and to other commands. Pass ``share_mounts=True`` to enter only the network
 namespace (``nsenter --net``), e.g. for a daemon whose mount other processes must see.
 
-Library use (benchmark scripts run as ``python scripts/bench_x.py`` can ``import netsim``)::
+Library use (benchmarks run as ``python -m scripts.bench_x`` do ``from scripts import netsim``)::
 
     rate, rtt = netsim.PROFILES["100mbit"]
     with netsim.shaped_link("bench", rate_mbit=rate, rtt_ms=rtt) as link:

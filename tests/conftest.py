@@ -15,7 +15,6 @@ selected test still fails under ``CI=true`` (``require``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -25,22 +24,11 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def load_script(name: str) -> ModuleType:
-    """``scripts/NAME.py`` as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def require(ok: bool, why: str) -> None:

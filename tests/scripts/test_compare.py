@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import load_script
+from scripts import compare
 
-compare = load_script("compare")
 Sample = compare.Sample
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import load_script, require
+from scripts import netsim
+from tests.conftest import require
 
 pytestmark = pytest.mark.root
 
@@ -31,9 +32,6 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as s:
         got += chunk
 print(hashlib.sha256(payload).hexdigest(), hashlib.sha256(got).hexdigest(), len(got))
 """
-
-
-netsim = load_script("netsim")
 
 
 @pytest.fixture(autouse=True)
