@@ -103,6 +103,7 @@ def start_cas_server(root: Path, token_dir: Path) -> CasServer:
     token = secrets.token_hex(16)
     token_file = token_dir / "cas-token"
     token_file.write_text(token + "\n")
+    token_file.chmod(0o600)  # a token file others can read is refused
     proc = subprocess.Popen(
         [
             sys.executable,

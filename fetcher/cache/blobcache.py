@@ -257,6 +257,32 @@ class BlobCache:
             self.usage -= freed
         return freed
 
+    def drop(self, digest: Digest, *, unless_replaced: os.stat_result | None = None) -> bool:
+        """Delete one blob found bad (its file, then its record); returns False when it is
+        no longer indexed (evicted meanwhile), or its file is no longer the one
+        ``unless_replaced`` describes (evicted and fetched again: a verified copy)."""
+        path = self.path(digest)
+        with self._lock:
+            rec = self.index.get(digest)
+            if rec is None:
+                return False
+            if unless_replaced is not None:
+                try:
+                    now = os.stat(path)
+                except FileNotFoundError:
+                    pass
+                else:
+                    if (now.st_dev, now.st_ino) != (unless_replaced.st_dev, unless_replaced.st_ino):
+                        return False
+            path.unlink(missing_ok=True)
+            try:
+                self.index.delete_many([digest])
+            except CacheFull:  # see evict
+                syncfs(self.root)
+                self.index.delete_many([digest])
+            self.usage -= rec.size
+        return True
+
     def flush(self, touched: Collection[Digest] = ()) -> int:
         """Make every blob committed so far durable (one syncfs) and record the access time
         of ``touched`` blobs (one transaction); returns how many blobs became durable."""

@@ -7,8 +7,10 @@ CAS role (``lazycaf cas serve``) over a ``CasDir``:
     PUT  /v1/blobs/{hex}     store (verified; idempotent: 201 new, 200 already there); answered
                              once the blob is durable (concurrent PUTs share one syncfs:
                              ``fetcher.casserver.groupcommit``)
-    POST /v1/blobs:missing   {"digests": [hex, ...]} -> {"missing": [hex, ...]}
-    POST /v1/blobs:get       {"digests": [...]} -> those blobs in one body (``lazycaf.cas.batch``)
+    POST /v1/blobs:missing   {"digests": [hex, ...]} -> {"missing": [hex, ...]}; at most
+                             100,000 digests (413 beyond)
+    POST /v1/blobs:get       {"digests": [...]} -> those blobs in one body (``lazycaf.cas.batch``);
+                             at most 1,024 digests (413 beyond)
     POST /v1/blobs:batch     many blobs in one body (``lazycaf.cas.batch``); all or nothing
     GET  /v1/refs/{name}     the manifest digest a ref names (text)
     PUT  /v1/refs/{name}     set a ref (the blob must be stored); ``If-Match: "<hex>"`` /
@@ -18,7 +20,9 @@ CAS role (``lazycaf cas serve``) over a ``CasDir``:
 
 Writes need ``Authorization: Bearer <token>`` when the server has a token. A path that is not
 a well-formed digest or ref name is a 400; nothing outside the store is ever served. A disk
-that fails while storing is a 503.
+that fails while storing is a 503. Reads are open to anyone, so what a request may cost is
+bounded: bodies by size, digest lists by count, and large JSON bodies are parsed (and large
+answers encoded) in worker threads, never on the event loop that serves the others.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from fetcher.web.asgi import (
     digest_from,
     lifespan,
     read_body,
+    read_digests,
     respond,
 )
 from lazycaf.cas.batch import pack_batch, unpack_batch
@@ -52,18 +57,16 @@ from lazycaf.cas.casdir import CasDir, Staged
 from lazycaf.cas.refs import ANY, Expected
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import (
-    NotFound,
-    RefMoved,
-    RefNotFound,
-    UsageError,
-)
+from lazycaf.core.errors import NotFound, RefMoved, RefNotFound
 
 __all__ = ["CasApp", "CasStatistics"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY: Final = 512 << 20
+MAX_MISSING: Final = 100_000  # digests per blobs:missing (the client sends 4,096)
+MAX_GET: Final = 1024  # digests per blobs:get
+_DIGESTS_BODY: Final = 16 << 20  # a body of MAX_MISSING digests is ~6.7 MB
 _BLOBS: Final = "/v1/blobs/"
 _REFS: Final = "/v1/refs/"
 
@@ -87,6 +90,10 @@ class CasApp:
         self.store = store
         self._token = token
         self._limiter = trio.CapacityLimiter(16)
+        self._parse = trio.CapacityLimiter(2)  # threads parsing or encoding large JSON
+        # blobs:missing queries (up to MAX_MISSING stats each, open to anyone) take threads
+        # of their own: a flood of them queues behind itself, not in front of blob reads
+        self._queries = trio.CapacityLimiter(2)
         self.stats = CasStatistics()
         self.committer = GroupCommitter(store)
 
@@ -195,13 +202,7 @@ class CasApp:
     async def _get_many(self, receive: Receive, send: Send) -> None:
         """Several blobs in one response, as stored (zstd frames or raw); absent ones are
         left out. For prefetching many small blobs with one request."""
-        try:
-            request = json.loads(await read_body(receive, 16 << 20))
-            digests = [Digest.parse(h) for h in request["digests"]]
-        except (ValueError, KeyError, TypeError, UsageError) as exc:
-            raise HttpError(400, f'expected {{"digests": [hex, ...]}}: {exc}') from None
-        if len(digests) > 1024:
-            raise HttpError(400, "at most 1024 digests per request")
+        digests = await self._digests(receive, MAX_GET)
         records = await self._thread(_read_records, self.store, digests)
         self.stats.blob_gets += len(records)
         body = pack_batch(records)
@@ -239,14 +240,24 @@ class CasApp:
 
     async def _missing(self, receive: Receive, send: Send) -> None:
         self.stats.missing_queries += 1
-        try:
-            request = json.loads(await read_body(receive, 64 << 20))
-            digests = [Digest.parse(h) for h in request["digests"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise HttpError(400, f'expected {{"digests": [hex, ...]}}: {exc}') from None
-        missing = await self._thread(self.store.find_missing, digests)
-        body = json.dumps({"missing": [d.hex for d in missing]}).encode()
+        digests = await self._digests(receive, MAX_MISSING)
+        missing = await trio.to_thread.run_sync(
+            self.store.find_missing, digests, limiter=self._queries
+        )
+        if len(missing) > 1000:
+            body = await trio.to_thread.run_sync(_missing_body, missing, limiter=self._parse)
+        else:
+            body = _missing_body(missing)
         await respond(send, 200, body, "application/json")
+
+    async def _digests(self, receive: Receive, max_digests: int) -> list[Digest]:
+        return await read_digests(
+            receive, max_digests=max_digests, max_body=_DIGESTS_BODY, limiter=self._parse
+        )
+
+
+def _missing_body(missing: list[Digest]) -> bytes:
+    return json.dumps({"missing": [d.hex for d in missing]}).encode()
 
 
 def _expected(scope: Scope) -> Expected:

@@ -11,6 +11,9 @@
                                      (how much of an executable the cache holds)
     pin <hex> | unpin <hex>       -> ok {"pins": n}  (keep an executable's blobs out of GC)
     gc                            -> ok {GcResult}  (one GC pass now)
+    verify [<bytes per second>]   -> ok {Scrubbed.to_json()}  (rehash every cached blob at
+                                     most that fast, 0 or none: no limit; drop the bad;
+                                     one scrub at a time)
     stats                         -> ok {FetchService.statistics(), GC statistics}
     info                          -> ok {"cache", "cas", "pid", "peer_address", "peers"}
 
@@ -22,6 +25,7 @@ evicts them after cold blobs.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,6 +36,7 @@ from typing import Any
 import trio
 
 from fetcher.cache.collector import GarbageCollector
+from fetcher.cache.scrub import scrub
 from fetcher.fetching.prefetch import PrefetchQueue
 from fetcher.fetching.service import FetchService
 from fetcher.peers import coverage
@@ -72,6 +77,7 @@ class MountApi:
         self.peers = peers
         self._profile_lock = trio.Lock()  # one read-modify-write of a profile at a time
         self._index_limiter = trio.CapacityLimiter(1)  # index writes of this API
+        self._scrub_limiter = trio.CapacityLimiter(1)  # one scrub at a time, its own thread
         self._connections: set[_Connection] = set()
 
     def hot_set(self) -> set[Digest]:
@@ -108,7 +114,7 @@ class MountApi:
 
     async def dispatch(self, line: str, conn: _Connection | None = None) -> Any:
         verb, _, rest = line.rstrip("\n").partition(" ")
-        if verb in ("touch", "mounted", "holds", "pin", "unpin", "gc"):
+        if verb in ("touch", "mounted", "holds", "pin", "unpin", "gc", "verify"):
             return await self._dispatch_cache(verb, rest)
         match verb:
             case "ensure":
@@ -184,10 +190,34 @@ class MountApi:
                 if self.gc is not None:
                     self.gc.pins_changed()
                 return {"pins": pins}
+            case "verify":
+                try:
+                    rate = int(rest.strip() or 0)
+                except ValueError:
+                    raise UsageError(f"verify: not a rate in bytes per second: {rest!r}") from None
+                return await self._verify(rate)
             case _:  # gc
                 if self.gc is None:
                     raise UsageError("this daemon runs without GC")
                 return asdict(await self.gc.collect())
+
+    async def _verify(self, rate: int) -> dict[str, object]:
+        """Scrub the cache in a worker thread; a mount reading a blob dropped meanwhile
+        closes its descriptor within a second and fetches the blob again."""
+        if rate < 0:
+            raise UsageError(f"verify: a rate must be positive, got {rate}")
+        done = await trio.to_thread.run_sync(
+            functools.partial(
+                scrub,
+                self.service.cache,
+                rate=rate or None,
+                check=trio.from_thread.check_cancelled,
+            ),
+            limiter=self._scrub_limiter,
+        )
+        if done.bad:
+            log.warning("cache verify dropped %d bad blobs: %s", done.bad, done.to_json())
+        return done.to_json()
 
     async def _holds(self, digest: Digest) -> dict[str, int]:
         cache = self.service.cache

@@ -4,9 +4,11 @@
                                    from the CAS first (it is the blob's home for the asker),
                                    once however many peers ask at the same time
     HEAD /v1/blobs/{hex}           200 with its size if cached, else 404 (never fetches)
-    POST /v1/blobs:get             {"digests": [...]} -> those blobs (``lazycaf.cas.batch``
-                                   records, identity); missing ones are fetched from the CAS
-                                   with one request first; ones no source has are left out
+    POST /v1/blobs:get             {"digests": [...]} (at most 1,024: 413 beyond; a malformed
+                                   or too deeply nested body is a 400) -> those blobs
+                                   (``lazycaf.cas.batch`` records, identity); missing ones are
+                                   fetched from the CAS with one request first; ones no source
+                                   has are left out
     GET  /v1/coverage/{manifest}   {"blobs", "bytes", "held_blobs", "held_bytes", "hot_*"}: how
                                    much of the executable this cache holds; ``?profile=NAME``
                                    adds that profile's hot set
@@ -51,14 +53,14 @@ from fetcher.web.asgi import (
     check_bearer,
     digest_from,
     lifespan,
-    read_body,
+    read_digests,
     respond,
 )
 from lazycaf.cas.batch import pack_batch
 from lazycaf.cas.refs import check_ref_name
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import NotFound, Unavailable, UsageError
+from lazycaf.core.errors import NotFound, Unavailable
 from lazycaf.core.framing import IDENTITY
 from lazycaf.core.manifest import Manifest
 from lazycaf.core.priority import Priority
@@ -216,13 +218,9 @@ class PeerApp:
         self.served[priority] += 1
 
     async def _get_many(self, receive: Receive, send: Send, priority: Priority) -> None:
-        try:
-            request = json.loads(await read_body(receive, 1 << 20))
-            digests = [Digest.parse(h) for h in request["digests"]]
-        except (ValueError, KeyError, TypeError, UsageError) as exc:
-            raise HttpError(400, f'expected {{"digests": [hex, ...]}}: {exc}') from None
-        if len(digests) > _MAX_BATCH:
-            raise HttpError(400, f"at most {_MAX_BATCH} digests per request")
+        digests = await read_digests(
+            receive, max_digests=_MAX_BATCH, max_body=1 << 20, limiter=self._disk
+        )
         digests = list(dict.fromkeys(digests))
         await self.service.fetch_many(digests, priority=priority, for_peer=True, join=True)
         recent = {d: r for d in digests if (r := self.service.recent.get(d)) is not None}

@@ -7,7 +7,7 @@ hosts' daemons over HTTP (``fetcher.daemon.peerapp``) and fetches its misses fro
 (``fetcher.fetching.sources``), re-reading the peer list file every second.
 Beside it runs the host's mount zygote (``fetcher.daemon.zygote_keeper``).
 ``collect_without_daemon`` runs one GC pass on a cache no daemon serves, holding the same
-lock (LMDB allows one writer).
+lock (LMDB allows one writer); ``verify_without_daemon`` scrubs it the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import trio
 from fetcher.cache.blobcache import BlobCache
 from fetcher.cache.collector import GarbageCollector, GcResult, collect_once, resolve_policy
 from fetcher.cache.policy import GcPolicy
+from fetcher.cache.scrub import Scrubbed, scrub
 from fetcher.daemon.mountapi import MountApi
 from fetcher.daemon.peerapp import PeerApp
 from fetcher.daemon.zygote_keeper import keep_zygote
@@ -52,6 +53,7 @@ __all__ = [
     "collect_without_daemon",
     "run_daemon",
     "stop_daemon",
+    "verify_without_daemon",
 ]
 
 log = logging.getLogger(__name__)
@@ -223,13 +225,15 @@ def _peer_set(options: PeerOptions, sock: socket.socket | None) -> PeerSet:
             )
         advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if sock is not None and options.token is None:
-        host = sock.getsockname()[0]
-        if not ipaddress.ip_address(host).is_loopback:
-            log.warning(
-                "serving peers on %s without --peer-token-file: anyone who reaches it can "
-                "make this daemon fetch blobs into its cache",
-                options.listen,
-            )
+        # On loopback too: every local user (and every container sharing the network
+        # namespace) reaches it.
+        loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+        log.warning(
+            "serving peers on %s without --peer-token-file: %s can read this cache and make "
+            "this daemon fetch blobs into it",
+            options.listen,
+            "every local user" if loopback else "anyone who reaches it",
+        )
     if options.peers_file is not None and not options.peers_file.exists():
         raise UsageError(f"peer list {options.peers_file} does not exist")
     return PeerSet(
@@ -279,6 +283,19 @@ def collect_without_daemon(cache_root: Path, options: GcOptions = GcOptions()) -
             result = collect_once(cache, _policy(cache, options))
             cache.flush()
             return result
+        finally:
+            cache.index.sync()
+            cache.close()
+
+
+def verify_without_daemon(cache_root: Path, rate: int | None) -> Scrubbed:
+    """``fetcher.cache.scrub`` on a cache that no daemon serves (sync), holding its lock for
+    the whole scrub (a mount started meanwhile cannot start a daemon). Raises
+    ``DaemonRunning`` when a daemon holds the cache: ask it instead."""
+    with _exclusive(CacheLayout(cache_root).lock):
+        cache = BlobCache(cache_root)
+        try:
+            return scrub(cache, rate=rate)
         finally:
             cache.index.sync()
             cache.close()

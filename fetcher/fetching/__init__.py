@@ -2,9 +2,10 @@
 
 ``source`` (the ``BlobSource`` protocol every source implements, ``Fetched``),
 ``sources`` (the CAS source and the tiered source: home peer, then the CAS),
-``peersource`` (another host's daemon as a source: the peer API's client), ``service``
-(``ensure``: single flight, priorities, verification, budget), ``prefetch`` (the queue below
-on-demand reads), ``recent`` (payloads kept for peers).
+``breaker`` (the CAS source's circuit breaker), ``peersource`` (another host's daemon as a
+source: the peer API's client), ``service`` (``ensure``: single flight, priorities,
+verification, budget), ``prefetch`` (the queue below on-demand reads), ``recent`` (payloads
+kept for peers).
 
 May import: lazycaf.core, lazycaf.cas, lazycaf.host, fetcher.cache, fetcher.peers.
 """

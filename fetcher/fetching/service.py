@@ -40,6 +40,7 @@ import trio
 
 from fetcher.cache.blobcache import BlobCache, Staged
 from fetcher.cache.collector import GarbageCollector
+from fetcher.fetching.breaker import CasCircuitOpen
 from fetcher.fetching.recent import RecentPayloads
 from fetcher.fetching.source import BlobSource, Fetched
 from fetcher.fetching.sources import TieredSource
@@ -279,8 +280,9 @@ class FetchService:
         """Fetch several blobs with one request per source (``BlobSource.fetch_many``):
         per-request costs, not bytes, bound prefetch of many small blobs. Blobs already
         cached are skipped, and so are blobs in flight, unless ``join``: then return only
-        once those landed too. A failure is logged per blob (a later read fetches on demand;
-        a peer that asked misses that blob in the answer)."""
+        once those landed too. Failures are logged once per group and kind of error, not per
+        blob (a later read fetches on demand; a peer that asked misses that blob in the
+        answer)."""
         todo: dict[Digest, None] = {}
         others: list[_Flight] = []
         for d in digests:
@@ -338,6 +340,7 @@ class FetchService:
         finally:
             for d, flight in mine.items():
                 self._land(d, flight)
+        _log_group_failures(mine)  # not reached when cancelled (the daemon is stopping)
 
     def _verify_and_stage(self, digest: Digest, fetched: Fetched) -> Staged:
         """The one place fetched bytes are verified (a worker thread: hashing, writing)."""
@@ -356,8 +359,8 @@ class FetchService:
             except IntegrityError as exc:
                 if fetched.peer is None:
                     raise
-                self.source.peer_failed(fetched.peer, str(exc))
-                log.warning("%s; fetching blob %s from the CAS", exc, digest)
+                self.source.peer_failed(fetched.peer, str(exc))  # logs the back-off
+                log.debug("%s; fetching blob %s from the CAS", exc, digest)
                 fetched = await self.source.cas.fetch(digest, flight.priority)
                 staged = await trio.to_thread.run_sync(
                     self._verify_and_stage, digest, fetched, limiter=disk
@@ -383,9 +386,9 @@ class FetchService:
             self._bytes_prefetched += staged.size
 
     def _fail(self, flight: _Flight, digest: Digest, exc: LazyCafError) -> None:
+        """Fail a flight (its caller logs: one line per blob or per group)."""
         self._failures += 1
         flight.error = exc
-        log.warning("fetch of blob %s failed: %s", digest, exc)
         if isinstance(exc, CacheFull) and self.gc is not None:
             self.gc.notice_disk_full()
 
@@ -414,7 +417,10 @@ class FetchService:
         except Exception as exc:  # one fetch must not take the service down
             self._fail(flight, digest, _internal(exc))
         finally:
+            failed = flight.error  # before ``_land``: a cancelled flight is not logged
             self._land(digest, flight)
+        if failed is not None:
+            _log_failure(f"fetch of blob {digest}", failed)
 
     async def _publish(self, staged: Staged, disk: trio.CapacityLimiter) -> None:
         """Publish within the budget, waiting for GC passes to make room; after three
@@ -441,6 +447,29 @@ class FetchService:
             raise
         if gc is not None:
             gc.notice_commit()
+
+
+def _log_failure(what: str, exc: LazyCafError) -> None:
+    """One warning per failure, except while the CAS's breaker is open: it logged once."""
+    if isinstance(exc, CasCircuitOpen):
+        log.debug("%s failed: %s", what, exc)
+    else:
+        log.warning("%s failed: %s", what, exc)
+
+
+def _log_group_failures(flights: dict[Digest, _Flight]) -> None:
+    """One line per kind of error of a group's failed flights (a peer's request of 1,024
+    blobs from a dead CAS is one line, not 1,024)."""
+    by_error: dict[str, tuple[LazyCafError, list[Digest]]] = {}
+    for d, flight in flights.items():
+        if flight.error is not None and not flight.stored:
+            key = str(flight.error) if not isinstance(flight.error, BlobNotFound) else "absent"
+            by_error.setdefault(key, (flight.error, []))[1].append(d)
+    for exc, failed in by_error.values():
+        if len(failed) == 1:
+            _log_failure(f"fetch of blob {failed[0]}", exc)
+        else:
+            _log_failure(f"fetch of {len(failed)} blobs (first {failed[0]})", exc)
 
 
 def _internal(exc: Exception) -> Unavailable:

@@ -1,7 +1,9 @@
 """The sources a daemon's cache misses come from: the CAS, and the blob's home peer first.
 
 ``CasSource`` is any ``lazycaf.cas`` backend seen as a ``BlobSource``, with one backend (so
-one connection pool) per priority. ``TieredSource`` is read-only and never writes upstream.
+one connection pool) per priority, behind one circuit breaker (``fetcher.fetching.breaker``):
+once the CAS has failed a few times in a row, fetches fail at once until a probe gets through.
+``TieredSource`` is read-only and never writes upstream.
 Without peers it is the CAS. With peers, a miss goes to the blob's home
 (``PeerSet.ranking``); a home that fails or times out is backed off and skipped for that
 blob, and the next-ranked live member is asked (at most ``peer_tries`` peers); the CAS is
@@ -21,6 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
+from fetcher.fetching.breaker import CircuitBreaker
 from fetcher.fetching.peersource import HomeCouldNotFetch, PeerIsSelf, PeerSources
 from fetcher.fetching.source import BlobSource, Fetched, Outcome
 from fetcher.peers.peerset import PeerSet
@@ -36,20 +39,26 @@ log = logging.getLogger(__name__)
 
 class CasSource:
     """A CAS as a ``BlobSource``: ``prefetch_cas`` (its own connection pool) serves
-    prefetch, so reads never queue behind it. ``store`` is the CAS itself (refs, profiles)."""
+    prefetch, so reads never queue behind it. ``store`` is the CAS itself (refs, profiles).
+    Fetches of both priorities go through one ``breaker``: the CAS is down for both."""
 
-    def __init__(self, cas: CAS, prefetch_cas: CAS | None = None) -> None:
+    def __init__(
+        self, cas: CAS, prefetch_cas: CAS | None = None, *, breaker: CircuitBreaker | None = None
+    ) -> None:
         self.store = cas
         self.where = cas.where
+        self.breaker = breaker or CircuitBreaker(cas.where)
         self._cas = {Priority.DEMAND: cas, Priority.PREFETCH: prefetch_cas or cas}
 
     async def fetch(self, digest: Digest, priority: Priority) -> Fetched:
-        encoding, payload = await self._cas[priority].get_encoded(digest)
+        cas = self._cas[priority]
+        encoding, payload = await self.breaker.call(lambda: cas.get_encoded(digest))
         return Fetched(encoding, payload, "cas")
 
     async def fetch_many(self, digests: Sequence[Digest], priority: Priority) -> Outcome:
+        cas = self._cas[priority]
         try:
-            got = await self._cas[priority].get_many_encoded(digests)
+            got = await self.breaker.call(lambda: cas.get_many_encoded(digests))
         except LazyCafError as exc:
             return {}, exc
         return {
@@ -92,8 +101,9 @@ class TieredSource:
         return next(self._candidates(digest), None)
 
     def peer_failed(self, address: str, reason: str) -> None:
-        """A peer's answer did not verify (the service found out): back it off."""
-        if self.peers is not None:
+        """A peer's answer did not verify (the service found out): back it off, once for
+        a batch of bad blobs (the rest of the batch finds it backed off already)."""
+        if self.peers is not None and self.peers.is_live(address):
             self.peers.failed(address, reason)
 
     def _candidates(self, digest: Digest) -> Iterator[str]:

@@ -2,18 +2,21 @@
 
 Serving an app on an already bound socket with hypercorn on trio, reading bounded bodies,
 answering with a status and a body, mapping the project's errors to statuses in one place
-(``answer_errors``), bearer tokens compared in constant time, Accept-Encoding, and digests
-from URL paths.
+(``answer_errors``), bearer tokens compared in constant time, Accept-Encoding, digests from
+URL paths, and ``{"digests": [hex, ...]}`` bodies (``read_digests``: capped in size and in
+count, parsed in a worker thread when large, so one big or deeply nested body never stalls
+the other requests nor ends in a 500).
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Final
 
 import trio
 from hypercorn.config import Config
@@ -34,7 +37,9 @@ __all__ = [
     "check_bearer",
     "digest_from",
     "lifespan",
+    "parse_digests",
     "read_body",
+    "read_digests",
     "respond",
     "serve_app",
 ]
@@ -45,6 +50,8 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+PARSE_INLINE: Final = 64 << 10  # bodies up to this size are parsed on the event loop
 
 
 class HttpError(Exception):
@@ -109,7 +116,8 @@ def accepts(header: bytes, coding: bytes) -> bool:
     return bool(wildcard)
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
+async def read_body(receive: Receive, limit: int, *, hint: str = "") -> bytes:
+    """The whole request body; past ``limit`` bytes a 413 (``hint`` says what fits)."""
     parts: list[bytes] = []
     total = 0
     while True:
@@ -119,10 +127,45 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         total += len(chunk)
         if total > limit:
-            raise HttpError(413, f"body larger than {limit} bytes")
+            raise HttpError(413, f"body larger than {limit} bytes{hint}")
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+async def read_digests(
+    receive: Receive, *, max_digests: int, max_body: int, limiter: trio.CapacityLimiter
+) -> list[Digest]:
+    """The digests of a ``{"digests": [hex, ...]}`` body: a 400 for anything else (a body
+    nested too deep included), a 413 past ``max_body`` bytes or ``max_digests`` digests.
+    A body above ``PARSE_INLINE`` bytes is parsed in a thread under ``limiter``."""
+    hint = f" (at most {max_digests} digests per request)"
+    body = await read_body(receive, max_body, hint=hint)
+    if len(body) <= PARSE_INLINE:
+        return parse_digests(body, max_digests)
+    digests: list[Digest] = await trio.to_thread.run_sync(
+        parse_digests, body, max_digests, limiter=limiter
+    )
+    return digests
+
+
+def parse_digests(body: bytes, max_digests: int) -> list[Digest]:
+    """``read_digests``'s parsing (sync: it runs in a thread for large bodies)."""
+    expected = 'expected {"digests": [hex, ...]}'
+    try:
+        hexes = json.loads(body)["digests"]
+        if not isinstance(hexes, list):
+            raise TypeError(f"digests is a {type(hexes).__name__}, not a list")
+    except RecursionError:  # the C decoder's depth limit: not worth a traceback and a 500
+        raise HttpError(400, f"{expected}: JSON nested too deeply") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HttpError(400, f"{expected}: {str(exc)[:200]}") from None
+    if len(hexes) > max_digests:
+        raise HttpError(413, f"at most {max_digests} digests per request, got {len(hexes)}")
+    try:
+        return [Digest.parse(h) for h in hexes]
+    except UsageError as exc:
+        raise HttpError(400, f"{expected}: {exc}") from None
 
 
 async def respond(

@@ -3,7 +3,8 @@
 ``api`` (the ``CAS`` interface, ``open_cas``), ``local`` (the embedded local-directory
 backend), ``http`` (the HTTP client of the CAS server), ``casdir`` (the directory layout and
 its atomic writes, sync code shared with the server), ``refs`` (ref names, compare-and-swap
-conditions) and ``batch`` (the bodies of the batch endpoints).
+conditions), ``batch`` (the bodies of the batch endpoints) and ``tokens`` (bearer tokens
+read from files that only their owner can access).
 
 May import: lazycaf.core, lazycaf.disk.
 """

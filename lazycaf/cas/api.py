@@ -21,6 +21,7 @@ import trio
 from lazycaf.cas.http import HttpCAS
 from lazycaf.cas.local import LocalCAS
 from lazycaf.cas.refs import ANY, Expected
+from lazycaf.cas.tokens import read_token_file
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import (
@@ -86,7 +87,7 @@ def _token_from_env() -> str | None:
     if token := os.environ.get("LAZYCAF_CAS_TOKEN"):
         return token
     if path := os.environ.get("LAZYCAF_CAS_TOKEN_FILE"):
-        return Path(path).read_text().strip()
+        return read_token_file(Path(path), "LAZYCAF_CAS_TOKEN_FILE")
     return None
 
 

@@ -1,9 +1,9 @@
-"""The ``lazycaf cache`` commands: status, gc, pin (init lives with the host commands).
+"""The ``lazycaf cache`` commands: status, gc, verify, pin (init lives with the host commands).
 
 ``status`` reads the index read-only (LMDB readers never block the daemon), so it works
-with or without a daemon. ``gc`` asks the running daemon, or, when none runs, takes the
-daemon's lock and collects itself (the index has one writer). ``pin`` goes through the
-daemon, starting one like ``mount`` does, since it may have blobs to fetch.
+with or without a daemon. ``gc`` and ``verify`` ask the running daemon, or, when none runs,
+take the daemon's lock and do the work themselves (the index has one writer). ``pin`` goes
+through the daemon, starting one like ``mount`` does, since it may have blobs to fetch.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import trio
 
 from lazycaf.cli.host import _absolute, _cache_paths
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import LazyCafError, UsageError
+from lazycaf.core.errors import IntegrityError, LazyCafError, UsageError
 from lazycaf.core.manifest import Manifest
-from lazycaf.core.sizes import format_size
+from lazycaf.core.sizes import format_size, parse_size
 from lazycaf.host.client import FetcherClient, ensure_daemon, socket_answers
 from lazycaf.host.index import Index
 from lazycaf.host.paths import CacheLayout
 
-__all__ = ["gc", "pin", "status"]
+__all__ = ["gc", "pin", "status", "verify"]
 
 
 def _open_index(cache: Path) -> Index:
@@ -157,6 +157,62 @@ async def gc(args: argparse.Namespace) -> int:
         f"{format_size(result['budget'])}"
     )
     return 0
+
+
+_VERIFY_FLOOR = 50_000_000  # bytes a second assumed of a scrub without a rate, for its bound
+
+
+def _cache_bytes(cache: Path) -> int:
+    index = _open_index(cache)
+    try:
+        return index.total_bytes()
+    finally:
+        index.close()
+
+
+async def verify(args: argparse.Namespace) -> int:
+    """Rehash every cached blob (``fetcher.cache.scrub``) and drop the bad: exit 0 when all
+    verified, 4 (integrity) when some did not (they are fetched again on their next read)."""
+    from fetcher.daemon.root import DaemonRunning, verify_without_daemon
+
+    cache, sock = _cache_paths(args)
+    rate = None if args.rate.strip() == "0" else parse_size(args.rate)  # 0: no limit
+    total = await trio.to_thread.run_sync(_cache_bytes, cache)  # also: is this a cache?
+    result: dict[str, Any] | None = None
+    if not socket_answers(sock):
+        try:
+            res = await trio.to_thread.run_sync(verify_without_daemon, cache, rate)
+            result = {**res.to_json(), "by": "this process"}
+        except DaemonRunning:
+            pass  # one started meanwhile: ask it
+    if result is None:
+        bound = 600 + total / (rate or _VERIFY_FLOOR)
+        client = FetcherClient(sock, timeout=bound)
+        try:
+            result = {**await client.verify(rate), "by": "the fetcher daemon"}
+        finally:
+            await client.aclose()
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(_verify_report(result))
+    if result["bad"]:
+        looked_at = result["checked"] + len(result["unreadable"]) + len(result["missing"])
+        raise IntegrityError(
+            f"{result['bad']} of {looked_at} cached blobs did not verify and were dropped; "
+            "they are fetched again on their next read"
+        )
+    return 0
+
+
+def _verify_report(result: dict[str, Any]) -> str:
+    lines = [
+        f"checked {result['checked']} blobs ({format_size(result['bytes'])}) by {result['by']}: "
+        + (f"{result['bad']} bad, dropped" if result["bad"] else "all verified")
+    ]
+    for kind in ("corrupt", "unreadable", "missing"):
+        lines += [f"  {kind:10s} {hex_digest}" for hex_digest in result[kind]]
+    return "\n".join(lines)
 
 
 async def pin(args: argparse.Namespace) -> int:

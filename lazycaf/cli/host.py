@@ -7,16 +7,26 @@ import functools
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from lazycaf.cli.tokens import read_token
-from lazycaf.core.errors import LazyCafError, Unavailable, UsageError, first_error
+from lazycaf.core.errors import (
+    BlobNotFound,
+    LazyCafError,
+    NotFound,
+    Unavailable,
+    UsageError,
+    first_error,
+)
 from lazycaf.core.sizes import format_size, parse_size
 from lazycaf.host.client import (
     FetcherClient,
@@ -25,7 +35,18 @@ from lazycaf.host.client import (
     socket_answers,
 )
 from lazycaf.host.paths import CacheLayout, cache_paths
-from lazycaf.mount.root import MountConfig, check_mountpoint, is_mounted, mount_pid, run_mount
+from lazycaf.mount.root import (
+    SAVE_TIMEOUT,
+    MountConfig,
+    check_mountpoint,
+    is_mounted,
+    mount_pid,
+    run_mount,
+)
+
+if TYPE_CHECKING:
+    from lazycaf.core.manifest import Manifest
+    from lazycaf.trees.materialize import MaterializeResult
 
 __all__ = [
     "cache_init",
@@ -172,11 +193,11 @@ async def mount(args: argparse.Namespace) -> int:
 
 
 async def umount(args: argparse.Namespace) -> int:
+    """Unmount, then wait (bounded) until the mount process saved its trace and exited. A
+    mount whose process died (its mountpoint answers ENOTCONN) is unmounted the same way."""
     mnt = args.mountpoint.absolute()
-    if not mnt.exists():
-        raise UsageError(f"{mnt} does not exist")
     if not is_mounted(mnt):
-        raise UsageError(f"{mnt} is not mounted")
+        raise UsageError(f"{mnt} {'is not mounted' if _exists(mnt) else 'does not exist'}")
     pid = mount_pid(mnt)
     cmd = ["fusermount3", "-u", *(["-z"] if args.lazy else []), str(mnt)]
     proc = await trio.run_process(cmd, capture_stderr=True, check=False)
@@ -189,9 +210,29 @@ async def umount(args: argparse.Namespace) -> int:
             )
         raise LazyCafError(f"cannot unmount {mnt}: {err}")
     if pid is not None:  # the mount saves its run's trace on the way out: wait for it
-        with trio.move_on_after(60):
+        with trio.move_on_after(_EXIT_WAIT) as waited:
             await _wait_exit(pid)
+        if waited.cancelled_caught:
+            print(
+                f"lazycaf: warning: {mnt} is unmounted, but its mount process (pid {pid}) "
+                f"did not exit within {_EXIT_WAIT:g} s; its trace may be lost",
+                file=sys.stderr,
+            )
     return 0
+
+
+# a mount on its way out saves its trace within SAVE_TIMEOUT (lazycaf.mount.root)
+_EXIT_WAIT = SAVE_TIMEOUT + 20.0
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # ENOTCONN and the like: something is there
+        return True
+    return True
 
 
 async def _wait_exit(pid: int) -> None:
@@ -277,7 +318,8 @@ def _absolute(path: str | Path) -> Path:
 
 
 async def materialize(args: argparse.Namespace) -> int:
-    """A full ordinary tree from the host cache: reflinks on Btrfs, copies elsewhere."""
+    """A full ordinary tree from the host cache: reflinks on Btrfs, copies elsewhere. All or
+    nothing, modes made safe unless ``--keep-setid`` (``lazycaf.trees.materialize``)."""
     from lazycaf.core.manifest import Manifest
     from lazycaf.trees.materialize import check_target, write_tree
 
@@ -294,12 +336,16 @@ async def materialize(args: argparse.Namespace) -> int:
         blob = CacheLayout(cache).blob(digest)
         data = await trio.to_thread.run_sync(blob.read_bytes)
         manifest = await trio.to_thread.run_sync(Manifest.decode, data)
-        await client.ensure_all(list(manifest.blobs()), cache_root=cache)
+        await _ensure_tree_blobs(client, cache, manifest)
     finally:
         await client.aclose()
-    res = await trio.to_thread.run_sync(
-        functools.partial(write_tree, cache, manifest, target, copy=args.copy)
+    write = functools.partial(
+        write_tree, cache, manifest, target, copy=args.copy, keep_setid=args.keep_setid
     )
+    signum, res = await _run_until_signal(write)
+    if res is None:
+        print(f"lazycaf: interrupted: nothing written at {target}", file=sys.stderr)
+        return 128 + signum
     if res.copied and not args.copy:
         print(
             f"lazycaf: note: {res.copied} files were copied, not reflinked: {target} is not on "
@@ -311,3 +357,37 @@ async def materialize(args: argparse.Namespace) -> int:
         f"{res.bytes} bytes, {res.reflinked} reflinked, {res.copied} copied"
     )
     return 0
+
+
+async def _ensure_tree_blobs(client: FetcherClient, cache: Path, manifest: Manifest) -> None:
+    """Every blob of ``manifest`` in the cache; a missing one is named with its path."""
+    try:
+        await client.ensure_all(manifest.blobs(), cache_root=cache)
+    except BlobNotFound as exc:
+        path = next((e.path for e in manifest.entries if exc.digest in e.blob_digests()), "?")
+        raise NotFound(f"blob {exc.digest} of {path} is not in the CAS") from None
+
+
+async def _run_until_signal(
+    fn: Callable[..., MaterializeResult],
+) -> tuple[int, MaterializeResult | None]:
+    """Run ``fn(stop=event)`` in a thread; SIGINT or SIGTERM sets the event, and ``fn``
+    undoes its work and raises ``KeyboardInterrupt``: (the signal, None) then."""
+    stop = threading.Event()
+    got: list[int] = [signal.SIGINT]
+
+    def on_signal(signum: int, frame: object) -> None:
+        got[0] = signum
+        stop.set()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # else: no signals
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if main_thread}
+    try:
+        return 0, await trio.to_thread.run_sync(functools.partial(fn, stop=stop))
+    except KeyboardInterrupt:
+        if not stop.is_set():
+            raise
+        return got[0], None
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

@@ -148,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="copy bytes even where reflinks work (a tree sharing no extents with the cache)",
     )
+    sp.add_argument(
+        "--keep-setid",
+        action="store_true",
+        help="keep the manifest's modes as they are; by default setuid/setgid (06000) are "
+        "cleared on every file and directory, and others-write (0002) on every directory, "
+        "the root included",
+    )
     cas_opt(sp)
     cache_opts(sp)
     sp.set_defaults(run="host:materialize")
@@ -255,6 +262,20 @@ def _parser() -> argparse.ArgumentParser:
     cgc = csub.add_parser("gc", help="evict down to the low watermark now")
     cache_opts(cgc)
     cgc.set_defaults(run="cache:gc")
+    verify_text = (
+        "rehash every cached blob and drop those that do not verify; "
+        "exit 4 when some did not (they are fetched again on their next read)"
+    )
+    cverify = csub.add_parser("verify", help=verify_text, description=verify_text)
+    cache_opts(cverify)
+    cverify.add_argument(
+        "--rate",
+        default="100M",
+        metavar="BYTES",
+        help="read at most this many bytes a second, e.g. 100M (default; 0: no limit)",
+    )
+    cverify.add_argument("--json", action="store_true")
+    cverify.set_defaults(run="cache:verify")
     cpin = csub.add_parser("pin", help="fetch an executable's blobs and keep them out of GC")
     cpin.add_argument("ref")
     cpin.add_argument("--unpin", action="store_true", help="remove one pin instead")

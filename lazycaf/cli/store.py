@@ -13,9 +13,9 @@ import trio
 from lazycaf.cas.api import CAS, load_manifest, open_cas
 from lazycaf.cli.readouts import diff_manifests, entry_json, format_ls, link_counts
 from lazycaf.cli.tokens import read_token
-from lazycaf.core.chunking import validate_chunk_size
+from lazycaf.core.chunking import chunk_spans, validate_chunk_size
 from lazycaf.core.digest import Hasher
-from lazycaf.core.errors import DigestMismatch, PathNotFound, UsageError
+from lazycaf.core.errors import DigestMismatch, IntegrityError, PathNotFound, UsageError
 from lazycaf.core.manifest import DIR
 from lazycaf.trees.pack import PackProgress, pack
 from lazycaf.trees.statcache import default_stat_cache_dir
@@ -118,8 +118,14 @@ async def cat(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.path} is a directory, not a file")
         whole = Hasher()
         out = sys.stdout.buffer
-        for blob in entry.blob_digests():
+        spans = chunk_spans(entry.size, manifest.chunk_size)
+        for blob, (_, length) in zip(entry.blob_digests(), spans, strict=True):
             data = await cas.get(blob)
+            if len(data) != length:  # the size is part of what the manifest promises
+                raise IntegrityError(
+                    f"file {args.path!r}: blob {blob} has {len(data)} bytes, "
+                    f"the manifest says {length}"
+                )
             whole.update(data)
             await trio.to_thread.run_sync(out.write, data)
         await trio.to_thread.run_sync(out.flush)

@@ -1,22 +1,19 @@
-"""Bearer tokens given on the command line as files (``--token-file``, ``--peer-token-file``)."""
+"""Bearer tokens given on the command line as files (``--token-file``, ``--peer-token-file``).
+
+The reading and the permission check live in ``lazycaf.cas.tokens``, shared with
+``LAZYCAF_CAS_TOKEN_FILE``: a file group or others can access is refused.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lazycaf.core.errors import UsageError
+from lazycaf.cas.tokens import read_token_file
 
 __all__ = ["read_token"]
 
 
 def read_token(path: Path, option: str = "--token-file") -> str:
-    """The token in ``path`` (surrounding whitespace stripped); a missing, unreadable or
-    empty file is a ``UsageError`` naming ``option``."""
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise UsageError(f"cannot read {option} {path}: {reason}") from exc
-    if not token:
-        raise UsageError(f"{option} {path} is empty")
-    return token
+    """The token in ``path`` (surrounding whitespace stripped); a missing, unreadable, empty
+    or too open file (mode beyond 0600) is a ``UsageError`` naming ``option``."""
+    return read_token_file(path, option)

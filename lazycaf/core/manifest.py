@@ -20,7 +20,9 @@ Layout (little-endian), a header then eight length-prefixed (u64) columns::
     chunks  32 bytes per chunk of each f entry above chunk_size, in entry order
 
 The fields fixed at 0 above must be 0 and every length must be exact, so that one tree has
-exactly one encoding: decoding accepts only bytes that re-encode to themselves.
+exactly one encoding: decoding accepts only bytes that re-encode to themselves. A manifest
+is untrusted input: paths are relative, without '.' or '..' components, at most 4,095 bytes
+with names of at most 255 (so no tree is one a filesystem could not hold).
 
 Columns decode with one C call each and validate with whole-column operations (per-entry
 Python only for links, chunked files and on the failure path), which keeps decoding 100k
@@ -43,7 +45,17 @@ from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE, chunk_count, chunk_spans, 
 from lazycaf.core.digest import DIGEST_SIZE, Digest
 from lazycaf.core.errors import ManifestError
 
-__all__ = ["DIR", "FILE", "HARDLINK", "SYMLINK", "Entry", "Manifest", "check_path"]
+__all__ = [
+    "DIR",
+    "FILE",
+    "HARDLINK",
+    "NAME_MAX",
+    "PATH_MAX",
+    "SYMLINK",
+    "Entry",
+    "Manifest",
+    "check_path",
+]
 
 MAGIC: Final = b"LZCAFMAN"
 VERSION: Final = 1
@@ -52,6 +64,8 @@ _U64: Final = struct.Struct("<Q")
 _I64_MIN: Final = -(1 << 63)
 _I64_MAX: Final = (1 << 63) - 1
 _U64_MAX: Final = (1 << 64) - 1
+NAME_MAX: Final = 255  # bytes of one path component (Linux NAME_MAX)
+PATH_MAX: Final = 4095  # bytes of a whole relative path (Linux PATH_MAX less its NUL)
 
 DIR: Final = "d"
 FILE: Final = "f"
@@ -101,9 +115,15 @@ def check_path(path: str) -> str | None:
         return "leading or trailing '/'"
     if "//" in path or "\0" in path:
         return "empty component or NUL"
+    size = len(path.encode("utf-8", "surrogatepass"))
+    if size > PATH_MAX:
+        return f"path of {size} bytes (at most {PATH_MAX})"
     for part in path.split("/"):
         if part in (".", ".."):
             return f"'{part}' component"
+        size = len(part.encode("utf-8", "surrogatepass"))
+        if size > NAME_MAX:
+            return f"name of {size} bytes (at most {NAME_MAX})"
     return None
 
 
@@ -111,9 +131,11 @@ class Manifest:
     """An immutable, validated manifest.
 
     Invariants: entries are sorted by path without duplicates; every parent is a directory
-    entry (or the root); file sizes agree with their chunk lists; every hard link names an
-    earlier file entry and carries its attributes; symlinks have mode 0o777 and directories
-    size 0 (what decoding gives back), so whatever constructs also round-trips.
+    entry (or the root); a path has at most ``PATH_MAX`` (4,095) bytes and each of its names
+    at most ``NAME_MAX`` (255), what Linux can create; file sizes agree with their chunk
+    lists; every hard link names an earlier file entry and carries its attributes; symlinks
+    have mode 0o777 and directories size 0 (what decoding gives back), so whatever
+    constructs also round-trips.
     """
 
     __slots__ = ("__dict__", "chunk_size", "entries", "root_mode", "root_mtime_ns")
@@ -259,6 +281,8 @@ def _decode(data: bytes) -> Manifest:
     targets = targets_b.decode("utf-8").split("\0") if links else []
     if len(paths) != n or len(targets) != len(links):
         raise ManifestError("path or target count disagrees with the entry count")
+    if (paths_b and not n) or (targets_b and not links):  # split() is not used for these
+        raise ManifestError("path or target column holds bytes that no entry owns")
     if len(digests_b) != DIGEST_SIZE * kinds.count(FILE) or len(chunks_b) % DIGEST_SIZE:
         raise ManifestError("digest column length disagrees with the file count")
     _check_columns(kinds, modes, mtimes, sizes, paths, links)
@@ -483,7 +507,19 @@ def _paths_ok(paths: list[str], dirs: set[str]) -> bool:
         return False
     split = list(map(str.rpartition, paths, repeat("/")))
     names = set(map(itemgetter(2), split))
-    return names.isdisjoint(("", ".", "..")) and set(map(itemgetter(0), split)) <= dirs
+    return (
+        names.isdisjoint(("", ".", ".."))
+        and set(map(itemgetter(0), split)) <= dirs
+        and _all_fit(paths, PATH_MAX)
+        and _all_fit(names, NAME_MAX)
+    )
+
+
+def _all_fit(texts: Iterable[str], limit: int) -> bool:
+    """Whether each text's UTF-8 form has at most ``limit`` bytes. A code point takes at most
+    4 bytes, so only texts longer than ``limit // 4`` characters are encoded."""
+    short = limit // 4
+    return all(len(t.encode("utf-8", "surrogatepass")) <= limit for t in texts if len(t) > short)
 
 
 def _find_bad_entry(entries: tuple[Entry, ...], dirs: set[str]) -> None:
@@ -491,7 +527,7 @@ def _find_bad_entry(entries: tuple[Entry, ...], dirs: set[str]) -> None:
     for e in entries:
         bad = check_path(e.path)
         if bad:
-            raise ManifestError(f"entry {e.path!r}: {bad}")
+            raise ManifestError(f"entry {_shown(e.path)}: {bad}")
         if prev is not None and e.path <= prev:
             raise ManifestError(f"entry {e.path!r}: duplicate or out of order")
         prev = e.path
@@ -501,6 +537,13 @@ def _find_bad_entry(entries: tuple[Entry, ...], dirs: set[str]) -> None:
             raise ManifestError(f"entry {e.path!r}: parent directory missing")
         if not 0 <= e.mode <= 0o7777:
             raise ManifestError(f"entry {e.path!r}: mode {e.mode:o} has more than permission bits")
+
+
+def _shown(path: str, *, keep: int = 160) -> str:
+    """``path`` quoted for a one-line message, its middle cut when it is long."""
+    if len(path) <= 2 * keep:
+        return repr(path)
+    return f"{path[:keep]!r}...{path[-keep:]!r} ({len(path)} characters)"
 
 
 def _check_file(e: Entry, chunk_size: int) -> None:

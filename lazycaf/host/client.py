@@ -8,19 +8,27 @@ sccache starts its server, and waits until its socket answers.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import LazyCafError, Unavailable, UsageError
+from lazycaf.core.errors import (
+    BlobNotFound,
+    LazyCafError,
+    NotFound,
+    Unavailable,
+    UsageError,
+    first_error,
+)
 from lazycaf.core.priority import Priority
 from lazycaf.host.defaults import FETCH_TIMEOUT
 from lazycaf.host.paths import CacheLayout
@@ -35,6 +43,7 @@ __all__ = [
 ]
 
 _START_TIMEOUT: Final = 20.0
+ENSURE_BATCH: Final = 65536  # digests ``ensure_all`` holds at once: memory bounded by it
 
 
 class DaemonUnreachable(Unavailable):
@@ -89,37 +98,82 @@ class FetcherClient:
 
     async def ensure_all(
         self,
-        digests: Collection[Digest],
+        digests: Iterable[Digest],
         *,
         cache_root: Path | None = None,
         concurrency: int = 16,
+        batch_size: int = ENSURE_BATCH,
     ) -> None:
-        """Make every blob present, ``concurrency`` at a time, with a progress line on a
-        terminal (materialize, pin). With ``cache_root``, blobs whose file is already in
-        that cache (a file under ``blobs/`` has verified) cost no round trip each: one
-        ``touch`` for all of them keeps their place in the LRU."""
-        if cache_root is not None:
-            present = await trio.to_thread.run_sync(_present, cache_root, list(digests))
-            await self.touch(present)
-            held = set(present)
-            digests = [d for d in digests if d not in held]
-        limiter = trio.CapacityLimiter(concurrency)
-        done = 0
-        show = sys.stderr.isatty() and len(digests) > 0
+        """Make every blob present, with a progress line on a terminal (materialize, pin).
 
-        async def fetch(d: Digest) -> None:
-            nonlocal done
-            async with limiter:
-                await self.ensure(d)
-            done += 1
+        Works through ``digests`` in batches of ``batch_size``: memory stays bounded by the
+        batch, whatever the count (at most ``concurrency`` requests in flight). With
+        ``cache_root``, blobs whose file is already in that cache (a file under ``blobs/``
+        has verified) cost no round trip each: one ``touch`` per batch keeps their place in
+        the LRU. A blob the daemon cannot find anywhere stops the whole call with a
+        ``BlobNotFound`` naming the first such blob in ``digests`` order; any other error
+        is raised as itself, not inside an exception group."""
+        total = f"/{len(digests)}" if isinstance(digests, Sized) else ""
+        show = sys.stderr.isatty()
+        seen = fetched = 0
+
+        def progress() -> None:
+            nonlocal fetched
+            fetched += 1
             if show:
-                sys.stderr.write(f"\r\x1b[Kfetching blobs: {done}/{len(digests)}")
+                sys.stderr.write(f"\r\x1b[Kfetching blobs: {fetched} ({seen}{total} checked)")
 
-        async with trio.open_nursery() as nursery:
-            for d in digests:
-                nursery.start_soon(fetch, d)
-        if show:
+        pending = iter(digests)
+        while batch := list(itertools.islice(pending, batch_size)):
+            seen += len(batch)
+            if cache_root is not None:
+                present = await trio.to_thread.run_sync(_present, cache_root, batch)
+                await self.touch(present)
+                held = set(present)
+                batch = [d for d in batch if d not in held]
+            await self._ensure_batch(batch, concurrency, progress)
+        if show and fetched:
             sys.stderr.write("\n")
+
+    async def _ensure_batch(
+        self, batch: list[Digest], concurrency: int, progress: Callable[[], None]
+    ) -> None:
+        """``ensure_all``'s work on one batch: ``concurrency`` workers share one iterator
+        (no task per digest). After a ``NotFound`` no new request starts and those for later
+        digests are cancelled, but earlier ones finish: the one raised is the first blob of
+        the batch that is missing, whatever order the answers came in."""
+        missing: dict[int, tuple[Digest, NotFound]] = {}
+        in_flight: dict[int, trio.CancelScope] = {}
+        todo = iter(enumerate(batch))
+
+        async def worker() -> None:
+            for i, d in todo:
+                if missing:
+                    return
+                with trio.CancelScope() as in_flight[i]:
+                    try:
+                        await self.ensure(d)
+                    except NotFound as exc:
+                        missing[i] = (d, exc)
+                        for j, scope in in_flight.items():
+                            if j > min(missing):
+                                scope.cancel()
+                    else:
+                        progress()
+                del in_flight[i]
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(concurrency, len(batch))):
+                    nursery.start_soon(worker)
+        except BaseExceptionGroup as group:
+            errors, others = group.split(LazyCafError)
+            if errors is None or others is not None:
+                raise
+            raise first_error(errors) from None
+        if missing:
+            d, exc = missing[min(missing)]
+            raise BlobNotFound(d, "the CAS") from exc
 
     async def prefetch(self, digests: list[Digest]) -> int:
         """Queue blobs for background fetching, in order; returns how many were new."""
@@ -160,6 +214,12 @@ class FetcherClient:
 
     async def gc(self) -> dict[str, int]:
         result: dict[str, int] = await self._call("gc")
+        return result
+
+    async def verify(self, rate: int | None) -> dict[str, Any]:
+        """Rehash every cached blob at most ``rate`` bytes a second (None: no limit) and
+        drop the bad (``fetcher.cache.scrub``): checked, bytes, bad and which."""
+        result: dict[str, Any] = await self._call(f"verify {rate or 0}")
         return result
 
     async def stats(self) -> dict[str, Any]:

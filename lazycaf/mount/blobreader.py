@@ -5,7 +5,9 @@ the FUSE thread: page-cache hits are faster there than through a worker thread (
 MEASUREMENTS.md), and RWF_NOWAIT makes the kernel refuse instead of blocking when the pages
 are not cached, so cold disk reads go to worker threads and overlap rather than stall every
 other request. A miss asks the daemon to fetch the blob, bounded by ``timeout``; the chunks
-a read needs are fetched concurrently.
+a read needs are fetched concurrently, and a read fails with one ``LazyCafError`` (never an
+exception group). A blob file whose length is not what the manifest's size implies for it
+is refused (``IntegrityError``): the size is part of what the manifest's digest promises.
 
 The daemon never sees reads of cached blobs, so their LRU position would be their fetch
 time: the reader collects the blobs it opens and ``report_touches`` sends them to the
@@ -25,9 +27,16 @@ from typing import Final, Protocol
 
 import trio
 
-from lazycaf.core.chunking import chunks_touched
+from lazycaf.core.chunking import chunk_spans, chunks_touched
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import LazyCafError, Unavailable
+from lazycaf.core.errors import (
+    AccessDenied,
+    IntegrityError,
+    LazyCafError,
+    NotFound,
+    Unavailable,
+    UsageError,
+)
 from lazycaf.core.manifest import Entry
 from lazycaf.host.client import DaemonUnreachable, FetcherClient
 from lazycaf.host.defaults import FETCH_TIMEOUT
@@ -86,14 +95,14 @@ class BlobReader:
         self._timeout = timeout
         self._observer = observer
         self._restart_daemon = restart_daemon
-        self._fds: OrderedDict[Digest, int] = OrderedDict()
+        self._fds: OrderedDict[Digest, tuple[int, int]] = OrderedDict()  # -> (fd, size)
         self._disk = trio.CapacityLimiter(8)
         self._opened: set[Digest] = set()  # since the last touch report
         self._busy: dict[int, int] = {}  # fd -> reads in worker threads using it
         self._retired: list[int] = []  # fds to close once no thread uses them
 
     def close(self) -> None:
-        for fd in [*self._fds.values(), *self._retired]:
+        for fd in [*(fd for fd, _ in self._fds.values()), *self._retired]:
             os.close(fd)
         self._fds.clear()
         self._retired.clear()
@@ -112,25 +121,37 @@ class BlobReader:
             self._retire(fd)
         gone = [d for d in self._fds if d not in self._index]
         for d in gone:
-            self._retire(self._fds.pop(d))
+            self._retire(self._fds.pop(d)[0])
         return len(gone)
 
-    def _open_cached(self, digest: Digest) -> int | None:
-        fd = self._fds.get(digest)
-        if fd is not None:
+    def _open_cached(self, digest: Digest, length: int) -> int | None:
+        """A descriptor of the cached blob ``digest``, None when it is not cached.
+
+        ``length`` is the blob's size as the manifest implies it. A blob of another length
+        is an ``IntegrityError``: the size is part of what the manifest's digest promises,
+        and reading short or long would serve bytes the manifest does not describe. The
+        file's size is taken once per descriptor (one fstat per open)."""
+        held = self._fds.get(digest)
+        if held is None:
+            if digest not in self._index:
+                return None
+            try:
+                fd = os.open(self._cache.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None  # evicted since the index said so: fetch again
+            held = fd, os.fstat(fd).st_size
+            self._fds[digest] = held
+            self._opened.add(digest)
+            if len(self._fds) > _MAX_FDS:
+                _, (old, _) = self._fds.popitem(last=False)
+                self._retire(old)
+        else:
             self._fds.move_to_end(digest)
-            return fd
-        if digest not in self._index:
-            return None
-        try:
-            fd = os.open(self._cache.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None  # evicted since the index said so: fetch again
-        self._fds[digest] = fd
-        self._opened.add(digest)
-        if len(self._fds) > _MAX_FDS:
-            _, old = self._fds.popitem(last=False)
-            self._retire(old)
+        fd, size = held
+        if size != length:
+            raise IntegrityError(
+                f"blob {digest} has {size} bytes, the manifest says {length}: not served"
+            )
         return fd
 
     async def _fetch(self, digest: Digest) -> None:
@@ -165,9 +186,10 @@ class BlobReader:
     async def read(self, inode: int, entry: Entry, offset: int, size: int) -> bytes | bytearray:
         """Bytes ``[offset, offset + size)`` of a file entry (short at end of file)."""
         blobs = entry.blob_digests()
+        lengths = [length for _, length in chunk_spans(entry.size, self._chunk_size)]
         touched = chunks_touched(offset, size, entry.size, self._chunk_size)
         needed = [blobs[i] for i in touched]
-        missing = [d for d in needed if self._open_cached(d) is None]
+        missing = [blobs[i] for i in touched if self._open_cached(blobs[i], lengths[i]) is None]
         wait = 0.0
         if missing:
             start = time.monotonic()
@@ -176,27 +198,50 @@ class BlobReader:
             if len(missing) == 1:
                 await self._fetch(missing[0])
             else:
-                async with trio.open_nursery() as nursery:
-                    for d in dict.fromkeys(missing):
-                        nursery.start_soon(self._fetch, d)
+                await self._fetch_all(list(dict.fromkeys(missing)))
             wait = time.monotonic() - start
-        data = await self._assemble(entry, blobs, touched, offset, size)
+        data = await self._assemble(entry, blobs, lengths, touched, offset, size)
         if self._observer is not None:
             self._observer.read(
                 inode, entry, needed, touched, len(data), fetched=bool(missing), wait=wait
             )
         return data
 
+    async def _fetch_all(self, digests: list[Digest]) -> None:
+        """Fetch ``digests`` concurrently. The first failure cancels the others (the read
+        fails anyway) and is raised as one ``LazyCafError`` naming its blob, never as an
+        exception group: a group would escape the FUSE handler's error mapping."""
+        failures: list[tuple[Digest, Exception]] = []
+
+        async def fetch(digest: Digest, cancel: trio.CancelScope) -> None:
+            try:
+                await self._fetch(digest)
+            except Exception as exc:
+                failures.append((digest, exc))
+                cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for d in digests:
+                nursery.start_soon(fetch, d, nursery.cancel_scope)
+        if failures:
+            raise _one_error(failures[0][0], failures[0][1], len(digests))
+
     async def _assemble(
-        self, entry: Entry, blobs: tuple[Digest, ...], touched: range, offset: int, size: int
+        self,
+        entry: Entry,
+        blobs: tuple[Digest, ...],
+        lengths: list[int],
+        touched: range,
+        offset: int,
+        size: int,
     ) -> bytes | bytearray:
         end = min(offset + size, entry.size)
         parts = []
         for i in touched:
-            fd = self._open_cached(blobs[i])
+            fd = self._open_cached(blobs[i], lengths[i])
             if fd is None:  # evicted between its fetch and now: once more
                 await self._fetch(blobs[i])
-                fd = self._open_cached(blobs[i])
+                fd = self._open_cached(blobs[i], lengths[i])
             if fd is None:
                 raise Unavailable(f"blob {blobs[i]} vanished from the cache after its fetch")
             base = i * self._chunk_size if entry.chunks else 0
@@ -224,3 +269,21 @@ class BlobReader:
             else:
                 self._busy[fd] -= 1
         return buf[:got] + rest
+
+
+def _one_error(digest: Digest, exc: Exception, asked: int) -> LazyCafError:
+    """The failed fetch of ``digest`` (one of ``asked`` a read needed) as one error of the
+    same kind (so the same exit code and errno), naming the blob."""
+    if isinstance(exc, LazyCafError) and str(digest) in str(exc):
+        return exc
+    kinds: tuple[type[LazyCafError], ...] = (
+        NotFound,
+        IntegrityError,
+        Unavailable,
+        AccessDenied,
+        UsageError,
+    )
+    kind = next((k for k in kinds if isinstance(exc, k)), Unavailable)
+    error = kind(f"blob {digest} (one of {asked} a read needs) not fetched: {exc}")
+    error.__cause__ = exc
+    return error

@@ -1,7 +1,8 @@
 """The FUSE request handlers (the only ``pyfuse3`` importer).
 
 Handlers are thin: metadata comes from the pure ``InodeTable``, bytes from ``BlobReader``.
-They raise only ``pyfuse3.FUSEError``; ``errno_for`` maps the project's errors in one table.
+They raise only ``pyfuse3.FUSEError``; ``errno_for`` maps the project's errors in one table,
+and ``read`` answers EIO for any failure at all (one log line), so no read ends the mount.
 The tree is immutable, so entries and attributes are cached by the kernel for a day, negative
 lookups too, and open files keep their page cache.
 """
@@ -73,6 +74,15 @@ def _fuse_errors(
             raise pyfuse3.FUSEError(code) from exc
 
     return wrapper
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one log line: project errors by their message, anything else with its
+    type (the first leaf of an exception group)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, LazyCafError) else f"{type(exc).__name__}: {text}"
 
 
 def can_skip_open() -> bool:
@@ -174,11 +184,18 @@ class LazyOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF) from None
         try:
             data = await self.reader.read(fh, entry, off, size)
-        except LazyCafError as exc:  # one line naming the file and the blob's error
-            log.error("read of %s (%d bytes at %d) failed: %s", entry.path, size, off, exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from exc
-        except OSError as exc:
-            log.error("read of %s failed: %s", entry.path, exc)
+        except Exception as exc:
+            # Whatever failed (a fetch, a blob of the wrong size, the disk, or a bug), the
+            # read gets EIO and the mount goes on: an exception escaping a handler ends
+            # pyfuse3's main loop and so the mount. EIO also for "not found": the file
+            # exists, its bytes could not be had. One line naming the file (and the blob).
+            log.error(
+                "read of %s (%d bytes at %d) failed: %s",
+                entry.path,
+                size,
+                off,
+                _one_line(exc),
+            )
             raise pyfuse3.FUSEError(errno.EIO) from exc
         return data  # type: ignore[return-value]  # pyfuse3 takes any buffer
 

@@ -6,13 +6,23 @@ runs it in a forked child and returns once the child reports the tree visible (o
 Offline (``--offline``): the ref resolves to the digest this cache last resolved it to,
 the mount refuses unless every blob of the executable is cached, and it neither prefetches
 nor records a trace (both need the CAS).
+
+Ending: an unmount ends the kernel's FUSE connection, but pyfuse3's main loop returns only
+once every request handler has, and a read waiting on a fetch from a slow CAS may wait up to
+``--fetch-timeout``. So the mount watches the FUSE device for the end of the connection (an
+error on ``/dev/fuse``: after a plain unmount, or the last close after a lazy one) and then
+cancels the handlers in flight, whose answers nobody can receive any more; SIGTERM does the
+same. The run's trace is then saved within ``SAVE_TIMEOUT`` seconds, or given up, and the
+process exits: ``lazycaf umount`` returns within a bound whatever the fetches are doing.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
+import select
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +46,7 @@ from lazycaf.mount.recording import DEFAULT_EAGER_SHARE, MountProfile, load_prof
 from lazycaf.traces.trace import Profile
 
 __all__ = [
+    "SAVE_TIMEOUT",
     "MountConfig",
     "check_mountpoint",
     "is_mounted",
@@ -47,6 +58,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _READY_TIMEOUT: Final = 120.0
+SAVE_TIMEOUT: Final = 10.0  # longest a mount on its way out spends saving its trace
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,13 @@ def _mount_bdi(target: str) -> str | None:
 
 def check_mountpoint(path: Path) -> str:
     """Refuse a missing, non-directory, mounted or non-empty mountpoint; its real path."""
+    try:
+        os.statvfs(path)  # the kernel asks the filesystem each time (attributes are cached)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a FUSE mount whose process died (kill -9)
+            raise UsageError(
+                f"mountpoint {path} is a mount whose process is gone (lazycaf umount it first)"
+            ) from None
     if not path.exists():
         raise UsageError(f"mountpoint {path} does not exist")
     if not path.is_dir():
@@ -185,19 +204,67 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
                 await nursery.start(profile.run)
                 nursery.start_soon(reader.report_touches)
                 ready(digest.hex)
-                nursery.start_soon(_handle_signals, fuse_ops.fuse_terminate, profile.save)
-                await fuse_ops.fuse_main()
+                with trio.CancelScope() as serving:  # cancelled: drop the requests in flight
+
+                    def stop_serving() -> None:
+                        fuse_ops.fuse_terminate()
+                        serving.cancel()
+
+                    nursery.start_soon(_handle_signals, stop_serving, profile.save)
+                    nursery.start_soon(_cancel_when_disconnected, serving.cancel)
+                    await fuse_ops.fuse_main()
                 nursery.cancel_scope.cancel()
         finally:
             fuse_ops.fuse_close(unmount=True)
             reader.close()
             index.close()
             with trio.CancelScope(shield=True):
-                await profile.save()
+                await _save_bounded(profile)
             pid_file.unlink(missing_ok=True)
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
+
+
+async def _save_bounded(profile: MountProfile) -> None:
+    with trio.move_on_after(SAVE_TIMEOUT) as scope:
+        await profile.save()
+    if scope.cancelled_caught:
+        log.warning("the run's trace was not saved within %g s: given up", SAVE_TIMEOUT)
+
+
+def _fuse_device_fd() -> int | None:
+    """This process's ``/dev/fuse`` descriptor (a mount process serves one mount)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+            continue
+    return None
+
+
+async def _cancel_when_disconnected(cancel: Callable[[], None]) -> None:
+    """Call ``cancel`` once the kernel has ended this mount's FUSE connection.
+
+    The device reports an error (``EPOLLERR``) exactly then: after an unmount, or after the
+    last file closed following a lazy one. An epoll set holding the device with no events
+    asked becomes readable only for that, so the wait costs nothing while the mount serves
+    (requests waiting make the device readable, which the set does not ask about).
+    """
+    fd = _fuse_device_fd()
+    if fd is None:
+        log.warning("no /dev/fuse descriptor found: reads in flight delay the unmount")
+        return
+    watch = select.epoll()
+    try:
+        watch.register(fd, 0)  # EPOLLERR and EPOLLHUP are always reported
+        while not watch.poll(0):
+            await trio.lowlevel.wait_readable(watch.fileno())
+    finally:
+        watch.close()
+    log.info("the FUSE connection ended: cancelling the requests in flight")
+    cancel()
 
 
 async def _load_into(

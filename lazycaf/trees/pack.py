@@ -23,7 +23,7 @@ from lazycaf.cas.api import CAS
 from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE, chunk_spans
 from lazycaf.core.digest import Digest, Hasher
 from lazycaf.core.errors import PackError
-from lazycaf.core.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest
+from lazycaf.core.manifest import DIR, FILE, HARDLINK, PATH_MAX, SYMLINK, Entry, Manifest
 from lazycaf.trees.statcache import StatCache, StatKey
 
 __all__ = ["PackProgress", "PackResult", "pack", "scan_tree"]
@@ -98,7 +98,10 @@ def scan_tree(root: Path, *, keep_setid: bool = False) -> tuple[os.stat_result, 
             key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
             out.append(Scanned(rel, FILE, mode, st.st_mtime_ns, st.st_size, inode=inode, key=key))
         elif stat.S_ISLNK(m):
-            target = os.readlink(root / rel)
+            try:
+                target = os.readlink(root / rel)
+            except OSError as exc:
+                raise PackError(f"cannot read link {_shown(root, rel)}: {exc.strerror}") from exc
             _check_utf8(target, f"{rel} (symlink target)")
             out.append(Scanned(rel, SYMLINK, 0o777, st.st_mtime_ns, len(target.encode()), target))
         else:
@@ -119,7 +122,19 @@ def _check_utf8(name: str, where: str) -> None:
         raise PackError(f"cannot pack {where!r}: name is not valid UTF-8") from None
 
 
+def _shown(root: Path, rel: str, *, keep: int = 100) -> str:
+    """``root/rel`` for a one-line message, its middle cut when it is long (a path deeper
+    than PATH_MAX would fill a screen)."""
+    path = str(root / rel) if rel else str(root)
+    if len(path) <= 2 * keep:
+        return path
+    return f"{path[:keep]}...{path[-keep:]} ({len(path.encode())} bytes)"
+
+
 def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Every path below ``root`` and its lstat. Any OSError (ENAMETOOLONG, EACCES, a file
+    removed meanwhile) and any path a manifest could not hold end the walk as a one-line
+    ``PackError`` naming the path."""
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -127,11 +142,21 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
             with os.scandir(root / rel_dir if rel_dir else root) as it:
                 entries = list(it)
         except OSError as exc:
-            raise PackError(f"cannot read directory {root / rel_dir}: {exc.strerror}") from exc
+            raise PackError(
+                f"cannot read directory {_shown(root, rel_dir)}: {exc.strerror}"
+            ) from exc
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            _check_utf8(entry.name, str(root / rel))
-            st = entry.stat(follow_symlinks=False)
+            _check_utf8(entry.name, _shown(root, rel))
+            if len(rel.encode()) > PATH_MAX:
+                raise PackError(
+                    f"cannot pack {_shown(root, rel)}: its path below {root} is "
+                    f"{len(rel.encode())} bytes long (a manifest holds at most {PATH_MAX})"
+                )
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise PackError(f"cannot stat {_shown(root, rel)}: {exc.strerror}") from exc
             yield rel, st
             if stat.S_ISDIR(st.st_mode):
                 stack.append(rel)

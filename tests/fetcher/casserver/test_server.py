@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import socket
@@ -26,11 +27,13 @@ import pytest
 import trio
 import zstandard
 
-from fetcher.casserver.app import CasApp
+from fetcher.casserver.app import MAX_MISSING, CasApp
 from fetcher.casserver.groupcommit import GroupCommitter
+from fetcher.web import asgi
 from fetcher.web.asgi import bind_socket, serve_app
 from lazycaf.cas import casdir
 from lazycaf.cas.casdir import CasDir, Staged
+from lazycaf.cas.http import MISSING_BATCH
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import CasUnavailable
@@ -872,4 +875,166 @@ def test_get_many_in_one_response(server: CasServer, client: httpx.Client) -> No
         assert framing.decode(encoding, payload) == data
     assert client.post("/v1/blobs:get", json={"digests": ["nope"]}).status_code == 400
     too_many = {"digests": [absent.hex] * 1025}
-    assert client.post("/v1/blobs:get", json=too_many).status_code == 400
+    refused = client.post("/v1/blobs:get", json=too_many)
+    assert refused.status_code == 413 and "at most 1024 digests" in refused.text
+
+
+# -- hostile bodies: depth, count, size; parsed off the event loop ------------------------------
+DEEP = b'{"digests": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/blobs:missing", "/v1/blobs:get"])
+@pytest.mark.parametrize(
+    "body",
+    [DEEP, b"[" * 100_000, b'{"digests": [' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"]}"],
+    ids=["digests", "unclosed", "objects"],
+)
+def test_deeply_nested_json_is_400_not_500(
+    client: httpx.Client, endpoint: str, body: bytes
+) -> None:
+    r = client.post(endpoint, content=body)
+    assert r.status_code == 400, (r.status_code, r.text[:200])
+    assert "nested too deeply" in r.text
+    assert client.get("/v1/stats").status_code == 200  # the server goes on
+
+
+async def test_deeply_nested_json_logs_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with inprocess(CasDir(tmp_path / "root")) as (_, client):
+        r = await client.post("/v1/blobs:missing", content=DEEP)
+    assert r.status_code == 400
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], caplog.text
+
+
+def hexes(n: int, label: str) -> list[str]:
+    return [Digest.of(f"{label} {i}".encode()).hex for i in range(n)]
+
+
+def test_missing_caps_the_digest_count_and_the_body(client: httpx.Client) -> None:
+    over = {"digests": ["0" * 64] * (MAX_MISSING + 1)}  # counted before anything is parsed
+    r = client.post("/v1/blobs:missing", json=over, timeout=60)
+    assert r.status_code == 413
+    assert r.text.strip() == f"at most {MAX_MISSING} digests per request, got {MAX_MISSING + 1}"
+    padded = b'{"digests": [' + b" " * (17 << 20) + b"]}"
+    r = client.post("/v1/blobs:missing", content=padded, timeout=60)
+    assert r.status_code == 413 and f"at most {MAX_MISSING} digests" in r.text, r.text
+    assert MISSING_BATCH <= MAX_MISSING  # the client's queries stay under the cap
+
+
+@pytest.mark.slow
+def test_missing_answers_a_query_of_the_most_digests_allowed(
+    server: CasServer, client: httpx.Client
+) -> None:
+    present = put(client, server, unique("cap-present"))
+    query = [*hexes(MAX_MISSING - 1, "cap"), present.hex]
+    r = client.post("/v1/blobs:missing", json={"digests": query}, timeout=120)
+    assert r.status_code == 200
+    missing = r.json()["missing"]
+    assert len(missing) == MAX_MISSING - 1 and present.hex not in missing
+
+
+async def test_a_large_body_is_parsed_while_other_requests_are_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blobs:missing body above the inline limit is parsed in a worker thread: park that
+    parse, and a request made meanwhile is answered (a parse on the event loop would block
+    it until the parse gives up waiting)."""
+    entered, released = threading.Event(), threading.Event()
+    parked: list[bool] = []
+    parse = asgi.parse_digests
+
+    def parked_parse(body: bytes, max_digests: int) -> list[Digest]:
+        if len(body) > asgi.PARSE_INLINE:
+            entered.set()
+            parked.append(released.wait(10))  # False: nobody released it (the loop was stuck)
+        return parse(body, max_digests)
+
+    monkeypatch.setattr(asgi, "parse_digests", parked_parse)
+    query = hexes(5000, "parked")
+    answers: dict[str, httpx.Response] = {}
+    async with inprocess(CasDir(tmp_path / "root")) as (_, client):
+
+        async def big() -> None:
+            answers["big"] = await client.post("/v1/blobs:missing", json={"digests": query})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(big)
+            assert await trio.to_thread.run_sync(entered.wait, 10)
+            answers["stats"] = await client.get("/v1/stats")
+            answers["small"] = await client.post("/v1/blobs:missing", json={"digests": query[:3]})
+            released.set()
+    assert parked == [True]
+    assert answers["stats"].status_code == 200
+    assert answers["small"].json() == {"missing": query[:3]}
+    assert answers["big"].json() == {"missing": query}
+
+
+@pytest.mark.slow
+def test_big_missing_queries_do_not_stall_other_requests(server: CasServer) -> None:
+    """Concurrent queries of 100,000 digests (unauthenticated, ~6.8 MB each): a stats
+    request and a blob read made meanwhile never wait long (generous: before, one query of
+    950,000 digests stalled every request for up to 8.75 s)."""
+    blob = unique("read during a flood")
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        digest = put(c, server, blob)
+    bodies = [json.dumps({"digests": hexes(MAX_MISSING, f"flood{i}")}) for i in range(2)]
+    statuses: list[int] = []
+
+    def flood(body: str) -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            statuses.append(c.post("/v1/blobs:missing", content=body).status_code)
+
+    threads = [threading.Thread(target=flood, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    waits: list[float] = []
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        while any(t.is_alive() for t in threads):
+            start = time.monotonic()
+            assert c.get("/v1/stats").status_code == 200
+            assert c.get(f"/v1/blobs/{digest.hex}").content == blob
+            waits.append(time.monotonic() - start)
+            time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 2
+    assert waits and max(waits) < 3.0, max(waits)
+
+
+# -- token files ------------------------------------------------------------------------------
+def token_file(tmp_path: Path, mode: int, token: str = "s3cret") -> Path:
+    path = tmp_path / f"token-{mode:o}"
+    path.write_text(token + "\n")
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_cas_serve_refuses_a_token_file_others_can_access(tmp_path: Path, mode: int) -> None:
+    path = token_file(tmp_path, mode)
+    proc = run_cli(
+        *("cas", "serve", "--root", tmp_path / "root", "--listen", "127.0.0.1:0"),
+        *("--token-file", path),
+        check=False,
+        timeout=30,
+    )
+    err = proc.stderr.decode(errors="replace").strip()
+    assert proc.returncode == 2, err
+    assert err.splitlines() == [
+        f"lazycaf: error: --token-file {path} has mode {mode:04o}: a token file must not be "
+        f"accessible by group or others (chmod 600 {path})"
+    ]
+
+
+def test_token_file_from_the_environment_is_checked_too(server: CasServer, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    loose = token_file(tmp_path, 0o644, server.token)
+    env = {**NO_TOKEN, "LAZYCAF_CAS_TOKEN_FILE": str(loose)}
+    proc = run_cli("pack", tree, "--cas", server.url, check=False, env=env)
+    err = proc.stderr.decode(errors="replace").strip()
+    assert proc.returncode == 2, err
+    assert "\n" not in err and f"LAZYCAF_CAS_TOKEN_FILE {loose} has mode 0644" in err, err
+    loose.chmod(0o600)
+    digest = run_cli("pack", tree, "--cas", server.url, env=env).stdout.decode().strip()
+    assert blob_files(server.root, Digest.parse(digest))

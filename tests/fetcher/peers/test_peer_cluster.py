@@ -264,6 +264,7 @@ def test_peers_with_a_token_refuse_requests_without_it(
     pack(tree, cluster.cas)
     token = tmp_path / "peer-token"
     token.write_text("s3cret\n")
+    token.chmod(0o600)
     ports = [free_port(), free_port()]
     cluster.write_peers([f"127.0.0.1:{p}" for p in ports])
     a, b = (cluster.start(n, port=p, token_file=token) for n, p in zip("ab", ports, strict=True))

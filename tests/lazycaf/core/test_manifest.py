@@ -349,6 +349,68 @@ def test_check_path() -> None:
         assert check_path(bad) is not None, bad
 
 
+def test_names_and_paths_may_be_as_long_as_linux_allows() -> None:
+    name = "n" * 255
+    deep = [name[:250] + f"{i:05d}" for i in range(15)]  # 15 x 255 bytes and 14 '/'
+    dirs = ["/".join(deep[: i + 1]) for i in range(len(deep))]
+    last = dirs[-1] + "/" + "é" * 127 + "x"  # a name of 255 bytes: the path has 4,095
+    assert len(last.encode()) == 4095
+    m = man(*(d(p) for p in dirs), f(last), f(name))
+    assert same(Manifest.decode(m.encode()), m)
+    assert check_path(last) is None
+
+
+LONG_NAMES = [
+    ("n" * 256, "name of 256 bytes"),
+    ("é" * 128, "name of 256 bytes"),  # 128 characters, but 256 bytes
+    ("a/" + "x" * 300, "name of 300 bytes"),
+]
+
+
+@pytest.mark.parametrize(("bad", "match"), LONG_NAMES, ids=["ascii", "utf8", "nested"])
+def test_names_over_255_bytes_are_rejected_naming_the_entry(bad: str, match: str) -> None:
+    dirs = ["a"] if "/" in bad else []
+    rows = [row(d(p)) for p in dirs] + [row(f(bad))]
+    must_fail_naming(pack(rows), bad, match)
+    with pytest.raises(ManifestError, match=f"entry {bad!r}: {match}"):
+        man(*(d(p) for p in dirs), f(bad))  # the encoder's side refuses it too
+    assert check_path(bad) == f"{match} (at most 255)"
+
+
+def test_paths_over_4095_bytes_are_rejected_naming_the_entry() -> None:
+    parts = [f"{i:03d}" + "d" * 197 for i in range(21)]  # 21 x 201 = 4,221 bytes
+    paths = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    rows = [row(d(p)) for p in paths]
+    with pytest.raises(ManifestError) as info:
+        Manifest.decode(pack(rows))
+    msg = str(info.value)
+    assert "path of 4220 bytes (at most 4095)" in msg
+    assert paths[-1][:100] in msg and paths[-1][-100:] in msg  # named, shortened to a line
+    assert len(msg) < 600 and "\n" not in msg
+    with pytest.raises(ManifestError, match="path of 4220 bytes"):
+        man(*(d(p) for p in paths))
+    assert check_path(paths[-1]) == "path of 4220 bytes (at most 4095)"
+    assert check_path(paths[-2]) is None
+
+
+def test_decode_rejects_bytes_in_columns_no_entry_owns() -> None:
+    """Found by tests/faults/test_fuzz_manifest.py: without a link the targets column was not
+    read, and without entries the paths column, so bytes there decoded to the same tree
+    under another digest."""
+    for rows, column in (([row(f("a"))], 5), ([], 4)):
+        data = pack(rows)
+        cols, pos = [], 32  # after the header: (offset of each length field, length)
+        for _ in range(8):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            cols.append((pos, length))
+            pos += 8 + length
+        at, length = cols[column]
+        assert length == 0
+        bad = data[:at] + struct.pack("<Q", 1) + b"x" + data[at + 8 :]
+        with pytest.raises(ManifestError, match="bytes that no entry owns"):
+            Manifest.decode(bad)
+
+
 def test_decode_rejects_duplicates() -> None:
     must_fail_naming(pack([row(d("a")), row(d("a"))]), "a", "duplicate")
 

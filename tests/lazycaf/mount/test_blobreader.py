@@ -3,7 +3,9 @@ scripted daemon client that stores blobs when asked, fails, hangs or dies.
 
 What it promises: bytes of cached blobs straight from their files; missing chunks fetched
 (all of a read's at once) and then read; a fetch bounded by the timeout; a daemon that went
-away restarted once and asked again; its observer told of each miss and read.
+away restarted once and asked again; its observer told of each miss and read; failed
+fetches of several chunks raised as one project error naming a blob (never an exception
+group); a blob whose length is not what the manifest implies refused as an integrity error.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import trio
 from fetcher.cache.blobcache import BlobCache
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import Unavailable
+from lazycaf.core.errors import BlobNotFound, IntegrityError, LazyCafError, NotFound, Unavailable
 from lazycaf.core.manifest import FILE, Entry
 from lazycaf.host.client import DaemonUnreachable
 from lazycaf.host.index import Index
@@ -49,6 +51,7 @@ class Daemon:
         self.asked: list[Digest] = []
         self.delay = 0.0
         self.hangs: set[Digest] = set()
+        self.fails: dict[Digest, Exception] = {}
         self.gone = False
         self.in_flight = 0
         self.most_in_flight = 0
@@ -63,6 +66,8 @@ class Daemon:
             if digest in self.hangs:
                 await trio.sleep_forever()
             await trio.sleep(self.delay)
+            if digest in self.fails:
+                raise self.fails[digest]
             return self.cache.commit(digest, *framing.encode(BLOBS[digest]))
         finally:
             self.in_flight -= 1
@@ -209,5 +214,76 @@ async def test_a_blob_evicted_after_its_index_record_was_read_is_fetched_again(
         cache.path(SMALL_ENTRY.digest).unlink()  # type: ignore[arg-type]
         assert await r.read(3, SMALL_ENTRY, 0, 100) == SMALL
         assert daemon.asked == [SMALL_ENTRY.digest]
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("how", ["not found", "daemon error", "one hangs"])
+async def test_a_read_across_chunks_that_cannot_be_fetched_fails_with_one_error(
+    cache: BlobCache, how: str, autojump_clock: trio.abc.Clock
+) -> None:
+    """Defect 1 of issue 13: two missing chunks used to fail the read with an exception
+    group, which the FUSE handler did not catch, and the mount died."""
+    daemon = Daemon(cache)
+    first, second = ENTRY.chunks[0], ENTRY.chunks[1]
+    if how == "not found":
+        daemon.fails = {d: BlobNotFound(d, "the CAS") for d in (first, second)}
+    elif how == "daemon error":
+        daemon.fails = {d: ConnectionResetError("daemon died") for d in (first, second)}
+    else:  # the first fails at once, the second would hang: no wait for it
+        daemon.fails = {first: BlobNotFound(first, "the CAS")}
+        daemon.hangs.add(second)
+    r, _ = reader(cache, daemon, timeout=30.0)
+    try:
+        start = trio.current_time()
+        with pytest.raises(LazyCafError) as info:
+            await r.read(2, ENTRY, CHUNK - 4096, 8192)  # across the first chunk boundary
+        assert not isinstance(info.value, BaseExceptionGroup)
+        assert str(first) in str(info.value) or str(second) in str(info.value)
+        if how == "daemon error":
+            assert isinstance(info.value, Unavailable) and "daemon died" in str(info.value)
+        else:
+            assert isinstance(info.value, NotFound)
+        assert trio.current_time() - start < 30.0  # the failure cancelled the hanging fetch
+        assert sorted(daemon.asked) == sorted([first, second])
+        # the reader is still usable: another file reads fine
+        assert await r.read(3, SMALL_ENTRY, 0, 100) == SMALL
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("declared", [len(SMALL) - 1, len(SMALL) + 1, 1])
+async def test_a_blob_whose_length_disagrees_with_the_manifest_is_an_integrity_error(
+    cache: BlobCache, declared: int
+) -> None:
+    """Defect 5 of issue 13: the read used to truncate to the manifest's size (or read
+    short); a size that disagrees with the blob is refused, cached or fetched."""
+    lying = SMALL_ENTRY._replace(size=declared)
+    daemon = Daemon(cache)
+    r, _ = reader(cache, daemon)
+    try:
+        with pytest.raises(IntegrityError, match=f"blob {SMALL_ENTRY.digest} has {len(SMALL)} "):
+            await r.read(3, lying, 0, 4096)  # fetched, then refused
+        assert daemon.asked == [SMALL_ENTRY.digest]
+        with pytest.raises(IntegrityError):
+            await r.read(3, lying, 0, 4096)  # cached: refused without a fetch
+        assert daemon.asked == [SMALL_ENTRY.digest]
+        assert await r.read(3, SMALL_ENTRY, 0, 4096) == SMALL  # the honest entry still reads
+    finally:
+        r.close()
+
+
+async def test_a_chunk_of_the_wrong_length_is_an_integrity_error(cache: BlobCache) -> None:
+    """A chunked file whose declared size makes its last chunk shorter than the blob."""
+    for b in BLOBS.values():
+        cache.commit(Digest.of(b), *framing.encode(b))
+    lying = ENTRY._replace(size=ENTRY.size - 1)  # same chunk count, last chunk 3 bytes
+    daemon = Daemon(cache)
+    r, _ = reader(cache, daemon)
+    try:
+        assert await r.read(2, lying, 0, CHUNK) == DATA[:CHUNK]  # whole chunks are right
+        with pytest.raises(IntegrityError, match=f"blob {ENTRY.chunks[-1]} has 4 bytes"):
+            await r.read(2, lying, 3 * CHUNK, 10)
+        assert daemon.asked == []
     finally:
         r.close()
