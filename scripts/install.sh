@@ -10,9 +10,9 @@ export DEBIAN_FRONTEND=noninteractive
 # fuse3/libfuse3-dev/pkg-config: pyfuse3 has no wheel, pip builds it against libfuse3.
 # btrfs-progs: the host cache on a Btrfs loop image. patchelf: the relocatable sample.
 # squashfs-tools, squashfuse: the XAR-like baseline in benchmarks. iproute2, util-linux
-# (nsenter): network namespaces for shaped links.
+# (nsenter): network namespaces for shaped links. systemd: systemd-analyze verifies the units.
 PKGS=(fuse3 libfuse3-dev pkg-config patch btrfs-progs patchelf squashfs-tools squashfuse zstd
-      iproute2 util-linux)
+      iproute2 util-linux systemd)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -38,7 +38,7 @@ if ! .venv/bin/python -c 'import sys, pyfuse3; sys.exit(not getattr(pyfuse3, "LA
   "${PIP[@]}" --force-reinstall --no-deps "$tmp/pyfuse3-3.5.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 "${PIP[@]}" -e '.[fuse,test]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c 'import pyfuse3, lmdb, blake3, trio, httpx, zstandard, hypercorn, setproctitle
+.venv/bin/python -c 'import pyfuse3, lmdb, blake3, trio, httpx, zstandard, hypercorn, setproctitle, prometheus_client
 assert pyfuse3.LAZYCAF_FH_IS_INODE' \
   || { echo "install.sh: the venv is incomplete" >&2; exit 1; }
 echo "install.sh: ready (.venv/bin/lazycaf)"

@@ -18,11 +18,14 @@ CAS role (``lazycaf cas serve``) over a ``CasDir``:
                              current digest as ETag when the ref moved)
     GET  /v1/stats           request and byte counters (for tests and operators)
 
-Writes need ``Authorization: Bearer <token>`` when the server has a token. A path that is not
-a well-formed digest or ref name is a 400; nothing outside the store is ever served. A disk
-that fails while storing is a 503. Reads are open to anyone, so what a request may cost is
-bounded: bodies by size, digest lists by count, and large JSON bodies are parsed (and large
-answers encoded) in worker threads, never on the event loop that serves the others.
+Writes need ``Authorization: Bearer <token>`` when the server has a token; with a read
+token, reads (blob GET/HEAD, ``blobs:missing``, ``blobs:get``, ref GET, stats) need it or
+the write token (a writer reads too: pack asks ``blobs:missing``). A path that is not a
+well-formed digest or ref name is a 400; nothing outside the store is ever served. A disk
+that fails while storing is a 503. Without a read token reads are open to anyone, so what a
+request may cost is bounded: bodies by size, digest lists by count, and large JSON bodies
+are parsed (and large answers encoded) in worker threads, never on the event loop that
+serves the others.
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import trio
 
 from fetcher.casserver.groupcommit import GroupCommitter
+from fetcher.casserver.metrics import CasMetrics
 from fetcher.web.asgi import (
     HttpError,
     Receive,
@@ -69,6 +73,7 @@ MAX_GET: Final = 1024  # digests per blobs:get
 _DIGESTS_BODY: Final = 16 << 20  # a body of MAX_MISSING digests is ~6.7 MB
 _BLOBS: Final = "/v1/blobs/"
 _REFS: Final = "/v1/refs/"
+_READ_POSTS: Final = frozenset({"/v1/blobs:missing", "/v1/blobs:get"})
 
 
 @dataclass
@@ -86,9 +91,12 @@ class CasApp:
     """ASGI app of the CAS role. Disk work runs in threads under one limiter; blob writes are
     committed in groups by ``committer``, which runs for the app's ASGI lifespan."""
 
-    def __init__(self, store: CasDir, *, token: str | None = None) -> None:
+    def __init__(
+        self, store: CasDir, *, token: str | None = None, read_token: str | None = None
+    ) -> None:
         self.store = store
         self._token = token
+        self._read_token = read_token
         self._limiter = trio.CapacityLimiter(16)
         self._parse = trio.CapacityLimiter(2)  # threads parsing or encoding large JSON
         # blobs:missing queries (up to MAX_MISSING stats each, open to anyone) take threads
@@ -96,6 +104,7 @@ class CasApp:
         self._queries = trio.CapacityLimiter(2)
         self.stats = CasStatistics()
         self.committer = GroupCommitter(store)
+        self.metrics = CasMetrics(self)  # its registry: ``lazycaf cas serve --metrics-listen``
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -107,10 +116,16 @@ class CasApp:
             return
         if scope["type"] != "http":
             return
-        await answer_errors(send, self._route(scope, receive, send))
+
+        def handle(sending: Send) -> Awaitable[None]:
+            return answer_errors(sending, self._route(scope, receive, sending))
+
+        await self.metrics.measure(scope, send, handle)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
+        if self._read_token is not None and (method in ("GET", "HEAD") or path in _READ_POSTS):
+            self._check_read_token(scope)
         if path.startswith(_BLOBS):
             digest = digest_from(path[len(_BLOBS) :])
             if method in ("GET", "HEAD"):
@@ -156,6 +171,14 @@ class CasApp:
 
     def _check_token(self, scope: Scope) -> None:
         check_bearer(scope, self._token, "writes need a valid bearer token")
+
+    def _check_read_token(self, scope: Scope) -> None:
+        refusal = "reads need a valid bearer token"
+        if self._token is not None:  # the write token reads too
+            with contextlib.suppress(HttpError):
+                check_bearer(scope, self._token, refusal)
+                return
+        check_bearer(scope, self._read_token, refusal)
 
     async def _get_blob(self, scope: Scope, send: Send, digest: Digest, *, head: bool) -> None:
         if head:

@@ -14,7 +14,8 @@
     verify [<bytes per second>]   -> ok {Scrubbed.to_json()}  (rehash every cached blob at
                                      most that fast, 0 or none: no limit; drop the bad;
                                      one scrub at a time)
-    stats                         -> ok {FetchService.statistics(), GC statistics}
+    stats                         -> ok {FetchService.statistics(), GC's, peers'}
+                                     (``fetcher.daemon.metrics.daemon_stats``)
     info                          -> ok {"cache", "cas", "pid", "peer_address", "peers"}
 
 Each connection is served by its own task; a failing request answers ``err`` and the
@@ -37,6 +38,7 @@ import trio
 
 from fetcher.cache.collector import GarbageCollector
 from fetcher.cache.scrub import scrub
+from fetcher.daemon.metrics import daemon_stats
 from fetcher.fetching.prefetch import PrefetchQueue
 from fetcher.fetching.service import FetchService
 from fetcher.peers import coverage
@@ -141,8 +143,7 @@ class MountApi:
             case "resolve":
                 return (await self._resolve(*rest.split(" ", 1))).hex
             case "stats":
-                stats = asdict(self.service.statistics())
-                return stats | (self.gc.statistics() if self.gc else {})
+                return daemon_stats(self.service, self.gc, self.peers)
             case "info":
                 return {
                     "cache": str(self.service.cache.root),

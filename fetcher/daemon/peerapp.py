@@ -16,6 +16,8 @@
     GET  /v1/stats                 the fetch statistics (bytes by source, served to peers),
                                    the blob requests peers made here by priority, and the
                                    bytes those answers took on the wire
+    GET  /metrics                  the daemon's Prometheus metrics (``fetcher.daemon.metrics``;
+                                   the token applies to it too)
 
 ``X-LazyCAF-Priority: prefetch`` marks a request as prefetch; sending bodies takes a slot of
 a ``PriorityGate`` where waiting demand requests always go before waiting prefetch ones, and
@@ -37,6 +39,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from fetcher.fetching.peersource import INSTANCE_HEADER, PRIORITY_HEADER
 from fetcher.fetching.service import FetchService
@@ -56,6 +59,7 @@ from fetcher.web.asgi import (
     read_digests,
     respond,
 )
+from fetcher.web.metrics import answer_metrics
 from lazycaf.cas.batch import pack_batch
 from lazycaf.cas.refs import check_ref_name
 from lazycaf.core import framing
@@ -123,8 +127,10 @@ class PeerApp:
         token: str | None = None,
         send_slots: int = 8,
         instance: str = "",
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.service = service
+        self.registry = registry  # served on GET /metrics when given
         self.peers = peers
         self.instance = instance  # sent with every answer: askers recognise themselves
         self._token = token
@@ -183,6 +189,8 @@ class PeerApp:
             }
             body = json.dumps(asdict(self.service.statistics()) | requests)
             await respond(send, 200, body.encode(), "application/json")
+        elif path == "/metrics" and method == "GET" and self.registry is not None:
+            await answer_metrics(send, self.registry)
         else:
             raise HttpError(404, f"no such endpoint: {method} {path}")
 

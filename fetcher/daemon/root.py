@@ -5,7 +5,11 @@ once), reconciles the cache, then serves mounts on ``<cache>/fetcher.sock`` unti
 with GC as a background service. With ``PeerOptions`` it also serves its cache to other
 hosts' daemons over HTTP (``fetcher.daemon.peerapp``) and fetches its misses from theirs
 (``fetcher.fetching.sources``), re-reading the peer list file every second.
-Beside it runs the host's mount zygote (``fetcher.daemon.zygote_keeper``).
+Beside it runs the host's mount zygote (``fetcher.daemon.zygote_keeper``). With
+``metrics_listen`` it serves its Prometheus metrics (``fetcher.daemon.metrics``) on
+``GET /metrics`` at that address; the peer listener serves them too.
+Under a ``Type=notify`` unit it sends ``READY=1`` once everything is up and its socket
+accepts, and ``STOPPING=1`` on the way out (``lazycaf.host.service``).
 ``collect_without_daemon`` runs one GC pass on a cache no daemon serves, holding the same
 lock (LMDB allows one writer); ``verify_without_daemon`` scrubs it the same way.
 """
@@ -32,6 +36,7 @@ from fetcher.cache.blobcache import BlobCache
 from fetcher.cache.collector import GarbageCollector, GcResult, collect_once, resolve_policy
 from fetcher.cache.policy import GcPolicy
 from fetcher.cache.scrub import Scrubbed, scrub
+from fetcher.daemon.metrics import daemon_registry
 from fetcher.daemon.mountapi import MountApi
 from fetcher.daemon.peerapp import PeerApp
 from fetcher.daemon.zygote_keeper import keep_zygote
@@ -40,11 +45,18 @@ from fetcher.fetching.prefetch import PEER_WORKERS, WORKERS, PrefetchQueue
 from fetcher.fetching.service import FetchService
 from fetcher.fetching.sources import CasSource, TieredSource
 from fetcher.peers.peerset import PeerSet, check_address
-from fetcher.web.asgi import bind_socket, serve_app
+from fetcher.web.asgi import ServerTls, bind_socket, serve_app
+from fetcher.web.metrics import MetricsApp
 from lazycaf.cas.api import open_cas
 from lazycaf.core.errors import LazyCafError, UsageError
 from lazycaf.host.defaults import PEER_TIMEOUT
 from lazycaf.host.paths import CacheLayout, fetcher_socket, zygote_disabled
+from lazycaf.host.service import (
+    DEFAULT_FETCHER_UNIT,
+    current_unit,
+    notify,
+    write_service_marker,
+)
 
 __all__ = [
     "DaemonRunning",
@@ -81,13 +93,16 @@ class PeerOptions:
     """``listen``: serve peers on HOST:PORT (port 0 picks one); ``advertise``: the address
     peers reach this daemon at, as the peer list writes it (default: the bound address);
     ``peers_file``: the peer list; ``token``: the bearer token peers share; ``timeout``: the
-    bound on one request to a peer, in seconds."""
+    bound on one request to a peer, in seconds; ``tls``: serve the listener over https;
+    ``client_tls``: reach the peers over https (one cluster speaks one scheme)."""
 
     listen: str | None = None
     advertise: str | None = None
     peers_file: Path | None = None
     token: str | None = None
     timeout: float = PEER_TIMEOUT
+    tls: ServerTls | None = None
+    client_tls: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -129,10 +144,14 @@ async def run_daemon(
     gc_options: GcOptions = GcOptions(),
     peer_options: PeerOptions = PeerOptions(),
     zygote: bool = True,
+    metrics_listen: str | None = None,
+    cacert: Path | None = None,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``cache_root`` until cancelled or signalled; ``zygote``: keep a mount zygote
-    beside the daemon (``lazycaf.cli.zygote``) so mounts skip Python's imports."""
+    beside the daemon (``lazycaf.cli.zygote``) so mounts skip Python's imports;
+    ``metrics_listen``: serve ``GET /metrics`` on HOST:PORT; ``cacert``: the CA bundle an
+    https CAS and https peers must chain to (``lazycaf.cas.tls``)."""
     await trio.to_thread.run_sync(functools.partial(cache_root.mkdir, parents=True, exist_ok=True))
     socket_path = socket_path or fetcher_socket(cache_root)
     with _exclusive(CacheLayout(cache_root).lock), contextlib.ExitStack() as sockets:
@@ -142,6 +161,9 @@ async def run_daemon(
         peer_sock = bind_socket(peer_options.listen) if peer_options.listen else None
         if peer_sock is not None:
             sockets.callback(peer_sock.close)
+        metrics_sock = bind_socket(metrics_listen) if metrics_listen else None
+        if metrics_sock is not None:
+            sockets.callback(metrics_sock.close)
         peers = _peer_set(peer_options, peer_sock) if peer_options.enabled else None
         instance = secrets.token_hex(8)  # peers tell this daemon apart from its aliases
         rec = await trio.to_thread.run_sync(cache.reconcile)
@@ -149,12 +171,16 @@ async def run_daemon(
         policy = await trio.to_thread.run_sync(_policy, cache, gc_options)
         source = TieredSource(
             # prefetch has its own connection pool: reads never queue behind it
-            CasSource(open_cas(cas_spec), open_cas(cas_spec)),
+            CasSource(open_cas(cas_spec, cacert=cacert), open_cas(cas_spec, cacert=cacert)),
             peers=peers,
             peer_sources=None
             if peers is None
             else PeerSources(
-                token=peer_options.token, timeout=peer_options.timeout, instance=instance
+                token=peer_options.token,
+                timeout=peer_options.timeout,
+                instance=instance,
+                tls=peer_options.client_tls,
+                cacert=cacert,
             ),
         )
         api: list[MountApi] = []
@@ -167,6 +193,7 @@ async def run_daemon(
             workers=PEER_WORKERS if peers is not None else WORKERS,
         )
         api.append(MountApi(service, prefetch, gc, peers=peers))
+        registry = daemon_registry(service, gc, peers)
         sock = _unix_listener(socket_path)
         sockets.callback(_remove_socket, socket_path)
         sockets.callback(sock.close)
@@ -183,8 +210,17 @@ async def run_daemon(
                 if peers is not None:
                     nursery.start_soon(_reload_peers_periodically, peers)
                 if peer_sock is not None and peers is not None:
-                    app = PeerApp(service, peers, token=peer_options.token, instance=instance)
-                    await nursery.start(serve_app, app, peer_sock)
+                    app = PeerApp(
+                        service,
+                        peers,
+                        token=peer_options.token,
+                        instance=instance,
+                        registry=registry,
+                    )
+                    serve = functools.partial(serve_app, tls=peer_options.tls)
+                    await nursery.start(serve, app, peer_sock)
+                if metrics_sock is not None:
+                    await nursery.start(serve_app, MetricsApp(registry), metrics_sock)
                 gc.notice_commit()  # over the high watermark already (a smaller budget)
                 log.info(
                     "fetcher daemon serving %s on %s (CAS %s; cache %d of %d bytes; peers %s)",
@@ -196,8 +232,18 @@ async def run_daemon(
                     "off" if peers is None else f"{len(peers)} as {peers.self_address}",
                 )
                 task_status.started(socket_path)
+                _notify_ready(cache_root)
         finally:
+            notify("STOPPING=1")
             await source.aclose()
+
+
+def _notify_ready(cache_root: Path) -> None:
+    """Tell systemd (``Type=notify``) the socket accepts; a daemon a unit runs marks the cache
+    as the service's, so mounts never start a second daemon beside it."""
+    if os.environ.get("NOTIFY_SOCKET"):  # marked first: a unit ready is a unit that owns it
+        write_service_marker(cache_root, current_unit() or DEFAULT_FETCHER_UNIT)
+    notify(f"READY=1\nSTATUS=serving {cache_root}")
 
 
 def _prefetch_batch(peers: PeerSet | None) -> Callable[[], int]:
@@ -305,6 +351,7 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("fetcher daemon stopping on signal %d", signum)
+            notify("STOPPING=1")  # at once: stopping the zygote may take seconds
             scope.cancel()
             return
 

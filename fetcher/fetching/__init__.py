@@ -5,7 +5,7 @@
 ``breaker`` (the CAS source's circuit breaker), ``peersource`` (another host's daemon as a
 source: the peer API's client), ``service`` (``ensure``: single flight, priorities,
 verification, budget), ``prefetch`` (the queue below on-demand reads), ``recent`` (payloads
-kept for peers).
+kept for peers), ``metrics`` (the service's histograms, failure causes).
 
 May import: lazycaf.core, lazycaf.cas, lazycaf.host, fetcher.cache, fetcher.peers.
 """

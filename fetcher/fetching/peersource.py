@@ -4,7 +4,9 @@
     POST http://PEER/v1/blobs:get     several blobs in one body (``lazycaf.cas.batch`` records)
 
 Requests carry ``X-LazyCAF-Priority: demand|prefetch`` (the peer serves reads before
-prefetch) and the shared bearer token when there is one. Nothing a peer sends is trusted:
+prefetch) and the shared bearer token when there is one. With ``tls`` every peer is reached
+over https, its certificate verified as the CAS's is (``lazycaf.cas.tls``); one that does
+not verify is a ``PeerUnavailable`` saying so. Nothing a peer sends is trusted:
 answers go back as they arrived (``Fetched``, origin ``peer``) and the fetch service verifies
 them, backing off a peer whose bytes do not verify. Every request is bounded by ``timeout``
 seconds in total, so a peer that hangs or trickles costs at most that, and bodies are capped
@@ -15,7 +17,9 @@ is ``BlobNotFound`` and a 503 ``HomeCouldNotFetch`` (the peer could not get the 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import httpx
@@ -23,6 +27,7 @@ import trio
 
 from fetcher.fetching.source import Fetched, Outcome
 from lazycaf.cas.batch import unpack_batch
+from lazycaf.cas.tls import certificate_failure, client_ssl_context
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import BlobNotFound, IntegrityError, LazyCafError, PeerUnavailable
@@ -66,8 +71,12 @@ class PeerClient:
         timeout: float = PEER_TIMEOUT,
         max_connections: int = 64,
         instance: str = "",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: reach peers over https, verifying with this context
+        (``lazycaf.cas.tls.client_ssl_context``)."""
         self.priority = priority
+        self.scheme = "https" if tls is not None else "http"
         self.instance = instance  # this daemon's id: an answer carrying it came from itself
         self.timeout = timeout
         # zstd: a peer sends the CAS's frames of blobs it fetched lately
@@ -77,6 +86,7 @@ class PeerClient:
             headers["authorization"] = f"Bearer {token}"
         self._client = httpx.AsyncClient(
             headers=headers,
+            verify=tls if tls is not None else True,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
@@ -85,7 +95,7 @@ class PeerClient:
 
     async def get(self, address: str, digest: Digest) -> tuple[str, bytes]:
         """The blob from the peer at ``address``: its encoding and payload (not verified)."""
-        url = f"http://{address}/v1/blobs/{digest.hex}"
+        url = f"{self.scheme}://{address}/v1/blobs/{digest.hex}"
         status, encoding, payload = await self._exchange(address, "GET", url, _MAX_BLOB_BODY)
         if status == 404:
             raise BlobNotFound(digest, f"peer {address}")
@@ -97,7 +107,7 @@ class PeerClient:
         self, address: str, digests: Sequence[Digest]
     ) -> dict[Digest, tuple[str, bytes]]:
         """The blobs the peer sent of those asked (not verified), by digest."""
-        url = f"http://{address}/v1/blobs:get"
+        url = f"{self.scheme}://{address}/v1/blobs:get"
         body = json.dumps({"digests": [d.hex for d in digests]}).encode()
         status, encoding, payload = await self._exchange(
             address,
@@ -146,6 +156,12 @@ class PeerClient:
         except trio.TooSlowError:
             raise PeerUnavailable(address, f"no answer within {self.timeout:g} s") from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            reason = certificate_failure(exc)
+            if reason is not None:
+                url = f"{self.scheme}://{address}"
+                raise PeerUnavailable(
+                    address, f"TLS: certificate verify failed for {url}: {reason}"
+                ) from exc
             raise PeerUnavailable(address, f"{type(exc).__name__}: {exc}") from exc
 
     def _expect(self, address: str, status: int, body: bytes, what: str) -> None:
@@ -194,10 +210,18 @@ class PeerSources:
     ones for a connection."""
 
     def __init__(
-        self, *, token: str | None = None, timeout: float = PEER_TIMEOUT, instance: str = ""
+        self,
+        *,
+        token: str | None = None,
+        timeout: float = PEER_TIMEOUT,
+        instance: str = "",
+        tls: bool = False,
+        cacert: Path | None = None,
     ) -> None:
+        # one context for both clients: building it reads the CA files
+        context = client_ssl_context(cacert) if tls else None
         self._clients = {
-            p: PeerClient(priority=p, token=token, timeout=timeout, instance=instance)
+            p: PeerClient(priority=p, token=token, timeout=timeout, instance=instance, tls=context)
             for p in Priority
         }
 

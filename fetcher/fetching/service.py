@@ -26,6 +26,13 @@ its budget; otherwise the download waits for a GC pass that makes room (GC norma
 ahead of that, from the high watermark). A full disk fails the fetch with ``CacheFull``
 (EIO at the reader) and wakes GC. Cache hits are remembered (``take_touched``) and written
 as access times in batches, never one LMDB write per read.
+
+Metrics (``fetcher.fetching.metrics``): the service counts and times what it does with plain
+integer increments and histogram observations on the trio thread; what is in flight (reads
+waiting, and for how long) is read from ``_waiting`` at scrape time, never kept as a gauge.
+Prefetch hits and waste are an approximation: a blob prefetched for this host counts as a hit
+the first time a demand request or a mount's touch report names it; until then its bytes are
+"wasted" (``prefetch_wasted_bytes``; the newest ``_UNREAD_CAP`` such blobs are remembered).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -41,6 +49,7 @@ import trio
 from fetcher.cache.blobcache import BlobCache, Staged
 from fetcher.cache.collector import GarbageCollector
 from fetcher.fetching.breaker import CasCircuitOpen
+from fetcher.fetching.metrics import FetchMetrics, failure_cause
 from fetcher.fetching.recent import RecentPayloads
 from fetcher.fetching.source import BlobSource, Fetched
 from fetcher.fetching.sources import TieredSource
@@ -56,6 +65,8 @@ __all__ = ["FetchService", "FetchStatistics"]
 log = logging.getLogger(__name__)
 DEMAND: Final = Priority.DEMAND
 PREFETCH: Final = Priority.PREFETCH
+BLOCKED_AFTER: Final = 1.0  # a read waiting longer than this counts as blocked (a gauge)
+_UNREAD_CAP: Final = 1 << 20  # prefetched blobs remembered until read (~150 MB at most)
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,16 @@ class FetchStatistics:
     blobs_from_cas: int
     blobs_to_peers: int  # served to other daemons (peer API)
     bytes_to_peers: int
+    read_waits: int  # demand reads that waited on a fetch (``wait_seconds`` is their sum)
+    reads_in_flight: int  # demand reads waiting on a fetch now
+    reads_blocked: int  # of those, the ones waiting longer than ``BLOCKED_AFTER``
+    failures_not_found: int  # ``fetch_failures`` by cause
+    failures_unavailable: int
+    failures_integrity: int
+    failures_cache_full: int
+    failures_circuit_open: int
+    prefetch_hits: int  # prefetched blobs a read asked for later
+    prefetch_wasted_bytes: int  # prefetched bytes no read has asked for (yet)
 
 
 class _Flight:
@@ -121,8 +142,10 @@ class FetchService:
         prefetch_concurrency: int = 8,
         gc: GarbageCollector | None = None,
         recent_budget: int = 0,
+        metrics: FetchMetrics | None = None,
     ) -> None:
         self.cache = cache
+        self.metrics = metrics or FetchMetrics()
         self.gc = gc
         # zstd payloads fetched from the CAS, for serving peers (0: no peers, keep none)
         self.recent = RecentPayloads(recent_budget)
@@ -149,6 +172,15 @@ class FetchService:
         self._by_origin = {"cas": [0, 0], "peer": [0, 0]}  # origin -> [blobs, bytes]
         self._hit_bytes = 0
         self._to_peers = [0, 0]
+        self._read_waits = 0
+        self._waiting: dict[int, float] = {}  # demand reads waiting now: ticket -> start
+        self._ticket = 0
+        self._failed_by = dict.fromkeys(
+            ("not_found", "unavailable", "integrity", "cache_full", "circuit_open"), 0
+        )
+        self._unread: dict[Digest, int] = {}  # prefetched for this host, not read yet
+        self._unread_bytes = 0
+        self._prefetch_hits = 0
         self.queued = 0  # set by the prefetch queue
 
     @property
@@ -181,7 +213,25 @@ class FetchService:
             self._by_origin["cas"][0],
             self._to_peers[0],
             self._to_peers[1],
+            self._read_waits,
+            *self._reads_waiting(),
+            **{f"failures_{cause}": n for cause, n in self._failed_by.items()},
+            prefetch_hits=self._prefetch_hits,
+            prefetch_wasted_bytes=self._unread_bytes,
         )
+
+    def _reads_waiting(self) -> tuple[int, int]:
+        """Demand reads waiting on a fetch now, and how many of them longer than
+        ``BLOCKED_AFTER`` (read at scrape time: nothing is updated while they wait)."""
+        since = time.monotonic() - BLOCKED_AFTER
+        return len(self._waiting), sum(1 for t in self._waiting.values() if t < since)
+
+    def _read_by_demand(self, digest: Digest) -> None:
+        """A read asked for ``digest``: a prefetch hit if prefetch brought it here unread."""
+        size = self._unread.pop(digest, None)
+        if size is not None:
+            self._prefetch_hits += 1
+            self._unread_bytes -= size
 
     def note_served_to_peer(self, blobs: int, size: int) -> None:
         self._to_peers[0] += blobs
@@ -231,10 +281,33 @@ class FetchService:
                 self._hits += 1
                 self._bytes_served += record
                 self._hit_bytes += record
+                if self._unread:
+                    self._read_by_demand(digest)
             return record
+        start = time.monotonic()
         if local:
             self._misses += 1
-        start = time.monotonic()
+            return await self._wait_as_reader(digest, start)
+        return await self._join_or_start(digest, priority, for_peer)
+
+    async def _wait_as_reader(self, digest: Digest, start: float) -> int:
+        """A read of this host's mounts that missed: wait on the flight, timed (the read
+        wait histogram) and visible as in flight while it waits."""
+        ticket = self._ticket = self._ticket + 1
+        self._waiting[ticket] = start
+        try:
+            size = await self._join_or_start(digest, DEMAND, False)
+        finally:
+            del self._waiting[ticket]
+            waited = time.monotonic() - start
+            self._wait += waited
+            self._read_waits += 1
+            self.metrics.read_wait.observe(waited)
+        self._bytes_served += size
+        self._read_by_demand(digest)
+        return size
+
+    async def _join_or_start(self, digest: Digest, priority: Priority, for_peer: bool) -> int:
         flight = self._joinable(digest, for_peer)
         assert self._nursery is not None, "FetchService.run() is not running"
         if flight is None:
@@ -246,17 +319,16 @@ class FetchService:
             flight.taken, flight.priority = True, DEMAND
             self._nursery.start_soon(self._download, digest, flight)
         await flight.done.wait()
-        if local:
-            self._wait += time.monotonic() - start
         if flight.error is not None:
             raise flight.error
-        if local:
-            self._bytes_served += flight.size
         return flight.size
 
     def touch(self, digests: list[Digest]) -> None:
         """Note reads the daemon did not serve itself (mounts read cached blobs directly)."""
         self._touched.update(digests)
+        if self._unread:
+            for d in digests:
+                self._read_by_demand(d)
 
     def take_touched(self) -> set[Digest]:
         """The blobs read since the last call (for one batched access-time write)."""
@@ -324,7 +396,9 @@ class FetchService:
                 if not mine:
                     return
                 source: BlobSource = self.source.cas if to_cas else self.source
+                started = time.monotonic()
                 got, error = await source.fetch_many(list(mine), priority)
+                self._observe_fetch(started, {f.origin for f in got.values()})
             for d, flight in mine.items():
                 fetched = got.pop(d, None)
                 if fetched is None:
@@ -384,10 +458,29 @@ class FetchService:
         if flight.priority == PREFETCH:
             self._prefetched += 1
             self._bytes_prefetched += staged.size
+            if not flight.for_peer:
+                self._note_unread(digest, staged.size)
+
+    def _note_unread(self, digest: Digest, size: int) -> None:
+        if digest in self._unread:
+            return
+        if len(self._unread) >= _UNREAD_CAP:  # forget the oldest: stays counted as wasted
+            oldest = next(iter(self._unread))
+            del self._unread[oldest]
+        self._unread[digest] = size
+        self._unread_bytes += size
+
+    def _observe_fetch(self, started: float, origins: Iterable[str]) -> None:
+        """One request to a source took this long (a group answered by several origins
+        counts once for each)."""
+        took = time.monotonic() - started
+        for origin in origins:
+            self.metrics.fetch_seconds.labels(origin).observe(took)
 
     def _fail(self, flight: _Flight, digest: Digest, exc: LazyCafError) -> None:
         """Fail a flight (its caller logs: one line per blob or per group)."""
         self._failures += 1
+        self._failed_by[failure_cause(exc)] += 1
         flight.error = exc
         if isinstance(exc, CacheFull) and self.gc is not None:
             self.gc.notice_disk_full()
@@ -408,7 +501,9 @@ class FetchService:
         try:
             async with self._slots[flight.priority, flight.for_peer]:
                 flight.started = True
+                started = time.monotonic()
                 fetched = await self._route(flight).fetch(digest, flight.priority)
+                self._observe_fetch(started, (fetched.origin,))
             await self._store(digest, fetched, flight)
         except LazyCafError as exc:
             self._fail(flight, digest, exc)

@@ -5,7 +5,8 @@ answering with a status and a body, mapping the project's errors to statuses in 
 (``answer_errors``), bearer tokens compared in constant time, Accept-Encoding, digests from
 URL paths, and ``{"digests": [hex, ...]}`` bodies (``read_digests``: capped in size and in
 count, parsed in a worker thread when large, so one big or deeply nested body never stalls
-the other requests nor ends in a 500).
+the other requests nor ends in a 500), and TLS for a server (``ServerTls``: hypercorn's
+certfile and keyfile, checked before the socket serves).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import json
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -31,6 +35,7 @@ __all__ = [
     "Receive",
     "Scope",
     "Send",
+    "ServerTls",
     "accepts",
     "answer_errors",
     "bind_socket",
@@ -42,6 +47,7 @@ __all__ = [
     "read_digests",
     "respond",
     "serve_app",
+    "server_tls",
 ]
 
 log = logging.getLogger(__name__)
@@ -218,18 +224,51 @@ def bind_socket(listen: str) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """A server certificate (chain, PEM) and its private key, known to load together."""
+
+    cert: Path
+    key: Path
+
+
+def server_tls(cert: Path | None, key: Path | None) -> ServerTls | None:
+    """The TLS files of ``--tls-cert``/``--tls-key`` (None when neither is given), loaded
+    once here so that a wrong path, a key that does not match or a file that is not PEM is a
+    ``UsageError`` naming the files, not a traceback when the first client connects."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise UsageError("--tls-cert and --tls-key go together")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:  # an OSError too: first
+        raise UsageError(
+            f"--tls-cert {cert} and --tls-key {key} do not load as a PEM certificate and "
+            f"its key: {exc.reason or exc}"
+        ) from exc
+    except OSError as exc:
+        where = exc.filename or f"{cert} / {key}"
+        raise UsageError(f"cannot read TLS file {where}: {exc.strerror}") from exc
+    return ServerTls(cert.absolute(), key.absolute())
+
+
 async def serve_app(
     app: Any,
     sock: socket.socket,
     *,
+    tls: ServerTls | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on an already bound socket until cancelled.
+    """Serve ``app`` on an already bound socket until cancelled; over TLS with ``tls``.
 
     Hypercorn closes the socket it serves when it stops, so it gets a duplicate of ``sock``'s
     descriptor: ``sock`` stays the caller's to close.
     """
     config = Config()
+    if tls is not None:
+        config.certfile = str(tls.cert)
+        config.keyfile = str(tls.key)
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
     config.accesslog = None
     config.errorlog = log

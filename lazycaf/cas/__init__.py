@@ -3,8 +3,9 @@
 ``api`` (the ``CAS`` interface, ``open_cas``), ``local`` (the embedded local-directory
 backend), ``http`` (the HTTP client of the CAS server), ``casdir`` (the directory layout and
 its atomic writes, sync code shared with the server), ``refs`` (ref names, compare-and-swap
-conditions), ``batch`` (the bodies of the batch endpoints) and ``tokens`` (bearer tokens
-read from files that only their owner can access).
+conditions), ``batch`` (the bodies of the batch endpoints), ``tokens`` (bearer tokens
+read from files that only their owner can access) and ``tls`` (which CAs the HTTP clients
+trust).
 
 May import: lazycaf.core, lazycaf.disk.
 """

@@ -73,11 +73,16 @@ def default_cas_spec() -> str:
     return os.environ.get("LAZYCAF_CAS") or str(Path.home() / ".cache" / "lazycaf" / "cas")
 
 
-def open_cas(spec: str | None = None, *, token: str | None = None) -> CAS:
-    """Open the CAS named by ``spec`` (URL or directory; None means the default)."""
+def open_cas(
+    spec: str | None = None, *, token: str | None = None, cacert: Path | None = None
+) -> CAS:
+    """Open the CAS named by ``spec`` (URL or directory; None means the default).
+    ``cacert``: the CA bundle an ``https://`` server's certificate must chain to (default:
+    ``$SSL_CERT_FILE`` or the system's store, ``lazycaf.cas.tls``)."""
     spec = spec or default_cas_spec()
     if spec.startswith(("http://", "https://")):
-        return HttpCAS(spec, token=token if token is not None else _token_from_env())
+        token = token if token is not None else _token_from_env()
+        return HttpCAS(spec, token=token, cacert=cacert)
     if "://" in spec:
         raise UsageError(f"unsupported CAS address {spec!r} (use http(s)://… or a directory)")
     return LocalCAS(spec)

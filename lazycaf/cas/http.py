@@ -1,8 +1,10 @@
 """The HTTP CAS client (httpx): the project's CAS server (``fetcher.casserver``) over HTTP.
 
 Batch endpoints where the server has them (``blobs:missing``, ``blobs:batch``,
-``blobs:get``), a bearer token for writes, refs with compare-and-swap (``If-Match`` /
-``If-None-Match``). Every blob it returns is verified (``verify_blob``).
+``blobs:get``), a bearer token on every request (writes need it; reads too on a server
+with a read token), TLS for ``https://`` URLs (``lazycaf.cas.tls``), refs with
+compare-and-swap (``If-Match`` / ``If-None-Match``). Every blob it returns is verified
+(``verify_blob``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import httpx
@@ -18,6 +21,7 @@ import trio
 from lazycaf.cas.batch import pack_batch, unpack_batch
 from lazycaf.cas.casdir import check_ref_name
 from lazycaf.cas.refs import ANY, Expected
+from lazycaf.cas.tls import certificate_failure, client_ssl_context
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import (
@@ -29,6 +33,7 @@ from lazycaf.core.errors import (
     LazyCafError,
     RefMoved,
     RefNotFound,
+    TlsFailure,
     UsageError,
     first_error,
 )
@@ -68,28 +73,40 @@ class HttpCAS:
         timeout: httpx.Timeout = _DEFAULT_TIMEOUT,
         max_connections: int = 16,
         put_concurrency: int = PUT_CONCURRENCY,
+        cacert: Path | None = None,
     ) -> None:
         self.where = url.rstrip("/")
         self._put_limiter = trio.CapacityLimiter(min(put_concurrency, max_connections))
         self._batch_supported = True
         headers = {"authorization": f"Bearer {token}"} if token else {}
+        # the transport makes the connections, so it is the one that needs the context
+        verify = client_ssl_context(cacert) if self.where.startswith("https://") else True
         self._client = httpx.AsyncClient(
             base_url=self.where,
             headers=headers,
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections),
-            transport=httpx.AsyncHTTPTransport(retries=2),
+            transport=httpx.AsyncHTTPTransport(retries=2, verify=verify),
         )
+
+    def _unavailable(self, exc: httpx.TransportError) -> CasUnavailable:
+        reason = certificate_failure(exc)
+        if reason is not None:
+            return TlsFailure(self.where, reason)
+        return CasUnavailable(self.where, f"{type(exc).__name__}: {exc}")
+
+    def _refused(self, method: str, path: str, response: httpx.Response) -> AccessDenied:
+        return AccessDenied(f"CAS {self.where} refused {method} {path}: {_detail(response)}")
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise CasUnavailable(self.where, f"{type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(exc) from exc
         if response.status_code >= 500:
             raise CasUnavailable(self.where, f"{method} {path}: HTTP {response.status_code}")
         if response.status_code in (401, 403):
-            raise AccessDenied(f"CAS {self.where} refused {method} {path}: {response.text.strip()}")
+            raise self._refused(method, path, response)
         return response
 
     async def has(self, digest: Digest) -> bool:
@@ -116,12 +133,15 @@ class HttpCAS:
                     raise BlobNotFound(digest, self.where)
                 if response.status_code >= 500:
                     raise CasUnavailable(self.where, f"GET {path}: HTTP {response.status_code}")
+                if response.status_code in (401, 403):
+                    await response.aread()
+                    raise self._refused("GET", path, response)
                 if response.status_code != 200:
                     raise CasUnavailable(self.where, f"GET {path}: HTTP {response.status_code}")
                 payload = b"".join([chunk async for chunk in response.aiter_raw()])
                 encoding = response.headers.get("content-encoding", framing.IDENTITY)
         except httpx.TransportError as exc:
-            raise CasUnavailable(self.where, f"{type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(exc) from exc
         if encoding not in (framing.IDENTITY, framing.ZSTD):
             raise IntegrityError(f"blob {digest}: unexpected content encoding {encoding!r}")
         return encoding, payload

@@ -83,6 +83,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         eager_share=args.eager_share,
         offline=args.offline,
         cache_size=parse_size(args.cache_size) if args.cache_size else None,
+        record=not args.no_record,
+        owner_pid=args.owner_pid,
     )
 
 
@@ -259,28 +261,44 @@ async def stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, sort_keys=True))
     else:
         for key, value in stats.items():
-            print(f"{key:16s} {value}")
+            print(f"{key:22s} {value}")
     return 0
 
 
 async def fetcher_serve(args: argparse.Namespace) -> int:
     from fetcher.daemon.root import DaemonRunning, GcOptions, PeerOptions, run_daemon
+    from fetcher.web.asgi import server_tls
+    from lazycaf.cli.daemonlog import log_to_file_unless_service
 
+    log_to_file_unless_service(args.log_file, force_stderr=args.log_stderr)
     cache, sock = _cache_paths(args)
     size = parse_size(args.cache_size) if args.cache_size else None
     options = GcOptions(size, args.gc_high, args.gc_low)
     if args.peer_timeout <= 0:
         raise UsageError(f"--peer-timeout must be positive, got {args.peer_timeout:g}")
     token_file = args.peer_token_file
+    tls = server_tls(args.tls_cert, args.tls_key)
+    if tls is not None and not args.peer_listen:
+        raise UsageError("--tls-cert and --tls-key serve the peer listener: add --peer-listen")
     peers = PeerOptions(
         listen=args.peer_listen,
         advertise=args.peer_advertise,
         peers_file=args.peers.absolute() if args.peers else None,
         token=read_token(token_file, "--peer-token-file") if token_file else None,
         timeout=args.peer_timeout,
+        tls=tls,
+        client_tls=args.peer_tls,
     )
     try:
-        await run_daemon(cache, args.cas, sock, gc_options=options, peer_options=peers)
+        await run_daemon(
+            cache,
+            args.cas,
+            sock,
+            gc_options=options,
+            peer_options=peers,
+            metrics_listen=args.metrics_listen,
+            cacert=args.cacert,
+        )
     except DaemonRunning as exc:
         print(f"lazycaf fetcher: {exc}", file=sys.stderr)
     return 0

@@ -35,12 +35,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def cas_opt(sp: argparse.ArgumentParser) -> None:
+    def cas_opt(sp: argparse.ArgumentParser, *, cacert: bool = True) -> None:
+        """``cacert``: the command talks to the CAS itself (not through the daemon)."""
         sp.add_argument(
             "--cas",
             metavar="URL|PATH",
             help="the CAS (default: $LAZYCAF_CAS or ~/.cache/lazycaf/cas)",
         )
+        if cacert:
+            sp.add_argument(
+                "--cacert",
+                type=Path,
+                metavar="FILE",
+                help="trust the CAs in FILE for an https CAS "
+                "(default: $SSL_CERT_FILE, else the system's store)",
+            )
 
     sp = sub.add_parser("pack", help="pack a tree into the CAS; prints the manifest digest")
     sp.add_argument("dir", type=Path)
@@ -78,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     cas_opt(sp)
     sp.set_defaults(run="store:diff")
 
+    def tls_opts(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument("--tls-cert", type=Path, metavar="FILE", help=f"serve {what} over https")
+        sp.add_argument("--tls-key", type=Path, metavar="FILE", help="the --tls-cert's key")
+
     def cache_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--cache",
@@ -94,6 +107,49 @@ def _parser() -> argparse.ArgumentParser:
             "(default: 10G, or half the cache's filesystem if smaller)",
         )
 
+    def mount_opts(sp: argparse.ArgumentParser, *, profile: bool = True) -> None:
+        """What ``mount`` and ``run`` (and ``profile record``) share."""
+        cas_opt(sp, cacert=False)
+        cache_opts(sp)
+        sp.add_argument(
+            "--fetch-timeout",
+            type=float,
+            default=FETCH_TIMEOUT,
+            metavar="SECONDS",
+            help="a read whose blob is not fetched by then fails with EIO "
+            f"(default {FETCH_TIMEOUT:g})",
+        )
+        sp.add_argument(
+            "--open-roundtrips",
+            action="store_true",
+            help="answer every open/opendir in the mount (stock pyfuse3 behaviour; for comparison)",
+        )
+        if profile:
+            sp.add_argument(
+                "--profile",
+                metavar="NAME",
+                help="profile to prefetch and record into "
+                "(default: the ref's name without its tag)",
+            )
+        sp.add_argument(
+            "--no-prefetch", action="store_true", help="do not prefetch the profile's hot set"
+        )
+        sp.add_argument(
+            "--eager-share",
+            type=float,
+            default=0.3,
+            metavar="FRACTION",
+            help="fetch the whole tree in the background once a run has read this "
+            "share of it, or the profile says it will (default 0.3; 0 disables)",
+        )
+        sp.add_argument(
+            "--offline",
+            action="store_true",
+            help="use only the host cache: refuse unless every blob is cached; a ref name "
+            "resolves to what this cache last resolved it to",
+        )
+        cache_size_opt(sp, "the byte budget of the fetcher daemon if this mount starts one")
+
     # no abbreviated options: the zygote client reads --cache, --socket and --foreground
     # by their full names before this parser runs
     sp = sub.add_parser(
@@ -101,44 +157,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("ref")
     sp.add_argument("mountpoint", type=Path)
-    cas_opt(sp)
-    cache_opts(sp)
+    mount_opts(sp)
     sp.add_argument("--foreground", action="store_true", help="serve in this process")
     sp.add_argument(
-        "--fetch-timeout",
-        type=float,
-        default=FETCH_TIMEOUT,
-        metavar="SECONDS",
-        help=f"a read whose blob is not fetched by then fails with EIO (default {FETCH_TIMEOUT:g})",
+        "--no-record", action="store_true", help="do not merge the run into the profile"
     )
     sp.add_argument(
-        "--open-roundtrips",
-        action="store_true",
-        help="answer every open/opendir in the mount (stock pyfuse3 behaviour; for comparison)",
+        "--owner-pid",
+        type=int,
+        metavar="PID",
+        help="unmount once process PID exits (what `lazycaf run` passes)",
     )
-    sp.add_argument(
-        "--profile",
-        metavar="NAME",
-        help="profile to prefetch and record into (default: the ref's name without its tag)",
-    )
-    sp.add_argument("--no-prefetch", action="store_true", help="record, but do not prefetch")
-    sp.add_argument(
-        "--eager-share",
-        type=float,
-        default=0.3,
-        metavar="FRACTION",
-        help="fetch the whole tree in the background once a run has read this "
-        "share of it, or the profile says it will (default 0.3; 0 disables)",
-    )
-    sp.add_argument(
-        "--offline",
-        action="store_true",
-        help="use only the host cache: refuse unless every blob is cached; a ref name "
-        "resolves to what this cache last resolved it to",
-    )
-    cache_size_opt(sp, "the byte budget of the fetcher daemon if this mount starts one")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     sp.set_defaults(run="host:mount")
+
+    run_text = (
+        "mount REF in a private directory, run CMD ({mnt} in its arguments and $LAZYCAF_MNT "
+        "are the mountpoint), unmount; exit with CMD's exit code"
+    )
+    sp = sub.add_parser(
+        "run",
+        help=run_text,
+        description=run_text,
+        usage="lazycaf run REF [--profile NAME] [--record] [mount options] -- CMD ...",
+        allow_abbrev=False,
+    )
+    sp.add_argument("ref")
+    mount_opts(sp)
+    sp.add_argument("--record", action="store_true", help="merge this run's reads into the profile")
+    sp.set_defaults(cmd=[], run="run:run")
 
     sp = sub.add_parser("materialize", help="a full ordinary copy (reflinks on Btrfs)")
     sp.add_argument("ref")
@@ -155,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
         "cleared on every file and directory, and others-write (0002) on every directory, "
         "the root included",
     )
-    cas_opt(sp)
+    cas_opt(sp, cacert=False)
     cache_opts(sp)
     sp.set_defaults(run="host:materialize")
 
@@ -168,16 +215,14 @@ def _parser() -> argparse.ArgumentParser:
     psub = sp.add_subparsers(dest="profile_command", required=True, metavar="SUBCOMMAND")
     prec = psub.add_parser(
         "record",
-        help="mount REF, run CMD from it, unmount, save the run",
-        usage="lazycaf profile record --name NAME REF [--cas ...] -- CMD ... "
-        "({mnt} in CMD is the mountpoint)",
+        help="the same as `lazycaf run --record --profile NAME REF -- CMD ...`",
+        usage="lazycaf profile record --name NAME REF [mount options] -- CMD ...",
+        allow_abbrev=False,
     )
-    prec.add_argument("--name", required=True, help="the profile to record into")
+    prec.add_argument("--name", dest="profile", required=True, help="the profile to record into")
     prec.add_argument("ref")
-    prec.set_defaults(cmd=[])
-    cas_opt(prec)
-    cache_opts(prec)
-    prec.set_defaults(run="profile:record")
+    mount_opts(prec, profile=False)
+    prec.set_defaults(cmd=[], record=True, run="run:run")
     pshow = psub.add_parser("show", help="hot set against the whole executable")
     pshow.add_argument("name")
     pshow.add_argument("--top", type=int, default=15, help="hot files to list (default 15)")
@@ -206,6 +251,7 @@ def _parser() -> argparse.ArgumentParser:
             help=f"GC {'starts above' if name == 'high' else 'evicts down to'} this share "
             f"of the budget (default {default})",
         )
+    metrics_opt(fserve, "the daemon's")
     fserve.add_argument(
         "--peer-listen",
         metavar="HOST:PORT",
@@ -225,6 +271,12 @@ def _parser() -> argparse.ArgumentParser:
     fserve.add_argument(
         "--peer-token-file", type=Path, metavar="FILE", help="the bearer token peers share"
     )
+    tls_opts(fserve, "the peer listener")
+    fserve.add_argument(
+        "--peer-tls",
+        action="store_true",
+        help="reach peers over https (verified like the CAS: --cacert, $SSL_CERT_FILE, system)",
+    )
     fserve.add_argument(
         "--peer-timeout",
         type=float,
@@ -233,10 +285,58 @@ def _parser() -> argparse.ArgumentParser:
         help="give up on a peer request after this long and back the peer off "
         f"(default {PEER_TIMEOUT:g})",
     )
+    fserve.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="log to FILE, rotated (4 MiB x 3 kept), unless run by systemd or --log-stderr "
+        "(default: stderr; a daemon a mount starts logs to CACHE/fetcher.log)",
+    )
+    fserve.add_argument("--log-stderr", action="store_true", help="log to stderr, always")
     fserve.set_defaults(run="host:fetcher_serve")
     fstop = fsub.add_parser("stop", help="stop the daemon of a cache (mounts restart it)")
     cache_opts(fstop)
     fstop.set_defaults(run="host:fetcher_stop")
+
+    sp = sub.add_parser("service", help="systemd units for the fetcher daemon and the CAS")
+    ssub = sp.add_subparsers(dest="service_command", required=True, metavar="SUBCOMMAND")
+    sinst = ssub.add_parser(
+        "install",
+        help="write lazycaf-fetcher.service and lazycaf-cas.service running this lazycaf; "
+        "mark the cache as the service's (mounts then never start a daemon)",
+    )
+    suninst = ssub.add_parser("uninstall", help="remove the units and the cache's service marker")
+    for s_parser in (sinst, suninst):
+        s_parser.add_argument(
+            "--prefix",
+            type=Path,
+            default=Path("/etc/systemd/system"),
+            help="the unit directory (default /etc/systemd/system)",
+        )
+        s_parser.add_argument(
+            "--cache",
+            type=Path,
+            help="the daemon's host cache (default: $LAZYCAF_CACHE or ~/.cache/lazycaf/host)",
+        )
+    sinst.add_argument(
+        "--cas",
+        metavar="URL|PATH",
+        help="the daemon's CAS (default: $LAZYCAF_CAS or ~/.cache/lazycaf/cas)",
+    )
+    sinst.add_argument(
+        "--cas-root",
+        type=Path,
+        default=Path("/var/lib/lazycaf/cas"),
+        help="the directory lazycaf-cas.service serves (default /var/lib/lazycaf/cas)",
+    )
+    sinst.add_argument(
+        "--cas-listen",
+        default="127.0.0.1:8470",
+        metavar="HOST:PORT",
+        help="where lazycaf-cas.service listens (default 127.0.0.1:8470)",
+    )
+    sinst.set_defaults(run="service:install")
+    suninst.set_defaults(run="service:uninstall")
 
     sp = sub.add_parser("affinity", help="rank peer hosts by how much of an executable they hold")
     sp.add_argument("ref")
@@ -279,7 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     cpin = csub.add_parser("pin", help="fetch an executable's blobs and keep them out of GC")
     cpin.add_argument("ref")
     cpin.add_argument("--unpin", action="store_true", help="remove one pin instead")
-    cas_opt(cpin)
+    cas_opt(cpin, cacert=False)
     cache_opts(cpin)
     cpin.set_defaults(run="cache:pin")
 
@@ -289,8 +389,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--root", type=Path, required=True)
     serve.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT")
     serve.add_argument("--token-file", type=Path, help="writes need this bearer token")
+    serve.add_argument(
+        "--read-token-file",
+        type=Path,
+        metavar="FILE",
+        help="reads need this bearer token (or the write token) too",
+    )
+    tls_opts(serve, "the CAS")
+    metrics_opt(serve, "the CAS server's")
     serve.set_defaults(run="store:cas_serve")
     return p
+
+
+def metrics_opt(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help=f"serve {whose} Prometheus metrics on GET /metrics at HOST:PORT",
+    )
 
 
 def _command(spec: str) -> Any:
@@ -310,13 +426,13 @@ def main(argv: list[str] | None = None, *, zygote: bool = True) -> int:
         if code is not None:
             return code
     tail: list[str] = []
-    if "--" in argv:  # everything after -- is a command to run (profile record)
+    if "--" in argv:  # everything after -- is a command to run (run, profile record)
         cut = argv.index("--")
         argv, tail = argv[:cut], argv[cut + 1 :]
     args = _parser().parse_args(argv)
     if tail:
         if not hasattr(args, "cmd"):
-            _parser().error("'--' is only for `lazycaf profile record`")
+            _parser().error("'--' is only for `lazycaf run` and `lazycaf profile record`")
         args.cmd = [*args.cmd, *tail]
     logging.basicConfig(
         level=logging.DEBUG

@@ -71,7 +71,7 @@ def _held(part: int, whole: int) -> str:
 async def affinity(args: argparse.Namespace) -> int:
     addresses = _addresses(args.peers)
     token = read_token(args.token_file) if args.token_file else None
-    cas = open_cas(args.cas)
+    cas = open_cas(args.cas, cacert=args.cacert)
     try:
         digest = await resolve(cas, args.ref)
     finally:

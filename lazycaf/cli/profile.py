@@ -1,4 +1,7 @@
-"""The CLI's ``lazycaf profile`` commands: record a run, show a profile, save a mount's run."""
+"""The CLI's ``lazycaf profile`` commands: show a profile, save a mount's run.
+
+``profile record`` is ``lazycaf run --record`` (``lazycaf.cli.run``).
+"""
 
 from __future__ import annotations
 
@@ -6,63 +9,22 @@ import argparse
 import os
 import re
 import signal
-import subprocess
-import sys
-import tempfile
 from typing import Final
 
 import trio
 
 from lazycaf.cas.api import load_manifest, open_cas
-from lazycaf.core.errors import LazyCafError, NotFound, UsageError
+from lazycaf.core.errors import NotFound, UsageError
 from lazycaf.core.manifest import DIR, FILE, Manifest
 from lazycaf.mount.root import mount_pid
 from lazycaf.traces.profiles import load_profile
 from lazycaf.traces.trace import Profile, plan_prefetch
 
-__all__ = ["record", "save", "show"]
+__all__ = ["save", "show"]
 
 _NATIVE: Final = re.compile(r"\.so(\.[0-9.]+)?$")
 _METADATA: Final = (".dist-info", ".egg-info", "__pycache__")
 MB: Final = 1e6
-
-
-def _lazycaf(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lazycaf", *args]
-
-
-async def record(args: argparse.Namespace) -> int:
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
-        raise UsageError("profile record needs a command after --")
-    common = [*(["--cas", args.cas] if args.cas else [])]
-    common += [*(["--cache", str(args.cache)] if args.cache else [])]
-    mnt = await trio.to_thread.run_sync(tempfile.mkdtemp, None, "lazycaf-profile-")
-    mounted = await trio.run_process(
-        _lazycaf("mount", args.ref, mnt, "--profile", args.name, *common),
-        check=False,
-        capture_stdout=True,
-        capture_stderr=True,
-    )
-    if mounted.returncode != 0:
-        await trio.to_thread.run_sync(os.rmdir, mnt)
-        raise LazyCafError(
-            mounted.stderr.decode(errors="replace").strip().removeprefix("lazycaf: error: ")
-        )
-    try:
-        argv = [part.replace("{mnt}", mnt) for part in cmd]
-        env = {**os.environ, "LAZYCAF_MOUNT": mnt}
-        proc = await trio.to_thread.run_sync(lambda: subprocess.run(argv, env=env, check=False))
-        code = proc.returncode
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.run_process(_lazycaf("umount", mnt), check=False)
-            await trio.to_thread.run_sync(os.rmdir, mnt)
-    print(
-        f"lazycaf: recorded a run of {' '.join(cmd)!r} (exit {code}) into profile {args.name!r}",
-        file=sys.stderr,
-    )
-    return code
 
 
 async def save(args: argparse.Namespace) -> int:
@@ -75,7 +37,7 @@ async def save(args: argparse.Namespace) -> int:
 
 
 async def show(args: argparse.Namespace) -> int:
-    cas = open_cas(args.cas)
+    cas = open_cas(args.cas, cacert=args.cacert)
     try:
         profile = await load_profile(cas, args.name)
         if profile is None:

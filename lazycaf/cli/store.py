@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -17,6 +18,7 @@ from lazycaf.core.chunking import chunk_spans, validate_chunk_size
 from lazycaf.core.digest import Hasher
 from lazycaf.core.errors import DigestMismatch, IntegrityError, PathNotFound, UsageError
 from lazycaf.core.manifest import DIR
+from lazycaf.host.service import notify
 from lazycaf.trees.pack import PackProgress, pack
 from lazycaf.trees.statcache import default_stat_cache_dir
 
@@ -26,7 +28,7 @@ log = logging.getLogger("lazycaf")
 
 
 async def _with_cas(args: argparse.Namespace, fn: Callable[[CAS], Awaitable[int]]) -> int:
-    cas = open_cas(args.cas)
+    cas = open_cas(args.cas, cacert=args.cacert)
     try:
         return await fn(cas)
     finally:
@@ -151,23 +153,41 @@ async def diff(args: argparse.Namespace) -> int:
 # -- servers -------------------------------------------------------------------------------
 async def cas_serve(args: argparse.Namespace) -> int:
     from fetcher.casserver.app import CasApp  # the CLI is fetcher's only door
-    from fetcher.web.asgi import bind_socket, serve_app
+    from fetcher.web.asgi import bind_socket, serve_app, server_tls
+    from fetcher.web.metrics import MetricsApp
     from lazycaf.cas.casdir import CasDir
 
     token = read_token(args.token_file) if args.token_file is not None else None
+    read_file = args.read_token_file
+    read = read_token(read_file, "--read-token-file") if read_file is not None else None
+    tls = server_tls(args.tls_cert, args.tls_key)
     store = CasDir(args.root)
+    app = CasApp(store, token=token, read_token=read)
     sock = bind_socket(args.listen)
     host, port = sock.getsockname()[:2]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
-        await nursery.start(serve_app, CasApp(store, token=token), sock)
-        print(f"lazycaf cas: serving {store.root} on http://{host}:{port}", flush=True)
-    sock.close()
+    scheme = "https" if tls is not None else "http"
+    metrics = bind_socket(args.metrics_listen) if args.metrics_listen else None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
+            await nursery.start(functools.partial(serve_app, app, sock, tls=tls))
+            print(f"lazycaf cas: serving {store.root} on {scheme}://{host}:{port}", flush=True)
+            if metrics is not None:
+                await nursery.start(serve_app, MetricsApp(app.metrics.registry), metrics)
+                m_host, m_port = metrics.getsockname()[:2]
+                print(f"lazycaf cas: metrics on http://{m_host}:{m_port}/metrics", flush=True)
+            # Type=notify: ready once every port listens (hypercorn accepts on started())
+            notify(f"READY=1\nSTATUS=serving {store.root} on {scheme}://{host}:{port}")
+    finally:
+        sock.close()
+        if metrics is not None:
+            metrics.close()
     return 0
 
 
 async def _cancel_on_signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
+            notify("STOPPING=1")
             scope.cancel()
             return

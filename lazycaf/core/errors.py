@@ -12,10 +12,11 @@ lmdb, OSError) are mapped at the boundary with ``raise X(...) from exc``.
     │   └── PathNotFound
     ├── Unavailable             a remote or the disk failed; may work later       exit 3
     │   ├── CasUnavailable
+    │   │   └── TlsFailure      the CAS's TLS certificate did not verify
     │   ├── PeerUnavailable     a peer daemon failed, timed out or refused
     │   ├── RefMoved            a ref changed since it was read (compare-and-swap lost)
     │   └── CacheFull           the host cache's disk is out of space
-    ├── AccessDenied            the CAS refused a write (token missing or wrong)  exit 5
+    ├── AccessDenied            the CAS refused a request (token missing, wrong)  exit 5
     ├── IntegrityError          bytes did not verify, or a format is corrupt      exit 4
     │   ├── DigestMismatch
     │   └── ManifestError       a manifest that does not decode or validate
@@ -40,6 +41,7 @@ __all__ = [
     "PeerUnavailable",
     "RefMoved",
     "RefNotFound",
+    "TlsFailure",
     "Unavailable",
     "UsageError",
 ]
@@ -102,6 +104,15 @@ class RefMoved(Unavailable):
     def __init__(self, name: str, expected: object, found: object) -> None:
         super().__init__(f"ref {name!r} moved: expected {expected}, found {found}")
         self.name = name
+
+
+class TlsFailure(CasUnavailable):
+    """The CAS at ``where`` (an https URL) presented a certificate the client does not
+    trust (a peer's is a ``PeerUnavailable``: the daemon backs that peer off)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        Unavailable.__init__(self, f"TLS: certificate verify failed for {where}: {reason}")
+        self.where = where
 
 
 class CacheFull(Unavailable):

@@ -2,7 +2,8 @@
 
 Mounts never import ``fetcher``: they talk to the daemon through this client. When no daemon
 serves a cache, ``ensure_daemon`` starts one (``lazycaf fetcher serve``) detached, as
-sccache starts its server, and waits until its socket answers.
+sccache starts its server, and waits until its socket answers: unless a service runs the
+cache's daemon (``lazycaf.host.service``), or ``$LAZYCAF_NO_AUTOSTART`` is set.
 """
 
 from __future__ import annotations
@@ -32,17 +33,25 @@ from lazycaf.core.errors import (
 from lazycaf.core.priority import Priority
 from lazycaf.host.defaults import FETCH_TIMEOUT
 from lazycaf.host.paths import CacheLayout
+from lazycaf.host.service import (
+    NO_AUTOSTART_ENV,
+    autostart_disabled,
+    service_marker,
+    service_unit,
+)
 from lazycaf.host.wire import LineReader, parse_reply
 
 __all__ = [
     "daemon_budget",
     "DaemonUnreachable",
     "FetcherClient",
+    "SERVICE_WAIT",
     "ensure_daemon",
     "socket_answers",
 ]
 
 _START_TIMEOUT: Final = 20.0
+SERVICE_WAIT: Final = 10.0  # a service being restarted (stop drains the zygote: up to 8 s)
 ENSURE_BATCH: Final = 65536  # digests ``ensure_all`` holds at once: memory bounded by it
 
 
@@ -273,25 +282,49 @@ def daemon_budget(path: Path) -> int | None:
 
 
 def ensure_daemon(
-    cache_dir: Path, cas_spec: str | None, socket_path: Path, *, cache_size: int | None = None
+    cache_dir: Path,
+    cas_spec: str | None,
+    socket_path: Path,
+    *,
+    cache_size: int | None = None,
+    service_wait: float = SERVICE_WAIT,
 ) -> None:
     """Start ``lazycaf fetcher serve`` for ``cache_dir`` unless one already answers (sync).
 
     ``cache_size`` is the new daemon's byte budget (remembered by the cache); a daemon that
-    already runs keeps its own."""
+    already runs keeps its own. A cache whose daemon is a service (``<cache>/fetcher.service``,
+    ``lazycaf.host.service``) gets no second, unmanaged daemon: wait up to ``service_wait``
+    seconds for the service's socket (a restart), then fail naming the unit. Nor does one
+    start under ``$LAZYCAF_NO_AUTOSTART``. The started daemon logs to ``<cache>/fetcher.log``,
+    rotated (``--log-file``)."""
     if socket_answers(socket_path):
         return
+    unit = service_unit(cache_dir)
+    if unit is not None:
+        _wait_for_service(cache_dir, socket_path, unit, service_wait)
+        return
+    if autostart_disabled():
+        raise Unavailable(
+            f"no fetcher daemon answers on {socket_path} and {NO_AUTOSTART_ENV} is set: "
+            f"start one (`lazycaf fetcher serve --cache {cache_dir}`, or its service)"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     log_path = CacheLayout(cache_dir).log
     cmd = [sys.executable, "-m", "lazycaf", "fetcher", "serve", "--cache", str(cache_dir)]
-    cmd += ["--socket", str(socket_path)]
+    cmd += ["--socket", str(socket_path), "--log-file", str(log_path)]
     if cas_spec:
         cmd += ["--cas", cas_spec]
     if cache_size is not None:
         cmd += ["--cache-size", str(cache_size)]
-    with open(log_path, "ab") as log:
+    env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
+    with open(log_path, "ab") as log:  # what is written before logging is set up
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            env=env,
         )
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
@@ -307,4 +340,22 @@ def ensure_daemon(
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
     raise Unavailable(
         f"could not start the fetcher daemon for {cache_dir} (log {log_path}: {' '.join(tail)})"
+    )
+
+
+# A daemon a mount starts is not the unit the mount may run in: it must not log to (or
+# notify) that unit's journal stream or manager.
+_SYSTEMD_ENV: Final = frozenset({"INVOCATION_ID", "JOURNAL_STREAM", "NOTIFY_SOCKET"})
+
+
+def _wait_for_service(cache_dir: Path, socket_path: Path, unit: str, wait: float) -> None:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if socket_answers(socket_path):
+            return
+    raise Unavailable(
+        f"the fetcher daemon of {cache_dir} is the service {unit}, and it is not running: "
+        f"start it (`systemctl start {unit}`), or remove {service_marker(cache_dir)} to let "
+        "mounts start their own"
     )

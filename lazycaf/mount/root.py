@@ -14,6 +14,10 @@ error on ``/dev/fuse``: after a plain unmount, or the last close after a lazy on
 cancels the handlers in flight, whose answers nobody can receive any more; SIGTERM does the
 same. The run's trace is then saved within ``SAVE_TIMEOUT`` seconds, or given up, and the
 process exits: ``lazycaf umount`` returns within a bound whatever the fetches are doing.
+
+Owner (``--owner-pid``, what ``lazycaf run`` passes): the mount watches that process through
+a pidfd and, once it exits, unmounts itself the same way, so a ``run`` killed by SIGKILL
+leaves no mount behind.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ class MountConfig:
     eager_share: float = DEFAULT_EAGER_SHARE
     offline: bool = False
     cache_size: int | None = None  # the byte budget of a daemon this mount starts
+    record: bool = True  # merge the run's trace into the profile on the way out
+    owner_pid: int | None = None  # unmount once this process exits
 
 
 def is_mounted(path: Path) -> bool:
@@ -135,6 +141,8 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
     from lazycaf.mount import fuse_ops  # pyfuse3 only where a mount really runs
 
     real_mountpoint = await trio.to_thread.run_sync(check_mountpoint, config.mountpoint)
+    if config.owner_pid is not None and not _alive(config.owner_pid):
+        raise UsageError(f"owner process {config.owner_pid} does not exist")
     start_daemon = functools.partial(
         ensure_daemon,
         config.cache_dir,
@@ -175,7 +183,7 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             name=profile_name,
             prefetch=prefetch,
             eager_share=config.eager_share,
-            record=not config.offline,
+            record=config.record and not config.offline,
             profile=loaded[0] if loaded else None,
         )
         reader = BlobReader(
@@ -212,6 +220,8 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
 
                     nursery.start_soon(_handle_signals, stop_serving, profile.save)
                     nursery.start_soon(_cancel_when_disconnected, serving.cancel)
+                    if config.owner_pid is not None:
+                        nursery.start_soon(_stop_when_exited, config.owner_pid, stop_serving)
                     await fuse_ops.fuse_main()
                 nursery.cancel_scope.cancel()
         finally:
@@ -265,6 +275,32 @@ async def _cancel_when_disconnected(cancel: Callable[[], None]) -> None:
         watch.close()
     log.info("the FUSE connection ended: cancelling the requests in flight")
     cancel()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+async def _stop_when_exited(pid: int, stop: Callable[[], None]) -> None:
+    """Call ``stop`` once process ``pid`` (the mount's owner) has exited. A pidfd, not the
+    pid, is waited on: it cannot come to mean another process once that pid is reused."""
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone already
+        pidfd = None
+    if pidfd is not None:
+        try:
+            await trio.lowlevel.wait_readable(pidfd)  # readable once the process exits
+        finally:
+            os.close(pidfd)
+    log.info("owner process %d exited: unmounting", pid)
+    stop()
 
 
 async def _load_into(
