@@ -137,11 +137,21 @@ def _finish(cache: BlobCache) -> None:
     cache.index.forget_executables(gone)
 
 
-def collect_once(cache: BlobCache, policy: GcPolicy, *, disk_full: bool = False) -> GcResult:
+def collect_once(
+    cache: BlobCache,
+    policy: GcPolicy,
+    *,
+    disk_full: bool = False,
+    on_batch: Callable[[int, int], None] = lambda evicted, of: None,
+) -> GcResult:
     """One whole pass, synchronously (``lazycaf cache gc`` without a daemon; the caller
-    holds the cache's lock, so it is the only writer)."""
+    holds the cache's lock, so it is the only writer). ``on_batch(evicted, of)`` is called
+    after each batch evicted: blobs evicted so far, of how many planned."""
     plan, pinned = _plan(cache, policy, set(), {}, room=0, disk_full=disk_full)
-    freed = sum(cache.evict(plan[i : i + _BATCH]) for i in range(0, len(plan), _BATCH))
+    freed = 0
+    for i in range(0, len(plan), _BATCH):
+        freed += cache.evict(plan[i : i + _BATCH])
+        on_batch(min(i + _BATCH, len(plan)), len(plan))
     _finish(cache)
     return GcResult(len(plan), freed, cache.usage, policy.budget, pinned)
 

@@ -96,8 +96,10 @@ def scrub(
     check: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    on_blob: Callable[[int], None] = lambda nbytes: None,
 ) -> Scrubbed:
-    """Rehash every blob the index names at most ``rate`` bytes a second; drop the bad."""
+    """Rehash every blob the index names at most ``rate`` bytes a second; drop the bad.
+    ``on_blob(nbytes)`` is called after each blob hashed with the bytes hashed so far."""
     throttle = _Throttle(rate, check, clock, sleep)
     checked = nbytes = 0
     corrupt: list[Digest] = []
@@ -121,6 +123,7 @@ def scrub(
                 continue
             checked += 1
             nbytes += seen.st_size
+            on_blob(nbytes)
             if not good and cache.drop(digest, unless_replaced=seen):
                 corrupt.append(digest)
         finally:

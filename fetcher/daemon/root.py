@@ -320,13 +320,19 @@ async def _flush_periodically(service: FetchService) -> None:
                 log.warning("final cache flush failed: %s", exc)
 
 
-def collect_without_daemon(cache_root: Path, options: GcOptions = GcOptions()) -> GcResult:
-    """One GC pass on a cache that no daemon serves (sync). Raises ``DaemonRunning`` when
-    a daemon holds the cache: ask it instead."""
+def collect_without_daemon(
+    cache_root: Path,
+    options: GcOptions = GcOptions(),
+    *,
+    on_batch: Callable[[int, int], None] = lambda evicted, of: None,
+) -> GcResult:
+    """One GC pass on a cache that no daemon serves (sync), reporting like
+    ``collect_once``. Raises ``DaemonRunning`` when a daemon holds the cache: ask it
+    instead."""
     with _exclusive(CacheLayout(cache_root).lock):
         cache = BlobCache(cache_root)
         try:
-            result = collect_once(cache, _policy(cache, options))
+            result = collect_once(cache, _policy(cache, options), on_batch=on_batch)
             cache.flush()
             return result
         finally:
@@ -334,14 +340,19 @@ def collect_without_daemon(cache_root: Path, options: GcOptions = GcOptions()) -
             cache.close()
 
 
-def verify_without_daemon(cache_root: Path, rate: int | None) -> Scrubbed:
+def verify_without_daemon(
+    cache_root: Path,
+    rate: int | None,
+    *,
+    on_blob: Callable[[int], None] = lambda nbytes: None,
+) -> Scrubbed:
     """``fetcher.cache.scrub`` on a cache that no daemon serves (sync), holding its lock for
     the whole scrub (a mount started meanwhile cannot start a daemon). Raises
     ``DaemonRunning`` when a daemon holds the cache: ask it instead."""
     with _exclusive(CacheLayout(cache_root).lock):
         cache = BlobCache(cache_root)
         try:
-            return scrub(cache, rate=rate)
+            return scrub(cache, rate=rate, on_blob=on_blob)
         finally:
             cache.index.sync()
             cache.close()

@@ -1,13 +1,14 @@
 """The ``lazycaf`` command line: ``main(argv) -> int`` and one module per command group.
 
-``main`` (the parser, error-to-exit-code mapping; standard library only at import time so
-a ``lazycaf mount`` can reach the zygote fast), ``store`` (pack, ls, cat, diff, cas serve),
+``main`` (the parser, error-to-exit-code mapping; standard library only at import time so a
+``lazycaf mount`` can reach the zygote fast), ``store`` (pack, ls, cat, diff, cas serve),
 ``host`` (mount, umount, stats, fetcher, materialize), ``cache`` (cache status, gc, pin),
 ``peers`` (affinity), ``profile`` (profile show, save), ``run`` (run, profile record),
-``readouts`` (ls/diff text over manifests, pure), ``tokens`` (bearer tokens read from
-files), ``service`` (the systemd units, ``units/``), ``daemonlog`` (where the daemon
-logs), ``zygote`` and ``zygote_client`` (``lazycaf mount`` forked by a pre-imported
-process the daemon keeps; the client half is standard library only and must stay so).
+``config`` (the config file and ``config show``), ``readouts`` (ls/diff text over manifests,
+pure), ``progress`` (progress bars on a terminal), ``tokens`` (bearer tokens read from
+files), ``service`` (the systemd units, ``units/``), ``daemonlog`` (where the daemon logs),
+``zygote`` and ``zygote_client`` (``lazycaf mount`` forked by a pre-imported process the
+daemon keeps; the client half is standard library only and must stay so).
 
 The package imports nothing itself: ``zygote_client`` runs on the command line's fast path,
 before trio or pyfuse3 are imported.

@@ -9,13 +9,16 @@ through the daemon, starting one like ``mount`` does, since it may have blobs to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from lazycaf.cli.host import _absolute, _cache_paths
+from lazycaf.cli.progress import Bar, bar_for
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import IntegrityError, LazyCafError, UsageError
 from lazycaf.core.manifest import Manifest
@@ -25,6 +28,8 @@ from lazycaf.host.index import Index
 from lazycaf.host.paths import CacheLayout
 
 __all__ = ["gc", "pin", "status", "verify"]
+
+T = TypeVar("T")
 
 
 def _open_index(cache: Path) -> Index:
@@ -137,20 +142,25 @@ async def gc(args: argparse.Namespace) -> int:
 
     cache, sock = _cache_paths(args)
     result: dict[str, Any] | None = None
-    if not socket_answers(sock):
-        _open_index(cache).close()  # a clear error for a directory that is no cache
-        try:
-            res = await trio.to_thread.run_sync(collect_without_daemon, cache)
-            result = {"evicted": res.evicted, "bytes_freed": res.bytes_freed}
-            result |= {"usage": res.usage, "budget": res.budget, "by": "this process"}
-        except DaemonRunning:
-            pass  # one started meanwhile: ask it
-    if result is None:
-        client = FetcherClient(sock, timeout=600)
-        try:
-            result = {**await client.gc(), "by": "the fetcher daemon"}
-        finally:
-            await client.aclose()
+    with bar_for(args, "cache gc", unit="blobs evicted") as bar:
+        if not socket_answers(sock):
+            _open_index(cache).close()  # a clear error for a directory that is no cache
+            run = functools.partial(
+                collect_without_daemon, cache, on_batch=lambda n, of: bar.update(n, total=of)
+            )
+            try:
+                res = await trio.to_thread.run_sync(run)
+                result = {"evicted": res.evicted, "bytes_freed": res.bytes_freed}
+                result |= {"usage": res.usage, "budget": res.budget, "by": "this process"}
+            except DaemonRunning:
+                pass  # one started meanwhile: ask it
+        if result is None:
+            bar.update(label="cache gc: the fetcher daemon is evicting", unit="")
+            client = FetcherClient(sock, timeout=600)
+            try:
+                result = {**await _ticking(bar, client.gc()), "by": "the fetcher daemon"}
+            finally:
+                await client.aclose()
     print(
         f"evicted {result['evicted']} blobs ({format_size(result['bytes_freed'])}) "
         f"by {result['by']}; cache now {format_size(result['usage'])} of "
@@ -179,19 +189,22 @@ async def verify(args: argparse.Namespace) -> int:
     rate = None if args.rate.strip() == "0" else parse_size(args.rate)  # 0: no limit
     total = await trio.to_thread.run_sync(_cache_bytes, cache)  # also: is this a cache?
     result: dict[str, Any] | None = None
-    if not socket_answers(sock):
-        try:
-            res = await trio.to_thread.run_sync(verify_without_daemon, cache, rate)
-            result = {**res.to_json(), "by": "this process"}
-        except DaemonRunning:
-            pass  # one started meanwhile: ask it
-    if result is None:
-        bound = 600 + total / (rate or _VERIFY_FLOOR)
-        client = FetcherClient(sock, timeout=bound)
-        try:
-            result = {**await client.verify(rate), "by": "the fetcher daemon"}
-        finally:
-            await client.aclose()
+    with bar_for(args, "cache verify", total=total, unit="bytes") as bar:
+        if not socket_answers(sock):
+            run = functools.partial(verify_without_daemon, cache, rate, on_blob=bar.update)
+            try:
+                res = await trio.to_thread.run_sync(run)
+                result = {**res.to_json(), "by": "this process"}
+            except DaemonRunning:
+                pass  # one started meanwhile: ask it
+        if result is None:
+            bar.update(0, total=-1, label="cache verify: the fetcher daemon is hashing", unit="")
+            bound = 600 + total / (rate or _VERIFY_FLOOR)
+            client = FetcherClient(sock, timeout=bound)
+            try:
+                result = {**await _ticking(bar, client.verify(rate)), "by": "the fetcher daemon"}
+            finally:
+                await client.aclose()
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -226,27 +239,63 @@ async def pin(args: argparse.Namespace) -> int:
         digest = await client.resolve(args.ref)
         if args.unpin:
             pins = await client.pin(digest, unpin=True)
-            print(f"unpinned {args.ref} ({digest.short}); {pins} pin(s) left")
-            return 0
+            out: dict[str, Any] = {"ref": args.ref, "digest": digest.hex, "pins": pins}
+            text = f"unpinned {args.ref} ({digest.short}); {pins} pin(s) left"
+            return _report(args, out, text)
         pins = await client.pin(digest)
         try:  # pinned first, so GC keeps what arrives
-            nbytes, count = await _fetch_all(client, cache, digest)
+            with bar_for(args, "cache pin", unit="blobs") as bar:
+                nbytes, count, fetched = await _fetch_all(client, cache, digest, bar)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await client.pin(digest, unpin=True)
             raise
     finally:
         await client.aclose()
-    print(
+    out = {"ref": args.ref, "digest": digest.hex, "pins": pins, "blobs": count}
+    out |= {"bytes": nbytes, "blobs_fetched": fetched}
+    text = (
         f"pinned {args.ref} ({digest.short}): {count} blobs, {format_size(nbytes)}; {pins} pin(s)"
     )
+    return _report(args, out, text)
+
+
+def _report(args: argparse.Namespace, out: dict[str, Any], text: str) -> int:
+    print(json.dumps(out, sort_keys=True) if args.json else text)
     return 0
 
 
-async def _fetch_all(client: FetcherClient, cache: Path, digest: Digest) -> tuple[int, int]:
+async def _fetch_all(
+    client: FetcherClient, cache: Path, digest: Digest, bar: Bar
+) -> tuple[int, int, int]:
+    """Every blob of manifest ``digest`` in the cache: (bytes, blobs, blobs fetched)."""
     await client.ensure(digest)
     blobs = await trio.to_thread.run_sync(_manifest_blobs, cache, digest)
     if blobs is None:
         raise LazyCafError(f"manifest {digest} is unreadable in the cache")
-    await client.ensure_all(list(blobs), cache_root=cache)
-    return sum(blobs.values()), len(blobs)
+    fetched = 0
+
+    def on_progress(done: int, n_fetched: int) -> None:
+        nonlocal fetched
+        fetched = n_fetched
+        bar.fetched(done, n_fetched)
+
+    bar.update(total=len(blobs))
+    await client.ensure_all(list(blobs), cache_root=cache, on_progress=on_progress)
+    return sum(blobs.values()), len(blobs), fetched
+
+
+async def _ticking(bar: Bar, work: Awaitable[T]) -> T:
+    """Await ``work`` (a request the daemon answers when done) while ``bar`` shows the
+    seconds elapsed."""
+    async with trio.open_nursery() as nursery:
+
+        async def tick() -> None:
+            while True:
+                bar.update()
+                await trio.sleep(0.1)
+
+        nursery.start_soon(tick)
+        result = await work
+        nursery.cancel_scope.cancel()
+    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from lazycaf.cli.progress import Bar, bar_for
 from lazycaf.cli.tokens import read_token
 from lazycaf.core.errors import (
     BlobNotFound,
@@ -354,13 +356,22 @@ async def materialize(args: argparse.Namespace) -> int:
         blob = CacheLayout(cache).blob(digest)
         data = await trio.to_thread.run_sync(blob.read_bytes)
         manifest = await trio.to_thread.run_sync(Manifest.decode, data)
-        await _ensure_tree_blobs(client, cache, manifest)
+        with bar_for(args, "materialize: blobs", total=len(manifest.blobs())) as bar:
+            await _ensure_tree_blobs(client, cache, manifest, bar)
     finally:
         await client.aclose()
-    write = functools.partial(
-        write_tree, cache, manifest, target, copy=args.copy, keep_setid=args.keep_setid
-    )
-    signum, res = await _run_until_signal(write)
+    entries = len(manifest.entries)
+    with bar_for(args, "materialize: writing", total=entries, unit="entries") as bar:
+        write = functools.partial(
+            write_tree,
+            cache,
+            manifest,
+            target,
+            copy=args.copy,
+            keep_setid=args.keep_setid,
+            on_entry=bar.advance,
+        )
+        signum, res = await _run_until_signal(write)
     if res is None:
         print(f"lazycaf: interrupted: nothing written at {target}", file=sys.stderr)
         return 128 + signum
@@ -370,6 +381,15 @@ async def materialize(args: argparse.Namespace) -> int:
             f"the cache's Btrfs filesystem ({cache})",
             file=sys.stderr,
         )
+    if args.json:
+        print(
+            json.dumps(
+                {"ref": args.ref, "digest": digest.hex, "target": str(target)}
+                | dataclasses.asdict(res),
+                sort_keys=True,
+            )
+        )
+        return 0
     print(
         f"materialized {args.ref} ({digest.short}) at {target}: {res.files} files, "
         f"{res.bytes} bytes, {res.reflinked} reflinked, {res.copied} copied"
@@ -377,10 +397,12 @@ async def materialize(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ensure_tree_blobs(client: FetcherClient, cache: Path, manifest: Manifest) -> None:
+async def _ensure_tree_blobs(
+    client: FetcherClient, cache: Path, manifest: Manifest, bar: Bar
+) -> None:
     """Every blob of ``manifest`` in the cache; a missing one is named with its path."""
     try:
-        await client.ensure_all(manifest.blobs(), cache_root=cache)
+        await client.ensure_all(manifest.blobs(), cache_root=cache, on_progress=bar.fetched)
     except BlobNotFound as exc:
         path = next((e.path for e in manifest.entries if exc.digest in e.blob_digests()), "?")
         raise NotFound(f"blob {exc.digest} of {path} is not in the CAS") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"lazycaf {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the config file (default: $LAZYCAF_CONFIG, ~/.config/lazycaf/config.toml, "
+        "/etc/lazycaf/config.toml: the first found); flags and environment beat it",
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars (drawn only on a terminal)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cas_opt(sp: argparse.ArgumentParser, *, cacert: bool = True) -> None:
@@ -65,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hash every file again (default: trust digests of files whose stat is unchanged)",
     )
+    sp.add_argument(
+        "--json", action="store_true", help="print one JSON object (digest, counts, seconds)"
+    )
     sp.set_defaults(run="store:pack_tree")
 
     sp = sub.add_parser("ls", help="list a packed tree like ls -l (UTC times)")
@@ -85,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("ref_a")
     sp.add_argument("ref_b")
     cas_opt(sp)
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(run="store:diff")
 
     def tls_opts(sp: argparse.ArgumentParser, what: str) -> None:
@@ -204,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cas_opt(sp, cacert=False)
     cache_opts(sp)
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(run="host:materialize")
 
     sp = sub.add_parser("umount", help="unmount a lazycaf mount")
@@ -227,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     pshow.add_argument("name")
     pshow.add_argument("--top", type=int, default=15, help="hot files to list (default 15)")
     cas_opt(pshow)
+    pshow.add_argument("--json", action="store_true", help="print one JSON object")
     pshow.set_defaults(run="profile:show")
     psave = psub.add_parser("save", help="save a running mount's trace into its profile now")
     psave.add_argument("mountpoint", type=Path)
@@ -381,6 +397,7 @@ def _parser() -> argparse.ArgumentParser:
     cpin.add_argument("--unpin", action="store_true", help="remove one pin instead")
     cas_opt(cpin, cacert=False)
     cache_opts(cpin)
+    cpin.add_argument("--json", action="store_true", help="print one JSON object")
     cpin.set_defaults(run="cache:pin")
 
     sp = sub.add_parser("cas", help="run the HTTP CAS server")
@@ -398,7 +415,23 @@ def _parser() -> argparse.ArgumentParser:
     tls_opts(serve, "the CAS")
     metrics_opt(serve, "the CAS server's")
     serve.set_defaults(run="store:cas_serve")
+
+    sp = sub.add_parser("config", help="the config file")
+    config_sub = sp.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    cshow = config_sub.add_parser(
+        "show",
+        help="each command's effective options and where each came from "
+        "(flag, env, file:line, default)",
+        usage="lazycaf config show [--json] [-- COMMAND ARGS ...]",
+    )
+    cshow.add_argument("--json", action="store_true")
+    cshow.set_defaults(cmd=[], run="config:show")
     return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser, without the config file's defaults (``lazycaf.cli.config`` adds them)."""
+    return _parser()
 
 
 def metrics_opt(parser: argparse.ArgumentParser, whose: str) -> None:
@@ -429,10 +462,15 @@ def main(argv: list[str] | None = None, *, zygote: bool = True) -> int:
     if "--" in argv:  # everything after -- is a command to run (run, profile record)
         cut = argv.index("--")
         argv, tail = argv[:cut], argv[cut + 1 :]
-    args = _parser().parse_args(argv)
+    try:
+        parser = _configured_parser(argv)
+    except LazyCafError as exc:
+        print(f"lazycaf: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    args = parser.parse_args(argv)
     if tail:
         if not hasattr(args, "cmd"):
-            _parser().error("'--' is only for `lazycaf run` and `lazycaf profile record`")
+            parser.error("'--' is only for `lazycaf run`, `profile record` and `config show`")
         args.cmd = [*args.cmd, *tail]
     logging.basicConfig(
         level=logging.DEBUG
@@ -454,6 +492,20 @@ def main(argv: list[str] | None = None, *, zygote: bool = True) -> int:
 
 
 _SERVICES = frozenset({"mount", "fetcher", "cas"})
+
+
+def _configured_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser with the config file's values as its defaults; a ``--config`` is passed on
+    to the command's children (the daemon a mount starts) as ``$LAZYCAF_CONFIG``."""
+    from lazycaf.cli.config import CONFIG_ENV, apply, explicit_config, load_config
+
+    explicit = explicit_config(argv)
+    config = load_config(explicit)
+    if explicit is not None and config is not None:
+        os.environ[CONFIG_ENV] = str(config.path.absolute())
+    parser = _parser()
+    apply(parser, config)
+    return parser
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -18,9 +19,9 @@ from lazycaf.core.errors import NotFound, UsageError
 from lazycaf.core.manifest import DIR, FILE, Manifest
 from lazycaf.mount.root import mount_pid
 from lazycaf.traces.profiles import load_profile
-from lazycaf.traces.trace import Profile, plan_prefetch
+from lazycaf.traces.trace import SOURCES, Profile, plan_prefetch
 
-__all__ = ["save", "show"]
+__all__ = ["describe", "save", "show", "summarize"]
 
 _NATIVE: Final = re.compile(r"\.so(\.[0-9.]+)?$")
 _METADATA: Final = (".dist-info", ".egg-info", "__pycache__")
@@ -46,42 +47,22 @@ async def show(args: argparse.Namespace) -> int:
     finally:
         with trio.CancelScope(shield=True):
             await cas.aclose()
+    if args.json:
+        print(json.dumps(summarize(profile, manifest, top=args.top), sort_keys=True))
+        return 0
     for line in describe(profile, manifest, top=args.top):
         print(line)
     return 0
 
 
-def describe(profile: Profile, manifest: Manifest, *, top: int = 15) -> list[str]:
-    """The read-out of ``profile show`` (pure)."""
+def summarize(profile: Profile, manifest: Manifest, *, top: int = 15) -> dict[str, Any]:
+    """The figures of ``profile show`` (pure): ``profile show --json`` prints them, and
+    ``describe`` words them. Lists of files are cut to ``top``, their counts are not."""
     hot = profile.hot_set()
     by_path = manifest.by_path
     sizes = manifest.blobs()
-    plan = plan_prefetch(hot, by_path, manifest.chunk_size)
-    total = manifest.total_bytes()
     hot_files = [h for h in hot if h.path in by_path]
-    file_bytes = sum(by_path[h.path].size for h in hot_files)
-    out = [
-        f"profile {profile.name!r}: {len(profile.runs)} run(s), newest of executable "
-        f"{profile.runs[-1].executable[:12]}",
-        f"hot set: {len(hot_files)} of {sum(e.kind == FILE for e in manifest)} files; "
-        f"{file_bytes / MB:.1f} MB of {total / MB:.1f} MB in those files "
-        f"({100 * file_bytes / max(total, 1):.0f}%), {sum(sizes[d] for d in plan) / MB:.1f} MB "
-        f"to prefetch, {sum(h.bytes_read for h in hot_files) / MB:.1f} MB read",
-        "blocked on fetches: "
-        + ", ".join(f"{r.wait_seconds():.2f} s" for r in profile.runs)
-        + " (oldest to newest run)",
-        "newest run, first reads served from: "
-        + ", ".join(
-            f"{source} {sum(r.source == source for r in profile.runs[-1].records)}"
-            for source in ("cache", "prefetch", "fetch")
-        ),
-        f"first {min(top, len(hot_files))} hot files (typical first access, share of runs):",
-    ]
-    out += [f"  {h.t:8.3f} s  {h.share:4.0%}  {h.path}" for h in hot_files[:top]]
     touched = {h.path for h in hot}
-    packages = _untouched_packages(manifest, touched)
-    out.append(f"packages no run touched ({len(packages)}):")
-    out += [f"  {size / MB:8.1f} MB  {path}" for path, size in packages]
     natives = sorted(
         (
             (e.size, e.path)
@@ -90,11 +71,57 @@ def describe(profile: Profile, manifest: Manifest, *, top: int = 15) -> list[str
         ),
         reverse=True,
     )
+    newest = profile.runs[-1]
+    return {
+        "profile": profile.name,
+        "runs": len(profile.runs),
+        "executable": newest.executable,
+        "files": sum(e.kind == FILE for e in manifest),
+        "bytes": manifest.total_bytes(),
+        "hot_files": len(hot_files),
+        "hot_bytes": sum(by_path[h.path].size for h in hot_files),
+        "prefetch_bytes": sum(sizes[d] for d in plan_prefetch(hot, by_path, manifest.chunk_size)),
+        "bytes_read": sum(h.bytes_read for h in hot_files),
+        "wait_seconds": [round(r.wait_seconds(), 6) for r in profile.runs],
+        "first_reads": {s: sum(r.source == s for r in newest.records) for s in SOURCES},
+        "hot": [
+            {"path": h.path, "t": h.t, "share": h.share, "bytes_read": h.bytes_read}
+            for h in hot_files[:top]
+        ],
+        "untouched_packages": [
+            {"path": path, "bytes": size} for path, size in _untouched_packages(manifest, touched)
+        ],
+        "untouched_native": len(natives),
+        "untouched_native_bytes": sum(size for size, _ in natives),
+        "largest_untouched_native": [{"path": path, "bytes": size} for size, path in natives[:top]],
+    }
+
+
+def describe(profile: Profile, manifest: Manifest, *, top: int = 15) -> list[str]:
+    """The read-out of ``profile show`` (pure)."""
+    f = summarize(profile, manifest, top=top)
+    out = [
+        f"profile {f['profile']!r}: {f['runs']} run(s), newest of executable "
+        f"{f['executable'][:12]}",
+        f"hot set: {f['hot_files']} of {f['files']} files; "
+        f"{f['hot_bytes'] / MB:.1f} MB of {f['bytes'] / MB:.1f} MB in those files "
+        f"({100 * f['hot_bytes'] / max(f['bytes'], 1):.0f}%), "
+        f"{f['prefetch_bytes'] / MB:.1f} MB to prefetch, {f['bytes_read'] / MB:.1f} MB read",
+        "blocked on fetches: "
+        + ", ".join(f"{w:.2f} s" for w in f["wait_seconds"])
+        + " (oldest to newest run)",
+        "newest run, first reads served from: "
+        + ", ".join(f"{source} {n}" for source, n in f["first_reads"].items()),
+        f"first {len(f['hot'])} hot files (typical first access, share of runs):",
+    ]
+    out += [f"  {h['t']:8.3f} s  {h['share']:4.0%}  {h['path']}" for h in f["hot"]]
+    out.append(f"packages no run touched ({len(f['untouched_packages'])}):")
+    out += [f"  {p['bytes'] / MB:8.1f} MB  {p['path']}" for p in f["untouched_packages"]]
     out.append(
-        f"native libraries no run touched ({len(natives)}, "
-        f"{sum(s for s, _ in natives) / MB:.1f} MB); largest:"
+        f"native libraries no run touched ({f['untouched_native']}, "
+        f"{f['untouched_native_bytes'] / MB:.1f} MB); largest:"
     )
-    out += [f"  {size / MB:8.1f} MB  {path}" for size, path in natives[:top]]
+    out += [f"  {n['bytes'] / MB:8.1f} MB  {n['path']}" for n in f["largest_untouched_native"]]
     return out
 
 

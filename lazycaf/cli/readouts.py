@@ -14,6 +14,9 @@ from lazycaf.core.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest
 __all__ = ["Diff", "diff_manifests", "entry_json", "format_ls", "link_counts"]
 
 
+_KIND_NAMES = {DIR: "dir", FILE: "file", SYMLINK: "symlink", HARDLINK: "hardlink"}
+
+
 def link_counts(manifest: Manifest) -> dict[str, int]:
     """``st_nlink`` of every path: hard-link group sizes, and 2 + subdirectories for dirs."""
     groups = Counter(e.target or e.path for e in manifest.entries if e.kind in (FILE, HARDLINK))
@@ -48,7 +51,7 @@ def format_ls(entry: Entry, nlink: int, name: str | None = None) -> str:
 def entry_json(entry: Entry, nlink: int) -> str:
     record: dict[str, object] = {
         "path": entry.path,
-        "kind": {DIR: "dir", FILE: "file", SYMLINK: "symlink", HARDLINK: "hardlink"}[entry.kind],
+        "kind": _KIND_NAMES[entry.kind],
         "mode": entry.mode,
         "mtime_ns": entry.mtime_ns,
         "size": entry.size,
@@ -84,24 +87,51 @@ class Diff:
     changed: list[Change]
     new_blob_bytes: int
 
+    def totals(self) -> dict[str, int]:
+        """The summary's figures: counts, file bytes added and removed, changed bytes (each
+        content once however many links show it), bytes of blobs new in the second."""
+        per_content: dict[str, int] = {}
+        for c in self.changed:
+            key = c.content_of or c.path
+            per_content[key] = max(per_content.get(key, 0), c.bytes_differ)
+        return {
+            "added": len(self.added),
+            "added_bytes": sum(e.size for e in self.added if e.kind == FILE),
+            "removed": len(self.removed),
+            "removed_bytes": sum(e.size for e in self.removed if e.kind == FILE),
+            "changed": len(self.changed),
+            "changed_bytes": sum(per_content.values()),
+            "new_blob_bytes": self.new_blob_bytes,
+        }
+
     def lines(self) -> list[str]:
         out = [f"+ {e.path} ({e.size} bytes)" for e in self.added]
         out += [f"- {e.path} ({e.size} bytes)" for e in self.removed]
         out += [f"M {c.path} ({', '.join(c.what)})" for c in self.changed]
         out.sort(key=lambda line: line[2:])
-        added = sum(e.size for e in self.added if e.kind == FILE)
-        removed = sum(e.size for e in self.removed if e.kind == FILE)
-        per_content: dict[str, int] = {}
-        for c in self.changed:
-            key = c.content_of or c.path
-            per_content[key] = max(per_content.get(key, 0), c.bytes_differ)
-        changed = sum(per_content.values())
+        t = self.totals()
         out.append(
-            f"{len(self.added)} added ({added} bytes), {len(self.removed)} removed "
-            f"({removed} bytes), {len(self.changed)} changed ({changed} bytes differ); "
-            f"{self.new_blob_bytes} bytes of blobs new in the second"
+            f"{t['added']} added ({t['added_bytes']} bytes), {t['removed']} removed "
+            f"({t['removed_bytes']} bytes), {t['changed']} changed ({t['changed_bytes']} "
+            f"bytes differ); {t['new_blob_bytes']} bytes of blobs new in the second"
         )
         return out
+
+    def to_json(self) -> dict[str, object]:
+        """What ``diff --json`` prints: each list sorted by path, and ``summary``."""
+
+        def entry(e: Entry) -> dict[str, object]:
+            return {"path": e.path, "kind": _KIND_NAMES[e.kind], "size": e.size}
+
+        return {
+            "added": [entry(e) for e in sorted(self.added, key=lambda e: e.path)],
+            "removed": [entry(e) for e in sorted(self.removed, key=lambda e: e.path)],
+            "changed": [
+                {"path": c.path, "what": list(c.what), "bytes_differ": c.bytes_differ}
+                for c in sorted(self.changed, key=lambda c: c.path)
+            ],
+            "summary": self.totals(),
+        }
 
 
 def _changed_bytes(a: Entry, b: Entry, chunk_size: int) -> int:

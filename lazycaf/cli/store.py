@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from lazycaf.cas.api import CAS, load_manifest, open_cas
+from lazycaf.cli.progress import Bar, bar_for
 from lazycaf.cli.readouts import diff_manifests, entry_json, format_ls, link_counts
 from lazycaf.cli.tokens import read_token
 from lazycaf.core.chunking import chunk_spans, validate_chunk_size
 from lazycaf.core.digest import Hasher
 from lazycaf.core.errors import DigestMismatch, IntegrityError, PathNotFound, UsageError
 from lazycaf.core.manifest import DIR
+from lazycaf.core.sizes import format_size
 from lazycaf.host.service import notify
 from lazycaf.trees.pack import PackProgress, pack
 from lazycaf.trees.statcache import default_stat_cache_dir
@@ -43,29 +47,46 @@ async def pack_tree(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     progress = PackProgress()
+    started = time.monotonic()
 
     async def run(cas: CAS) -> int:
-        async with trio.open_nursery() as nursery:
-            if sys.stderr.isatty():
-                nursery.start_soon(_show_progress, progress)
-            result = await pack(
-                args.dir,
-                cas,
-                tag=args.tag,
-                chunk_size=args.chunk_size,
-                keep_setid=args.keep_setid,
-                concurrency=args.jobs,
-                progress=progress,
-                stat_cache_dir=None if args.rehash else default_stat_cache_dir(),
-            )
-            nursery.cancel_scope.cancel()
-        if sys.stderr.isatty():
-            sys.stderr.write("\r\x1b[K" + _progress_line(progress) + "\n")
+        with bar_for(args, "pack: scanning") as bar:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_show_progress, progress, bar)
+                result = await pack(
+                    args.dir,
+                    cas,
+                    tag=args.tag,
+                    chunk_size=args.chunk_size,
+                    keep_setid=args.keep_setid,
+                    concurrency=args.jobs,
+                    progress=progress,
+                    stat_cache_dir=None if args.rehash else default_stat_cache_dir(),
+                )
+                nursery.cancel_scope.cancel()
+        seconds = time.monotonic() - started
         log.info("packed %s: %s", args.dir, _progress_line(progress))
-        print(result.digest.hex)
+        if args.json:
+            print(json.dumps(_pack_json(result.digest.hex, progress, seconds), sort_keys=True))
+        else:
+            print(result.digest.hex)
         return 0
 
     return await _with_cas(args, run)
+
+
+def _pack_json(digest: str, p: PackProgress, seconds: float) -> dict[str, object]:
+    return {
+        "digest": digest,
+        "files": p.files,
+        "bytes": p.bytes_total,
+        "files_hashed": p.files_hashed,
+        "blobs": p.blobs,
+        "blobs_uploaded": p.blobs_uploaded,
+        "blobs_skipped": p.blobs_skipped,
+        "bytes_uploaded": p.bytes_uploaded,
+        "seconds": round(seconds, 3),
+    }
 
 
 def _progress_line(p: PackProgress) -> str:
@@ -77,11 +98,26 @@ def _progress_line(p: PackProgress) -> str:
     )
 
 
-async def _show_progress(progress: PackProgress) -> None:
+async def _show_progress(p: PackProgress, bar: Bar) -> None:
+    """Feed ``bar`` from ``pack``'s counters: bytes while hashing, then blobs uploaded."""
     while True:
-        sys.stderr.write("\r\x1b[K" + _progress_line(progress))
-        sys.stderr.flush()
-        await trio.sleep(0.2)
+        if p.phase == "uploading":
+            bar.update(
+                p.blobs_uploaded,
+                total=p.blobs_missing,
+                label="pack: uploading",
+                unit="blobs",
+                note=f"{format_size(p.bytes_uploaded)} sent, {p.blobs_skipped} already stored",
+            )
+        elif p.phase in ("hashing", "checking"):
+            bar.update(
+                p.bytes_hashed,
+                total=p.bytes_total,
+                label=f"pack: {p.phase}",
+                unit="bytes",
+                note=f"{p.files_hashed}/{p.files} files",
+            )
+        await trio.sleep(0.1)
 
 
 # -- read-outs -----------------------------------------------------------------------------
@@ -143,7 +179,11 @@ async def diff(args: argparse.Namespace) -> int:
     async def run(cas: CAS) -> int:
         _, a = await load_manifest(cas, args.ref_a)
         _, b = await load_manifest(cas, args.ref_b)
-        for line in diff_manifests(a, b).lines():
+        diff = diff_manifests(a, b)
+        if args.json:
+            print(json.dumps(diff.to_json(), sort_keys=True))
+            return 0
+        for line in diff.lines():
             print(line)
         return 0
 

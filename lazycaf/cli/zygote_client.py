@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Final
 
+from lazycaf.cli.config import preset, without_config
+from lazycaf.core.errors import LazyCafError
 from lazycaf.host.paths import NO_ZYGOTE_ENV, cache_paths, zygote_disabled, zygote_socket
 
 __all__ = [
@@ -68,14 +70,20 @@ def _option(argv: list[str], name: str) -> str | None:
 def _mount_argv(argv: list[str]) -> bool:
     """A background ``lazycaf mount`` (the only command the zygote serves; the mount parser
     takes no abbreviated options, so full names are all there is to look for)."""
-    command = next((a for a in argv if not a.startswith("-")), None)
+    command = next((a for a in without_config(argv) if not a.startswith("-")), None)
     if command != "mount":
         return False
     return not any(a in ("--foreground", "-h", "--help", "--version") for a in argv)
 
 
 def _fetcher_socket(argv: list[str]) -> Path:
+    """The daemon socket the mount will use: the flags, else the environment, else the config
+    file (``lazycaf.cli.config.preset``), else the defaults, as the parser would have it."""
     cache, sock = _option(argv, "--cache"), _option(argv, "--socket")
+    if cache is None or sock is None:
+        from_file = preset(argv, "mount", ("cache", "socket"))
+        cache = cache if cache is not None else from_file.get("cache")
+        sock = sock if sock is not None else from_file.get("socket")
     return cache_paths(Path(cache) if cache else None, Path(sock) if sock else None)[1]
 
 
@@ -101,7 +109,10 @@ def try_zygote(argv: list[str]) -> int | None:
             os.fstat(fd)
     except OSError:
         return None
-    path = zygote_socket(_fetcher_socket(argv))
+    try:
+        path = zygote_socket(_fetcher_socket(argv))
+    except LazyCafError:  # a bad config file: the in-process mount reports it
+        return None
     umask = os.umask(0o022)
     os.umask(umask)
     try:

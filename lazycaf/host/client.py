@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -112,8 +112,9 @@ class FetcherClient:
         cache_root: Path | None = None,
         concurrency: int = 16,
         batch_size: int = ENSURE_BATCH,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        """Make every blob present, with a progress line on a terminal (materialize, pin).
+        """Make every blob present (materialize, pin).
 
         Works through ``digests`` in batches of ``batch_size``: memory stays bounded by the
         batch, whatever the count (at most ``concurrency`` requests in flight). With
@@ -121,28 +122,28 @@ class FetcherClient:
         has verified) cost no round trip each: one ``touch`` per batch keeps their place in
         the LRU. A blob the daemon cannot find anywhere stops the whole call with a
         ``BlobNotFound`` naming the first such blob in ``digests`` order; any other error
-        is raised as itself, not inside an exception group."""
-        total = f"/{len(digests)}" if isinstance(digests, Sized) else ""
-        show = sys.stderr.isatty()
-        seen = fetched = 0
+        is raised as itself, not inside an exception group. ``on_progress(done, fetched)``
+        is called as blobs are known present: ``done`` of ``digests`` so far, ``fetched``
+        of them through the daemon (a progress bar's callback)."""
+        done = fetched = 0
+        report = on_progress or (lambda done, fetched: None)
 
         def progress() -> None:
-            nonlocal fetched
+            nonlocal done, fetched
+            done += 1
             fetched += 1
-            if show:
-                sys.stderr.write(f"\r\x1b[Kfetching blobs: {fetched} ({seen}{total} checked)")
+            report(done, fetched)
 
         pending = iter(digests)
         while batch := list(itertools.islice(pending, batch_size)):
-            seen += len(batch)
             if cache_root is not None:
                 present = await trio.to_thread.run_sync(_present, cache_root, batch)
                 await self.touch(present)
                 held = set(present)
                 batch = [d for d in batch if d not in held]
+                done += len(held)
+                report(done, fetched)
             await self._ensure_batch(batch, concurrency, progress)
-        if show and fetched:
-            sys.stderr.write("\n")
 
     async def _ensure_batch(
         self, batch: list[Digest], concurrency: int, progress: Callable[[], None]

@@ -41,6 +41,7 @@ import stat
 import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -66,10 +67,16 @@ _TMP_PREFIX: Final = ".lazycaf-materialize-"
 
 @dataclass
 class MaterializeResult:
+    """What ``write_tree`` wrote: entries by kind (the root not counted), the files' bytes,
+    and how many files were reflinked or copied (``files == reflinked + copied``)."""
+
     files: int = 0
     reflinked: int = 0
     copied: int = 0
     bytes: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
 
     @property
     def all_reflinked(self) -> bool:
@@ -143,6 +150,7 @@ class _Job:
     copy: bool
     keep_setid: bool
     stop: threading.Event
+    on_entry: Callable[[], None] | None = None
 
 
 def _open_blob(job: _Job, e: Entry, digest: Digest, length: int) -> int:
@@ -206,6 +214,7 @@ def _write_file(job: _Job, e: Entry) -> bool:
 def _write_entry(job: _Job, e: Entry, res: MaterializeResult) -> None:
     if e.kind == DIR:
         os.mkdir(e.path, 0o700, dir_fd=job.root_fd)
+        res.dirs += 1
     elif e.kind == FILE:
         reflinked = _write_file(job, e)
         res.files += 1
@@ -215,6 +224,7 @@ def _write_entry(job: _Job, e: Entry, res: MaterializeResult) -> None:
     elif e.kind == SYMLINK:
         os.symlink(e.target or "", e.path, dir_fd=job.root_fd)
         os.utime(e.path, ns=(e.mtime_ns, e.mtime_ns), dir_fd=job.root_fd, follow_symlinks=False)
+        res.symlinks += 1
     elif e.kind == HARDLINK:
         os.link(
             e.target or "",
@@ -223,6 +233,7 @@ def _write_entry(job: _Job, e: Entry, res: MaterializeResult) -> None:
             dst_dir_fd=job.root_fd,
             follow_symlinks=False,
         )
+        res.hardlinks += 1
 
 
 def _os_error(exc: OSError, what: str, target: Path) -> LazyCafError:
@@ -244,6 +255,8 @@ def _fill(job: _Job, manifest: Manifest, target: Path, res: MaterializeResult) -
             _write_entry(job, e, res)
         except OSError as exc:
             raise _os_error(exc, repr(e.path), target) from exc
+        if job.on_entry is not None:
+            job.on_entry()
     for e in reversed(manifest.entries):
         if e.kind == DIR:
             mode = mode_on_disk(DIR, e.mode, keep_setid=job.keep_setid)
@@ -289,14 +302,16 @@ def write_tree(
     copy: bool = False,
     keep_setid: bool = False,
     stop: threading.Event | None = None,
+    on_entry: Callable[[], None] | None = None,
 ) -> MaterializeResult:
     """Create ``target`` from cached blobs (all must be cached). Sync: run in a thread.
 
     ``copy=True`` copies bytes even where reflinks work; by default only where they fail.
     ``keep_setid`` keeps the manifest's modes as they are (see the module docstring).
     ``stop``: once set (from a signal handler), the build stops, the partial tree is
-    removed and ``KeyboardInterrupt`` is raised. All or nothing: on any error ``target`` is
-    left as it was."""
+    removed and ``KeyboardInterrupt`` is raised. ``on_entry`` is called after each entry
+    written (a progress bar's callback). All or nothing: on any error ``target`` is left as
+    it was."""
     target = Path(os.path.abspath(target))
     check_target(target)
     _check_lengths(target, manifest)
@@ -306,7 +321,7 @@ def write_tree(
     except OSError as exc:
         raise _os_error(exc, "a tree", target) from exc
     try:
-        res = _build(cache_root, manifest, tmp, target, copy, keep_setid, stop)
+        res = _build(cache_root, manifest, tmp, target, copy, keep_setid, stop, on_entry)
         _publish(tmp, target, manifest.root_mtime_ns)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -323,6 +338,7 @@ def _build(
     copy: bool,
     keep_setid: bool,
     stop: threading.Event | None,
+    on_entry: Callable[[], None] | None,
 ) -> MaterializeResult:
     res = MaterializeResult()
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -334,7 +350,7 @@ def _build(
         root_fd = os.open(tmp, flags)
         try:
             stop = stop or threading.Event()
-            job = _Job(root_fd, blobs_fd, manifest.chunk_size, copy, keep_setid, stop)
+            job = _Job(root_fd, blobs_fd, manifest.chunk_size, copy, keep_setid, stop, on_entry)
             _fill(job, manifest, target, res)
         finally:
             os.close(root_fd)
