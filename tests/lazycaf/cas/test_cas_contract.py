@@ -1,14 +1,17 @@
 """The CAS contract, run against every backend.
 
-One suite, three implementations of ``lazycaf.cas.api.CAS``:
+One suite, four implementations of ``lazycaf.cas.api.CAS``:
 
 - ``local``: ``LocalCAS`` over a temp directory (the embedded default);
 - ``http-subprocess``: ``HttpCAS`` against the real ``lazycaf cas serve`` process (with token);
 - ``http-inprocess``: ``HttpCAS`` against ``fetcher.casserver.app.CasApp`` served by hypercorn in
-  the test's own trio loop (``serve_app`` + ``bind_socket``), also with a token.
+  the test's own trio loop (``serve_app`` + ``bind_socket``), also with a token;
+- ``s3``: ``S3CAS`` on a real S3-compatible server (SeaweedFS ``weed mini``, the session's
+  ``s3_server``), under a prefix of the test's own.
 
-Every backend stores blobs in a ``CasDir`` layout, so the tamper tests corrupt files under the
-backend's root directly: the contract is that no backend ever returns bytes that do not verify.
+The tamper tests corrupt what a backend stores directly (files under a ``CasDir`` root, or
+the blob's object in the bucket): the contract is that no backend ever returns bytes that do
+not verify.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import obstore
 import pytest
 import trio
+from obstore.store import S3Store
 
 from fetcher.casserver.app import CasApp
 from fetcher.web.asgi import bind_socket, serve_app
@@ -29,6 +34,7 @@ from lazycaf.cas.api import CAS, load_manifest, resolve
 from lazycaf.cas.casdir import CasDir
 from lazycaf.cas.http import MISSING_BATCH, HttpCAS
 from lazycaf.cas.local import LocalCAS
+from lazycaf.cas.s3 import S3CAS
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import (
     BlobNotFound,
@@ -42,6 +48,7 @@ from lazycaf.core.errors import (
 from lazycaf.core.manifest import DIR, FILE, Entry, Manifest
 from tests.conftest import CasServer, start_cas_server, stop
 from tests.helpers import wait_for_async
+from tests.s3server import S3Server
 
 MiB = 1 << 20
 
@@ -52,6 +59,18 @@ class Backend:
     root: Path  # the CasDir root the backend stores into
     url: str = ""
     token: str = ""
+    s3: S3Server | None = None  # the server of an ``s3`` backend; ``url`` is then s3://...
+
+    def raw_store(self) -> S3Store:
+        """The ``s3`` backend's prefix, seen past ``S3CAS`` (to look at or corrupt objects)."""
+        assert self.s3 is not None
+        prefix = self.url.removeprefix(f"s3://{self.s3.bucket}/")
+        return S3Store(
+            self.s3.bucket,
+            prefix=prefix,
+            config=self.s3.config(),
+            client_options={"allow_http": True},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +84,12 @@ def subprocess_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CasS
         stop(server.proc)
 
 
-@pytest.fixture(params=["local", "http-subprocess", "http-inprocess"])
+@pytest.fixture(params=["local", "http-subprocess", "http-inprocess", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "s3":
+        s3: S3Server = request.getfixturevalue("s3_server")
+        url = f"s3://{s3.bucket}/contract-{secrets.token_hex(6)}"
+        return Backend("s3", tmp_path / "unused", url, s3=s3)
     if request.param == "local":
         return Backend("local", tmp_path / "local-cas")
     if request.param == "http-subprocess":
@@ -81,6 +104,12 @@ async def cas(backend: Backend) -> AsyncIterator[CAS]:
         local = LocalCAS(backend.root)
         yield local
         await local.aclose()
+        return
+    if backend.kind == "s3":
+        assert backend.s3 is not None
+        s3cas = S3CAS(backend.url, config=backend.s3.config())
+        yield s3cas
+        await s3cas.aclose()
         return
     if backend.kind == "http-subprocess":
         client = HttpCAS(backend.url, token=backend.token)
@@ -111,27 +140,45 @@ def ref_name(stem: str) -> str:
     return f"t{secrets.token_hex(4)}-{stem}"
 
 
-def blob_files(root: Path, digest: Digest) -> list[Path]:
-    base = root / "blobs" / digest.hex[:2] / digest.hex
-    return [p for p in (base, base.with_suffix(".zst")) if p.exists()]
+def _s3_key(digest: Digest) -> str:
+    return f"blobs/{digest.hex[:2]}/{digest.hex}"
+
+
+def blob_files(backend: Backend, digest: Digest) -> list[str]:
+    """What the backend stores under the blob's name: files, or the object's key."""
+    if backend.kind == "s3":
+        try:
+            obstore.head(backend.raw_store(), _s3_key(digest))
+        except FileNotFoundError:
+            return []
+        return [_s3_key(digest)]
+    base = backend.root / "blobs" / digest.hex[:2] / digest.hex
+    return [str(p) for p in (base, base.with_suffix(".zst")) if p.exists()]
 
 
 def tmp_files(root: Path) -> list[Path]:
     return sorted(p for p in (root / "tmp").rglob("*") if p.is_file())
 
 
-async def wait_tmp_empty(root: Path) -> None:
-    """A server may still finish PUTs the client abandoned; wait until it has."""
+async def wait_tmp_empty(backend: Backend) -> None:
+    """A server may still finish PUTs the client abandoned; wait until it has (an S3 PUT is
+    atomic: it leaves nothing half-written behind)."""
+    if backend.kind == "s3":
+        return
+    root = backend.root
     await wait_for_async(lambda: not tmp_files(root), f"no temp files left under {root}")
 
 
-def tamper(root: Path, digest: Digest, content: bytes) -> None:
+def tamper(backend: Backend, digest: Digest, content: bytes) -> None:
     """Replace the stored blob ``digest`` by ``content`` kept raw (what a bad disk does)."""
-    files = blob_files(root, digest)
-    assert files, f"blob {digest} is not stored under {root}"
+    files = blob_files(backend, digest)
+    assert files, f"blob {digest} is not stored in {backend.kind} backend"
+    if backend.kind == "s3":
+        obstore.put(backend.raw_store(), _s3_key(digest), content)
+        return
     for p in files:
-        p.unlink()
-    (root / "blobs" / digest.hex[:2] / digest.hex).write_bytes(content)
+        Path(p).unlink()
+    (backend.root / "blobs" / digest.hex[:2] / digest.hex).write_bytes(content)
 
 
 def small_manifest(file_digest: Digest, size: int) -> Manifest:
@@ -181,13 +228,13 @@ async def test_put_mismatching_data_is_refused_and_not_stored(
     other = claimed[:-1] + b"?"
     with pytest.raises(LazyCafError) as excinfo:
         await cas.put(digest, other)
-    if backend.kind == "local":
+    if backend.kind in ("local", "s3"):
         assert isinstance(excinfo.value, IntegrityError)
     assert digest.hex in str(excinfo.value)
     assert not isinstance(excinfo.value, Unavailable)
     assert await cas.find_missing([digest]) == {digest}
     assert not await cas.has(digest)
-    assert blob_files(backend.root, digest) == []
+    assert blob_files(backend, digest) == []
     with pytest.raises(BlobNotFound):
         await cas.get(digest)
 
@@ -202,7 +249,7 @@ async def test_put_many_mixed_new_present_and_repeated(cas: CAS, backend: Backen
         assert await cas.get(d) == data
     assert await cas.put_many(items) == 0
     assert await cas.put_many([]) == 0
-    await wait_tmp_empty(backend.root)
+    await wait_tmp_empty(backend)
 
 
 async def test_put_many_of_many_small_blobs(cas: CAS) -> None:
@@ -217,7 +264,7 @@ async def test_put_many_with_a_wrong_digest_never_stores_it(
 ) -> None:
     """The blob that does not verify raises an IntegrityError (plain, not an exception group)
     and is never stored. The contract leaves the batch's other blobs to the backend: each is
-    either absent or whole. LocalCAS verifies the batch first and stores none of it."""
+    either absent or whole. LocalCAS and S3CAS verify the batch first and store none of it."""
     good = [(Digest.of(b), b) for b in (unique(f"good{i}") * 1000 for i in range(6))]
     claimed = unique("claimed") * 1000
     bad = Digest.of(claimed)
@@ -226,13 +273,13 @@ async def test_put_many_with_a_wrong_digest_never_stores_it(
     with pytest.raises(IntegrityError) as excinfo:
         await cas.put_many(items)
     assert bad.hex in str(excinfo.value)
-    await wait_tmp_empty(backend.root)
+    await wait_tmp_empty(backend)
     assert not await cas.has(bad)
-    assert blob_files(backend.root, bad) == []
+    assert blob_files(backend, bad) == []
     for d, data in good:
         if await cas.has(d):
             assert await cas.get(d) == data
-    if backend.kind == "local":
+    if backend.kind in ("local", "s3"):  # they verify the whole batch before storing any
         assert await cas.find_missing([d for d, _ in good]) == {d for d, _ in good}
 
 
@@ -266,7 +313,7 @@ async def test_get_of_a_corrupted_blob_is_an_integrity_error(cas: CAS, backend: 
     data = unique("corrupt-me") * 100
     digest = Digest.of(data)
     await cas.put(digest, data)
-    tamper(backend.root, digest, data[:-1] + b"!")
+    tamper(backend, digest, data[:-1] + b"!")
     with pytest.raises(IntegrityError) as excinfo:
         await cas.get(digest)
     assert digest.hex in str(excinfo.value)
@@ -443,7 +490,7 @@ async def test_load_tampered_manifest_is_an_integrity_error(cas: CAS, backend: B
     await cas.set_ref(name, digest)
     # a different, perfectly valid manifest under the old name
     other = small_manifest(Digest.of(content + b"x"), len(content) + 1).encode()
-    tamper(backend.root, digest, other)
+    tamper(backend, digest, other)
     for ref in (digest.hex, name):
         with pytest.raises(IntegrityError) as excinfo:
             await load_manifest(cas, ref)

@@ -1,0 +1,340 @@
+"""The S3 CAS: blobs and refs in an S3-compatible bucket (AWS S3, Ceph RGW, MinIO, SeaweedFS).
+
+``s3://BUCKET[/PREFIX]``; the endpoint, region and credentials come from the standard AWS
+environment variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``), read by the client library (``obstore``, Rust ``object_store``).
+
+Layout under the prefix:
+
+- ``blobs/<hex[:2]>/<hex>``: one object per blob, its bytes as ``framing.encode`` gives them
+  (zstd frames, or raw when they do not shrink), the encoding in the object's standard
+  ``Content-Encoding`` (``zstd``; absent for raw). In the metadata, not the key, so a blob has
+  exactly one name: ``has`` and ``find_missing`` are one HEAD per digest (a key suffix would
+  need two), and a frontend can pass the header on as the HTTP CAS's own ``Content-Encoding``.
+- ``refs/<name>``: the 64 hex digits of the digest the ref names.
+
+Invariants: a blob object is written only after its bytes verified here (the store never
+sees unverified bytes under a blob's name), with ``If-None-Match: *`` so an existing blob is
+never rewritten; every blob read is verified (``verify_blob``). A ref update with an
+``expected`` value is a compare-and-swap done by the store (``If-None-Match: *`` to create,
+``If-Match: <ETag of the GET>`` to replace); a 412 is ``RefMoved``, never a lost update.
+
+Known limits: ``p`` and ``p/x`` cannot both be refs (as in ``CasDir``); the check is a LIST
+and HEADs before the PUT, so two writers creating such a pair at the same instant can both
+succeed. obstore's calls are synchronous; they run in worker threads (``_limiter``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, TypeVar
+
+import obstore
+import trio
+from obstore.exceptions import (
+    AlreadyExistsError,
+    BaseError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+    UnauthenticatedError,
+)
+from obstore.store import S3Store
+
+from lazycaf.cas.refs import ANY, Expected, check_ref_name
+from lazycaf.core import framing
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import (
+    AccessDenied,
+    BlobNotFound,
+    CasUnavailable,
+    IntegrityError,
+    LazyCafError,
+    RefMoved,
+    RefNotFound,
+    UsageError,
+    first_error,
+)
+from lazycaf.core.verified import verify_blob
+
+__all__ = ["REQUESTS_IN_FLIGHT", "S3CAS", "parse_s3_url"]
+
+#: Requests one ``S3CAS`` keeps in flight (each holds a worker thread while it waits).
+REQUESTS_IN_FLIGHT: Final = 32
+
+# obstore raises a missing object as its NotFoundError or, from get and head, as the
+# builtin FileNotFoundError
+_NOT_FOUND: Final = (NotFoundError, FileNotFoundError)
+
+T = TypeVar("T")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://BUCKET[/PREFIX]`` -> (bucket, prefix without slashes at either end)."""
+    if not url.startswith("s3://"):
+        raise UsageError(f"not an s3:// address: {url!r}")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    prefix = prefix.strip("/")
+    if not bucket or "//" in prefix:
+        raise UsageError(f"invalid S3 address {url!r} (use s3://BUCKET[/PREFIX])")
+    return bucket, prefix
+
+
+class S3CAS:
+    """The ``CAS`` interface on an S3 bucket and prefix (see the module docstring).
+
+    Holds no state beyond a connection pool: any number of clients and frontends may share a
+    bucket. Store failures become ``CasUnavailable`` naming ``where``; refusals of the
+    credentials ``AccessDenied``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        config: Mapping[str, str] | None = None,
+        requests_in_flight: int = REQUESTS_IN_FLIGHT,
+    ) -> None:
+        """``config``: S3 settings that override the environment's (``endpoint``,
+        ``region``, ``access_key_id``, ``secret_access_key``: obstore's ``S3Config`` keys)."""
+        bucket, prefix = parse_s3_url(url)
+        self.where = url.rstrip("/")
+        self._limiter = trio.CapacityLimiter(requests_in_flight)
+        try:
+            # Endpoint, region and credentials: from AWS_* in the environment unless given.
+            self._store = S3Store(
+                bucket,
+                prefix=prefix or None,
+                config=dict(config or {}),  # type: ignore[arg-type]
+                client_options={"allow_http": True, "timeout": "60s", "connect_timeout": "5s"},
+            )
+        except BaseError as exc:
+            raise CasUnavailable(self.where, f"{type(exc).__name__}: {exc}") from exc
+
+    # -- plumbing ---------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run one obstore call in a worker thread; map its failures (not NotFound and the
+        precondition errors, which the callers turn into what they mean)."""
+        try:
+            return await trio.to_thread.run_sync(
+                functools.partial(fn, self._store, *args, **kwargs), limiter=self._limiter
+            )
+        except (*_NOT_FOUND, AlreadyExistsError, PreconditionError):
+            raise
+        except (PermissionDeniedError, UnauthenticatedError) as exc:
+            raise AccessDenied(f"CAS {self.where} refused the request: {exc}") from exc
+        except BaseError as exc:
+            raise CasUnavailable(self.where, f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+    @staticmethod
+    def _blob_key(digest: Digest) -> str:
+        return f"blobs/{digest.hex[:2]}/{digest.hex}"
+
+    @staticmethod
+    def _ref_key(name: str) -> str:
+        return f"refs/{name}"
+
+    # -- blobs ------------------------------------------------------------------------------
+    async def has(self, digest: Digest) -> bool:
+        try:
+            await self._call(obstore.head, self._blob_key(digest))
+        except _NOT_FOUND:
+            return False
+        return True
+
+    async def find_missing(self, digests: Sequence[Digest]) -> set[Digest]:
+        """One HEAD per distinct digest, ``requests_in_flight`` at a time."""
+        missing: set[Digest] = set()
+
+        async def check(d: Digest) -> None:
+            if not await self.has(d):
+                missing.add(d)
+
+        await _run_all(check, list(dict.fromkeys(digests)))
+        return missing
+
+    async def get_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]:
+        try:
+            encoding, payload = await self._call(_get_object, self._blob_key(digest))
+        except _NOT_FOUND:
+            raise BlobNotFound(digest, self.where) from None
+        if encoding == framing.ZSTD:
+            return framing.ZSTD, payload
+        if encoding == framing.IDENTITY:
+            return framing.IDENTITY, payload
+        raise IntegrityError(f"blob {digest}: unexpected content encoding {encoding!r}")
+
+    async def get(self, digest: Digest) -> bytes:
+        encoding, payload = await self.get_encoded(digest)
+        verified = await trio.to_thread.run_sync(verify_blob, digest, encoding, payload)
+        return verified.data
+
+    async def get_many_encoded(
+        self, digests: Sequence[Digest]
+    ) -> dict[Digest, tuple[framing.Encoding, bytes]]:
+        """One GET per blob, concurrently (S3 has no batch read); absent blobs are left out."""
+        out: dict[Digest, tuple[framing.Encoding, bytes]] = {}
+
+        async def one(d: Digest) -> None:
+            with contextlib.suppress(BlobNotFound):
+                out[d] = await self.get_encoded(d)
+
+        await _run_all(one, list(dict.fromkeys(digests)))
+        return out
+
+    async def put(self, digest: Digest, data: bytes) -> bool:
+        encoded = await trio.to_thread.run_sync(_verify_encode, digest, data)
+        return await self._put_encoded(digest, encoded)
+
+    async def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
+        """Verify the whole batch first (a mismatch stores none of it), then PUT the blobs
+        concurrently; returns how many were new."""
+        encoded = await trio.to_thread.run_sync(_verify_encode_all, list(items))
+        stored = 0
+
+        async def one(d: Digest) -> None:
+            nonlocal stored
+            new = await self._put_encoded(d, encoded[d])
+            stored += new  # not ``stored += await ...``: that reads ``stored`` first
+
+        await _run_all(one, list(encoded))
+        return stored
+
+    async def _put_encoded(self, digest: Digest, encoded: tuple[framing.Encoding, bytes]) -> bool:
+        """PUT a verified blob unless it is there (``If-None-Match: *``): True if new."""
+        encoding, payload = encoded
+        attributes = {"Content-Encoding": encoding} if encoding != framing.IDENTITY else None
+        try:
+            await self._call(
+                obstore.put,
+                self._blob_key(digest),
+                payload,
+                attributes=attributes,
+                mode="create",
+                use_multipart=False,
+            )
+        except (AlreadyExistsError, PreconditionError):
+            return False
+        return True
+
+    # -- refs -------------------------------------------------------------------------------
+    async def _read_ref(self, name: str) -> tuple[Digest, str] | None:
+        """(digest, ETag) of ref ``name``, None when there is none."""
+        try:
+            meta, body = await self._call(_get_ref_object, self._ref_key(name))
+        except _NOT_FOUND:
+            return None
+        text = body.decode("ascii", "replace").strip()
+        if not Digest.is_hex(text):
+            raise IntegrityError(f"CAS {self.where}: ref {name!r} holds {text[:80]!r}")
+        return Digest.parse(text), meta
+
+    async def get_ref(self, name: str) -> Digest:
+        check_ref_name(name)
+        found = await self._read_ref(name)
+        if found is None:
+            raise RefNotFound(name, self.where)
+        return found[0]
+
+    async def set_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
+        check_ref_name(name)
+        if not await self.has(digest):
+            raise BlobNotFound(digest, f"{self.where} (ref {name!r} must name a stored blob)")
+        await self._check_no_conflict(name)
+        key, body = self._ref_key(name), digest.hex.encode()
+        if expected is ANY:
+            await self._call(obstore.put, key, body, use_multipart=False)
+            return
+        if expected is None:
+            try:
+                await self._call(obstore.put, key, body, mode="create", use_multipart=False)
+            except (AlreadyExistsError, PreconditionError):
+                raise RefMoved(name, "no ref", await self._describe(name)) from None
+            return
+        current = await self._read_ref(name)
+        if current is None or current[0] != expected:
+            raise RefMoved(name, expected, current[0] if current else "no ref")
+        try:
+            mode = {"e_tag": current[1]}
+            await self._call(obstore.put, key, body, mode=mode, use_multipart=False)
+        except (PreconditionError, *_NOT_FOUND):
+            raise RefMoved(name, expected, await self._describe(name)) from None
+
+    async def _describe(self, name: str) -> str:
+        found = await self._read_ref(name)
+        return found[0].hex if found else "no ref"
+
+    async def _check_no_conflict(self, name: str) -> None:
+        """Refuse ``name`` when a ref ``name/...`` or a ref that is a parent path of it
+        exists (``p`` and ``p/x`` cannot both be refs, as in git)."""
+        nested = await self._call(_list_one, f"{self._ref_key(name)}/")
+        parts = name.split("/")
+        parents = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        conflicts = [f"{name}/{nested[len(self._ref_key(name)) + 1 :]}"] if nested else []
+        for parent in parents:
+            if await self._read_ref(parent) is not None:
+                conflicts.append(parent)
+        if conflicts:
+            raise UsageError(f"CAS {self.where}: ref {name!r} conflicts with ref {conflicts[0]!r}")
+
+    async def aclose(self) -> None:
+        """Nothing to release: obstore drops its connections with the store object."""
+
+
+async def _run_all(fn: Callable[[Digest], object], digests: list[Digest]) -> None:
+    """``await fn(d)`` for every digest concurrently (the limiter bounds the requests); the
+    first failure cancels the rest and is raised as it is, not in an exception group."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for d in digests:
+                nursery.start_soon(fn, d)  # type: ignore[arg-type]
+    except BaseExceptionGroup as group:
+        leaf = first_error(group)
+        if isinstance(leaf, LazyCafError):
+            raise leaf from None
+        raise
+
+
+def _get_object(store: S3Store, key: str) -> tuple[str, bytes]:
+    result = obstore.get(store, key)
+    encoding = str(result.attributes.get("Content-Encoding") or framing.IDENTITY)
+    return encoding, bytes(result.bytes())
+
+
+def _get_ref_object(store: S3Store, key: str) -> tuple[str, bytes]:
+    result = obstore.get(store, key)
+    etag = result.meta["e_tag"]
+    if etag is None:  # no ETag, no compare-and-swap: refuse rather than race
+        raise IntegrityError(f"the store sent no ETag for {key!r}")
+    return etag, bytes(result.bytes())
+
+
+def _list_one(store: S3Store, prefix: str) -> str | None:
+    """The first key under ``prefix``, or None."""
+    for page in obstore.list(store, prefix, chunk_size=1):
+        for meta in page:
+            return meta["path"]
+    return None
+
+
+def _verify_encode(digest: Digest, data: bytes) -> tuple[framing.Encoding, bytes]:
+    digest.verify(data)
+    return framing.encode(data)
+
+
+def _verify_encode_all(
+    items: list[tuple[Digest, bytes]],
+) -> dict[Digest, tuple[framing.Encoding, bytes]]:
+    for digest, data in items:
+        digest.verify(data)
+    out: dict[Digest, tuple[framing.Encoding, bytes]] = {}
+    for digest, data in items:
+        if digest not in out:
+            out[digest] = framing.encode(data)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else ""
