@@ -4,7 +4,8 @@
 backend), ``http`` (the HTTP client of the CAS server), ``s3`` (blobs and refs in an S3
 bucket, through obstore), ``casdir`` (the directory layout and
 its atomic writes, sync code shared with the server), ``refs`` (ref names, compare-and-swap
-conditions), ``batch`` (the bodies of the batch endpoints), ``tokens`` (bearer tokens
+conditions), ``gc`` (the store GC: mark from the refs, sweep past a grace), ``batch``
+(the bodies of the batch endpoints), ``tokens`` (bearer tokens
 read from files that only their owner can access) and ``tls`` (which CAs the HTTP clients
 trust).
 

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import trio
 
+from lazycaf.cas.gc import StoredBlob
 from lazycaf.cas.http import HttpCAS
 from lazycaf.cas.local import LocalCAS
 from lazycaf.cas.refs import ANY, Expected
@@ -67,6 +68,24 @@ class CAS(Protocol):
     async def set_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
         """Point ref ``name`` at ``digest`` (a stored blob). With ``expected`` (a digest, or
         None: no such ref yet), only if the ref still holds it; else ``RefMoved``."""
+        ...
+
+    # What the store GC (``lazycaf.cas.gc``) needs; ``HttpCAS`` refuses these with a
+    # ``UsageError``: the GC runs against the store itself (a directory or s3://).
+    async def list_blobs(self) -> list[StoredBlob]:
+        """Every stored blob: digest, size at rest, when it was stored."""
+        ...
+
+    async def delete_blobs(self, digests: Sequence[Digest]) -> int:
+        """Delete these blobs (absent ones are skipped); returns how many were there."""
+        ...
+
+    async def list_refs(self) -> list[str]:
+        """The names of every ref, sorted."""
+        ...
+
+    async def delete_ref(self, name: str) -> None:
+        """Remove ref ``name`` (``RefNotFound`` if there is none); its blobs stay."""
         ...
 
     async def aclose(self) -> None: ...

@@ -5,6 +5,7 @@ Layout::
     <root>/blobs/<2 hex>/<hex>        a blob kept raw (it did not compress)
     <root>/blobs/<2 hex>/<hex>.zst    a blob as independent zstd frames (see ``framing``)
     <root>/refs/<name>                a named ref: the manifest digest in hex
+    <root>/refs.lock                  held while a ref is written or removed
     <root>/tmp/                       writes in flight
 
 Invariants: a blob file appears only after its content was verified against its name, and
@@ -40,6 +41,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, NamedTuple
 
+from lazycaf.cas.gc import StoredBlob
 from lazycaf.cas.refs import ANY, Expected, check_ref_name
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
@@ -221,6 +223,37 @@ class CasDir:
         except FileNotFoundError:
             raise BlobNotFound(digest, str(self.root)) from None
 
+    def list_blobs(self) -> list[StoredBlob]:
+        """Every stored blob (size on disk, mtime); files that are not blobs are skipped."""
+        out = []
+        for sub in sorted(os.listdir(self.root / "blobs")):
+            with (
+                contextlib.suppress(FileNotFoundError, NotADirectoryError),
+                os.scandir(self.root / "blobs" / sub) as it,
+            ):
+                for entry in it:
+                    name = entry.name.removesuffix(".zst")
+                    if not Digest.is_hex(name) or name[:2] != sub:
+                        continue
+                    with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                        st = entry.stat(follow_symlinks=False)
+                        out.append(StoredBlob(Digest.parse(name), st.st_size, st.st_mtime))
+        return out
+
+    def delete_blobs(self, digests: Iterable[Digest]) -> int:
+        """Unlink these blobs (raw or ``.zst``); returns how many were there. No sync: a
+        crash may bring a deleted blob back, which only delays its deletion."""
+        deleted = 0
+        for digest in digests:
+            p = self._path(digest)
+            found = False
+            for path in (p.with_suffix(".zst"), p):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    found = True
+            deleted += found
+        return deleted
+
     def _stage(self, digest: Digest, encoding: str, payload: bytes) -> Staged:
         final = self._path(digest)
         if encoding == framing.ZSTD:
@@ -286,6 +319,38 @@ class CasDir:
                 self._atomic_write(final, (digest.hex + "\n").encode())
             except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
                 raise _ref_conflict(name) from exc
+
+    def list_refs(self) -> list[str]:
+        """Every ref name, sorted (files under ``refs/`` with a valid ref name)."""
+        refs = self.root / "refs"
+        out = []
+        for dirpath, _, files in os.walk(refs):
+            for f in files:
+                name = (Path(dirpath) / f).relative_to(refs).as_posix()
+                with contextlib.suppress(UsageError):
+                    out.append(check_ref_name(name))
+        return sorted(out)
+
+    def delete_ref(self, name: str) -> None:
+        """Remove ref ``name`` (``RefNotFound`` if there is none) and the directories of
+        refs it leaves empty, so ``p`` can be a ref again once ``p/x`` is gone."""
+        check_ref_name(name)
+        final = self.root / "refs" / name
+        with self._refs_locked():
+            try:
+                if final.is_dir():
+                    raise RefNotFound(name, str(self.root))
+                os.unlink(final)
+            except (FileNotFoundError, NotADirectoryError):
+                raise RefNotFound(name, str(self.root)) from None
+            syncfs(self.root)
+            parent = final.parent
+            while parent != self.root / "refs":
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty
+                    break
+                parent = parent.parent
 
     @contextlib.contextmanager
     def _refs_locked(self) -> Iterator[None]:

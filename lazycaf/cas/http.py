@@ -20,6 +20,7 @@ import trio
 
 from lazycaf.cas.batch import pack_batch, unpack_batch
 from lazycaf.cas.casdir import check_ref_name
+from lazycaf.cas.gc import StoredBlob
 from lazycaf.cas.refs import ANY, Expected
 from lazycaf.cas.tls import certificate_failure, client_ssl_context
 from lazycaf.core import framing
@@ -301,6 +302,25 @@ class HttpCAS:
             if r.status_code == 404:
                 raise LazyCafError(f"CAS {self.where}: {what}: not found ({_detail(r)})")
             raise LazyCafError(f"CAS {self.where}: {what}: HTTP {r.status_code} {_detail(r)}")
+
+    # -- store GC: not through the server ------------------------------------------------
+    def _gc_refused(self) -> UsageError:
+        return UsageError(
+            f"{self.where}: gc and ref removal run against the store itself: use the "
+            "server's directory or the s3:// address it serves"
+        )
+
+    async def list_blobs(self) -> list[StoredBlob]:
+        raise self._gc_refused()
+
+    async def delete_blobs(self, digests: Sequence[Digest]) -> int:
+        raise self._gc_refused()
+
+    async def list_refs(self) -> list[str]:
+        raise self._gc_refused()
+
+    async def delete_ref(self, name: str) -> None:
+        raise self._gc_refused()
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -14,6 +14,7 @@ from typing import TypeVar
 import trio
 
 from lazycaf.cas.casdir import CasDir
+from lazycaf.cas.gc import StoredBlob
 from lazycaf.cas.refs import ANY, Expected
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
@@ -75,6 +76,18 @@ class LocalCAS:
 
     async def set_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
         await self._call(functools.partial(self._dir.write_ref, expected=expected), name, digest)
+
+    async def list_blobs(self) -> list[StoredBlob]:
+        return await self._call(self._dir.list_blobs)
+
+    async def delete_blobs(self, digests: Sequence[Digest]) -> int:
+        return await self._call(self._dir.delete_blobs, list(digests))
+
+    async def list_refs(self) -> list[str]:
+        return await self._call(self._dir.list_refs)
+
+    async def delete_ref(self, name: str) -> None:
+        await self._call(self._dir.delete_ref, name)
 
     async def aclose(self) -> None:
         pass

@@ -43,6 +43,7 @@ from obstore.exceptions import (
 )
 from obstore.store import S3Store
 
+from lazycaf.cas.gc import StoredBlob
 from lazycaf.cas.refs import ANY, Expected, check_ref_name
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
@@ -279,6 +280,33 @@ class S3CAS:
         if conflicts:
             raise UsageError(f"CAS {self.where}: ref {name!r} conflicts with ref {conflicts[0]!r}")
 
+    # -- listing and deletion (the store GC) ------------------------------------------------
+    async def list_blobs(self) -> list[StoredBlob]:
+        """One LIST of ``blobs/`` (paged by the store); ``mtime`` is ``LastModified``, by
+        the server's clock."""
+        return await self._call(_list_blobs)
+
+    async def delete_blobs(self, digests: Sequence[Digest]) -> int:
+        """Bulk DELETE (DeleteObjects, 1000 keys a request); S3 reports no difference
+        between a deleted and an absent key, so the count is of the keys asked for."""
+        keys = [self._blob_key(d) for d in dict.fromkeys(digests)]
+        if keys:
+            await self._call(obstore.delete, keys)
+        return len(keys)
+
+    async def list_refs(self) -> list[str]:
+        return await self._call(_list_refs)
+
+    async def delete_ref(self, name: str) -> None:
+        """A plain DELETE after a GET that saw the ref: S3 has no conditional DELETE (nor
+        obstore a way to send one), so an update racing the rm may be lost to it. That is
+        the intent of an rm (this name goes), and the blobs the lost update named stay until
+        a GC finds them unreferenced and older than its grace."""
+        check_ref_name(name)
+        if await self._read_ref(name) is None:
+            raise RefNotFound(name, self.where)
+        await self._call(obstore.delete, self._ref_key(name))
+
     async def aclose(self) -> None:
         """Nothing to release: obstore drops its connections with the store object."""
 
@@ -317,6 +345,27 @@ def _list_one(store: S3Store, prefix: str) -> str | None:
         for meta in page:
             return meta["path"]
     return None
+
+
+def _list_blobs(store: S3Store) -> list[StoredBlob]:
+    out = []
+    for page in obstore.list(store, "blobs/"):
+        for meta in page:
+            name = meta["path"].rsplit("/", 1)[-1]
+            if Digest.is_hex(name):  # anything else under blobs/ is not ours: leave it
+                mtime = meta["last_modified"].timestamp()
+                out.append(StoredBlob(Digest.parse(name), meta["size"], mtime))
+    return out
+
+
+def _list_refs(store: S3Store) -> list[str]:
+    out = []
+    for page in obstore.list(store, "refs/"):
+        for meta in page:
+            name = meta["path"].removeprefix("refs/")
+            with contextlib.suppress(UsageError):
+                out.append(check_ref_name(name))
+    return sorted(out)
 
 
 def _verify_encode(digest: Digest, data: bytes) -> tuple[framing.Encoding, bytes]:

@@ -2,6 +2,7 @@
 
 ``main`` (the parser, error-to-exit-code mapping; standard library only at import time so a
 ``lazycaf mount`` can reach the zygote fast), ``store`` (pack, ls, cat, diff, cas serve),
+``storeadmin`` (cas gc, ref ls, ref rm),
 ``host`` (mount, umount, stats, fetcher, materialize), ``cache`` (cache status, gc, pin),
 ``peers`` (affinity), ``profile`` (profile show, save), ``run`` (run, profile record),
 ``config`` (the config file and ``config show``), ``readouts`` (ls/diff text over manifests,

@@ -400,7 +400,7 @@ def _parser() -> argparse.ArgumentParser:
     cpin.add_argument("--json", action="store_true", help="print one JSON object")
     cpin.set_defaults(run="cache:pin")
 
-    sp = sub.add_parser("cas", help="run the HTTP CAS server")
+    sp = sub.add_parser("cas", help="run the HTTP CAS server; collect the store's garbage")
     cas_sub = sp.add_subparsers(dest="cas_command", required=True, metavar="SUBCOMMAND")
     serve = cas_sub.add_parser("serve", help="serve a CAS directory over HTTP")
     serve.add_argument("--root", type=Path, required=True)
@@ -415,6 +415,38 @@ def _parser() -> argparse.ArgumentParser:
     tls_opts(serve, "the CAS")
     metrics_opt(serve, "the CAS server's")
     serve.set_defaults(run="store:cas_serve")
+    gc_text = (
+        "delete the blobs no ref, manifest, profile or --keep reaches and older than the "
+        "grace (runs against the store: a directory or s3://, not an http(s) server)"
+    )
+    cgc = cas_sub.add_parser("gc", help=gc_text, description=gc_text)
+    cas_opt(cgc)
+    cgc.add_argument(
+        "--grace",
+        default="24h",
+        metavar="DURATION",
+        help="never delete a blob stored less than this long ago, so a pack in flight "
+        "keeps its blobs: 24h (default), 30m, 90s, 0s",
+    )
+    cgc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    cgc.add_argument(
+        "--keep", action="extend", nargs="+", default=[], metavar="DIGEST", help="also roots"
+    )
+    cgc.add_argument("--json", action="store_true", help="print one JSON object")
+    cgc.set_defaults(run="storeadmin:cas_gc")
+
+    sp = sub.add_parser("ref", help="list and remove refs (on the store: a directory or s3://)")
+    ref_sub = sp.add_subparsers(dest="ref_command", required=True, metavar="SUBCOMMAND")
+    rls = ref_sub.add_parser("ls", help="every ref and the digest it names")
+    cas_opt(rls)
+    rls.add_argument("--json", action="store_true", help="one JSON object per ref")
+    rls.set_defaults(run="storeadmin:ref_ls")
+    rrm = ref_sub.add_parser(
+        "rm", help="remove a ref; its blobs become garbage for a GC after the grace"
+    )
+    rrm.add_argument("name")
+    cas_opt(rrm)
+    rrm.set_defaults(run="storeadmin:ref_rm")
 
     sp = sub.add_parser("config", help="the config file")
     config_sub = sp.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")

@@ -1,6 +1,7 @@
 """Profiles in the CAS: a profile is a blob named by the ref ``profiles/<name>``, so every
 host sees it. Saving a run reads the current profile, adds the trace and writes it back
-(compare-and-swap on the ref, retried)."""
+(compare-and-swap on the ref, retried). ``profile_blobs`` says what a profile references,
+for the store GC."""
 
 from __future__ import annotations
 
@@ -15,9 +16,21 @@ from lazycaf.core.digest import Digest
 from lazycaf.core.errors import RefMoved, RefNotFound
 from lazycaf.traces.trace import Profile, Trace
 
-__all__ = ["add_run", "load_profile"]
+__all__ = ["add_run", "load_profile", "profile_blobs"]
 
 _SAVE_ATTEMPTS: Final = 20
+
+
+def profile_blobs(data: bytes, what: str = "profile") -> set[Digest]:
+    """The digests a profile blob references: those its traces recorded for the files they
+    read (what the store GC keeps for a profile). ``IntegrityError`` if it is no profile."""
+    profile = Profile.decode(data, what=what)
+    return {
+        Digest.parse(r.digest)
+        for run in profile.runs
+        for r in run.records
+        if Digest.is_hex(r.digest)
+    }
 
 
 async def load_profile(cas: CAS, name: str) -> Profile | None:
