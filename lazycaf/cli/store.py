@@ -31,7 +31,8 @@ __all__ = ["cas_serve", "cat", "diff", "ls", "pack_tree"]
 log = logging.getLogger("lazycaf")
 
 
-async def _with_cas(args: argparse.Namespace, fn: Callable[[CAS], Awaitable[int]]) -> int:
+async def with_cas(args: argparse.Namespace, fn: Callable[[CAS], Awaitable[int]]) -> int:
+    """Run ``fn`` with the CAS the command names (``--cas``, ``--cacert``), closed after."""
     cas = open_cas(args.cas, cacert=args.cacert)
     try:
         return await fn(cas)
@@ -72,7 +73,7 @@ async def pack_tree(args: argparse.Namespace) -> int:
             print(result.digest.hex)
         return 0
 
-    return await _with_cas(args, run)
+    return await with_cas(args, run)
 
 
 def _pack_json(digest: str, p: PackProgress, seconds: float) -> dict[str, object]:
@@ -143,7 +144,7 @@ async def ls(args: argparse.Namespace) -> int:
             sys.stdout.write((entry_json(e, n) if args.json else format_ls(e, n, name)) + "\n")
         return 0
 
-    return await _with_cas(args, run)
+    return await with_cas(args, run)
 
 
 async def cat(args: argparse.Namespace) -> int:
@@ -172,7 +173,7 @@ async def cat(args: argparse.Namespace) -> int:
             raise DigestMismatch(entry.digest, actual, f"file {args.path!r}")
         return 0
 
-    return await _with_cas(args, run)
+    return await with_cas(args, run)
 
 
 async def diff(args: argparse.Namespace) -> int:
@@ -187,7 +188,7 @@ async def diff(args: argparse.Namespace) -> int:
             print(line)
         return 0
 
-    return await _with_cas(args, run)
+    return await with_cas(args, run)
 
 
 # -- servers -------------------------------------------------------------------------------

@@ -8,28 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Awaitable, Callable
 
-import trio
-
-from lazycaf.cas.api import CAS, open_cas
+from lazycaf.cas.api import CAS
 from lazycaf.cas.gc import GcReport, collect_garbage
 from lazycaf.cas.refs import check_ref_name
+from lazycaf.cli.store import with_cas
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import IntegrityError, UsageError
 from lazycaf.core.sizes import format_size, parse_duration
 from lazycaf.traces.profiles import profile_blobs
 
 __all__ = ["cas_gc", "ref_ls", "ref_rm"]
-
-
-async def _with_cas(args: argparse.Namespace, fn: Callable[[CAS], Awaitable[int]]) -> int:
-    cas = open_cas(args.cas, cacert=args.cacert)
-    try:
-        return await fn(cas)
-    finally:
-        with trio.CancelScope(shield=True):
-            await cas.aclose()
 
 
 async def cas_gc(args: argparse.Namespace) -> int:
@@ -47,7 +36,7 @@ async def cas_gc(args: argparse.Namespace) -> int:
             print(_gc_text(cas.where, report))
         return 0
 
-    return await _with_cas(args, run)
+    return await with_cas(args, run)
 
 
 def _gc_text(where: str, r: GcReport) -> str:
@@ -80,7 +69,7 @@ async def ref_ls(args: argparse.Namespace) -> int:
                 print(f"{digest or '?' * 64}  {name}" + (f"  ({error})" if error else ""))
         return 0
 
-    return await _with_cas(args, run)
+    return await with_cas(args, run)
 
 
 async def ref_rm(args: argparse.Namespace) -> int:
@@ -90,4 +79,4 @@ async def ref_rm(args: argparse.Namespace) -> int:
         await cas.delete_ref(name)
         return 0
 
-    return await _with_cas(args, run)
+    return await with_cas(args, run)
