@@ -72,6 +72,7 @@ FILE: Final = "f"
 SYMLINK: Final = "l"
 HARDLINK: Final = "h"
 _KINDS: Final = frozenset((DIR, FILE, SYMLINK, HARDLINK))
+_EMPTY: Final = Digest.of(b"")  # the one digest a file of size 0 can have
 
 
 class Entry(NamedTuple):
@@ -133,9 +134,9 @@ class Manifest:
     Invariants: entries are sorted by path without duplicates; every parent is a directory
     entry (or the root); a path has at most ``PATH_MAX`` (4,095) bytes and each of its names
     at most ``NAME_MAX`` (255), what Linux can create; file sizes agree with their chunk
-    lists; every hard link names an earlier file entry and carries its attributes; symlinks
-    have mode 0o777 and directories size 0 (what decoding gives back), so whatever
-    constructs also round-trips.
+    lists, and a file of size 0 has the empty blob's digest; every hard link names an earlier
+    file entry and carries its attributes; symlinks have mode 0o777 and directories size 0
+    (what decoding gives back), so whatever constructs also round-trips.
     """
 
     __slots__ = ("__dict__", "chunk_size", "entries", "root_mode", "root_mtime_ns")
@@ -387,6 +388,7 @@ def _build_entries(
     n = len(kinds)
     file_digests = iter(Digest.trusted_column(digests_b))
     digests = [next(file_digests) if k == FILE else None for k in kinds]
+    _check_empty_files(digests, sizes, paths)
     chunks = _chunk_lists(kinds, sizes, paths, chunks_b, chunk_size)
     link_targets: list[str | None] = [None] * n
     modes_l = list(modes)
@@ -412,6 +414,21 @@ def _build_entries(
                 )
             entries[i] = f._replace(path=paths[i], kind=HARDLINK, target=f.path)
     return tuple(entries)
+
+
+def _check_empty_files(
+    digests: list[Digest | None], sizes: tuple[int, ...], paths: list[str]
+) -> None:
+    """Every file of size 0 has the empty blob's digest (directories and links have none
+    here, and a symlink's size is never 0). One whole-column pass; a loop only on failure."""
+    zero = set(compress(digests, map(_is_zero, sizes)))
+    zero.discard(None)
+    if zero and zero != {_EMPTY}:
+        i = next(i for i, d in enumerate(digests) if d not in (None, _EMPTY) and not sizes[i])
+        raise ManifestError(f"entry {paths[i]!r}: size 0, but {digests[i]} is not the empty blob")
+
+
+_is_zero: Final = (0).__eq__
 
 
 def _chunk_lists(
@@ -554,3 +571,5 @@ def _check_file(e: Entry, chunk_size: int) -> None:
             f"entry {e.path!r}: size {e.size} needs {chunk_count(e.size, chunk_size)} chunks, "
             f"has {len(e.chunks)}"
         )
+    if e.size == 0 and e.digest != _EMPTY:
+        raise ManifestError(f"entry {e.path!r}: size 0, but {e.digest} is not the empty blob")

@@ -270,6 +270,12 @@ def rejected_cases(outside: Path) -> list[Hostile]:
             "chunk digests",
             None,
         ),
+        case(
+            "empty-file-with-content-digest",
+            [_file("empty", OK, size=0), ok],
+            f"size 0, but {Digest.of(OK)} is not the empty blob",
+            "empty",
+        ),
         case("huge-entry-count", [ok], "column lengths disagree", None, count=(1 << 32) - 1),
         case("huge-column-length", [ok], "truncated", None, lengths={4: (1 << 64) - 1}),
         case("symlink-size-lies", [Row("l", "l", 0, 0, 99, target="ok"), ok], "symlink", "l"),

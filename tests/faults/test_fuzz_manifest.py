@@ -44,9 +44,8 @@ EDGES64 = (*EDGES, (1 << 63) - 1, 1 << 63, (1 << 64) - 1)
 
 def file(path: str, size: int, mode: int = 0o644) -> Entry:
     chunks = tuple(Digest.of(f"{path}#{i}".encode()) for i in range(chunk_count(size, CHUNK)))
-    return Entry(
-        path, FILE, mode, 1_700_000_000_000_000_000 + size, size, Digest.of(path.encode()), chunks
-    )
+    digest = Digest.of(path.encode() if size else b"")  # size 0: the empty blob's digest
+    return Entry(path, FILE, mode, 1_700_000_000_000_000_000 + size, size, digest, chunks)
 
 
 def seed_manifests() -> list[bytes]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lazycaf.core.digest import Digest
 from tests.conftest import CasServer, require, run_cli
 from tests.helpers import make_tree, pack, walk
 
@@ -57,6 +58,8 @@ def test_round_trip_every_entry_kind(tmp_path: Path, cas: str) -> None:
             assert rec["kind"] == "file"
         data = run_cli("cat", digest, path, "--cas", cas).stdout
         assert data == (tree / path).read_bytes(), path
+        assert rec["digest"] == Digest.of(data).hex, path  # lib/pkg/empty: the empty blob's
+    assert by_path["lib/pkg/empty"]["size"] == 0
     # cat follows symlinks inside the tree, like cat(1)
     assert run_cli("cat", digest, "bin/tool-link", "--cas", cas).stdout == b"#!/bin/sh\necho hi\n"
     # ls -l style output names the entries of a directory

@@ -35,7 +35,8 @@ def f(
     n = chunk_count(size, CS)
     tags = chunk_tags if chunk_tags is not None else [f"{tag}#{i}" for i in range(n)]
     assert len(tags) == n
-    return Entry(path, FILE, mode, mtime, size, D(tag), tuple(D(t) for t in tags))
+    digest = D(tag) if size else Digest.of(b"")  # size 0: the empty blob's digest
+    return Entry(path, FILE, mode, mtime, size, digest, tuple(D(t) for t in tags))
 
 
 def sl(path: str, target: str, mtime: int = 0) -> Entry:

@@ -27,6 +27,9 @@ def D(tag: str) -> Digest:
     return Digest.of(tag.encode())
 
 
+EMPTY = Digest.of(b"")  # the one digest a file of size 0 can have
+
+
 def d(path: str, mode: int = 0o755, mtime: int = 1_000) -> Entry:
     return Entry(path, DIR, mode, mtime, 0)
 
@@ -36,7 +39,7 @@ def f(
 ) -> Entry:
     tag = tag or path
     chunks = tuple(D(f"{tag}#{i}") for i in range(chunk_count(size, CS)))
-    return Entry(path, FILE, mode, mtime, size, D(tag), chunks)
+    return Entry(path, FILE, mode, mtime, size, D(tag) if size else EMPTY, chunks)
 
 
 def sl(path: str, target: str, mtime: int = 3_000) -> Entry:
@@ -509,6 +512,23 @@ def test_decode_rejects_chunks_on_a_small_file() -> None:
         Manifest.decode(pack([r]))
 
 
+def test_decode_rejects_an_empty_file_whose_digest_is_not_the_empty_blobs() -> None:
+    """A file of size 0 would mount as an empty file whatever its digest promises."""
+    good = [d("x"), f("x/a", 0), f("x/b", 5), f("x/z", 0)]
+    bad = f("x/m", 0)._replace(digest=D("x/m"))
+    rows = sorted(map(row, [*good, bad, hl("x/n", bad)]), key=lambda r: r.path)
+    err = must_fail_naming(pack(rows), "x/m")
+    assert f"size 0, but {D('x/m')} is not the empty blob" in str(err)
+    Manifest.decode(pack_entries(*good))  # the same files with the empty blob's digest pass
+
+
+def test_constructor_rejects_an_empty_file_whose_digest_is_not_the_empty_blobs() -> None:
+    bad = f("b", 0)._replace(digest=D("b"))
+    with pytest.raises(ManifestError, match=f"entry 'b': size 0, but {D('b')} is not the empty"):
+        man(f("a", 0), bad, hl("c", bad))
+    assert man(f("a", 0), f("b", 0), hl("c", f("b", 0))).by_path["b"].digest == EMPTY
+
+
 def test_decode_rejects_bad_symlink_targets() -> None:
     must_fail_naming(pack([row(sl("l", "x"))._replace(target="")]), "l", "symlink")
     must_fail_naming(pack([row(sl("l", "abc"))._replace(size=2)]), "l", "symlink")
@@ -861,7 +881,7 @@ def test_blobs_dedupes_content_and_sizes_chunks() -> None:
         big.chunks[2]: 7,
         D("tail"): 1,
         D("same"): 10,
-        D("empty"): 0,
+        EMPTY: 0,
         D("exact"): CS,
     }
     # whole-file digests of chunked files are not blobs
