@@ -86,7 +86,27 @@ class CasDir:
         return p.with_suffix(".zst").exists() or p.exists()
 
     def find_missing(self, digests: list[Digest]) -> list[Digest]:
-        return [d for d in digests if not self.has(d)]
+        """The digests not stored; each stored one is ``touch``ed (its age restarts)."""
+        return [d for d in digests if not self.touch(d)]
+
+    def touch(self, digest: Digest) -> bool:
+        """Set a stored blob's mtime to now, so the store GC counts its age from this use
+        (a pack reusing a blob that was garbage); False when it is not stored. One
+        ``utime``, no stat first: a blob deleted meanwhile is reported missing, never
+        refreshed after its deletion. A store this process may not write (read-only,
+        another owner) is only checked for the blob."""
+        p = self._path(digest)
+        for path in (p.with_suffix(".zst"), p):
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                continue
+            except OSError:  # EROFS, EPERM, EACCES: nothing to refresh from here
+                if path.exists():
+                    return True
+                continue
+            return True
+        return False
 
     def read_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]:
         """The stored representation (not verified: callers verify after decoding)."""
@@ -120,7 +140,7 @@ class CasDir:
         """
         for digest, data in items:
             digest.verify(data)
-        todo = {digest: data for digest, data in items if not self.has(digest)}
+        todo = {digest: data for digest, data in items if not self.touch(digest)}
         staged: list[Staged] = []
         try:
             for digest, data in todo.items():
@@ -159,7 +179,7 @@ class CasDir:
         """
         data = framing.decode(encoding, payload, what=f"blob {digest}", max_size=max_size)
         digest.verify(data)
-        if self.has(digest):
+        if self.touch(digest):
             return None
         keep = (
             encoding == framing.ZSTD

@@ -13,11 +13,24 @@ must cover any skew). Blobs are listed *before* the refs are read, so a pack in 
 nothing as long as it takes less than the grace: its blobs are younger than the grace whether
 or not its ref is set by the time the refs are read.
 
-Known limit: a pack that finds an unreferenced blob older than the grace already stored
-(``find_missing``) does not upload it again, and nothing refreshes the blob's time; if a GC
-running at that moment read the refs before the pack set its ref, it deletes that blob and
-the new manifest misses it. Only blobs that were garbage already are at risk (a version
-removed with ``ref rm`` and packed again, more than a grace later, during a GC).
+A pack that reuses a blob already stored (``find_missing`` says present, so it does not
+upload it) refreshes the blob's time, so a blob that was garbage (a version removed with
+``ref rm`` and packed again more than a grace later) is young again for the GC: the
+directory backend sets its mtime on every ``find_missing`` and every write of a blob it
+holds; S3, only when ``$LAZYCAF_S3_REFRESH_AFTER`` is set (a refresh moves the blob's
+bytes twice, so it is off by default and a reused garbage blob can be lost on S3 while a GC
+runs), re-writes an object ``find_missing`` or ``put`` finds whose ``LastModified`` is older
+than that threshold. The threshold is why such an S3 GC refuses a grace shorter than
+``2 * refresh_after`` (the CAS's ``min_grace``; ``UsageError``, exit 2): a reused blob is at
+most ``refresh_after`` old when its pack starts, so with that grace it stays young through a
+pack shorter than ``refresh_after``; "grace > threshold" alone would leave the pack no time.
+A fixed rule rather than a ``--force``: a shorter grace is only safe if the packs refresh
+sooner, so the way down is a lower threshold for both (``$LAZYCAF_S3_REFRESH_AFTER``).
+
+A refresh may land after the GC listed the blobs, so the sweep lists them again after
+marking and deletes only the blobs both listings show older than the cutoff (a dry run
+skips the second listing). What stays open: a refresh landing between that second listing
+and the blob's deletion (on a directory, its unlink; on S3, its DeleteObjects batch).
 """
 
 from __future__ import annotations
@@ -124,18 +137,44 @@ async def collect_garbage(
     (module docstring). ``dry_run`` deletes nothing and reports what it would delete."""
     if grace < 0:
         raise UsageError(f"the grace period cannot be negative ({grace:g} s)")
+    min_grace = float(getattr(cas, "min_grace", 0.0))
+    if grace < min_grace:
+        raise UsageError(
+            f"a grace of {grace:g} s is too short for {cas.where}: at least {min_grace:g} s"
+            " (twice the age at which a pack refreshes a blob it reuses)"
+        )
     start = time.time()
     blobs = await cas.list_blobs()  # before the refs: see the module docstring
     report = GcReport(dry_run=dry_run, grace=grace)
     live = set(keep)
     live |= await _mark(cas, report, profile_blobs)
     kept, young, doomed = plan_sweep(blobs, live, cutoff=start - grace)
+    if doomed and not dry_run:
+        # A pack may have refreshed a blob since the first listing (module docstring).
+        doomed, refreshed = await _still_old(cas, doomed, cutoff=start - grace)
+        young += refreshed
     report.kept, report.kept_bytes = len(kept), sum(b.size for b in kept)
     report.young, report.young_bytes = len(young), sum(b.size for b in young)
     report.deleted, report.deleted_bytes = len(doomed), sum(b.size for b in doomed)
     if doomed and not dry_run:
         await cas.delete_blobs([b.digest for b in doomed])
     return report
+
+
+async def _still_old(
+    cas: CAS, doomed: list[StoredBlob], *, cutoff: float
+) -> tuple[list[StoredBlob], list[StoredBlob]]:
+    """Split ``doomed`` by a fresh listing into (still older than ``cutoff``, refreshed
+    since); a blob gone meanwhile is dropped from both."""
+    now = {b.digest: b for b in await cas.list_blobs()}
+    still: list[StoredBlob] = []
+    refreshed: list[StoredBlob] = []
+    for b in doomed:
+        current = now.get(b.digest)
+        if current is None:
+            continue
+        (still if current.mtime < cutoff else refreshed).append(b)
+    return still, refreshed
 
 
 async def _mark(cas: CAS, report: GcReport, profile_blobs: ProfileBlobs | None) -> set[Digest]:

@@ -15,9 +15,22 @@ Layout under the prefix:
 
 Invariants: a blob object is written only after its bytes verified here (the store never
 sees unverified bytes under a blob's name), with ``If-None-Match: *`` so an existing blob is
-never rewritten; every blob read is verified (``verify_blob``). A ref update with an
-``expected`` value is a compare-and-swap done by the store (``If-None-Match: *`` to create,
-``If-Match: <ETag of the GET>`` to replace); a 412 is ``RefMoved``, never a lost update.
+never replaced by other bytes (only PUT back as it is, to refresh it: below); every blob read
+is verified (``verify_blob``). A ref update with an ``expected`` value is a compare-and-swap
+done by the store (``If-None-Match: *`` to create, ``If-Match: <ETag of the GET>`` to
+replace); a 412 is ``RefMoved``, never a lost update.
+
+Reuse refreshes, opt-in: with ``$LAZYCAF_S3_REFRESH_AFTER`` seconds set (``refresh_after``),
+``find_missing`` HEADs each digest (as does a ``put`` of a blob already there) and a present
+blob whose ``LastModified`` is older than that is read and PUT back,
+same bytes and encoding, ``If-Match`` its ETag, so the store GC counts its age from this use
+(``lazycaf.cas.gc``). Not a copy onto itself: AWS S3 refuses one that changes no metadata.
+A failed condition (deleted or re-written meanwhile) reports the blob missing and the pack
+uploads it (``If-None-Match: *``): either way it ends up young. The GC on such a store needs
+a grace of at least ``min_grace``, twice ``refresh_after``. Off by default: a refresh moves a
+blob's bytes twice, so a daily re-pack of a mostly unchanged tree would re-transfer every
+blob older than the threshold; without it, a blob that was garbage past the grace and is
+reused by a pack running during a GC can be lost (see ``lazycaf.cas.gc``).
 
 Known limits: ``p`` and ``p/x`` cannot both be refs (as in ``CasDir``); the check is a LIST
 and HEADs before the PUT, so two writers creating such a pair at the same instant can both
@@ -28,6 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, TypeVar
 
@@ -60,10 +76,16 @@ from lazycaf.core.errors import (
 )
 from lazycaf.core.verified import verify_blob
 
-__all__ = ["REQUESTS_IN_FLIGHT", "S3CAS", "parse_s3_url"]
+__all__ = ["REQUESTS_IN_FLIGHT", "S3CAS", "S3_REFRESH_AFTER", "parse_s3_url"]
 
 #: Requests one ``S3CAS`` keeps in flight (each holds a worker thread while it waits).
 REQUESTS_IN_FLIGHT: Final = 32
+
+#: A blob ``find_missing`` finds present and older than this (seconds) is re-written, so its
+#: age restarts; the store GC's grace must be at least twice this (module docstring).
+S3_REFRESH_AFTER: Final = math.inf  # no refresh unless REFRESH_AFTER_ENV says otherwise
+#: Overrides ``S3_REFRESH_AFTER`` (seconds), for packs and GC alike.
+REFRESH_AFTER_ENV: Final = "LAZYCAF_S3_REFRESH_AFTER"
 
 # obstore raises a missing object as its NotFoundError or, from get and head, as the
 # builtin FileNotFoundError
@@ -97,11 +119,15 @@ class S3CAS:
         *,
         config: Mapping[str, str] | None = None,
         requests_in_flight: int = REQUESTS_IN_FLIGHT,
+        refresh_after: float | None = None,
     ) -> None:
         """``config``: S3 settings that override the environment's (``endpoint``,
-        ``region``, ``access_key_id``, ``secret_access_key``: obstore's ``S3Config`` keys)."""
+        ``region``, ``access_key_id``, ``secret_access_key``: obstore's ``S3Config`` keys).
+        ``refresh_after``: seconds (default ``$LAZYCAF_S3_REFRESH_AFTER``, else
+        ``S3_REFRESH_AFTER``)."""
         bucket, prefix = parse_s3_url(url)
         self.where = url.rstrip("/")
+        self.refresh_after = _refresh_after() if refresh_after is None else refresh_after
         self._limiter = trio.CapacityLimiter(requests_in_flight)
         try:
             # Endpoint, region and credentials: from AWS_* in the environment unless given.
@@ -113,6 +139,12 @@ class S3CAS:
             )
         except BaseError as exc:
             raise CasUnavailable(self.where, f"{type(exc).__name__}: {exc}") from exc
+
+    @property
+    def min_grace(self) -> float:
+        """The shortest grace the store GC accepts here: twice ``refresh_after`` (0 when
+        reused blobs are not refreshed: no grace makes a reuse safe then)."""
+        return 0.0 if math.isinf(self.refresh_after) else 2 * self.refresh_after
 
     # -- plumbing ---------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -146,15 +178,29 @@ class S3CAS:
         return True
 
     async def find_missing(self, digests: Sequence[Digest]) -> set[Digest]:
-        """One HEAD per distinct digest, ``requests_in_flight`` at a time."""
+        """One HEAD per distinct digest, ``requests_in_flight`` at a time; a present blob
+        older than ``refresh_after`` is re-written (a GET and a conditional PUT) or, when
+        that fails its condition, reported missing (module docstring)."""
         missing: set[Digest] = set()
 
         async def check(d: Digest) -> None:
-            if not await self.has(d):
+            if not await self._present_and_fresh(self._blob_key(d)):
                 missing.add(d)
 
         await _run_all(check, list(dict.fromkeys(digests)))
         return missing
+
+    async def _present_and_fresh(self, key: str) -> bool:
+        """HEAD ``key``; when it is older than ``refresh_after``, re-write it. False when it
+        is absent, or changed or deleted before the re-write (the caller uploads it)."""
+        stale_before = time.time() - self.refresh_after
+        try:
+            meta = await self._call(obstore.head, key)
+            if meta["last_modified"].timestamp() < stale_before:
+                await self._call(_rewrite, key)
+        except (*_NOT_FOUND, PreconditionError, AlreadyExistsError):
+            return False
+        return True
 
     async def get_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]:
         try:
@@ -207,18 +253,23 @@ class S3CAS:
         """PUT a verified blob unless it is there (``If-None-Match: *``): True if new."""
         encoding, payload = encoded
         attributes = {"Content-Encoding": encoding} if encoding != framing.IDENTITY else None
-        try:
-            await self._call(
-                obstore.put,
-                self._blob_key(digest),
-                payload,
-                attributes=attributes,
-                mode="create",
-                use_multipart=False,
-            )
-        except (AlreadyExistsError, PreconditionError):
-            return False
-        return True
+        key = self._blob_key(digest)
+        for _ in range(2):  # once more when the stored one went before its refresh
+            try:
+                await self._call(
+                    obstore.put,
+                    key,
+                    payload,
+                    attributes=attributes,
+                    mode="create",
+                    use_multipart=False,
+                )
+            except (AlreadyExistsError, PreconditionError):
+                if await self._present_and_fresh(key):  # reused: refresh it, as find_missing
+                    return False
+                continue
+            return True
+        return False
 
     # -- refs -------------------------------------------------------------------------------
     async def _read_ref(self, name: str) -> tuple[Digest, str] | None:
@@ -329,6 +380,34 @@ def _get_object(store: S3Store, key: str) -> tuple[str, bytes]:
     result = obstore.get(store, key)
     encoding = str(result.attributes.get("Content-Encoding") or framing.IDENTITY)
     return encoding, bytes(result.bytes())
+
+
+def _rewrite(store: S3Store, key: str) -> None:
+    """PUT an object's bytes and encoding back under its key, if it is still that object
+    (``If-Match`` the ETag of the GET): its ``LastModified`` becomes now."""
+    result = obstore.get(store, key)
+    etag = result.meta["e_tag"]
+    if etag is None:
+        raise IntegrityError(f"the store sent no ETag for {key!r}")
+    payload = bytes(result.bytes())
+    encoding = result.attributes.get("Content-Encoding")
+    attributes = {"Content-Encoding": str(encoding)} if encoding else None
+    obstore.put(
+        store, key, payload, attributes=attributes, mode={"e_tag": etag}, use_multipart=False
+    )
+
+
+def _refresh_after() -> float:
+    text = os.environ.get(REFRESH_AFTER_ENV)
+    if not text:
+        return S3_REFRESH_AFTER
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise UsageError(f"{REFRESH_AFTER_ENV}={text!r} is not a number of seconds >= 0")
+    return value
 
 
 def _get_ref_object(store: S3Store, key: str) -> tuple[str, bytes]:

@@ -126,12 +126,17 @@ def test_write_is_idempotent(cas: CasDir) -> None:
     data = compressible(500_000)
     d = store(cas, data)
     path = zst_path(cas, d)
+    os.utime(path, (1e9, 1e9))  # an old blob
     before = path.stat()
     assert cas.write(d, data) is False
     after = path.stat()
-    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    # the same file, not written again; its mtime restarts (the store GC dates blobs by it)
+    assert before.st_ino == after.st_ino and after.st_mtime > time.time() - 60
     assert files_under(cas.root / "blobs") == [path]
     assert files_under(cas.root / "tmp") == []
+    os.utime(path, (1e9, 1e9))
+    assert cas.find_missing([d, Digest.of(b"absent")]) == [Digest.of(b"absent")]
+    assert path.stat().st_mtime > time.time() - 60  # find_missing refreshes it too
 
 
 def test_write_with_wrong_digest_stores_nothing(cas: CasDir) -> None:

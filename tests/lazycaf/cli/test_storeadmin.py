@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import trio
 
 from lazycaf.cas.api import CAS, load_manifest, open_cas
 from lazycaf.cas.gc import collect_garbage
-from lazycaf.cas.s3 import S3CAS
+from lazycaf.cas.s3 import REFRESH_AFTER_ENV, S3CAS
 from lazycaf.core.digest import Digest
 from lazycaf.traces.profiles import add_run, profile_blobs
 from lazycaf.traces.trace import AccessRecord, Trace
@@ -43,7 +44,8 @@ class Store:
 
     def open(self) -> CAS:
         if self.s3 is not None:
-            return S3CAS(self.spec, config=self.s3.config())
+            refresh_after = float(self.env[REFRESH_AFTER_ENV])
+            return S3CAS(self.spec, config=self.s3.config(), refresh_after=refresh_after)
         return open_cas(self.spec)
 
     def call(self, fn: object, *args: object) -> object:
@@ -91,7 +93,9 @@ class Store:
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "s3":
         s3: S3Server = request.getfixturevalue("s3_server")
-        return Store(f"s3://{s3.bucket}/gc-{secrets.token_hex(6)}", s3.env(), s3)
+        # Refresh every reused blob, so these tests may run a GC with any grace (even 0 s).
+        env = {**s3.env(), REFRESH_AFTER_ENV: "0"}
+        return Store(f"s3://{s3.bucket}/gc-{secrets.token_hex(6)}", env, s3)
     return Store(str(tmp_path / "cas"))
 
 
@@ -164,6 +168,81 @@ def test_gc_keeps_every_root_and_frees_exactly_the_rest(store: Store, tmp_path: 
     # without the --keep, that blob goes too, and nothing else
     assert store.gc("--grace", "0s")["deleted"] == 1
     assert store.blobs() == live - {kept_by_flag}
+
+
+def test_gc_spares_a_garbage_blob_a_pack_reuses(store: Store, tmp_path: Path) -> None:
+    """A version removed and packed again long after: its blobs are garbage older than the
+    grace, the pack finds them stored and uploads nothing, and must refresh them, or a GC
+    that reads the refs before the pack's ref lands deletes them. Here the pack sets no ref
+    at all, as if that GC ran at that moment."""
+    tree = _tree(tmp_path / "t", "t")
+    if store.s3 is None:
+        grace = "1h"
+    else:  # LastModified cannot be set back: let the blobs age past a short refresh age
+        store.env[REFRESH_AFTER_ENV] = "2"
+        grace = "4s"
+    store.pack(tree, "old:1")
+    store.cli("ref", "rm", "old:1")
+    old = store.blobs()
+    if store.s3 is None:
+        past = time.time() - 7200
+        for path in Path(store.spec, "blobs").rglob("*"):
+            if path.is_file():
+                os.utime(path, (past, past))
+    else:
+        time.sleep(8)
+    again = store.cli("pack", tree).stdout.decode().strip()  # no ref
+    assert Digest.parse(again) in old  # the same manifest: nothing new was uploaded
+    assert store.blobs() == old
+    report = store.gc("--grace", grace)
+    assert report["deleted"] == 0 and report["young"] == len(old)
+    assert store.blobs() == old
+    assert store.cli("cat", again, "own/f1").stdout == (tree / "own/f1").read_bytes()
+    if store.s3 is not None:  # a grace below twice the refresh age is refused, one line
+        refused = store.cli("cas", "gc", "--grace", "3s", check=False)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
+        assert b"at least 4 s" in refused.stderr
+
+
+class _PackDuringGc:
+    """A CAS whose ``list_refs`` first runs a pack's ``find_missing`` of ``reused``: a pack
+    reusing garbage after the GC listed the blobs, its ref set after the GC read the refs."""
+
+    def __init__(self, cas: CAS, reused: list[Digest]) -> None:
+        self._cas, self._reused = cas, reused
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._cas, name)
+
+    async def list_refs(self) -> list[str]:
+        assert await self._cas.find_missing(self._reused) == set()
+        return await self._cas.list_refs()
+
+
+def test_gc_keeps_a_blob_refreshed_after_its_listing(store: Store, tmp_path: Path) -> None:
+    """A blob the first listing shows old and unreached, refreshed by a pack before the GC
+    deletes: the second listing sees it young and it stays; the rest of the garbage goes."""
+    store.pack(_tree(tmp_path / "t", "t"), "t:1")
+    store.cli("ref", "rm", "t:1")
+    old = store.blobs()
+    if store.s3 is None:
+        grace = 3600.0
+        past = time.time() - 7200
+        for path in Path(store.spec, "blobs").rglob("*"):
+            if path.is_file():
+                os.utime(path, (past, past))
+    else:  # the fixture's packs refresh any blob they reuse
+        grace = 1.0
+        time.sleep(3)
+    reused = min(old, key=lambda d: d.hex)
+
+    async def gc(cas: CAS) -> object:
+        wrapped: CAS = _PackDuringGc(cas, [reused])  # type: ignore[assignment]
+        return await collect_garbage(wrapped, grace=grace, profile_blobs=profile_blobs)
+
+    report = store.call(gc)
+    assert store.blobs() == {reused}
+    assert (report.deleted, report.young) == (len(old) - 1, 1)  # type: ignore[attr-defined]
 
 
 def test_gc_refuses_an_http_cas() -> None:
