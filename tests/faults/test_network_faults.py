@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import http.server
-import json
 import os
 import random
 import secrets
@@ -31,19 +29,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from fetcher.peers.peerset import rendezvous_order
-from lazycaf.cas.batch import pack_batch
 from lazycaf.core.digest import Digest
+from tests.badpeer import serve_bad_peer
 from tests.conftest import CasServer, Host, run_cli, stop
 from tests.helpers import wait_for
 from tests.slowproxy import slow_proxy
@@ -280,46 +276,6 @@ def test_corrupted_blob_from_the_cas_is_never_served(
 
 
 # -- lying, hanging and truncating peers ------------------------------------------------------
-class FakePeer(http.server.BaseHTTPRequestHandler):
-    """A peer daemon that misbehaves: ``lie`` answers the right length of wrong bytes,
-    ``hang`` never answers, ``truncate`` announces the whole body and closes halfway."""
-
-    mode = "lie"
-    protocol_version = "HTTP/1.1"
-    requests: list[str]
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _body(self) -> bytes:
-        if self.path.startswith("/v1/blobs/"):
-            return os.urandom(4000)
-        length = int(self.headers.get("content-length", 0))
-        digests = [Digest.parse(h) for h in json.loads(self.rfile.read(length))["digests"]]
-        return pack_batch([(d, "identity", os.urandom(3000)) for d in digests])
-
-    def _answer(self) -> None:
-        self.requests.append(self.path)
-        body = self._body()
-        if self.mode == "hang":
-            time.sleep(20)
-            self.close_connection = True
-            return
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        if self.mode == "truncate":
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    do_GET = _answer
-    do_POST = _answer
-
-
 @dataclass
 class PeerDaemon:
     proc: subprocess.Popen[bytes]
@@ -336,18 +292,10 @@ def free_port() -> int:
 
 @pytest.fixture
 def fake_peer(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[str]]]:
+    """A peer that lies (``corrupt``), hangs or truncates (``die``): ``tests.badpeer``."""
     seen: list[str] = []
-    handler = type("Peer", (FakePeer,), {"mode": request.param, "requests": seen})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with serve_bad_peer(request.param, requests=seen, hang_seconds=20) as address:
+        yield address, seen
 
 
 def start_peer_daemon(
@@ -379,7 +327,7 @@ def start_peer_daemon(
     return daemon
 
 
-@pytest.mark.parametrize("fake_peer", ["lie", "hang", "truncate"], indirect=True)
+@pytest.mark.parametrize("fake_peer", ["corrupt", "hang", "die"], indirect=True)
 def test_bad_peer_never_costs_a_right_byte_nor_the_mount(
     host: Host, cas_server: CasServer, tmp_path: Path, fake_peer: tuple[str, list[str]]
 ) -> None:

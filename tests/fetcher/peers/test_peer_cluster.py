@@ -4,8 +4,8 @@ HTTP API, as an operator would run them."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import http.server
 import json
 import os
 import random
@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +26,9 @@ import httpx
 import pytest
 
 from fetcher.peers.peerset import rendezvous_order
-from lazycaf.cas.batch import pack_batch
 from lazycaf.core.digest import Digest
 from lazycaf.host.client import socket_answers
+from tests.badpeer import MODES, serve_bad_peer
 from tests.conftest import CasServer, _fuse_available, _is_mountpoint, require, run_cli
 from tests.helpers import wait_for
 
@@ -283,61 +282,10 @@ def test_peers_with_a_token_refuse_requests_without_it(
 
 
 # -- bad peers ---------------------------------------------------------------------------------
-class BadPeer(http.server.BaseHTTPRequestHandler):
-    """A peer that is home for some blobs and misbehaves: ``corrupt`` sends wrong bytes of the
-    right length, ``hang`` never answers, ``die`` sends half a body and closes, ``garbage``
-    sends a body that is not even a batch."""
-
-    mode = "corrupt"
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _body(self) -> bytes:
-        if self.mode == "garbage":  # not even a batch
-            return b"\x00\x01 nothing a peer should send"
-        if self.path.startswith("/v1/blobs/"):
-            return os.urandom(3000)
-        length = int(self.headers.get("content-length", 0))
-        digests = [Digest.parse(h) for h in json.loads(self.rfile.read(length))["digests"]]
-        return pack_batch([(d, "identity", os.urandom(2500)) for d in digests])
-
-    def _answer(self) -> None:
-        body = self._body()
-        if self.mode == "hang":
-            time.sleep(30)
-            return
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        if self.mode == "die":
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    do_GET = _answer
-    do_POST = _answer
-
-
 @pytest.fixture
 def bad_peers() -> Iterator[list[str]]:
-    servers = []
-    for mode in ("corrupt", "hang", "die", "garbage"):
-        handler = type(f"BadPeer_{mode}", (BadPeer,), {"mode": mode})
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-    try:
-        yield [f"127.0.0.1:{s.server_address[1]}" for s in servers]
-    finally:
-        for server in servers:
-            server.shutdown()
-            server.server_close()
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(serve_bad_peer(mode)) for mode in MODES]
 
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "demand-only"])
