@@ -22,7 +22,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,27 +102,29 @@ class CasServer:
         return result
 
 
-def start_cas_server(root: Path, token_dir: Path) -> CasServer:
+def start_cas_server(
+    root: Path,
+    token_dir: Path,
+    *,
+    store: str | None = None,
+    env: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
+) -> CasServer:
+    """``lazycaf cas serve --root ROOT`` on a free port with a write token (written in
+    ``token_dir``); with ``store``, ``--store STORE`` instead (``env``: the AWS_* variables)."""
     token = secrets.token_hex(16)
-    token_file = token_dir / "cas-token"
+    token_file = token_dir / f"cas-token-{secrets.token_hex(3)}"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)  # a token file others can read is refused
+    where = ["--store", store] if store is not None else ["--root", str(root)]
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "lazycaf",
-            "cas",
-            "serve",
-            "--root",
-            str(root),
-            "--listen",
-            "127.0.0.1:0",
-            "--token-file",
-            str(token_file),
+            *(sys.executable, "-m", "lazycaf", "cas", "serve", *where),
+            *("--listen", "127.0.0.1:0", "--token-file", str(token_file), *extra),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()

@@ -1,12 +1,13 @@
 """The HTTP API, v1, as an ASGI app served by hypercorn on trio.
 
-CAS role (``lazycaf cas serve``) over a ``CasDir``:
+CAS role (``lazycaf cas serve``) over a ``ServedStore`` (``fetcher.casserver.served``: a
+local directory, or an S3 bucket that any number of frontends share):
 
     GET  /v1/blobs/{hex}     the blob (Range supported; zstd frames when the client accepts)
     HEAD /v1/blobs/{hex}     200 with its decoded size in content-length, or 404
     PUT  /v1/blobs/{hex}     store (verified; idempotent: 201 new, 200 already there); answered
-                             once the blob is durable (concurrent PUTs share one syncfs:
-                             ``fetcher.casserver.groupcommit``)
+                             once the blob is durable (on a directory, concurrent PUTs share
+                             one syncfs: ``fetcher.casserver.groupcommit``)
     POST /v1/blobs:missing   {"digests": [hex, ...]} -> {"missing": [hex, ...]}; at most
                              100,000 digests (413 beyond)
     POST /v1/blobs:get       {"digests": [...]} -> those blobs in one body (``lazycaf.cas.batch``);
@@ -31,17 +32,16 @@ serves the others.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
-from typing import Any, Final
+from typing import Final
 
 import trio
 
-from fetcher.casserver.groupcommit import GroupCommitter
 from fetcher.casserver.metrics import CasMetrics
+from fetcher.casserver.served import MAX_UPLOAD, ServedStore
 from fetcher.web.asgi import (
     HttpError,
     Receive,
@@ -57,17 +57,16 @@ from fetcher.web.asgi import (
     respond,
 )
 from lazycaf.cas.batch import pack_batch, unpack_batch
-from lazycaf.cas.casdir import CasDir, Staged
 from lazycaf.cas.refs import ANY, Expected
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import NotFound, RefMoved, RefNotFound
+from lazycaf.core.errors import RefMoved
 
 __all__ = ["CasApp", "CasStatistics"]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY: Final = 512 << 20
+MAX_BODY: Final = MAX_UPLOAD
 MAX_MISSING: Final = 100_000  # digests per blobs:missing (the client sends 4,096)
 MAX_GET: Final = 1024  # digests per blobs:get
 _DIGESTS_BODY: Final = 16 << 20  # a body of MAX_MISSING digests is ~6.7 MB
@@ -88,29 +87,24 @@ class CasStatistics:
 
 
 class CasApp:
-    """ASGI app of the CAS role. Disk work runs in threads under one limiter; blob writes are
-    committed in groups by ``committer``, which runs for the app's ASGI lifespan."""
+    """ASGI app of the CAS role over ``store``, whose background service (a directory's group
+    committer) runs for the app's ASGI lifespan."""
 
     def __init__(
-        self, store: CasDir, *, token: str | None = None, read_token: str | None = None
+        self, store: ServedStore, *, token: str | None = None, read_token: str | None = None
     ) -> None:
         self.store = store
         self._token = token
         self._read_token = read_token
-        self._limiter = trio.CapacityLimiter(16)
         self._parse = trio.CapacityLimiter(2)  # threads parsing or encoding large JSON
-        # blobs:missing queries (up to MAX_MISSING stats each, open to anyone) take threads
-        # of their own: a flood of them queues behind itself, not in front of blob reads
-        self._queries = trio.CapacityLimiter(2)
         self.stats = CasStatistics()
-        self.committer = GroupCommitter(store)
         self.metrics = CasMetrics(self)  # its registry: ``lazycaf cas serve --metrics-listen``
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            # The lifespan call lasts as long as the server: it hosts the committer service.
+            # The lifespan call lasts as long as the server: it hosts the store's service.
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.committer.run)
+                await nursery.start(self.store.run)
                 await lifespan(receive, send)
                 nursery.cancel_scope.cancel()
             return
@@ -145,29 +139,27 @@ class CasApp:
         elif path.startswith(_REFS):
             name = path[len(_REFS) :]
             if method == "GET":
-                digest = await self._thread(self.store.read_ref, name)
+                digest = await self.store.read_ref(name)
                 await respond(send, 200, digest.hex.encode() + b"\n")
             elif method == "PUT":
                 self._check_token(scope)
                 text = (await read_body(receive, 1024)).decode("ascii", "replace").strip()
-                write = functools.partial(self.store.write_ref, expected=_expected(scope))
+                if not Digest.is_hex(text):
+                    raise HttpError(400, f"a ref names a blob digest, got {text[:80]!r}")
                 try:
-                    await self._thread(write, name, Digest.parse(text))
+                    await self.store.write_ref(name, Digest.parse(text), expected=_expected(scope))
                 except RefMoved as exc:
-                    found = await self._thread(_ref_or_none, self.store, name)
+                    found = await self.store.ref_or_none(name)
                     etag = [(b"etag", f'"{found.hex}"'.encode())] if found else []
                     raise HttpError(412, str(exc), headers=etag) from None
                 await respond(send, 200, b"ok\n")
             else:
                 raise HttpError(405, f"{method} not allowed on refs")
         elif path == "/v1/stats" and method == "GET":
-            stats = {**asdict(self.stats), "commit_rounds": self.committer.statistics().rounds}
+            stats = {**asdict(self.stats), "commit_rounds": self.store.commit_rounds()}
             await respond(send, 200, json.dumps(stats).encode(), "application/json")
         else:
             raise HttpError(404, f"no such endpoint: {method} {path}")
-
-    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     def _check_token(self, scope: Scope) -> None:
         check_bearer(scope, self._token, "writes need a valid bearer token")
@@ -182,11 +174,11 @@ class CasApp:
 
     async def _get_blob(self, scope: Scope, send: Send, digest: Digest, *, head: bool) -> None:
         if head:
-            size = await self._thread(self.store.size, digest)
+            size = await self.store.size(digest)
             self.stats.blob_heads += 1
             await respond(send, 200, b"", head=True, length=size)
             return
-        encoding, payload = await self._thread(self.store.read_encoded, digest)
+        encoding, payload = await self.store.read_encoded(digest)
         headers = dict(scope["headers"])
         accepts_zstd = accepts(headers.get(b"accept-encoding", b""), b"zstd")
         range_header = headers.get(b"range")
@@ -195,7 +187,7 @@ class CasApp:
             self.stats.bytes_sent += len(payload)
             await respond(send, 200, payload, extra=[(b"content-encoding", b"zstd")])
             return
-        data = await self._thread(framing.decode, encoding, payload)
+        data = await trio.to_thread.run_sync(framing.decode, encoding, payload)
         if range_header is None:
             self.stats.bytes_sent += len(data)
             await respond(send, 200, data)
@@ -212,13 +204,7 @@ class CasApp:
         self.stats.bytes_received += len(body)
         raw_encoding = dict(scope["headers"]).get(b"content-encoding", b"identity")
         encoding = raw_encoding.decode("latin-1").strip().lower()  # codings ignore case
-        staged = await self._thread(
-            functools.partial(self.store.stage_encoded, max_size=MAX_BODY),
-            digest,
-            encoding,
-            body,
-        )
-        stored = staged is not None and await self.committer.commit(staged)
+        stored = await self.store.put_encoded(digest, encoding, body)
         self.stats.blobs_stored += int(stored)
         await respond(send, 201 if stored else 200, b"stored\n" if stored else b"exists\n")
 
@@ -226,7 +212,7 @@ class CasApp:
         """Several blobs in one response, as stored (zstd frames or raw); absent ones are
         left out. For prefetching many small blobs with one request."""
         digests = await self._digests(receive, MAX_GET)
-        records = await self._thread(_read_records, self.store, digests)
+        records = await self.store.read_many(digests)
         self.stats.blob_gets += len(records)
         body = pack_batch(records)
         self.stats.bytes_sent += len(body)
@@ -239,34 +225,15 @@ class CasApp:
         self.stats.bytes_received += len(body)
         records = unpack_batch(body)
         self.stats.blob_puts += len(records)
-        staged = await self._thread(self._stage_all, records)
-        stored = sum(await self._thread(self.store.publish, staged))
+        stored = await self.store.put_batch(records)
         self.stats.blobs_stored += stored
         reply = json.dumps({"received": len(records), "stored": stored}).encode()
         await respond(send, 200, reply, "application/json")
 
-    def _stage_all(self, records: list[tuple[Digest, str, bytes]]) -> list[Staged]:
-        staged: list[Staged] = []
-        try:
-            seen: set[Digest] = set()
-            for digest, encoding, payload in records:
-                one = self.store.stage_encoded(digest, encoding, payload, max_size=MAX_BODY)
-                if one is not None and digest not in seen:
-                    staged.append(one)
-                    seen.add(digest)
-                elif one is not None:
-                    self.store.discard([one])
-        except BaseException:
-            self.store.discard(staged)
-            raise
-        return staged
-
     async def _missing(self, receive: Receive, send: Send) -> None:
         self.stats.missing_queries += 1
         digests = await self._digests(receive, MAX_MISSING)
-        missing = await trio.to_thread.run_sync(
-            self.store.find_missing, digests, limiter=self._queries
-        )
+        missing = await self.store.find_missing(digests)
         if len(missing) > 1000:
             body = await trio.to_thread.run_sync(_missing_body, missing, limiter=self._parse)
         else:
@@ -296,22 +263,6 @@ def _expected(scope: Scope) -> Expected:
     if not Digest.is_hex(text):
         raise HttpError(400, f"If-Match wants a quoted blob digest, got {text[:80]!r}")
     return Digest.parse(text)
-
-
-def _ref_or_none(store: CasDir, name: str) -> Digest | None:
-    try:
-        return store.read_ref(name)
-    except RefNotFound:
-        return None
-
-
-def _read_records(store: CasDir, digests: list[Digest]) -> list[tuple[Digest, str, bytes]]:
-    out: list[tuple[Digest, str, bytes]] = []
-    for d in dict.fromkeys(digests):
-        with contextlib.suppress(NotFound):
-            encoding, payload = store.read_encoded(d)
-            out.append((d, encoding, payload))
-    return out
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int]:

@@ -98,6 +98,6 @@ class _CasCollector(Collector):
              stats.bytes_received),
             ("lazycaf_cas_blobs_stored", "Blobs newly stored", stats.blobs_stored),
             ("lazycaf_cas_commit_rounds", "syncfs rounds that made uploads durable",
-             self.app.committer.statistics().rounds),
+             self.app.store.commit_rounds()),
         ):  # fmt: skip
             yield CounterMetricFamily(name, doc, value=value)

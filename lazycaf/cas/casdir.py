@@ -173,22 +173,14 @@ class CasDir:
         """Decode a blob received encoded (at most ``max_size`` bytes), verify it and write it
         to ``tmp/`` for ``publish``; None when it is already stored.
 
-        Frames are kept as they came when they have the layout ``framing.encode`` gives and
-        save space; anything else (an identity upload, one big frame, frames that do not
-        shrink the data) is re-encoded, so the store holds only the canonical layout.
+        What is kept is ``framing.at_rest``: frames as they came when canonical and smaller,
+        else re-encoded.
         """
         data = framing.decode(encoding, payload, what=f"blob {digest}", max_size=max_size)
         digest.verify(data)
         if self.touch(digest):
             return None
-        keep = (
-            encoding == framing.ZSTD
-            and framing.is_canonical(encoding, payload)
-            and len(payload) < len(data)
-        )
-        if not keep:
-            encoding, payload = framing.encode(data)
-        return self._stage(digest, encoding, payload)
+        return self._stage(digest, *framing.at_rest(encoding, payload, data))
 
     def publish(self, staged: Sequence[Staged]) -> list[bool]:
         """Make staged blobs durable with one ``syncfs``, then visible by renaming each into

@@ -239,6 +239,9 @@ class S3CAS:
         """Verify the whole batch first (a mismatch stores none of it), then PUT the blobs
         concurrently; returns how many were new."""
         encoded = await trio.to_thread.run_sync(_verify_encode_all, list(items))
+        return await self._put_all(encoded)
+
+    async def _put_all(self, encoded: Mapping[Digest, tuple[framing.Encoding, bytes]]) -> int:
         stored = 0
 
         async def one(d: Digest) -> None:
@@ -248,6 +251,41 @@ class S3CAS:
 
         await _run_all(one, list(encoded))
         return stored
+
+    async def put_encoded(
+        self, digest: Digest, encoding: str, payload: bytes, *, max_size: int = framing.MAX_DECODED
+    ) -> bool:
+        """Store a blob received encoded (a frontend's PUT): decoded (at most ``max_size``
+        bytes) and verified first; kept as ``framing.at_rest`` says (frames as they came when
+        canonical, so a well-formed upload is not recompressed). True if new."""
+        at_rest = await trio.to_thread.run_sync(
+            functools.partial(_verify_at_rest, max_size=max_size), digest, encoding, payload
+        )
+        return await self._put_encoded(digest, at_rest)
+
+    async def put_many_encoded(
+        self, records: Sequence[tuple[Digest, str, bytes]], *, max_size: int = framing.MAX_DECODED
+    ) -> int:
+        """``put_encoded`` for a batch: every blob verified before any is sent (one that does
+        not verify stores none of the batch), then PUT concurrently; returns how many were
+        new (repeats count once)."""
+
+        def verify_all() -> dict[Digest, tuple[framing.Encoding, bytes]]:
+            out: dict[Digest, tuple[framing.Encoding, bytes]] = {}
+            for d, encoding, payload in records:
+                at_rest = _verify_at_rest(d, encoding, payload, max_size=max_size)
+                out.setdefault(d, at_rest)
+            return out
+
+        encoded = await trio.to_thread.run_sync(verify_all)
+        return await self._put_all(encoded)
+
+    async def size(self, digest: Digest) -> int:
+        """The blob's content size: the object's for a raw blob; for zstd frames, from their
+        headers (the object is read: a HEAD does not return its encoding)."""
+        encoding, payload = await self.get_encoded(digest)
+        what = f"blob {digest}"
+        return framing.decoded_size(encoding, payload, what=what)
 
     async def _put_encoded(self, digest: Digest, encoded: tuple[framing.Encoding, bytes]) -> bool:
         """PUT a verified blob unless it is there (``If-None-Match: *``): True if new."""
@@ -462,6 +500,14 @@ def _verify_encode_all(
         if digest not in out:
             out[digest] = framing.encode(data)
     return out
+
+
+def _verify_at_rest(
+    digest: Digest, encoding: str, payload: bytes, *, max_size: int
+) -> tuple[framing.Encoding, bytes]:
+    data = framing.decode(encoding, payload, what=f"blob {digest}", max_size=max_size)
+    digest.verify(data)
+    return framing.at_rest(encoding, payload, data)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -402,8 +402,20 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("cas", help="run the HTTP CAS server; collect the store's garbage")
     cas_sub = sp.add_subparsers(dest="cas_command", required=True, metavar="SUBCOMMAND")
-    serve = cas_sub.add_parser("serve", help="serve a CAS directory over HTTP")
-    serve.add_argument("--root", type=Path, required=True)
+    serve = cas_sub.add_parser(
+        "serve", help="serve a CAS directory or an S3 bucket over HTTP (the frontend daemons use)"
+    )
+    # not ``required``: argparse would then ignore a ``root``/``store`` from the config
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--root", type=Path, help="a CAS directory on this host")
+    where.add_argument(
+        "--store",
+        metavar="s3://BUCKET[/PREFIX]",
+        help="an S3-compatible bucket (endpoint, region, keys: AWS_* variables or the options "
+        "below); any number of frontends may serve one bucket",
+    )
+    serve.add_argument("--s3-endpoint", metavar="URL", help="default: $AWS_ENDPOINT_URL")
+    serve.add_argument("--s3-region", metavar="NAME", help="default: $AWS_REGION")
     serve.add_argument("--listen", default="127.0.0.1:8470", metavar="HOST:PORT")
     serve.add_argument("--token-file", type=Path, help="writes need this bearer token")
     serve.add_argument(

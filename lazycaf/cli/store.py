@@ -194,15 +194,27 @@ async def diff(args: argparse.Namespace) -> int:
 # -- servers -------------------------------------------------------------------------------
 async def cas_serve(args: argparse.Namespace) -> int:
     from fetcher.casserver.app import CasApp  # the CLI is fetcher's only door
+    from fetcher.casserver.served import ServedStore, serve_bucket, serve_dir
     from fetcher.web.asgi import bind_socket, serve_app, server_tls
     from fetcher.web.metrics import MetricsApp
-    from lazycaf.cas.casdir import CasDir
 
     token = read_token(args.token_file) if args.token_file is not None else None
     read_file = args.read_token_file
     read = read_token(read_file, "--read-token-file") if read_file is not None else None
     tls = server_tls(args.tls_cert, args.tls_key)
-    store = CasDir(args.root)
+    store: ServedStore
+    if (args.root is None) == (args.store is None):
+        raise UsageError(
+            "cas serve needs one of --root DIR and --store s3://BUCKET[/PREFIX] "
+            "(a flag or in the config's [cas-serve])"
+        )
+    if args.store is not None:
+        s3 = {"endpoint": args.s3_endpoint, "region": args.s3_region}
+        store = serve_bucket(args.store, {k: v for k, v in s3.items() if v})
+    elif args.s3_endpoint or args.s3_region:
+        raise UsageError("--s3-endpoint and --s3-region go with --store s3://…, not --root")
+    else:
+        store = serve_dir(args.root)
     app = CasApp(store, token=token, read_token=read)
     sock = bind_socket(args.listen)
     host, port = sock.getsockname()[:2]
@@ -212,13 +224,13 @@ async def cas_serve(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
             await nursery.start(functools.partial(serve_app, app, sock, tls=tls))
-            print(f"lazycaf cas: serving {store.root} on {scheme}://{host}:{port}", flush=True)
+            print(f"lazycaf cas: serving {store.where} on {scheme}://{host}:{port}", flush=True)
             if metrics is not None:
                 await nursery.start(serve_app, MetricsApp(app.metrics.registry), metrics)
                 m_host, m_port = metrics.getsockname()[:2]
                 print(f"lazycaf cas: metrics on http://{m_host}:{m_port}/metrics", flush=True)
             # Type=notify: ready once every port listens (hypercorn accepts on started())
-            notify(f"READY=1\nSTATUS=serving {store.root} on {scheme}://{host}:{port}")
+            notify(f"READY=1\nSTATUS=serving {store.where} on {scheme}://{host}:{port}")
     finally:
         sock.close()
         if metrics is not None:

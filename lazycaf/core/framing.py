@@ -137,6 +137,17 @@ def is_canonical(encoding: str, payload: bytes | memoryview) -> bool:
     return bool(sizes) and all(s == FRAME_DATA for s in sizes[:-1]) and 0 < sizes[-1] <= FRAME_DATA
 
 
+def at_rest(encoding: str, payload: bytes, data: bytes) -> tuple[Encoding, bytes]:
+    """What a store keeps of a blob received as ``payload`` (which decodes to ``data``): the
+    frames as they came when they have ``encode``'s layout and save space, else ``encode``'s
+    own output (an identity upload, one big frame, frames that do not shrink the data). So
+    every store holds only the canonical layout, and a well-formed upload is never
+    recompressed."""
+    if encoding == ZSTD and is_canonical(encoding, payload) and len(payload) < len(data):
+        return ZSTD, payload
+    return encode(data)
+
+
 class Frame(NamedTuple):
     """One zstd frame of a payload: its byte range and the content size it declares."""
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from fetcher.casserver.app import CasApp
 from fetcher.casserver.metrics import endpoint_of
+from fetcher.casserver.served import ServedDir
 from fetcher.web.metrics import MetricsApp
 from lazycaf.cas.casdir import CasDir
 from lazycaf.core.digest import Digest
@@ -48,7 +49,7 @@ async def test_requests_are_timed_and_counted_by_endpoint_and_status(tmp_path: P
     store = CasDir(tmp_path / "cas")
     data = b"hello metrics\n" * 10
     store.write(Digest.of(data), data)
-    app = CasApp(store)
+    app = CasApp(ServedDir(store))
     assert (await call(app, "GET", f"/v1/blobs/{Digest.of(data).hex}"))[0] == 200
     assert (await call(app, "GET", f"/v1/blobs/{Digest.of(b'absent').hex}"))[0] == 404
     assert (await call(app, "GET", "/nowhere"))[0] == 404

@@ -29,6 +29,7 @@ import zstandard
 
 from fetcher.casserver.app import MAX_MISSING, CasApp
 from fetcher.casserver.groupcommit import GroupCommitter
+from fetcher.casserver.served import ServedDir
 from fetcher.web import asgi
 from fetcher.web.asgi import bind_socket, serve_app
 from lazycaf.cas import casdir
@@ -663,7 +664,7 @@ def test_server_refuses_to_start_on_a_busy_port(tmp_path: Path) -> None:
 async def inprocess(store: CasDir) -> AsyncIterator[tuple[CasApp, httpx.AsyncClient]]:
     sock = bind_socket("127.0.0.1:0")
     port = sock.getsockname()[1]
-    app = CasApp(store)
+    app = CasApp(ServedDir(store))
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_app, app, sock)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
@@ -711,7 +712,7 @@ async def test_concurrent_puts_share_one_commit(
             for i in range(1, 8):
                 nursery.start_soon(put_blob, i)
             await wait_for_async(
-                lambda: app.committer.statistics().waiting == 7, "7 PUTs behind that round"
+                lambda: app.store.committer.statistics().waiting == 7, "7 PUTs behind that round"
             )
             # Staged but not committed: not visible, and nobody has an answer yet.
             assert statuses == {}
@@ -795,7 +796,7 @@ async def test_committer_cancelled_finishes_its_round_and_fails_the_queued(
 
 async def test_app_without_lifespan_commits_each_put_alone(tmp_path: Path) -> None:
     store = CasDir(tmp_path / "root")
-    app = CasApp(store)
+    app = CasApp(ServedDir(store))
     data = unique("solo", repeat=10)
     digest = Digest.of(data)
     sent: list[dict[str, Any]] = []
@@ -810,7 +811,7 @@ async def test_app_without_lifespan_commits_each_put_alone(tmp_path: Path) -> No
     await app(scope, receive, send)
     assert sent[0]["status"] == 201
     assert store.read(digest) == data
-    assert app.committer.statistics().rounds == 1
+    assert app.store.committer.statistics().rounds == 1
 
 
 # -- POST /v1/blobs:batch ------------------------------------------------------------------

@@ -21,6 +21,7 @@ import trio
 
 from fetcher.cache.blobcache import BlobCache
 from fetcher.casserver.app import CasApp
+from fetcher.casserver.served import ServedDir
 from fetcher.daemon.peerapp import PeerApp
 from fetcher.fetching.peersource import PeerSources
 from fetcher.fetching.service import FetchService
@@ -64,7 +65,7 @@ async def _local(root: Path, nursery: trio.Nursery) -> BlobSource:
 
 
 async def _http(root: Path, nursery: trio.Nursery) -> BlobSource:
-    address = await _serve(nursery, CasApp(CasDir(root)))
+    address = await _serve(nursery, CasApp(ServedDir(CasDir(root))))
     return CasSource(HttpCAS(f"http://{address}"), HttpCAS(f"http://{address}"))
 
 

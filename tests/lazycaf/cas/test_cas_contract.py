@@ -7,7 +7,9 @@ One suite, four implementations of ``lazycaf.cas.api.CAS``:
 - ``http-inprocess``: ``HttpCAS`` against ``fetcher.casserver.app.CasApp`` served by hypercorn in
   the test's own trio loop (``serve_app`` + ``bind_socket``), also with a token;
 - ``s3``: ``S3CAS`` on a real S3-compatible server (SeaweedFS ``weed mini``, the session's
-  ``s3_server``), under a prefix of the test's own.
+  ``s3_server``), under a prefix of the test's own;
+- ``http-s3``: ``HttpCAS`` against an in-process ``CasApp`` serving such a prefix
+  (``ServedBucket``: the frontend of ``lazycaf cas serve --store s3://``).
 
 The tamper tests corrupt what a backend stores directly (files under a ``CasDir`` root, or
 the blob's object in the bucket): the contract is that no backend ever returns bytes that do
@@ -29,6 +31,7 @@ import trio
 from obstore.store import S3Store
 
 from fetcher.casserver.app import CasApp
+from fetcher.casserver.served import ServedBucket, ServedDir, ServedStore
 from fetcher.web.asgi import bind_socket, serve_app
 from lazycaf.cas.api import CAS, load_manifest, resolve
 from lazycaf.cas.casdir import CasDir
@@ -84,12 +87,13 @@ def subprocess_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CasS
         stop(server.proc)
 
 
-@pytest.fixture(params=["local", "http-subprocess", "http-inprocess", "s3"])
+@pytest.fixture(params=["local", "http-subprocess", "http-inprocess", "s3", "http-s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "s3":
+    if request.param in ("s3", "http-s3"):
         s3: S3Server = request.getfixturevalue("s3_server")
         url = f"s3://{s3.bucket}/contract-{secrets.token_hex(6)}"
-        return Backend("s3", tmp_path / "unused", url, s3=s3)
+        token = secrets.token_hex(8) if request.param == "http-s3" else ""
+        return Backend(request.param, tmp_path / "unused", url, token, s3=s3)
     if request.param == "local":
         return Backend("local", tmp_path / "local-cas")
     if request.param == "http-subprocess":
@@ -116,9 +120,14 @@ async def cas(backend: Backend) -> AsyncIterator[CAS]:
         yield client
         await client.aclose()
         return
+    served: ServedStore
+    if backend.s3 is not None:  # http-s3
+        served = ServedBucket(S3CAS(backend.url, config=backend.s3.config()))
+    else:
+        served = ServedDir(CasDir(backend.root))
     sock = bind_socket("127.0.0.1:0")
     port = sock.getsockname()[1]
-    app = CasApp(CasDir(backend.root), token=backend.token)
+    app = CasApp(served, token=backend.token)
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_app, app, sock)
         client = HttpCAS(f"http://127.0.0.1:{port}", token=backend.token)
@@ -146,7 +155,7 @@ def _s3_key(digest: Digest) -> str:
 
 def blob_files(backend: Backend, digest: Digest) -> list[str]:
     """What the backend stores under the blob's name: files, or the object's key."""
-    if backend.kind == "s3":
+    if backend.s3 is not None:
         try:
             obstore.head(backend.raw_store(), _s3_key(digest))
         except FileNotFoundError:
@@ -163,7 +172,7 @@ def tmp_files(root: Path) -> list[Path]:
 async def wait_tmp_empty(backend: Backend) -> None:
     """A server may still finish PUTs the client abandoned; wait until it has (an S3 PUT is
     atomic: it leaves nothing half-written behind)."""
-    if backend.kind == "s3":
+    if backend.s3 is not None:
         return
     root = backend.root
     await wait_for_async(lambda: not tmp_files(root), f"no temp files left under {root}")
@@ -173,7 +182,7 @@ def tamper(backend: Backend, digest: Digest, content: bytes) -> None:
     """Replace the stored blob ``digest`` by ``content`` kept raw (what a bad disk does)."""
     files = blob_files(backend, digest)
     assert files, f"blob {digest} is not stored in {backend.kind} backend"
-    if backend.kind == "s3":
+    if backend.s3 is not None:
         obstore.put(backend.raw_store(), _s3_key(digest), content)
         return
     for p in files:
