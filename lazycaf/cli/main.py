@@ -339,11 +339,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL|PATH",
         help="the daemon's CAS (default: $LAZYCAF_CAS or ~/.cache/lazycaf/cas)",
     )
-    sinst.add_argument(
+    served = sinst.add_mutually_exclusive_group()
+    served.add_argument(
         "--cas-root",
         type=Path,
         default=Path("/var/lib/lazycaf/cas"),
         help="the directory lazycaf-cas.service serves (default /var/lib/lazycaf/cas)",
+    )
+    served.add_argument(
+        "--cas-store",
+        metavar="s3://BUCKET[/PREFIX]",
+        help="serve this bucket instead (its endpoint and keys: /etc/lazycaf/s3.env)",
     )
     sinst.add_argument(
         "--cas-listen",

@@ -1,8 +1,9 @@
 """``lazycaf service install|uninstall``: the systemd units, written for this installation.
 
 The units ship as package data (``lazycaf/cli/units/*.service``) with ``@NAME@`` holes: the
-absolute path of this installation's ``lazycaf``, the cache, the CAS, the CAS server's root
-and address. ``install`` fills them in, writes both units into ``--prefix`` and marks the
+absolute path of this installation's ``lazycaf``, the cache, the CAS, the CAS server's store
+(``--cas-root DIR`` or ``--cas-store s3://…``, whose keys go in ``/etc/lazycaf/s3.env``) and
+address. ``install`` fills them in, writes both units into ``--prefix`` and marks the
 cache as the service's (``lazycaf.host.service``: mounts then never start a daemon of their
 own); ``uninstall`` removes the units and the marker. Neither runs ``systemctl``.
 """
@@ -84,9 +85,14 @@ def _install(args: argparse.Namespace) -> int:
         "LAZYCAF": lazycaf_command(),
         "CACHE": str(cache),
         "CAS": cas,
-        "CASROOT": os.path.abspath(args.cas_root),
         "LISTEN": args.cas_listen,
     }
+    if args.cas_store is not None:  # a frontend on a bucket: nothing on disk to write
+        values |= {"STORE": args.cas_store, "WHERE": ["--store", args.cas_store]}
+        values["WRITABLE"] = "-/var/lib/lazycaf"  # "-": ignored when absent
+    else:
+        root = os.path.abspath(args.cas_root)
+        values |= {"STORE": root, "WHERE": ["--root", root], "WRITABLE": root}
     args.prefix.mkdir(parents=True, exist_ok=True)
     for name in UNITS:
         _write(args.prefix / name, render_unit(name, values))

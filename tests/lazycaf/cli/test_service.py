@@ -62,6 +62,32 @@ def test_install_writes_units_systemd_accepts(tmp_path: Path) -> None:
     assert list(units.iterdir()) == [] and service_unit(cache) is None
 
 
+def test_install_for_a_bucket_serves_the_bucket(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    require(analyze is not None, "systemd-analyze (Debian's systemd package) is needed")
+    assert analyze is not None
+    units, cache = tmp_path / "units", tmp_path / "cache"
+    run_cli(
+        "service", "install", "--prefix", units, "--cache", cache,
+        "--cas", "http://127.0.0.1:8470", "--cas-store", "s3://fleet-bucket/lazycaf",
+    )  # fmt: skip
+    cas = (units / "lazycaf-cas.service").read_text()
+    exec_start = next(x for x in cas.splitlines() if x.startswith("ExecStart="))
+    assert exec_start.endswith(
+        "cas serve --store s3://fleet-bucket/lazycaf --listen 127.0.0.1:8470"
+    )
+    assert "EnvironmentFile=-/etc/lazycaf/s3.env" in cas.splitlines()
+    proc = subprocess.run(
+        [analyze, "verify", *sorted(units.glob("*.service"))], capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+    both = run_cli(
+        "service", "install", "--prefix", units, "--cas-root", tmp_path, "--cas-store", "s3://b",
+        check=False,
+    )  # fmt: skip
+    assert both.returncode == 2 and b"not allowed with" in both.stderr
+
+
 @pytest.fixture
 def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
