@@ -13,6 +13,8 @@ local directory, or an S3 bucket that any number of frontends share):
     POST /v1/blobs:get       {"digests": [...]} -> those blobs in one body (``lazycaf.cas.batch``);
                              at most 1,024 digests (413 beyond)
     POST /v1/blobs:batch     many blobs in one body (``lazycaf.cas.batch``); all or nothing
+    GET  /v1/refs?prefix=P   {"refs": {name: hex, ...}}: every ref whose name starts with P
+                             (``profiles/``: every profile, for crowd prefetch)
     GET  /v1/refs/{name}     the manifest digest a ref names (text)
     PUT  /v1/refs/{name}     set a ref (the blob must be stored); ``If-Match: "<hex>"`` /
                              ``If-None-Match: *`` make it a compare-and-swap (412 and the
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from typing import Final
@@ -136,6 +139,8 @@ class CasApp:
         elif path == "/v1/blobs:batch" and method == "POST":
             self._check_token(scope)
             await self._put_batch(receive, send)
+        elif path == "/v1/refs" and method == "GET":
+            await self._list_refs(scope, send)
         elif path.startswith(_REFS):
             name = path[len(_REFS) :]
             if method == "GET":
@@ -207,6 +212,13 @@ class CasApp:
         stored = await self.store.put_encoded(digest, encoding, body)
         self.stats.blobs_stored += int(stored)
         await respond(send, 201 if stored else 200, b"stored\n" if stored else b"exists\n")
+
+    async def _list_refs(self, scope: Scope, send: Send) -> None:
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        prefix = query.get("prefix", [""])[0]
+        refs = await self.store.read_refs(prefix)
+        body = json.dumps({"refs": {name: d.hex for name, d in refs.items()}}).encode()
+        await respond(send, 200, body, "application/json")
 
     async def _get_many(self, receive: Receive, send: Send) -> None:
         """Several blobs in one response, as stored (zstd frames or raw); absent ones are

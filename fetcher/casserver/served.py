@@ -77,6 +77,7 @@ class ServedStore(Protocol):
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]: ...
     async def read_ref(self, name: str) -> Digest: ...
     async def ref_or_none(self, name: str) -> Digest | None: ...
+    async def read_refs(self, prefix: str) -> dict[str, Digest]: ...
     async def write_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None: ...
     async def aclose(self) -> None: ...
 
@@ -168,6 +169,10 @@ class ServedDir:
     async def write_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
         await self._thread(functools.partial(self.dir.write_ref, expected=expected), name, digest)
 
+    async def read_refs(self, prefix: str) -> dict[str, Digest]:
+        refs: dict[str, Digest] = await self._thread(self.dir.read_refs, prefix)
+        return refs
+
     async def aclose(self) -> None:
         """Nothing to release."""
 
@@ -220,6 +225,9 @@ class ServedBucket:
 
     async def write_ref(self, name: str, digest: Digest, *, expected: Expected = ANY) -> None:
         await self.bucket.set_ref(name, digest, expected=expected)
+
+    async def read_refs(self, prefix: str) -> dict[str, Digest]:
+        return await self.bucket.read_refs(prefix)
 
     async def aclose(self) -> None:
         await self.bucket.aclose()

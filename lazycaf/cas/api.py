@@ -70,8 +70,12 @@ class CAS(Protocol):
         None: no such ref yet), only if the ref still holds it; else ``RefMoved``."""
         ...
 
-    # What the store GC (``lazycaf.cas.gc``) needs; ``HttpCAS`` refuses these with a
-    # ``UsageError``: the GC runs against the store itself (a directory or s3://).
+    async def read_refs(self, prefix: str = "") -> dict[str, Digest]:
+        """Every ref whose name starts with ``prefix`` and the digest it names."""
+        ...
+
+    # What the store GC (``lazycaf.cas.gc``) needs; ``HttpCAS`` refuses these but
+    # ``list_refs`` with a ``UsageError``: the GC runs against the store itself.
     async def list_blobs(self) -> list[StoredBlob]:
         """Every stored blob: digest, size at rest, when it was stored."""
         ...

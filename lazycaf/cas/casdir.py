@@ -343,6 +343,16 @@ class CasDir:
                     out.append(check_ref_name(name))
         return sorted(out)
 
+    def read_refs(self, prefix: str = "") -> dict[str, Digest]:
+        """Every ref whose name starts with ``prefix`` and the digest it names (a ref removed
+        between the listing and its read is left out)."""
+        out = {}
+        for name in self.list_refs():
+            if name.startswith(prefix):
+                with contextlib.suppress(RefNotFound):
+                    out[name] = self.read_ref(name)
+        return out
+
     def delete_ref(self, name: str) -> None:
         """Remove ref ``name`` (``RefNotFound`` if there is none) and the directories of
         refs it leaves empty, so ``p`` can be a ref again once ``p/x`` is gone."""

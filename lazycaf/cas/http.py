@@ -317,7 +317,16 @@ class HttpCAS:
         raise self._gc_refused()
 
     async def list_refs(self) -> list[str]:
-        raise self._gc_refused()
+        return sorted(await self.read_refs())
+
+    async def read_refs(self, prefix: str = "") -> dict[str, Digest]:
+        r = await self._request("GET", "/v1/refs", params={"prefix": prefix})
+        self._expect(r, "GET refs")
+        try:
+            refs = r.json()["refs"]
+            return {check_ref_name(n): Digest.parse(h) for n, h in refs.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, UsageError) as exc:
+            raise IntegrityError(f"CAS {self.where}: GET /v1/refs: bad answer ({exc})") from None
 
     async def delete_ref(self, name: str) -> None:
         raise self._gc_refused()

@@ -86,6 +86,9 @@ class LocalCAS:
     async def list_refs(self) -> list[str]:
         return await self._call(self._dir.list_refs)
 
+    async def read_refs(self, prefix: str = "") -> dict[str, Digest]:
+        return await self._call(self._dir.read_refs, prefix)
+
     async def delete_ref(self, name: str) -> None:
         await self._call(self._dir.delete_ref, name)
 

@@ -76,10 +76,21 @@ from lazycaf.core.errors import (
 )
 from lazycaf.core.verified import verify_blob
 
-__all__ = ["REQUESTS_IN_FLIGHT", "S3CAS", "S3_REFRESH_AFTER", "parse_s3_url"]
+__all__ = [
+    "LIST_FACTOR",
+    "LIST_MIN",
+    "REQUESTS_IN_FLIGHT",
+    "S3CAS",
+    "S3_REFRESH_AFTER",
+    "parse_s3_url",
+]
 
 #: Requests one ``S3CAS`` keeps in flight (each holds a worker thread while it waits).
 REQUESTS_IN_FLIGHT: Final = 32
+#: ``find_missing`` of more digests than this may LIST shards instead of HEADing each ...
+LIST_MIN: Final = 1000
+#: ... when the store holds fewer than this many times as many blobs as the query names.
+LIST_FACTOR: Final = 100
 
 #: A blob ``find_missing`` finds present and older than this (seconds) is re-written, so its
 #: age restarts; the store GC's grace must be at least twice this (module docstring).
@@ -178,16 +189,52 @@ class S3CAS:
         return True
 
     async def find_missing(self, digests: Sequence[Digest]) -> set[Digest]:
-        """One HEAD per distinct digest, ``requests_in_flight`` at a time; a present blob
-        older than ``refresh_after`` is re-written (a GET and a conditional PUT) or, when
-        that fails its condition, reported missing (module docstring)."""
+        """The digests not stored. A present blob older than ``refresh_after`` is re-written
+        (a GET and a conditional PUT) or, when that fails its condition, reported missing
+        (module docstring).
+
+        Small queries (and large ones against a store far larger than them) HEAD each
+        distinct digest, ``requests_in_flight`` at a time; a query of more than ``LIST_MIN``
+        digests against a store of fewer than ``LIST_FACTOR`` times as many blobs (estimated
+        from one shard) LISTs the ``blobs/<xx>/`` shards it touches instead: measured on a
+        local SeaweedFS, 4,000 digests took 1.7-2.3 s of HEADs and 0.1-0.4 s of LISTs."""
+        unique = list(dict.fromkeys(digests))
+        if len(unique) > LIST_MIN:
+            shards = sorted({d.hex[:2] for d in unique})
+            first = await self._call(_list_shard, f"blobs/{shards[0]}/")
+            if len(first) * 256 < LIST_FACTOR * len(unique):
+                return await self._missing_by_listing(unique, shards, first)
         missing: set[Digest] = set()
 
         async def check(d: Digest) -> None:
             if not await self._present_and_fresh(self._blob_key(d)):
                 missing.add(d)
 
-        await _run_all(check, list(dict.fromkeys(digests)))
+        await _run_all(check, unique)
+        return missing
+
+    async def _missing_by_listing(
+        self, unique: list[Digest], shards: list[str], first: dict[str, float]
+    ) -> set[Digest]:
+        present = dict(first)
+
+        async def list_one(shard: str) -> None:
+            present.update(await self._call(_list_shard, f"blobs/{shard}/"))
+
+        async with trio.open_nursery() as nursery:
+            for shard in shards[1:]:
+                nursery.start_soon(list_one, shard)
+        stale_before = time.time() - self.refresh_after
+        missing = {d for d in unique if d.hex not in present}
+
+        async def refresh(d: Digest) -> None:
+            try:
+                await self._call(_rewrite, self._blob_key(d))
+            except (*_NOT_FOUND, PreconditionError, AlreadyExistsError):
+                missing.add(d)  # deleted or re-written meanwhile: the pack uploads it
+
+        stale = [d for d in unique if d.hex in present and present[d.hex] < stale_before]
+        await _run_all(refresh, stale)
         return missing
 
     async def _present_and_fresh(self, key: str) -> bool:
@@ -386,6 +433,22 @@ class S3CAS:
     async def list_refs(self) -> list[str]:
         return await self._call(_list_refs)
 
+    async def read_refs(self, prefix: str = "") -> dict[str, Digest]:
+        """One LIST of the refs, then a GET of each that starts with ``prefix``,
+        concurrently (a ref removed meanwhile is left out)."""
+        names = [n for n in await self.list_refs() if n.startswith(prefix)]
+        out: dict[str, Digest] = {}
+
+        async def one(name: str) -> None:
+            found = await self._read_ref(name)
+            if found is not None:
+                out[name] = found[0]
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(one, name)
+        return dict(sorted(out.items()))
+
     async def delete_ref(self, name: str) -> None:
         """A plain DELETE after a GET that saw the ref: S3 has no conditional DELETE (nor
         obstore a way to send one), so an update racing the rm may be lost to it. That is
@@ -454,6 +517,17 @@ def _get_ref_object(store: S3Store, key: str) -> tuple[str, bytes]:
     if etag is None:  # no ETag, no compare-and-swap: refuse rather than race
         raise IntegrityError(f"the store sent no ETag for {key!r}")
     return etag, bytes(result.bytes())
+
+
+def _list_shard(store: S3Store, prefix: str) -> dict[str, float]:
+    """The blobs under one ``blobs/<xx>/`` shard: hex -> ``LastModified`` (Unix time)."""
+    out = {}
+    for page in obstore.list(store, prefix):
+        for meta in page:
+            name = meta["path"].rsplit("/", 1)[-1]
+            if Digest.is_hex(name):
+                out[name] = meta["last_modified"].timestamp()
+    return out
 
 
 def _list_one(store: S3Store, prefix: str) -> str | None:

@@ -380,6 +380,23 @@ async def test_concurrent_compare_and_swap_lets_one_writer_win(cas: CAS) -> None
     assert len(won) == 1 and await cas.get_ref(name) == won[0]
 
 
+async def test_read_refs_by_prefix(cas: CAS) -> None:
+    """Every ref under a prefix with its digest (crowd prefetch lists ``profiles/``);
+    refs outside it are left out, a prefix with no refs gives nothing."""
+    stem = ref_name("listing")
+    a, b = await _stored(cas, "list-a"), await _stored(cas, "list-b")
+    await cas.set_ref(f"{stem}/profiles/x", a)
+    await cas.set_ref(f"{stem}/profiles/y:1", b)
+    await cas.set_ref(f"{stem}/other", a)
+    assert await cas.read_refs(f"{stem}/profiles/") == {
+        f"{stem}/profiles/x": a,
+        f"{stem}/profiles/y:1": b,
+    }
+    assert len(await cas.read_refs(f"{stem}/")) == 3
+    assert await cas.read_refs(ref_name("none-here")) == {}
+    assert {f"{stem}/other", f"{stem}/profiles/x"} <= set(await cas.list_refs())
+
+
 async def test_unknown_ref_names_it(cas: CAS) -> None:
     for name in (ref_name("nope"), ref_name("profiles") + "/nope"):
         with pytest.raises(RefNotFound) as excinfo:

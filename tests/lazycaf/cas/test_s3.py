@@ -15,6 +15,7 @@ import trio
 from obstore.exceptions import AlreadyExistsError, PreconditionError
 from obstore.store import S3Store
 
+from lazycaf.cas import s3
 from lazycaf.cas.api import open_cas
 from lazycaf.cas.s3 import S3CAS, parse_s3_url
 from lazycaf.core.digest import Digest
@@ -123,3 +124,48 @@ async def test_read_modify_write_updates_lose_none(s3_server: S3Server) -> None:
     assert sorted(map(int, links)) == list(range(8))
     assert lost_races > 0, "the writers never raced: the test proved nothing"
     await cas.aclose()
+
+
+@pytest.mark.parametrize("factor", [100, 0])
+async def test_a_large_find_missing_lists_shards_or_heads_by_store_size(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, factor: int
+) -> None:
+    """Above ``LIST_MIN`` digests the blob shards are LISTed (the store is small next to the
+    query); with a ``LIST_FACTOR`` no store meets, every digest is HEADed. Same answer."""
+    monkeypatch.setattr(s3, "LIST_MIN", 5)
+    monkeypatch.setattr(s3, "LIST_FACTOR", factor)
+    listed: list[str] = []
+    real = s3._list_shard
+
+    def spy(store: S3Store, prefix: str) -> dict[str, float]:
+        listed.append(prefix)
+        return real(store, prefix)
+
+    monkeypatch.setattr(s3, "_list_shard", spy)
+    cas = S3CAS(f"s3://{s3_server.bucket}/{_prefix()}", config=s3_server.config())
+    present = [os.urandom(40) for _ in range(12)]
+    await cas.put_many([(Digest.of(b), b) for b in present])
+    absent = [Digest.of(os.urandom(40)) for _ in range(12)]
+    query = [Digest.of(b) for b in present] + absent
+    assert await cas.find_missing(query + query[:3]) == set(absent)
+    shards = {f"blobs/{d.hex[:2]}/" for d in query}
+    assert set(listed) == (shards if factor else {min(shards)})  # one shard sizes the store
+
+
+async def test_listing_find_missing_refreshes_old_blobs(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3, "LIST_MIN", 2)
+    url = f"s3://{s3_server.bucket}/{_prefix()}"
+    cas = S3CAS(url, config=s3_server.config())
+    blobs = [os.urandom(40) for _ in range(4)]
+    await cas.put_many([(Digest.of(b), b) for b in blobs])
+    before = {b.digest: b.mtime for b in await cas.list_blobs()}
+    await trio.sleep(1.1)  # LastModified has a resolution of a second
+    refreshing = S3CAS(url, config=s3_server.config(), refresh_after=0.5)
+    assert await refreshing.find_missing(list(before)) == set()
+    after = {b.digest: b.mtime for b in await cas.list_blobs()}
+    assert after.keys() == before.keys()
+    assert all(after[d] > before[d] for d in before)  # each re-written: its age restarts
+    for b in blobs:
+        assert await cas.get(Digest.of(b)) == b
