@@ -11,9 +11,12 @@ rate limit; the CAS server and the squashfs HTTP server run in the root namespac
 ``python -c "import numpy"`` from the sample tree (python + numpy, ``build_sample.py``):
 
 1. lazycaf cold, no profile: a fresh host cache and a fresh fetcher daemon started inside
-   the namespace, ``sync`` + ``drop_caches``, then ``lazycaf mount --profile <unused name>`` (timed
-   until it returns) and the python run (timed). The mount records into a throw-away
-   profile name, so the benchmark's profile is not touched;
+   the namespace, ``sync`` + ``drop_caches``, then ``lazycaf mount --profile <unused name>
+   --no-crowd`` (timed until it returns) and the python run (timed). The mount records into a
+   throw-away profile name, so the benchmark's profile is not touched;
+1b. lazycaf cold, no own profile, crowd hot set: the same for ``sample-b:v1``, another
+   executable (the sample's files plus one of its own) that never ran; the CAS holds the
+   sample's profiles, whose hot set the mount borrows by file digest. Not recorded;
 2. lazycaf cold, with profile: the same, without ``--no-prefetch``. The profile is recorded
    once beforehand (``lazycaf profile record`` on its own cold cache, over the first link);
    its ref is reset to that recording before every run, so each run sees the same profile
@@ -100,6 +103,8 @@ from scripts.harness import (
 )
 
 REF: Final = "sample:v1"
+#: Another executable: the sample plus one file of its own, never run before (crowd variant).
+REF_B: Final = "sample-b:v1"
 PROFILE: Final = "sample"
 SCRATCH_PROFILE: Final = "bench-no-profile"  # prefix of the unused profile names of those runs
 IMAGE_SIZE: Final = "4G"
@@ -257,22 +262,29 @@ class LazyRun:
         return self.mount + self.run
 
 
-def lazycaf_cold(net: Net, env: Env, *, profile: bool, tag: str, again: bool) -> LazyRun:
+def lazycaf_cold(
+    net: Net, env: Env, *, profile: bool, tag: str, again: bool, crowd: bool = False
+) -> LazyRun:
     """One cold start from a fresh cache and daemon, then warm runs in the same mount;
-    ``again``: unmount, drop caches, and time a cold start from the now full host cache."""
+    ``again``: unmount, drop caches, and time a cold start from the now full host cache.
+    ``crowd`` (with ``profile`` False): mount ``REF_B``, an executable with no profile of its
+    own, so only the crowd hot set (the sample's profiles, by digest) prefetches; its runs are
+    not recorded (a second crowd run must not learn from the first)."""
     cache = env.new_cache(f"cache-{tag}")
     mnt = env.made.mountpoint("mnt-lazycaf")
     # no profile: a profile name no run has recorded, so the mount fetches on demand plus
-    # directory prefetch (its only parallelism without a profile); it records into that name
+    # directory prefetch (its only parallelism without a profile, the crowd's hot set off);
+    # it records into that name
     scratch_name = f"{SCRATCH_PROFILE}-{tag}-{time.monotonic_ns()}"
-    scratch = ["--profile", scratch_name]
+    scratch = ["--profile", scratch_name] + (["--no-record"] if crowd else ["--no-crowd"])
+    ref = REF_B if crowd else REF
     with daemon_in(net, env, cache):
         if profile:  # every run starts from the profile recorded beforehand
             url = f"http://127.0.0.1:{env.cas_port}/v1/refs/profiles/{PROFILE}"
             http_put(url, env.profile_digest.encode())
         drop_caches()
         wire0 = env.cas_bytes_sent()
-        t_mount = env.lz.mount(REF, mnt, cache, *([] if profile else scratch))
+        t_mount = env.lz.mount(ref, mnt, cache, *([] if profile else scratch))
         t_run = time_python(mnt)
         wire = env.cas_bytes_sent() - wire0
         stats = env.lz.stats(cache)
@@ -281,7 +293,9 @@ def lazycaf_cold(net: Net, env: Env, *, profile: bool, tag: str, again: bool) ->
         warm = [time_python(mnt) for _ in range(WARM_PER_MOUNT)]
         warm_wire = env.cas_bytes_sent() - wire0
         env.lz.umount(mnt)  # saves the run's trace
-        trace = trace_summary(env.lz, PROFILE if profile else scratch_name)
+        trace = (
+            "not recorded" if crowd else trace_summary(env.lz, PROFILE if profile else scratch_name)
+        )
         cached = None
         if again:  # the host runs the job again later: the profile warms the page cache
             drop_caches()
@@ -367,6 +381,7 @@ class ProfileResult:
     net: Net
     rtt_ms: float = 0.0  # nominal
     noprof: list[LazyRun] = field(default_factory=list)
+    crowd: list[LazyRun] = field(default_factory=list)
     prof: list[LazyRun] = field(default_factory=list)
     native_cold: list[float] = field(default_factory=list)
     native_warm: list[float] = field(default_factory=list)
@@ -416,6 +431,11 @@ def run_once(env: Env, res: ProfileResult, i: int, *, squash_url: str | None) ->
         res.noprof.append(r)
         say(f"{name} run {i}: no profile: mount {r.mount:.3f} s, run {r.run:.3f} s")
 
+    def crowd() -> None:
+        r = lazycaf_cold(net, env, profile=False, tag=f"{name}-crowd-{i}", again=False, crowd=True)
+        res.crowd.append(r)
+        say(f"{name} run {i}: no own profile, crowd: mount {r.mount:.3f} s, run {r.run:.3f} s")
+
     def prof() -> None:
         r = lazycaf_cold(net, env, profile=True, tag=f"{name}-prof-{i}", again=True)
         res.prof.append(r)
@@ -433,7 +453,7 @@ def run_once(env: Env, res: ProfileResult, i: int, *, squash_url: str | None) ->
         res.squash.append(r)
         say(f"{name} run {i}: squashfs download {r.download:.3f} s, total {r.total:.3f} s")
 
-    steps = [noprof, prof] + ([native, squash] if squash_url else [])
+    steps = [noprof, crowd, prof] + ([native, squash] if squash_url else [])
     k = i % len(steps)
     for step in steps[k:] + steps[:k]:
         step()
@@ -467,13 +487,14 @@ def table(res: ProfileResult, image_bytes: int) -> list[str]:
         )
 
     loose = None if target is None else target * NO_PROFILE_FACTOR
-    warm = [w for r in res.noprof + res.prof for w in r.warm]
-    warm_wire = fmt_mb(median([r.warm_wire for r in res.noprof + res.prof]))
+    warm = [w for r in res.noprof + res.crowd + res.prof for w in r.warm]
+    warm_wire = fmt_mb(median([r.warm_wire for r in res.noprof + res.crowd + res.prof]))
     cached = [r.cached for r in res.prof if r.cached is not None]
     rows = [
         "| variant | mount s | run s | total s | bytes over the link | target | meets? |",
         "|---|---:|---:|---:|---:|---|---|",
         lazy_row("lazycaf cold, no profile", res.noprof, loose, " (2x the profile target)"),
+        lazy_row("lazycaf cold, no own profile, crowd hot set", res.crowd, None, ""),
         lazy_row("lazycaf cold, with profile", res.prof, target, ""),
         md_row("lazycaf warm (same mounts)", "-", *[fmt_s(median(warm))] * 2, warm_wire, "-", "-"),
     ]
@@ -510,7 +531,7 @@ def run_notes(res: ProfileResult) -> list[str]:
     rate_bps = res.net.rate_mbit * 1e6 / 8
     rtt = res.net.rtt_s
     notes = []
-    for label, rs in (("no profile", res.noprof), ("profile", res.prof)):
+    for label, rs in (("no profile", res.noprof), ("crowd", res.crowd), ("profile", res.prof)):
         for i, r in enumerate(rs):
             s, e = r.stats, r.settled
             misses = s.get("misses", 0)
@@ -607,6 +628,9 @@ def figures(res: ProfileResult) -> list[Figure]:
 
     out = [
         vs_squash("lazycaf cold, no profile, total", [r.total for r in res.noprof]),
+        vs_squash(
+            "lazycaf cold, no own profile, crowd hot set, total", [r.total for r in res.crowd]
+        ),
         vs_squash("lazycaf cold, with profile, total", [r.total for r in res.prof]),
         Figure(f"{name}: lazycaf cold, no profile, mount", "s", tuple(r.mount for r in res.noprof)),
         Figure(f"{name}: lazycaf cold, with profile, mount", "s", tuple(r.mount for r in res.prof)),
@@ -616,7 +640,9 @@ def figures(res: ProfileResult) -> list[Figure]:
             tuple(float(r.wire) for r in res.prof),
         ),
         Figure(
-            f"{name}: lazycaf warm", "s", tuple(w for r in res.noprof + res.prof for w in r.warm)
+            f"{name}: lazycaf warm",
+            "s",
+            tuple(w for r in res.noprof + res.crowd + res.prof for w in r.warm),
         ),
     ]
     cached = [r.cached for r in res.prof if r.cached is not None]
@@ -666,6 +692,14 @@ def prepare(args: argparse.Namespace, made: Made, lz: Lazycaf) -> tuple[Env, lis
     facts.append(
         f"packed into a local-dir CAS in {time.perf_counter() - t0:.1f} s: "
         f"{du(lz.cas) / MB:.1f} MB stored; served by `lazycaf cas serve` on 127.0.0.1"
+    )
+    other = made.tmp / "sample-b"  # another executable: the same files (hard links) plus one
+    run(["cp", "-al", str(sample), str(other)], what="cp -al")
+    (other / "lazycaf-sample-b.txt").write_text("another executable sharing the sample's files\n")
+    lz.cli("pack", str(other), "--cas", str(lz.cas), "--tag", REF_B, what="pack B")
+    facts.append(
+        f"{REF_B}: the sample plus one file, packed too (the crowd variant mounts it: no "
+        "profile of its own, the sample's profiles in the CAS)"
     )
     served = made.tmp / "served"
     served.mkdir()

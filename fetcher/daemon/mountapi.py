@@ -4,6 +4,8 @@
     prefetch <hex> [<hex> ...]    -> ok {"queued": n}  (fetched in order, below reads)
     touch <hex> [<hex> ...]       -> ok {"touched": n}  (a mount read these cached blobs)
     record <name> <trace json>    -> ok {"profile": hex, "runs": n}  (merged into the profile)
+    crowd                         -> ok {"files": [CrowdFile row, ...], "profiles": n}  (every
+                                     profile's hot set by file digest: ``fetcher.daemon.crowd``)
     resolve <ref> [cached]        -> ok "<hex>"  (the manifest digest a ref names; ``cached``:
                                      the one it last resolved to here, without the CAS)
     mounted <hex>                 -> ok null  (an executable was mounted: remember it)
@@ -38,6 +40,7 @@ import trio
 
 from fetcher.cache.collector import GarbageCollector
 from fetcher.cache.scrub import scrub
+from fetcher.daemon.crowd import CrowdProfiles
 from fetcher.daemon.metrics import daemon_stats
 from fetcher.fetching.prefetch import PrefetchQueue
 from fetcher.fetching.service import FetchService
@@ -75,6 +78,7 @@ class MountApi:
     ) -> None:
         self.service = service
         self.prefetch = prefetch
+        self.crowd = CrowdProfiles(service.cas)
         self.gc = gc
         self.peers = peers
         self._profile_lock = trio.Lock()  # one read-modify-write of a profile at a time
@@ -142,6 +146,9 @@ class MountApi:
                 return {"profile": digest.hex, "runs": runs}
             case "resolve":
                 return (await self._resolve(*rest.split(" ", 1))).hex
+            case "crowd":
+                files, profiles = await self.crowd.hot_set()
+                return {"files": [f.to_json() for f in files], "profiles": profiles}
             case "stats":
                 return daemon_stats(self.service, self.gc, self.peers)
             case "info":

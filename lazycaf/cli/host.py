@@ -82,6 +82,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         open_roundtrips=args.open_roundtrips,
         profile=args.profile,
         prefetch=not args.no_prefetch,
+        crowd=not args.no_crowd,
         eager_share=args.eager_share,
         offline=args.offline,
         cache_size=parse_size(args.cache_size) if args.cache_size else None,

@@ -149,6 +149,12 @@ def _parser() -> argparse.ArgumentParser:
             "--no-prefetch", action="store_true", help="do not prefetch the profile's hot set"
         )
         sp.add_argument(
+            "--no-crowd",
+            action="store_true",
+            help="without a profile, do not prefetch what other executables' profiles say "
+            "is hot among the files this one shares with them",
+        )
+        sp.add_argument(
             "--eager-share",
             type=float,
             default=0.3,

@@ -159,6 +159,7 @@ def _mount_argv(args: argparse.Namespace, mnt: str) -> list[str]:
     ]
     flags = {
         "--no-prefetch": args.no_prefetch,
+        "--no-crowd": args.no_crowd,
         "--offline": args.offline,
         "--open-roundtrips": args.open_roundtrips,
         "--no-record": not args.record,

@@ -77,6 +77,10 @@ class FetcherClient:
         return stream, LineReader(stream)
 
     async def _call(self, request: str) -> Any:
+        return parse_reply(await self._exchange(request))
+
+    async def _exchange(self, request: str) -> bytes:
+        """Send one request line and return the reply line as it came."""
         conn = self._idle.pop() if self._idle else await self._connect()
         try:
             with trio.fail_after(self._timeout):
@@ -99,7 +103,7 @@ class FetcherClient:
             await conn[0].aclose()
             raise DaemonUnreachable(f"fetcher daemon ({self.socket_path}) closed the connection")
         self._idle.append(conn)
-        return parse_reply(line)
+        return line
 
     async def ensure(self, digest: Digest, *, priority: Priority = Priority.DEMAND) -> int:
         reply = await self._call(f"ensure {digest.hex} {priority.label}")
@@ -197,6 +201,15 @@ class FetcherClient:
         """Merge one run's trace into profile ``name`` (the daemon writes it to the CAS)."""
         result: dict[str, Any] = await self._call(f"record {name} {trace_json}")
         return result
+
+    async def crowd(self) -> tuple[list[Any], int]:
+        """Every profile's hot set by file digest, as rows of ``lazycaf.traces.crowd``'s
+        ``CrowdFile.to_json``, and how many profiles it merges. The reply (up to a few MB of
+        JSON) is parsed in a worker thread, off the mount's event loop."""
+        reply = await trio.to_thread.run_sync(parse_reply, await self._exchange("crowd"))
+        if not isinstance(reply, dict) or not isinstance(reply.get("files"), list):
+            raise Unavailable("the fetcher daemon sent a malformed crowd reply")
+        return reply["files"], int(reply.get("profiles", 0))
 
     async def resolve(self, ref: str, *, cached: bool = False) -> Digest:
         """The manifest digest ``ref`` names; ``cached``: the one this cache last resolved

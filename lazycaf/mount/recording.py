@@ -1,5 +1,6 @@
-"""A mount's side of traces and prefetch: load the profile, queue its hot set, switch to
-eager fetching when a run reads much of the tree, and save the run's trace.
+"""A mount's side of traces and prefetch: load the profile, queue its hot set (without one,
+the crowd's: what other executables' runs read of the files this one holds), switch to eager
+fetching when a run reads much of the tree, and save the run's trace.
 
 The daemon does the fetching and writes profiles to the CAS; the mount only says what it
 expects to read (``prefetch``) and what it read (``record``), so a mount never needs CAS
@@ -20,6 +21,7 @@ from lazycaf.core.errors import LazyCafError, NotFound
 from lazycaf.core.manifest import FILE, Entry, Manifest
 from lazycaf.host.client import FetcherClient
 from lazycaf.host.paths import CacheLayout
+from lazycaf.traces.crowd import CrowdFile, plan_crowd
 from lazycaf.traces.trace import Profile, TraceRecorder, plan_prefetch
 
 __all__ = ["DEFAULT_EAGER_SHARE", "MountProfile", "load_profile"]
@@ -89,8 +91,10 @@ class MountProfile:
         eager_share: float = DEFAULT_EAGER_SHARE,
         record: bool = True,
         profile: Profile | None = None,
+        crowd: bool = True,
     ) -> None:
-        """``profile``: the one ``load_profile`` found for ``name`` (None: none yet)."""
+        """``profile``: the one ``load_profile`` found for ``name`` (None: none yet);
+        ``crowd``: without one, prefetch what other executables' profiles say is hot."""
         self.client = client
         self.manifest = manifest
         self.cache = cache
@@ -105,6 +109,8 @@ class MountProfile:
         self._siblings: dict[str, list[Entry]] | None = None  # set when there is no profile
         self._dirs_seen: set[str] = set()
         self.profile = profile
+        self.crowd = crowd
+        self.crowd_planned = 0  # blobs the crowd hot set queued (no profile of its own)
         self._plan: list[Digest] = []
         self._queued = 0
         self.prefetched: set[Digest] = set()  # blobs this mount queued for prefetch
@@ -170,6 +176,8 @@ class MountProfile:
             task_status.started()
             if not self.prefetch:
                 return
+            if self.profile is None and self.crowd:
+                nursery.start_soon(self._queue_crowd)
             self._blob_sizes = await trio.to_thread.run_sync(self.manifest.blobs)
             self._total = sum(self._blob_sizes.values())
             if 0 < self.eager_share < 1:
@@ -194,6 +202,39 @@ class MountProfile:
                     # but only once the hot set is in, so the two never compete for the link
                     self._go_eager(after=self._plan)
             await trio.sleep_forever()
+
+    async def _queue_crowd(self) -> None:
+        """No profile of its own: prefetch the files this executable shares with others, as
+        hot as their profiles say (``lazycaf.traces.crowd``), below the run's own reads."""
+        try:
+            rows, profiles = await self.client.crowd()
+        except LazyCafError as exc:
+            log.info("no crowd prefetch: %s", exc)
+            return
+        try:
+            plan = await trio.to_thread.run_sync(self._plan_crowd, rows)
+        except (ValueError, TypeError) as exc:
+            log.warning("no crowd prefetch: the daemon sent a bad hot set (%s)", exc)
+            return
+        plan = [d for d in plan if d not in self.prefetched]
+        self.prefetched.update(plan)
+        self.crowd_planned = len(plan)
+        try:
+            queued = await self.client.prefetch(plan)
+        except LazyCafError as exc:
+            log.warning("crowd prefetch failed: %s", exc)
+            return
+        log.info(
+            "crowd prefetch: %d blobs from %d profiles' hot sets, %d queued",
+            len(plan),
+            profiles,
+            queued,
+        )
+
+    def _plan_crowd(self, rows: list[list[object]]) -> list[Digest]:
+        crowd = [CrowdFile.from_json(r) for r in rows]
+        files = {e.digest.hex: e for e in self.manifest.entries if e.kind == FILE and e.digest}
+        return plan_crowd(crowd, files, self.manifest.chunk_size)
 
     def _on_miss(self, entry: Entry) -> None:
         """Without a profile, a file read on demand announces its directory: the import

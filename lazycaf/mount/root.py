@@ -77,6 +77,7 @@ class MountConfig:
     open_roundtrips: bool = False  # answer open/opendir even when the kernel could skip them
     profile: str | None = None  # default: the ref's name without its tag (or the digest)
     prefetch: bool = True
+    crowd: bool = True  # no profile: prefetch the crowd's hot set (``lazycaf.traces.crowd``)
     eager_share: float = DEFAULT_EAGER_SHARE
     offline: bool = False
     cache_size: int | None = None  # the byte budget of a daemon this mount starts
@@ -185,6 +186,7 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             eager_share=config.eager_share,
             record=config.record and not config.offline,
             profile=loaded[0] if loaded else None,
+            crowd=config.crowd,
         )
         reader = BlobReader(
             cache,

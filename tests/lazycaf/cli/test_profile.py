@@ -8,6 +8,7 @@ import os
 import py_compile
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from lazycaf.core.digest import Digest
@@ -248,6 +249,47 @@ def test_without_a_profile_a_miss_prefetches_its_directory(host: Host, tmp_path:
     ]
     assert host.stats()["misses"] == stats["misses"]  # all nine were already there
     host.cli("umount", mnt)
+
+
+def test_without_a_profile_the_crowd_hot_set_is_prefetched(host: Host, tmp_path: Path) -> None:
+    """A new executable (another manifest, no profile of its own) sharing files with one whose
+    runs were recorded: the files those runs read are prefetched by digest, the rest not."""
+    alpha = tmp_path / "alpha"
+    for d in ("pkg", "cold"):
+        (alpha / d).mkdir(parents=True)
+        for i in range(20):
+            (alpha / d / f"m{i}.py").write_bytes(os.urandom(2000))
+    cas = tmp_path / "cas"
+    run_cli("pack", alpha, "--cas", cas, "--tag", "alpha:v1")
+    mnt = host.mountpoint()
+    host.cli("mount", "alpha:v1", mnt, "--cas", cas, "--no-prefetch")
+    hot = [f"pkg/m{i}.py" for i in range(0, 20, 2)]
+    for rel in hot:
+        assert (mnt / rel).read_bytes() == (alpha / rel).read_bytes()
+    host.cli("umount", mnt)  # the run's trace becomes profile 'alpha'
+
+    beta = tmp_path / "beta"
+    shutil.copytree(alpha, beta)
+    (beta / "pkg" / "new.py").write_bytes(os.urandom(2000))  # another executable
+    digest = run_cli("pack", beta, "--cas", cas).stdout.decode().strip()
+    for crowd in (False, True):
+        host.cli("fetcher", "stop")
+        shutil.rmtree(host.cache)  # a cold host
+        mnt = host.mountpoint(f"beta-{crowd}")
+        extra = [] if crowd else ["--no-crowd"]
+        host.cli("mount", digest, mnt, "--cas", cas, "--eager-share", "0", *extra)
+        if crowd:
+            wait_for(lambda: host.stats()["prefetched"] >= len(hot), "the crowd prefetch")
+            time.sleep(0.5)  # nothing more arrives
+            before = host.stats()
+            assert before["prefetched"] == len(hot)  # the hot files, nothing cold
+            for rel in hot:
+                assert (mnt / rel).read_bytes() == (alpha / rel).read_bytes()
+            assert host.stats()["misses"] == before["misses"]  # all there already
+        else:
+            time.sleep(1.0)
+            assert host.stats()["prefetched"] == 0
+        host.cli("umount", mnt)
 
 
 def _resident_pages(path: Path) -> tuple[int, int]:
