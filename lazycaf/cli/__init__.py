@@ -6,10 +6,11 @@
 ``host`` (mount, umount, stats, fetcher, materialize), ``cache`` (cache status, gc, pin),
 ``peers`` (affinity), ``profile`` (profile show, save), ``run`` (run, profile record),
 ``config`` (the config file and ``config show``), ``readouts`` (ls/diff text over manifests,
-pure), ``progress`` (progress bars on a terminal), ``tokens`` (bearer tokens read from
-files), ``service`` (the systemd units, ``units/``), ``daemonlog`` (where the daemon logs),
-``zygote`` and ``zygote_client`` (``lazycaf mount`` forked by a pre-imported process the
-daemon keeps; the client half is standard library only and must stay so).
+pure), ``columns`` (the same read-outs straight from a manifest's columns), ``progress``
+(progress bars on a terminal), ``tokens`` (bearer tokens read from files), ``service`` (the
+systemd units, ``units/``), ``daemonlog`` (where the daemon logs), ``zygote`` and
+``zygote_client`` (``lazycaf mount`` forked by a pre-imported process the daemon keeps; the
+client half is standard library only and must stay so).
 
 The package imports nothing itself: ``zygote_client`` runs on the command line's fast path,
 before trio or pyfuse3 are imported.

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import stat
 import time
 from collections import Counter
 from dataclasses import dataclass
 
+from lazycaf.cli.columns import Columns, changed_pairs, new_blob_bytes
 from lazycaf.core.chunking import chunk_spans
-from lazycaf.core.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest
+from lazycaf.core.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, decode_columns
 
 __all__ = ["Diff", "diff_manifests", "entry_json", "format_ls", "link_counts"]
 
@@ -163,19 +165,35 @@ def _what_changed(a: Entry, b: Entry, chunk_size: int) -> tuple[str, ...]:
     return tuple(what)
 
 
-def diff_manifests(a: Manifest, b: Manifest) -> Diff:
-    pa, pb = a.by_path, b.by_path
-    added = [e for p, e in pb.items() if p not in pa]
-    removed = [e for p, e in pa.items() if p not in pb]
+def diff_manifests(a: Manifest | Columns, b: Manifest | Columns) -> Diff:
+    """What changed from ``a`` to ``b``. Columns are compared whole (``changed_pairs``);
+    entries are made only for the paths that differ."""
+    ca = a if isinstance(a, Columns) else Columns(decode_columns(a.encode()))
+    cb = b if isinstance(b, Columns) else Columns(decode_columns(b.encode()))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # whole-column work makes many short-lived tuples; none form cycles
+    try:
+        return _diff(ca, cb)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _diff(ca: Columns, cb: Columns) -> Diff:
+    removed_i, added_i, pairs = changed_pairs(ca, cb)
     changed = []
-    for p, eb in pb.items():
-        ea = pa.get(p)
-        if ea is None or ea == eb:
-            continue
-        what = _what_changed(ea, eb, b.chunk_size)
-        if what:
-            content_of = eb.target if eb.kind == HARDLINK and eb.target else p
-            changed.append(Change(p, what, _changed_bytes(ea, eb, b.chunk_size), content_of))
-    blobs_a = a.blobs()
-    new_blob_bytes = sum(size for d, size in b.blobs().items() if d not in blobs_a)
-    return Diff(added, removed, changed, new_blob_bytes)
+    news_kept: list[Entry] = []
+    if pairs:
+        olds = ca.entries(i for i, _ in pairs)
+        news = cb.entries(j for _, j in pairs)
+        for ea, eb in zip(olds, news, strict=True):
+            news_kept.append(eb)
+            what = _what_changed(ea, eb, cb.c.chunk_size)
+            if what:
+                p = eb.path
+                content_of = eb.target if eb.kind == HARDLINK and eb.target else p
+                changed.append(Change(p, what, _changed_bytes(ea, eb, cb.c.chunk_size), content_of))
+    added = list(cb.entries(added_i))
+    removed = list(ca.entries(removed_i))
+    touched = [*news_kept, *added]
+    return Diff(added, removed, changed, new_blob_bytes(ca, cb, touched))

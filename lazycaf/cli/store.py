@@ -10,17 +10,19 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from itertools import islice
 
 import trio
 
-from lazycaf.cas.api import CAS, load_manifest, open_cas
+from lazycaf.cas.api import CAS, load_manifest, open_cas, resolve
+from lazycaf.cli.columns import Columns, ls_lines
 from lazycaf.cli.progress import Bar, bar_for
-from lazycaf.cli.readouts import diff_manifests, entry_json, format_ls, link_counts
+from lazycaf.cli.readouts import diff_manifests
 from lazycaf.cli.tokens import read_token
 from lazycaf.core.chunking import chunk_spans, validate_chunk_size
-from lazycaf.core.digest import Hasher
+from lazycaf.core.digest import Digest, Hasher
 from lazycaf.core.errors import DigestMismatch, IntegrityError, PathNotFound, UsageError
-from lazycaf.core.manifest import DIR
+from lazycaf.core.manifest import DIR, decode_columns
 from lazycaf.core.sizes import format_size
 from lazycaf.host.service import notify
 from lazycaf.trees.pack import PackProgress, pack
@@ -122,26 +124,25 @@ async def _show_progress(p: PackProgress, bar: Bar) -> None:
 
 
 # -- read-outs -----------------------------------------------------------------------------
+async def _load_columns(cas: CAS, ref: str) -> tuple[Digest, Columns]:
+    """Resolve ``ref``, fetch its manifest and decode it to columns (validated, no object
+    per entry): what ``ls`` and ``diff`` read."""
+    digest = await resolve(cas, ref)
+    data = await cas.get(digest)
+    name = f"manifest {digest}" + (f" (ref {ref!r})" if ref != digest.hex else "")
+    cols = await trio.to_thread.run_sync(functools.partial(decode_columns, data, name=name))
+    return digest, Columns(cols)
+
+
 async def ls(args: argparse.Namespace) -> int:
     async def run(cas: CAS) -> int:
-        digest, manifest = await load_manifest(cas, args.ref)
-        path = args.path.strip("/")
-        nlinks = link_counts(manifest)
-        entry = manifest.get(path) if path else None
-        if path and entry is None:
-            raise PathNotFound(path, f"manifest {digest}")
-        by_name = False
-        if entry is not None and entry.kind != DIR:
-            shown = [entry]
-        elif args.recursive:
-            prefix = path + "/" if path else ""
-            shown = [e for e in manifest.entries if e.path.startswith(prefix)]
-        else:
-            shown, by_name = manifest.children(path), True
-        for e in shown:
-            n = nlinks[e.path]
-            name = e.path.rpartition("/")[2] if by_name else e.path
-            sys.stdout.write((entry_json(e, n) if args.json else format_ls(e, n, name)) + "\n")
+        digest, cols = await _load_columns(cas, args.ref)
+        lines = ls_lines(
+            cols, args.path, recursive=args.recursive, as_json=args.json, digest=str(digest)
+        )
+        write = sys.stdout.write
+        for batch in iter(lambda: list(islice(lines, 4096)), []):
+            write("\n".join(batch) + "\n")
         return 0
 
     return await with_cas(args, run)
@@ -178,8 +179,8 @@ async def cat(args: argparse.Namespace) -> int:
 
 async def diff(args: argparse.Namespace) -> int:
     async def run(cas: CAS) -> int:
-        _, a = await load_manifest(cas, args.ref_a)
-        _, b = await load_manifest(cas, args.ref_b)
+        _, a = await _load_columns(cas, args.ref_a)
+        _, b = await _load_columns(cas, args.ref_b)
         diff = diff_manifests(a, b)
         if args.json:
             print(json.dumps(diff.to_json(), sort_keys=True))

@@ -35,6 +35,8 @@ import gc
 import re
 import stat
 import struct
+import sys
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from itertools import compress, repeat
@@ -54,7 +56,9 @@ __all__ = [
     "SYMLINK",
     "Entry",
     "Manifest",
+    "ManifestColumns",
     "check_path",
+    "decode_columns",
 ]
 
 MAGIC: Final = b"LZCAFMAN"
@@ -248,20 +252,66 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes, *, name: str = "manifest") -> Manifest:
         """Decode and validate canonical bytes; any defect raises ``ManifestError``."""
+        cols = decode_columns(data, name=name)
         gc_was_enabled = gc.isenabled()
         gc.disable()  # 200k short-lived containers would trigger needless collections
         try:
-            return _decode(data)
-        except ManifestError as exc:
-            raise ManifestError(f"{name}: {exc}") from None
-        except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
-            raise ManifestError(f"{name}: corrupt manifest ({exc})") from None
+            entries = _build_entries(cols)
         finally:
             if gc_was_enabled:
                 gc.enable()
+        m = Manifest.__new__(Manifest)
+        m.chunk_size, m.root_mode, m.root_mtime_ns = (
+            cols.chunk_size,
+            cols.root_mode,
+            cols.root_mtime_ns,
+        )
+        m.entries = entries
+        return m
 
 
-def _decode(data: bytes) -> Manifest:
+class ManifestColumns(NamedTuple):
+    """A validated manifest as its columns, without an object per entry (what
+    ``decode_columns`` gives; ``Manifest.decode`` and the mount's manifest index build on it).
+
+    ``modes`` are as stored (0 for links); ``targets[k]`` is the target of the ``k``-th link
+    entry (``links[k]`` is its index); ``chunk_bounds`` holds, for each file above the chunk
+    size in entry order, ``(entry index, start, end)`` byte offsets into ``chunks``.
+    """
+
+    chunk_size: int
+    root_mode: int
+    root_mtime_ns: int
+    kinds: str
+    modes: array[int]
+    mtimes: array[int]
+    sizes: array[int]
+    paths: list[str]
+    links: list[int]
+    targets: list[str]
+    digests: bytes
+    chunks: bytes
+    chunk_bounds: list[tuple[int, int, int]]
+    hard_link_files: dict[int, int]  # hard link entry index -> its file's entry index
+
+
+def decode_columns(data: bytes, *, name: str = "manifest") -> ManifestColumns:
+    """Decode and validate canonical bytes into columns; any defect raises ``ManifestError``
+    (prefixed with ``name``). Everything ``Manifest.decode`` refuses, this refuses."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # 200k short-lived containers would trigger needless collections
+    try:
+        return _decode(data)
+    except ManifestError as exc:
+        raise ManifestError(f"{name}: {exc}") from None
+    except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
+        raise ManifestError(f"{name}: corrupt manifest ({exc})") from None
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _decode(data: bytes) -> ManifestColumns:
     if len(data) < _HEADER.size or data[:8] != MAGIC:
         raise ManifestError("not a LazyCAF manifest (bad magic or truncated header)")
     _, version, flags, chunk_size, root_mode, root_mtime, n = _HEADER.unpack_from(data)
@@ -274,9 +324,7 @@ def _decode(data: bytes) -> Manifest:
     if len(sizes_b) != 8 * n:
         raise ManifestError("column lengths disagree with the entry count")
     kinds = kinds_b.decode("ascii")
-    modes = struct.unpack(f"<{n}H", modes_b)
-    mtimes = struct.unpack(f"<{n}q", mtimes_b)
-    sizes = struct.unpack(f"<{n}Q", sizes_b)
+    modes, mtimes, sizes = _numbers("H", modes_b), _numbers("q", mtimes_b), _numbers("Q", sizes_b)
     paths = paths_b.decode("utf-8").split("\0") if n else []
     links = [m.start() for m in _LINK_RE.finditer(kinds)]
     targets = targets_b.decode("utf-8").split("\0") if links else []
@@ -287,18 +335,36 @@ def _decode(data: bytes) -> Manifest:
     if len(digests_b) != DIGEST_SIZE * kinds.count(FILE) or len(chunks_b) % DIGEST_SIZE:
         raise ManifestError("digest column length disagrees with the file count")
     _check_columns(kinds, modes, mtimes, sizes, paths, links)
-    entries = _build_entries(
-        kinds, modes, mtimes, sizes, paths, links, targets, digests_b, chunks_b, chunk_size
-    )
-    m = Manifest.__new__(Manifest)
-    m.chunk_size, m.root_mode, m.root_mtime_ns, m.entries = (
+    _check_empty_files(kinds, sizes, paths, digests_b)
+    bounds = _chunk_bounds(kinds, sizes, paths, chunks_b, chunk_size)
+    hard_link_files = _hard_link_files(kinds, paths, links, targets)
+    symlink_targets = {i: t for i, t in zip(links, targets, strict=True) if kinds[i] == SYMLINK}
+    _check_tree(paths, kinds, modes, sizes, symlink_targets)
+    return ManifestColumns(
         chunk_size,
         root_mode,
         root_mtime,
-        entries,
+        kinds,
+        modes,
+        mtimes,
+        sizes,
+        paths,
+        links,
+        targets,
+        digests_b,
+        chunks_b,
+        bounds,
+        hard_link_files,
     )
-    _check_tree(entries, paths, kinds, modes)
-    return m
+
+
+def _numbers(fmt: str, column: bytes) -> array[int]:
+    """A little-endian column of numbers as a compact array (no object per number)."""
+    out = array(fmt)
+    out.frombytes(column)
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out
 
 
 def _columns(data: bytes) -> list[bytes]:
@@ -342,9 +408,9 @@ _MASKS: Final = {k: bytes(int(c == ord(k)) for c in range(256)) for k in _KINDS}
 
 def _check_columns(
     kinds: str,
-    modes: tuple[int, ...],
-    mtimes: tuple[int, ...],
-    sizes: tuple[int, ...],
+    modes: Sequence[int],
+    mtimes: Sequence[int],
+    sizes: Sequence[int],
     paths: list[str],
     links: list[int],
 ) -> None:
@@ -372,80 +438,79 @@ def _check_columns(
         raise ManifestError(f"entry {paths[i]!r}: a directory stores size 0, not {sizes[i]}")
 
 
-def _build_entries(
-    kinds: str,
-    modes: tuple[int, ...],
-    mtimes: tuple[int, ...],
-    sizes: tuple[int, ...],
-    paths: list[str],
-    links: list[int],
-    targets: list[str],
-    digests_b: bytes,
-    chunks_b: bytes,
-    chunk_size: int,
-) -> tuple[Entry, ...]:
+def _build_entries(cols: ManifestColumns) -> tuple[Entry, ...]:
     """Assemble entries column by column (per-entry Python work kept to one comprehension)."""
+    kinds, paths, links = cols.kinds, cols.paths, cols.links
     n = len(kinds)
-    file_digests = iter(Digest.trusted_column(digests_b))
+    file_digests = iter(Digest.trusted_column(cols.digests))
     digests = [next(file_digests) if k == FILE else None for k in kinds]
-    _check_empty_files(digests, sizes, paths)
-    chunks = _chunk_lists(kinds, sizes, paths, chunks_b, chunk_size)
+    chunks: list[tuple[Digest, ...]] = [()] * n
+    for i, start, end in cols.chunk_bounds:
+        chunks[i] = tuple(Digest.trusted_column(cols.chunks[start:end]))
     link_targets: list[str | None] = [None] * n
-    modes_l = list(modes)
-    for i, target in zip(links, targets, strict=True):
+    modes_l = list(cols.modes)
+    for i, target in zip(links, cols.targets, strict=True):
         link_targets[i] = target
         if kinds[i] == SYMLINK:
             modes_l[i] = 0o777
-    entries = list(
-        map(
-            tuple.__new__,
-            repeat(Entry),
-            zip(paths, kinds, modes_l, mtimes, sizes, digests, chunks, link_targets, strict=True),
-        )
+    fields = zip(
+        paths, kinds, modes_l, cols.mtimes, cols.sizes, digests, chunks, link_targets, strict=True
     )
-    hard_links = [i for i in links if kinds[i] == HARDLINK]
-    if hard_links:
-        files = dict(compress(zip(paths, entries, strict=True), _mask(FILE, kinds)))
-        for i in hard_links:
-            f = files.get(link_targets[i] or "")
-            if f is None or not f.path < paths[i]:  # sorted: an earlier entry has a lesser path
-                raise ManifestError(
-                    f"entry {paths[i]!r}: hard link to {link_targets[i]!r}, not an earlier file"
-                )
-            entries[i] = f._replace(path=paths[i], kind=HARDLINK, target=f.path)
+    entries = list(map(tuple.__new__, repeat(Entry), fields))
+    for i, f in cols.hard_link_files.items():
+        entries[i] = entries[f]._replace(path=paths[i], kind=HARDLINK, target=paths[f])
     return tuple(entries)
 
 
-def _check_empty_files(
-    digests: list[Digest | None], sizes: tuple[int, ...], paths: list[str]
-) -> None:
+def _hard_link_files(
+    kinds: str, paths: list[str], links: list[int], targets: list[str]
+) -> dict[int, int]:
+    """Each hard link's file (entry indices); the file must be an earlier file entry."""
+    hard = [(i, t) for i, t in zip(links, targets, strict=True) if kinds[i] == HARDLINK]
+    if not hard:
+        return {}
+    files = dict(compress(zip(paths, range(len(paths)), strict=True), _mask(FILE, kinds)))
+    out: dict[int, int] = {}
+    for i, target in hard:
+        f = files.get(target)
+        if f is None or not paths[f] < paths[i]:  # sorted: an earlier entry has a lesser path
+            raise ManifestError(f"entry {paths[i]!r}: hard link to {target!r}, not an earlier file")
+        out[i] = f
+    return out
+
+
+def _check_empty_files(kinds: str, sizes: Sequence[int], paths: list[str], digests: bytes) -> None:
     """Every file of size 0 has the empty blob's digest (directories and links have none
-    here, and a symlink's size is never 0). One whole-column pass; a loop only on failure."""
-    zero = set(compress(digests, map(_is_zero, sizes)))
-    zero.discard(None)
-    if zero and zero != {_EMPTY}:
-        i = next(i for i, d in enumerate(digests) if d not in (None, _EMPTY) and not sizes[i])
-        raise ManifestError(f"entry {paths[i]!r}: size 0, but {digests[i]} is not the empty blob")
+    here, and a symlink's size is never 0). Work only for the files of size 0."""
+    file_sizes = list(compress(sizes, _mask(FILE, kinds)))
+    empty = _EMPTY.raw
+    for rank in compress(range(len(file_sizes)), map(_is_zero, file_sizes)):
+        d = digests[rank * DIGEST_SIZE : (rank + 1) * DIGEST_SIZE]
+        if d != empty:
+            i = list(compress(range(len(kinds)), _mask(FILE, kinds)))[rank]
+            raise ManifestError(
+                f"entry {paths[i]!r}: size 0, but {Digest.trusted(d)} is not the empty blob"
+            )
 
 
 _is_zero: Final = (0).__eq__
 
 
-def _chunk_lists(
-    kinds: str, sizes: tuple[int, ...], paths: list[str], chunks_b: bytes, chunk_size: int
-) -> list[tuple[Digest, ...]]:
-    """Each entry's chunk digests: the column holds those of every file above the chunk size,
-    in entry order, and nothing else."""
-    chunks: list[tuple[Digest, ...]] = [()] * len(kinds)
+def _chunk_bounds(
+    kinds: str, sizes: Sequence[int], paths: list[str], chunks_b: bytes, chunk_size: int
+) -> list[tuple[int, int, int]]:
+    """(entry, start, end) of each file above the chunk size in the chunks column: the column
+    holds the chunk digests of every such file, in entry order, and nothing else."""
     big = [
         i for i in compress(range(len(sizes)), map(chunk_size.__lt__, sizes)) if kinds[i] == FILE
     ]
+    out: list[tuple[int, int, int]] = []
     ci = 0
     for i in big:
         end = ci + chunk_count(sizes[i], chunk_size) * DIGEST_SIZE
         if end > len(chunks_b):
             raise ManifestError(f"entry {paths[i]!r}: chunk list shorter than its size needs")
-        chunks[i] = tuple(Digest.trusted_column(chunks_b[ci:end]))
+        out.append((i, ci, end))
         ci = end
     if ci != len(chunks_b):
         extra = (len(chunks_b) - ci) // DIGEST_SIZE
@@ -455,7 +520,7 @@ def _chunk_lists(
             f"entry {paths[big[-1]]!r}: {extra} chunk digests left over after the chunk list "
             "of this last chunked file (a size too small here or before)"
         )
-    return chunks
+    return out
 
 
 def _validate(entries: tuple[Entry, ...], chunk_size: int) -> None:
@@ -465,7 +530,10 @@ def _validate(entries: tuple[Entry, ...], chunk_size: int) -> None:
     if not _KINDS.issuperset(kinds_l):
         e = next(e for e in entries if e.kind not in _KINDS)
         raise ManifestError(f"entry {e.path!r}: unknown kind {e.kind!r}")
-    _check_tree(entries, [e.path for e in entries], "".join(kinds_l), [e.mode for e in entries])
+    symlinks = {i: e.target or "" for i, e in enumerate(entries) if e.kind == SYMLINK}
+    sizes = [e.size for e in entries]
+    paths = [e.path for e in entries]
+    _check_tree(paths, "".join(kinds_l), [e.mode for e in entries], sizes, symlinks)
     files: dict[str, Entry] = {}
     for e in entries:
         if not (_I64_MIN <= e.mtime_ns <= _I64_MAX and 0 <= e.size <= _U64_MAX):
@@ -486,7 +554,11 @@ def _validate(entries: tuple[Entry, ...], chunk_size: int) -> None:
 
 
 def _check_tree(
-    entries: tuple[Entry, ...], paths: list[str], kinds: str, modes: Sequence[int]
+    paths: list[str],
+    kinds: str,
+    modes: Sequence[int],
+    sizes: Sequence[int],
+    symlink_targets: dict[int, str],
 ) -> None:
     """Check paths, order, parents, modes and symlink targets; name the first bad entry.
 
@@ -501,12 +573,11 @@ def _check_tree(
         and (not modes or 0 <= min(modes) <= max(modes) <= 0o7777)
     )
     if not ok:
-        _find_bad_entry(entries, dirs)
+        _find_bad_entry(paths, kinds, modes, dirs)
         raise ManifestError("invalid manifest")  # unreachable unless the checks disagree
-    for m in re.finditer(SYMLINK, kinds):
-        e = entries[m.start()]
-        if not e.target or "\0" in e.target or e.size != len(e.target.encode()):
-            raise ManifestError(f"entry {e.path!r}: bad symlink target")
+    for i, target in symlink_targets.items():
+        if not target or "\0" in target or sizes[i] != len(target.encode()):
+            raise ManifestError(f"entry {paths[i]!r}: bad symlink target")
 
 
 def _paths_ok(paths: list[str], dirs: set[str]) -> bool:
@@ -519,14 +590,15 @@ def _paths_ok(paths: list[str], dirs: set[str]) -> bool:
     """
     if not paths:
         return True
-    joined = "\0".join(paths)
-    if joined.count("\0") != len(paths) - 1 or joined.startswith("/") or "\0/" in joined:
+    if any(map(str.startswith, paths, repeat("/"))) or any(
+        map(str.__contains__, paths, repeat("\0"))
+    ):
         return False
-    split = list(map(str.rpartition, paths, repeat("/")))
-    names = set(map(itemgetter(2), split))
+    # two streaming passes: no list of split paths for the whole tree
+    names = set(map(itemgetter(2), map(str.rpartition, paths, repeat("/"))))
     return (
         names.isdisjoint(("", ".", ".."))
-        and set(map(itemgetter(0), split)) <= dirs
+        and set(map(itemgetter(0), map(str.rpartition, paths, repeat("/")))) <= dirs
         and _all_fit(paths, PATH_MAX)
         and _all_fit(names, NAME_MAX)
     )
@@ -539,21 +611,21 @@ def _all_fit(texts: Iterable[str], limit: int) -> bool:
     return all(len(t.encode("utf-8", "surrogatepass")) <= limit for t in texts if len(t) > short)
 
 
-def _find_bad_entry(entries: tuple[Entry, ...], dirs: set[str]) -> None:
+def _find_bad_entry(paths: list[str], kinds: str, modes: Sequence[int], dirs: set[str]) -> None:
     prev = None
-    for e in entries:
-        bad = check_path(e.path)
+    for path, kind, mode in zip(paths, kinds, modes, strict=True):
+        bad = check_path(path)
         if bad:
-            raise ManifestError(f"entry {_shown(e.path)}: {bad}")
-        if prev is not None and e.path <= prev:
-            raise ManifestError(f"entry {e.path!r}: duplicate or out of order")
-        prev = e.path
-        if e.kind not in _KINDS:
-            raise ManifestError(f"entry {e.path!r}: unknown kind {e.kind!r}")
-        if e.path.rpartition("/")[0] not in dirs:
-            raise ManifestError(f"entry {e.path!r}: parent directory missing")
-        if not 0 <= e.mode <= 0o7777:
-            raise ManifestError(f"entry {e.path!r}: mode {e.mode:o} has more than permission bits")
+            raise ManifestError(f"entry {_shown(path)}: {bad}")
+        if prev is not None and path <= prev:
+            raise ManifestError(f"entry {path!r}: duplicate or out of order")
+        prev = path
+        if kind not in _KINDS:
+            raise ManifestError(f"entry {path!r}: unknown kind {kind!r}")
+        if path.rpartition("/")[0] not in dirs:
+            raise ManifestError(f"entry {path!r}: parent directory missing")
+        if not 0 <= mode <= 0o7777:
+            raise ManifestError(f"entry {path!r}: mode {mode:o} has more than permission bits")
 
 
 def _shown(path: str, *, keep: int = 160) -> str:

@@ -61,6 +61,8 @@ class CacheLayout:
     <root>/index.lmdb/           the LMDB index (``lazycaf.host.index``)
     <root>/blobs/<2 hex>/<hex>   verified blob content, uncompressed (Btrfs compresses it)
     <root>/tmp/                  blobs being staged
+    <root>/manifests/<hex>.idx   a manifest's index (``lazycaf.core.manifestindex``), built by
+                                 the first mount of that manifest, shared by every later one
     <root>/fetcher.sock, fetcher.lock, fetcher.log   the daemon's socket, lock and log
     """
 
@@ -74,6 +76,9 @@ class CacheLayout:
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / self.blob_name(digest)
+
+    def manifest_index(self, digest: Digest) -> Path:
+        return self.root / "manifests" / f"{digest.hex}.idx"
 
     @staticmethod
     def blob_name(digest: Digest) -> str:

@@ -1,6 +1,7 @@
 """A mount: the FUSE filesystem over one executable, one process per mount.
 
-``inodes`` (the inode table, pure), ``blobreader`` (a file's bytes: cached blob files, the
+``inodes`` (the inode table, pure), ``indexfile`` (the manifest index file a host's
+mounts share), ``blobreader`` (a file's bytes: cached blob files, the
 daemon on a miss), ``fuse_ops`` (the request handlers: the only ``pyfuse3`` importer),
 ``recording`` (the mount's side of traces and prefetch), ``root`` (the composition root).
 

@@ -103,26 +103,24 @@ class LazyOperations(pyfuse3.Operations):
         self.table = table
         self.reader = reader
         self.skip_open = skip_open
-        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self._uid, self._gid = os.getuid(), os.getgid()
         self.on_first_open: Callable[[int], None] | None = None
+        self._file_bytes: int | None = None
 
     def attributes(self, inode: int) -> pyfuse3.EntryAttributes:
-        a = self._attrs.get(inode)
-        if a is not None:
-            return a
-        e = self.table.entry(inode)
+        """Made per request from the index (no cache: the kernel keeps attributes for a
+        day, and a cache here would grow with the tree)."""
+        st_mode, size, mtime_ns = self.table.stat(inode)
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
-        a.st_mode = e.st_mode
-        a.st_nlink = self.table.nlink[inode]
+        a.st_mode = st_mode
+        a.st_nlink = self.table.nlink(inode)
         a.st_uid, a.st_gid = self._uid, self._gid
-        a.st_size = e.size
+        a.st_size = size
         a.st_blksize = 4096
-        a.st_blocks = -(-e.size // 512)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        a.st_blocks = -(-size // 512)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
         a.entry_timeout = a.attr_timeout = TIMEOUT
-        self._attrs[inode] = a
         return a
 
     @_fuse_errors
@@ -156,9 +154,9 @@ class LazyOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        listing = self.table.listing(fh)
-        for i in range(start_id, len(listing)):
-            name, inode = listing[i]
+        table = self.table
+        for i in range(start_id, table.child_count(fh)):
+            name, inode = table.child(fh, i)
             if not pyfuse3.readdir_reply(token, name, self.attributes(inode), i + 1):
                 break
 
@@ -171,7 +169,7 @@ class LazyOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSYS)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        if not stat.S_ISREG(self.table.entry(inode).st_mode):
+        if not stat.S_ISREG(self.table.st_mode(inode)):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if self.on_first_open is not None:
             self.on_first_open(inode)
@@ -205,7 +203,9 @@ class LazyOperations(pyfuse3.Operations):
     @_fuse_errors
     async def statfs(self, ctx: Any) -> Any:
         s = pyfuse3.StatvfsData()
-        total = sum(e.size for e in self.table.manifest.entries if e.digest is not None)
+        if self._file_bytes is None:
+            self._file_bytes = self.table.index.file_bytes()
+        total = self._file_bytes
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = -(-total // 4096)
         s.f_bfree = s.f_bavail = 0

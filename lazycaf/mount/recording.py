@@ -16,9 +16,11 @@ from typing import Final
 
 import trio
 
+from lazycaf.core.chunking import chunk_spans
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import LazyCafError, NotFound
-from lazycaf.core.manifest import FILE, Entry, Manifest
+from lazycaf.core.manifest import FILE, Entry
+from lazycaf.core.manifestindex import ManifestIndex
 from lazycaf.host.client import FetcherClient
 from lazycaf.host.paths import CacheLayout
 from lazycaf.traces.crowd import CrowdFile, plan_crowd
@@ -40,11 +42,21 @@ def _kind(path: str) -> str:
     return name[len(stem) :] if dot else ""
 
 
-def _small_files_by_dir(manifest: Manifest) -> dict[str, list[Entry]]:
-    out: dict[str, list[Entry]] = {}
-    for e in manifest.entries:
-        if e.kind == FILE and e.size <= _SMALL:
-            out.setdefault(e.path.rpartition("/")[0], []).append(e)
+def _small_files_in(index: ManifestIndex, parent: str, kind: str, limit: int) -> list[Entry]:
+    """Up to ``limit`` files of directory ``parent`` no larger than ``_SMALL`` whose name is
+    of ``kind``, in name order (columns first: an entry is made only for those picked)."""
+    at = index.find(parent) if parent else None
+    if parent and at is None:
+        return []
+    out: list[Entry] = []
+    for i in index.children_of(at):
+        if index.kind(i) != FILE or index.stat(i)[1] > _SMALL:
+            continue
+        if _kind(index.name(i).decode()) != kind:
+            continue
+        out.append(index.entry(i))
+        if len(out) >= limit:
+            break
     return out
 
 
@@ -82,7 +94,7 @@ class MountProfile:
     def __init__(
         self,
         client: FetcherClient,
-        manifest: Manifest,
+        manifest: ManifestIndex,
         executable: Digest,
         cache: CacheLayout,
         *,
@@ -102,11 +114,9 @@ class MountProfile:
         self.prefetch = prefetch
         self.eager_share = eager_share
         self.recorder = TraceRecorder(executable.hex)
-        self._blob_sizes: dict[Digest, int] = {}  # filled by run(), off the mount-ready path
-        self._total = 0
+        self._total = 0  # bytes of the tree's distinct blobs: set by run(), off the ready path
         self._saved = not record  # not recording: nothing to save
         self._nursery: trio.Nursery | None = None
-        self._siblings: dict[str, list[Entry]] | None = None  # set when there is no profile
         self._dirs_seen: set[str] = set()
         self.profile = profile
         self.crowd = crowd
@@ -178,18 +188,17 @@ class MountProfile:
                 return
             if self.profile is None and self.crowd:
                 nursery.start_soon(self._queue_crowd)
-            self._blob_sizes = await trio.to_thread.run_sync(self.manifest.blobs)
-            self._total = sum(self._blob_sizes.values())
+            self._total = await trio.to_thread.run_sync(self.manifest.blob_bytes)
             if 0 < self.eager_share < 1:
                 self._eager_at = int(self._total * self.eager_share)
             if self.profile is None:
                 log.info(
                     "no profile %r yet: this run records one; directory prefetch on", self.name
                 )
-                self._siblings = await trio.to_thread.run_sync(_small_files_by_dir, self.manifest)
                 self._dir_prefetch = True
             else:
-                hot_bytes = sum(self._blob_sizes.get(d, 0) for d in self._plan)
+                sizes = await trio.to_thread.run_sync(self._hot_blob_sizes)
+                hot_bytes = sum(sizes.get(d, 0) for d in self._plan)
                 log.info(
                     "profile %r: %d blobs (%d bytes) in the hot set, %d queued for prefetch",
                     self.name,
@@ -233,7 +242,7 @@ class MountProfile:
 
     def _plan_crowd(self, rows: list[list[object]]) -> list[Digest]:
         crowd = [CrowdFile.from_json(r) for r in rows]
-        files = {e.digest.hex: e for e in self.manifest.entries if e.kind == FILE and e.digest}
+        files = self.manifest.files_by_digest({bytes.fromhex(f.digest) for f in crowd})
         return plan_crowd(crowd, files, self.manifest.chunk_size)
 
     def _on_miss(self, entry: Entry) -> None:
@@ -242,14 +251,13 @@ class MountProfile:
         small files of the same kind in parallel, below the reads (first miss per directory
         only; at most ``_DIR_FILES`` files, ``_DIR_BYTES`` bytes)."""
         parent, _, name = entry.path.rpartition("/")
-        if parent in self._dirs_seen or self._siblings is None or self._nursery is None:
+        if parent in self._dirs_seen or self._nursery is None:
             return
         self._dirs_seen.add(parent)
-        kind = _kind(name)
         picked: list[Digest] = []
         total = 0
-        for e in self._siblings.get(parent, ()):
-            if e.digest is None or e.path == entry.path or _kind(e.path) != kind:
+        for e in _small_files_in(self.manifest, parent, _kind(name), 4 * _DIR_FILES):
+            if e.digest is None or e.path == entry.path:
                 continue
             if e.digest in self.prefetched or total + e.size > _DIR_BYTES:
                 continue
@@ -282,12 +290,28 @@ class MountProfile:
                 pending = await trio.to_thread.run_sync(self._not_cached, pending)
                 if pending:
                     await trio.sleep(0.05)
-        rest = [d for d in self._blob_sizes if d not in self.prefetched]
+        blobs = await trio.to_thread.run_sync(self.manifest.blobs)
+        rest = [d for d in blobs if d not in self.prefetched]
+        del blobs
         self.prefetched.update(rest)
         try:
             await self.client.prefetch(rest)
         except LazyCafError as exc:
             log.warning("eager prefetch failed: %s", exc)
+
+    def _hot_blob_sizes(self) -> dict[Digest, int]:
+        """The size of each blob of the profile's hot files (the hot set is small)."""
+        out: dict[Digest, int] = {}
+        if self.profile is None:
+            return out
+        cs = self.manifest.chunk_size
+        for h in self.profile.hot_set():
+            e = self.manifest.get(h.path)
+            if e is None or e.digest is None:
+                continue
+            for d, (_, length) in zip(e.blob_digests(), chunk_spans(e.size, cs), strict=True):
+                out[d] = length
+        return out
 
     def _not_cached(self, digests: list[Digest]) -> list[Digest]:
         return [d for d in digests if not os.path.exists(self.cache.blob(d))]

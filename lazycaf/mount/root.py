@@ -38,13 +38,14 @@ import trio
 from lazycaf.cas.refs import profile_name_for
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import NotFound, Unavailable, UsageError
-from lazycaf.core.manifest import Manifest
+from lazycaf.core.manifestindex import ManifestIndex
 from lazycaf.core.sizes import format_size
 from lazycaf.host.client import FetcherClient, ensure_daemon
 from lazycaf.host.defaults import FETCH_TIMEOUT
 from lazycaf.host.index import Index
 from lazycaf.host.paths import CacheLayout
 from lazycaf.mount.blobreader import BlobReader
+from lazycaf.mount.indexfile import open_index
 from lazycaf.mount.inodes import InodeTable
 from lazycaf.mount.recording import DEFAULT_EAGER_SHARE, MountProfile, load_profile
 from lazycaf.traces.trace import Profile
@@ -122,11 +123,6 @@ def check_mountpoint(path: Path) -> str:
     return os.path.realpath(path)
 
 
-def _load_manifest(cache: CacheLayout, digest: Digest, name: str) -> Manifest:
-    data = cache.blob(digest).read_bytes()
-    return Manifest.decode(data, name=name)
-
-
 def _set_readahead(mountpoint: str, kb: int) -> None:
     bdi = _mount_bdi(mountpoint)
     if bdi is None:
@@ -169,7 +165,8 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             await client.mounted(digest)
             name = f"manifest {digest}"
             name += f" (ref {config.ref!r})" if config.ref != digest.hex else ""
-            manifest = await trio.to_thread.run_sync(_load_manifest, cache, digest, name)
+            load = functools.partial(open_index, cache, digest, name=name)
+            manifest: ManifestIndex = await trio.to_thread.run_sync(load)
         if not profile_name:  # a bare digest: its profile is named by it
             profile_name = digest.hex
             if prefetch:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -219,7 +219,9 @@ class TraceRecorder:
         return Trace(self.executable, self._started, list(self.records))
 
 
-def plan_prefetch(hot: list[HotFile], entries: dict[str, Entry], chunk_size: int) -> list[Digest]:
+def plan_prefetch(
+    hot: list[HotFile], entries: Mapping[str, Entry], chunk_size: int
+) -> list[Digest]:
     """The blobs of ``hot`` in the current tree, in order, each once.
 
     Paths carry over between versions: a file whose content changed is planned under its new
