@@ -1,10 +1,15 @@
 """Packing: walk a tree, hash it in threads, build the manifest, upload what the CAS lacks.
 
-``pack()`` is the whole pipeline; the walk and the hashing are sync functions run in worker
-threads (both cores). Missing blobs are uploaded in batches (``CAS.put_many``: one durable
-commit per batch instead of one fsync per blob), a few batches in flight so that reading the
-tree, compressing and committing overlap. The manifest is uploaded last, after every blob it
-names, so a manifest in the CAS is always complete.
+``pack()`` is the whole pipeline; the walk, the reads and the hashing are sync functions run
+in worker threads (both cores), never on the trio loop. Hashing and uploading overlap: files
+are hashed in jobs (many small files per job, one job per file above 16 MiB, read a few
+chunks at a time), each file read ONCE; after each job ``find_missing`` is asked about the
+digests not asked about before, and only the blobs the CAS lacks go on, with the bytes just
+read, into upload batches (``CAS.put_many``: one durable commit per batch; the backend
+compresses). So a publish of a mostly unchanged tree compresses and uploads only what
+changed. Blobs known from the stat cache are asked about too; the ones the CAS lacks are read
+back and checked against their digest. The manifest is uploaded after every ``put_many`` has
+returned (its blobs durable), so a manifest in the CAS is always complete.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from lazycaf.trees.statcache import StatCache, StatKey
 
 __all__ = ["PackProgress", "PackResult", "pack", "scan_tree"]
 
-_HASH_BATCH_BYTES: Final = 16 << 20
-_HASH_BATCH_FILES: Final = 256
-_READ_SIZE: Final = 1 << 20
+_HASH_THREADS: Final = 2  # both cores; blake3 and the reads release the GIL
+_HASH_WORKERS: Final = 4  # tasks: one waits on find_missing while another hashes
+_HASH_BATCH_BYTES: Final = 16 << 20  # a job's bytes; a bigger file is streamed alone
+_HASH_BATCH_FILES: Final = 512
+_KNOWN_BATCH_BLOBS: Final = 4096  # stat-cache hits asked about per find_missing
 _UPLOAD_BATCH_BYTES: Final = 16 << 20
 _UPLOAD_BATCH_BLOBS: Final = 256
 _MAX_BATCHES_IN_FLIGHT: Final = 4  # each holds up to ~16 MiB (plus its compressed copy)
@@ -162,72 +169,153 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                 stack.append(rel)
 
 
-def hash_file(path: Path, size: int, chunk_size: int) -> tuple[Digest, tuple[Digest, ...]]:
-    """(whole-content digest, chunk digests) of a file; chunks are empty for one-blob files."""
-    try:
-        with open(path, "rb") as f:
-            if size <= chunk_size:
-                data = f.read()
-                if len(data) != size:
-                    raise PackError(f"{path} changed size while packing")
-                return Digest.of(data), ()
-            whole = Hasher()
-            chunks = []
-            for _, length in chunk_spans(size, chunk_size):
-                data = f.read(length)
-                if len(data) != length:
-                    raise PackError(f"{path} changed size while packing")
-                whole.update(data)
-                chunks.append(Digest.of(data))
-            return whole.digest(), tuple(chunks)
-    except OSError as exc:
-        raise PackError(f"cannot read {path}: {exc.strerror}") from exc
+Hashes = tuple[Digest, tuple[Digest, ...]]  # a file's digest and its chunks' (none: one blob)
 
 
-def read_blob(path: Path, offset: int, length: int, digest: Digest) -> bytes:
-    """Read one blob's bytes back from the tree and check they still hash as they did."""
+class Blob(NamedTuple):
+    """A blob of the tree: its digest, where its bytes are, and the bytes themselves while
+    this pack holds them (None: read back from the tree, and checked, if the CAS lacks it)."""
+
+    digest: Digest
+    path: str
+    offset: int
+    length: int
+    data: bytes | None = None
+
+
+def _open(where: str) -> int:
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(length)
+        return os.open(where, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise PackError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(data) != length or Digest.of(data) != digest:
-        raise PackError(f"{path} changed while packing (blob {digest.short} no longer matches)")
+        raise PackError(f"cannot read {where}: {exc.strerror}") from exc
+
+
+def _read(fd: int, length: int, where: str, *, last: bool = False) -> bytes:
+    """The next ``length`` bytes of ``fd``; ``last``: they must end the file (one read
+    syscall for a whole small file: it asks for one byte more). Raw ``os`` calls, not
+    ``open()``: a buffered file object costs ioctl, lseek and fstat calls per file."""
+    want = length + 1 if last else length
+    try:
+        data = os.read(fd, want)
+        while len(data) < length:  # a short read: rare on a regular file
+            more = os.read(fd, want - len(data))
+            if not more:
+                break
+            data += more
+    except OSError as exc:
+        raise PackError(f"cannot read {where}: {exc.strerror}") from exc
+    if len(data) != length:
+        raise PackError(f"{where} changed size while packing")
     return data
 
 
-def read_blobs(root: Path, batch: list[Upload]) -> list[tuple[Digest, bytes]]:
-    """``read_blob`` for each blob of an upload batch (one thread hop for the batch)."""
-    return [(d, read_blob(root / path, off, length, d)) for d, (path, off, length) in batch]
+def hash_small(root: str, rel: str, size: int) -> tuple[Hashes, Blob]:
+    """Read and hash a file of at most one chunk: its digest and its one blob, bytes held."""
+    where = f"{root}/{rel}"
+    fd = _open(where)
+    try:
+        data = _read(fd, size, where, last=True)
+    finally:
+        os.close(fd)
+    digest = Digest.of(data)
+    return (digest, ()), Blob(digest, rel, 0, size, data)
 
 
-def _hash_batch(
-    root: Path, batch: list[Scanned], chunk_size: int
-) -> list[tuple[Digest, tuple[Digest, ...]]]:
-    return [hash_file(root / s.path, s.size, chunk_size) for s in batch]
+class ChunkedFile:
+    """A file above the chunk size, read once in order: the whole-file digest and each
+    chunk's digest and bytes, a few chunks per ``read`` (so a big file is never all in
+    memory). Sync code for a worker thread; ``close`` always."""
+
+    def __init__(self, root: str, rel: str, size: int, chunk_size: int) -> None:
+        self.rel, self.where = rel, f"{root}/{rel}"
+        self._spans = chunk_spans(size, chunk_size)
+        self._next = 0
+        self._whole = Hasher()
+        self._chunks: list[Digest] = []
+        self._fd = _open(self.where)
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self._spans)
+
+    def read(self, max_chunks: int | None = None) -> list[Blob]:
+        """The next ``max_chunks`` chunks (all: None); the last one checks that the file
+        ends there."""
+        n = len(self._spans) if max_chunks is None else max(1, max_chunks)
+        out = []
+        for off, length in self._spans[self._next : self._next + n]:
+            self._next += 1
+            data = _read(self._fd, length, self.where, last=self.done)
+            self._whole.update(data)
+            digest = Digest.of(data)
+            self._chunks.append(digest)
+            out.append(Blob(digest, self.rel, off, length, data))
+        return out
+
+    def hashes(self) -> Hashes:
+        assert self.done
+        return self._whole.digest(), tuple(self._chunks)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
-def _upload_batches(todo: list[Upload]) -> Iterator[list[Upload]]:
-    """Up to ``_UPLOAD_BATCH_BLOBS`` blobs or ``_UPLOAD_BATCH_BYTES`` each (a bigger blob
-    goes alone)."""
-    batch: list[Upload] = []
-    size = 0
-    for item in todo:
-        length = item[1][2]
-        if batch and (size + length > _UPLOAD_BATCH_BYTES or len(batch) >= _UPLOAD_BATCH_BLOBS):
-            yield batch
-            batch, size = [], 0
-        batch.append(item)
-        size += length
-    if batch:
-        yield batch
+def hash_batch(root: str, batch: list[Scanned], chunk_size: int) -> list[tuple[Hashes, list[Blob]]]:
+    """Hash a batch of files (one thread hop for the batch): each file's digests and blobs,
+    bytes held."""
+    out: list[tuple[Hashes, list[Blob]]] = []
+    for s in batch:
+        if s.size <= chunk_size:
+            hashes, blob = hash_small(root, s.path, s.size)
+            out.append((hashes, [blob]))
+            continue
+        f = ChunkedFile(root, s.path, s.size, chunk_size)
+        try:
+            blobs = f.read()
+        finally:
+            f.close()
+        out.append((f.hashes(), blobs))
+    return out
 
 
-def _batches(files: list[Scanned]) -> Iterator[list[Scanned]]:
+def read_blob(root: str, blob: Blob) -> bytes:
+    """A blob's bytes read back from the tree (a stat-cache hit the CAS lacks), checked to
+    hash as they did."""
+    where = f"{root}/{blob.path}"
+    fd = _open(where)
+    try:
+        os.lseek(fd, blob.offset, os.SEEK_SET)
+        data = _read(fd, blob.length, where)
+    finally:
+        os.close(fd)
+    if Digest.of(data) != blob.digest:
+        raise PackError(
+            f"{where} changed while packing (blob {blob.digest.short} no longer matches)"
+        )
+    return data
+
+
+def blob_bytes(root: str, batch: list[Blob]) -> list[tuple[Digest, bytes]]:
+    """(digest, bytes) for each blob of an upload batch, reading back those not held."""
+    return [(b.digest, b.data if b.data is not None else read_blob(root, b)) for b in batch]
+
+
+def known_blobs(s: Scanned, hashes: Hashes, chunk_size: int) -> list[Blob]:
+    """The blobs of a file whose digests the stat cache knew (bytes not held)."""
+    digest, chunks = hashes
+    spans = chunk_spans(s.size, chunk_size)
+    return [Blob(d, s.path, off, n) for d, (off, n) in zip(chunks or (digest,), spans, strict=True)]
+
+
+def _jobs(files: list[Scanned], chunk_size: int) -> Iterator[list[Scanned]]:
+    """Hash jobs: small files in batches of up to ``_HASH_BATCH_FILES`` files or
+    ``_HASH_BATCH_BYTES``; a file above ``_HASH_BATCH_BYTES`` alone (it is streamed)."""
     batch: list[Scanned] = []
     size = 0
     for s in files:
+        if s.size > _HASH_BATCH_BYTES:
+            yield [s]
+            continue
         batch.append(s)
         size += s.size
         if size >= _HASH_BATCH_BYTES or len(batch) >= _HASH_BATCH_FILES:
@@ -235,29 +323,6 @@ def _batches(files: list[Scanned]) -> Iterator[list[Scanned]]:
             batch, size = [], 0
     if batch:
         yield batch
-
-
-async def _hash_all(
-    root: Path, files: list[Scanned], chunk_size: int, progress: PackProgress
-) -> dict[str, tuple[Digest, tuple[Digest, ...]]]:
-    """Hash files in batches on two threads (per-file thread hops would cost more than
-    hashing small files)."""
-    results: dict[str, tuple[Digest, tuple[Digest, ...]]] = {}
-    limiter = trio.CapacityLimiter(max(2, min(4, os.cpu_count() or 2)))
-
-    async def run(batch: list[Scanned]) -> None:
-        hashed = await trio.to_thread.run_sync(
-            _hash_batch, root, batch, chunk_size, limiter=limiter
-        )
-        for s, h in zip(batch, hashed, strict=True):
-            results[s.path] = h
-            progress.files_hashed += 1
-            progress.bytes_hashed += s.size
-
-    async with trio.open_nursery() as nursery:
-        for batch in _batches(files):
-            nursery.start_soon(run, batch)
-    return results
 
 
 def build_manifest(
@@ -292,16 +357,56 @@ def build_manifest(
     )
 
 
-def blob_sources(manifest: Manifest) -> dict[Digest, tuple[str, int, int]]:
-    """Where each blob's bytes are in the tree: digest -> (path, offset, length)."""
-    out: dict[Digest, tuple[str, int, int]] = {}
-    for e in manifest.entries:
-        if e.kind != FILE:
-            continue
-        spans = chunk_spans(e.size, manifest.chunk_size)
-        for d, (off, length) in zip(e.blob_digests(), spans, strict=True):
-            out.setdefault(d, (e.path, off, length))
-    return out
+class _Uploads:
+    """The blobs found so far and the upload queue: each digest is asked about once, the ones
+    the CAS lacks go out in batches of up to ``_UPLOAD_BATCH_BLOBS`` blobs or
+    ``_UPLOAD_BATCH_BYTES`` (``send`` waits while every upload worker is busy, which bounds
+    the bytes held)."""
+
+    def __init__(
+        self, cas: CAS, send: trio.MemorySendChannel[list[Blob]], progress: PackProgress
+    ) -> None:
+        self._cas, self._send, self._progress = cas, send, progress
+        self._asked: set[Digest] = set()
+        self._queue: list[Blob] = []
+        self._queued_bytes = 0
+
+    async def offer(self, blobs: list[Blob]) -> None:
+        """Ask the CAS about the blobs not asked about yet; queue the ones it lacks."""
+        new = []
+        for b in blobs:
+            if b.digest not in self._asked:
+                self._asked.add(b.digest)
+                new.append(b)
+        if not new:
+            return
+        self._progress.blobs += len(new)
+        missing = await self._cas.find_missing([b.digest for b in new])
+        for b in new:
+            if b.digest in missing:
+                self._queue.append(b)
+                self._queued_bytes += b.length
+                self._progress.blobs_missing += 1
+        while len(self._queue) >= _UPLOAD_BATCH_BLOBS or self._queued_bytes >= _UPLOAD_BATCH_BYTES:
+            await self._send_batch()
+
+    async def flush(self) -> None:
+        while self._queue:
+            await self._send_batch()
+
+    async def _send_batch(self) -> None:
+        batch: list[Blob] = []
+        size = 0
+        for b in self._queue:  # at least one blob; a bigger one goes alone
+            if batch and (
+                size + b.length > _UPLOAD_BATCH_BYTES or len(batch) >= _UPLOAD_BATCH_BLOBS
+            ):
+                break
+            batch.append(b)
+            size += b.length
+        del self._queue[: len(batch)]  # taken before the await: other tasks queue meanwhile
+        self._queued_bytes -= size
+        await self._send.send(batch)
 
 
 async def pack(
@@ -327,40 +432,22 @@ async def pack(
     progress.files = len(files)
     progress.bytes_total = sum(s.size for s in files)
     progress.phase = "hashing"
-    seen: set[tuple[int, int]] = set()
-    unique = []
-    for s in files:
-        if s.inode is None or s.inode not in seen:
-            unique.append(s)
-            if s.inode is not None:
-                seen.add(s.inode)
+    unique = _first_of_each_inode(files)
     statcache = (
         StatCache.for_tree(stat_cache_dir, root, chunk_size) if stat_cache_dir is not None else None
     )
-    hashes: dict[str, tuple[Digest, tuple[Digest, ...]]] = {}
+    hashes: dict[str, Hashes] = {}
     if statcache is not None:
-        for s in unique:
-            assert s.key is not None
-            known = statcache.lookup(s.path, s.key)
-            if known is not None:
-                hashes[s.path] = known
-                progress.files_hashed += 1
-                progress.bytes_hashed += s.size
+        hashes = await trio.to_thread.run_sync(_lookup_all, statcache, unique)
+        progress.files_hashed = len(hashes)
+        progress.bytes_hashed = sum(s.size for s in unique if s.path in hashes)
     todo = [s for s in unique if s.path not in hashes]
-    hashes.update(await _hash_all(root, todo, chunk_size, progress))
+    known = [s for s in unique if s.path in hashes]
+    await _hash_and_upload(root, cas, todo, known, hashes, chunk_size, concurrency, progress)
     manifest = build_manifest(root_st, scanned, hashes, chunk_size, keep_setid=keep_setid)
-    progress.phase = "checking"
-    sources = blob_sources(manifest)
-    progress.blobs = len(sources)
-    missing = await cas.find_missing(list(sources))
-    progress.blobs_missing = len(missing)
-    progress.phase = "uploading"
-    await _upload(
-        root, cas, [(d, sources[d]) for d in sources if d in missing], concurrency, progress
-    )
     encoded = manifest.encode()
     digest = Digest.of(encoded)
-    await cas.put(digest, encoded)
+    await cas.put(digest, encoded)  # after every blob it names is durable
     if tag:
         await cas.set_ref(tag, digest)
     if statcache is not None:
@@ -372,30 +459,112 @@ async def pack(
     return PackResult(digest, manifest, progress)
 
 
-async def _upload(
+def _first_of_each_inode(files: list[Scanned]) -> list[Scanned]:
+    """The files to hash: one path per hard-linked inode (the first, in path order)."""
+    seen: set[tuple[int, int]] = set()
+    unique = []
+    for s in files:
+        if s.inode is None or s.inode not in seen:
+            unique.append(s)
+            if s.inode is not None:
+                seen.add(s.inode)
+    return unique
+
+
+def _lookup_all(statcache: StatCache, files: list[Scanned]) -> dict[str, Hashes]:
+    out = {}
+    for s in files:
+        assert s.key is not None
+        known = statcache.lookup(s.path, s.key)
+        if known is not None:
+            out[s.path] = known
+    return out
+
+
+async def _hash_and_upload(
     root: Path,
     cas: CAS,
-    todo: list[Upload],
+    todo: list[Scanned],
+    known: list[Scanned],
+    hashes: dict[str, Hashes],
+    chunk_size: int,
     concurrency: int,
     progress: PackProgress,
 ) -> None:
-    """Upload ``todo`` in batches, ``concurrency`` batches in flight (at most 4): while one
-    batch commits, the next is read and verified in a worker thread. ``PackProgress`` counts
-    a batch's blobs once its ``put_many`` has completed."""
-    send, receive = trio.open_memory_channel[list[Upload]](0)
+    """Hash ``todo`` (into ``hashes``) and upload every blob of ``todo`` and ``known`` that
+    the CAS lacks, all at once: hash jobs on two worker threads; after each job, one
+    ``find_missing`` for its new digests, BEFORE anything is compressed; the blobs missing
+    go to upload batches with the bytes just read (read once, hashed once by the pack);
+    ``concurrency`` upload batches (at most 4) in flight. Returns once every batch's
+    ``put_many`` has returned: the blobs are durable before the manifest goes."""
+    where = str(root)
+    send_up, receive_up = trio.open_memory_channel[list[Blob]](0)
+    uploads = _Uploads(cas, send_up, progress)
+    hash_limiter = trio.CapacityLimiter(_HASH_THREADS)
 
-    async def worker(receive: trio.MemoryReceiveChannel[list[Upload]]) -> None:
+    async def upload_worker(receive: trio.MemoryReceiveChannel[list[Blob]]) -> None:
         async with receive:
             async for batch in receive:
-                items = await trio.to_thread.run_sync(read_blobs, root, batch)
+                if all(b.data is not None for b in batch):
+                    items = [(b.digest, b.data) for b in batch if b.data is not None]
+                else:
+                    items = await trio.to_thread.run_sync(blob_bytes, where, batch)
                 await cas.put_many(items)
                 progress.blobs_uploaded += len(batch)
-                progress.bytes_uploaded += sum(len(data) for _, data in items)
+                progress.bytes_uploaded += sum(b.length for b in batch)
+
+    async def hash_worker(receive: trio.MemoryReceiveChannel[list[Scanned]]) -> None:
+        async with receive:
+            async for job in receive:
+                if len(job) == 1 and job[0].size > _HASH_BATCH_BYTES:
+                    await stream_file(job[0])
+                    continue
+                done = await trio.to_thread.run_sync(
+                    hash_batch, where, job, chunk_size, limiter=hash_limiter
+                )
+                blobs: list[Blob] = []
+                for s, (h, file_blobs) in zip(job, done, strict=True):
+                    hashes[s.path] = h
+                    blobs += file_blobs
+                progress.files_hashed += len(job)
+                progress.bytes_hashed += sum(s.size for s in job)
+                await uploads.offer(blobs)
+
+    async def stream_file(s: Scanned) -> None:
+        f = await trio.to_thread.run_sync(ChunkedFile, where, s.path, s.size, chunk_size)
+        try:
+            per_read = max(1, _HASH_BATCH_BYTES // chunk_size)
+            while not f.done:
+                blobs = await trio.to_thread.run_sync(f.read, per_read, limiter=hash_limiter)
+                progress.bytes_hashed += sum(b.length for b in blobs)
+                await uploads.offer(blobs)
+        finally:
+            f.close()
+        hashes[s.path] = f.hashes()
+        progress.files_hashed += 1
+
+    async def offer_known() -> None:
+        blobs: list[Blob] = []
+        for s in known:
+            blobs += known_blobs(s, hashes[s.path], chunk_size)
+            if len(blobs) >= _KNOWN_BATCH_BLOBS:
+                await uploads.offer(blobs)
+                blobs = []
+        await uploads.offer(blobs)
 
     async with trio.open_nursery() as nursery:
-        async with receive:
+        async with receive_up:
             for _ in range(max(1, min(concurrency, _MAX_BATCHES_IN_FLIGHT))):
-                nursery.start_soon(worker, receive.clone())
-        async with send:
-            for batch in _upload_batches(todo):
-                await send.send(batch)
+                nursery.start_soon(upload_worker, receive_up.clone())
+        async with send_up:
+            send_jobs, receive_jobs = trio.open_memory_channel[list[Scanned]](0)
+            async with trio.open_nursery() as hashing:
+                hashing.start_soon(offer_known)
+                async with receive_jobs:
+                    for _ in range(_HASH_WORKERS):
+                        hashing.start_soon(hash_worker, receive_jobs.clone())
+                async with send_jobs:
+                    for job in _jobs(todo, chunk_size):
+                        await send_jobs.send(job)
+            progress.phase = "uploading"
+            await uploads.flush()

@@ -1,0 +1,200 @@
+"""Many small files (issue 16): the first pack of 200,000 files of ~50 bytes into an empty CAS.
+
+Prints figures and asserts nothing. The tree is ``--packages`` package directories of
+``--files`` modules each (default 2,000 x 100 = 200,000 files, ~10 MB), every file a few
+lines of Python with its own contents, so every file is its own blob: the per-file cost of a
+pack (walk, hash, ask the store, stage, publish) is all there is to measure. Each run packs
+into a fresh local CAS directory with a fresh stat cache (``$LAZYCAF_STATE``), CLI start-up
+included; the figure is the median of ``--runs`` runs in this one invocation.
+
+``--baseline LAUNCHER``: also time another ``lazycaf`` (e.g. a script running an older
+checkout), runs interleaved with this one's, and print both and their ratio.
+
+Usage: python -m scripts.bench_smallfiles [--packages N] [--files N] [--runs N] [--tree DIR]
+       [--baseline LAUNCHER] [--lazycaf PATH] [--tmpdir DIR] [--json PATH]
+       (--tree DIR: reuse DIR if it holds the tree, else write it there and keep it)
+
+Writes ``results/bench_smallfiles/results.json`` (``--json PATH``: there instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from scripts.harness import (
+    BenchError,
+    Figure,
+    Lazycaf,
+    Made,
+    Record,
+    cleanup,
+    default_json,
+    find_lazycaf,
+    fs_of,
+    guarded_run,
+    md_row,
+    median,
+    progress,
+    temp_env,
+)
+
+TITLE: Final = "Many small files: first pack into an empty CAS"
+TARGET_S: Final = 20.0  # issue 16: 200,000 small files packed in <= 20 s
+MARKER: Final = ".bench_smallfiles"  # written last: a tree with it is complete
+say = progress("bench_smallfiles")
+
+
+def file_bytes(package: int, module: int) -> bytes:
+    """The contents of module ``module`` of package ``package``: ~50 bytes of Python,
+    unique to the file (a deterministic function of the two numbers)."""
+    tag = hashlib.blake2b(f"{package}/{module}".encode(), digest_size=8).hexdigest()
+    return f"# pkg{package:04d}.mod{module:03d}\nVALUE = 0x{tag}\n".encode()
+
+
+def write_tree(root: Path, packages: int, files: int) -> tuple[int, int]:
+    """Write the tree at ``root`` (replacing an incomplete one); (files, bytes). A tree
+    already complete for these counts is kept as it is."""
+    marker = root / MARKER
+    want = f"{packages} {files}\n"
+    if marker.is_file() and marker.read_text() == want:
+        return packages * files, sum(
+            len(file_bytes(p, m)) for p in range(packages) for m in range(files)
+        )
+    if root.exists():
+        shutil.rmtree(root)
+    nbytes = 0
+    for p in range(packages):
+        pkg = root / f"pkg{p:04d}"
+        pkg.mkdir(parents=True)
+        for m in range(files):
+            data = file_bytes(p, m)
+            (pkg / f"mod{m:03d}.py").write_bytes(data)
+            nbytes += len(data)
+    marker.write_text(want)  # packed too: one more file, 10 bytes
+    return packages * files, nbytes
+
+
+def time_packs(
+    tree: Path, tmp: Path, candidates: dict[str, Path], runs: int
+) -> dict[str, list[float]]:
+    """Seconds per first pack of ``tree`` for each candidate (name -> lazycaf), the runs
+    interleaved; each pack into a fresh CAS with a fresh stat cache, both removed after."""
+    out: dict[str, list[float]] = {name: [] for name in candidates}
+    digests: dict[str, str] = {}
+    for i in range(runs):
+        for name, exe in candidates.items():
+            cas, state = tmp / f"cas-{name}-{i}", tmp / f"state-{name}-{i}"
+            with temp_env("LAZYCAF_STATE", str(state)):
+                t0 = time.perf_counter()
+                digest = Lazycaf(exe, cas, clean_env=False).pack(tree)
+                out[name].append(time.perf_counter() - t0)
+            say(f"{name} run {i + 1}: {out[name][-1]:.2f} s")
+            digests.setdefault(name, digest)
+            if digests[name] != digest:
+                raise BenchError(f"{name} packed the same tree to two digests")
+            shutil.rmtree(cas)
+            shutil.rmtree(state, ignore_errors=True)
+    if len(set(digests.values())) > 1:
+        raise BenchError(f"the candidates disagree on the tree's digest: {digests}")
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m scripts.bench_smallfiles", description=(__doc__ or "").splitlines()[0]
+    )
+    ap.add_argument("--packages", type=int, default=2000, help="package directories")
+    ap.add_argument("--files", type=int, default=100, help="modules per package")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tree", type=Path, help="where the tree is (kept), default: a temp dir")
+    ap.add_argument("--tmpdir", type=Path, help="parent of the temp dir (default: system temp)")
+    ap.add_argument("--lazycaf", type=Path, default=Path(sys.executable).parent / "lazycaf")
+    ap.add_argument("--baseline", type=Path, help="another lazycaf to time beside this one")
+    ap.add_argument("--json", type=Path, default=default_json("bench_smallfiles"))
+    args = ap.parse_args(argv)
+    if args.runs < 1 or args.packages < 1 or args.files < 1:
+        ap.error("--runs, --packages and --files must be >= 1")
+    return args
+
+
+def bench(args: argparse.Namespace, record: Record, made: Made, exe: Path) -> None:
+    tree = args.tree.resolve() if args.tree is not None else made.tmp / "tree"
+    t0 = time.perf_counter()
+    files, nbytes = write_tree(tree, args.packages, args.files)
+    say(f"tree: {files:,} files, {nbytes / 1e6:.1f} MB ({time.perf_counter() - t0:.1f} s)")
+    candidates = {"this": exe}
+    if args.baseline is not None:
+        candidates["baseline"] = args.baseline.absolute()
+    secs = time_packs(tree, made.tmp, candidates, args.runs)
+    this, base = secs["this"], secs.get("baseline", [])
+    ratio = median(this) / median(base) if base else None
+    fig = Figure(
+        "first pack, empty local CAS",
+        "s",
+        tuple(this),
+        "baseline lazycaf" if base else None,
+        tuple(base),
+        ratio,
+        "this / baseline" if base else "",
+    )
+    record.figures = [fig]
+    record.facts = [
+        f"tree: {args.packages:,} packages x {args.files} files = {files:,} files, "
+        f"{nbytes / 1e6:.1f} MB, on {fs_of(tree)}; the CAS directories beside it",
+        f"{args.runs} runs, medians, runs interleaved; page cache warm; CLI start-up included",
+    ]
+    if base:
+        record.facts.append(f"baseline: {args.baseline}")
+    rows = [("this", this)] + ([("baseline", base)] if base else [])
+    record.report = [f"- {f}" for f in record.facts] + [
+        "",
+        "| lazycaf | median | files/s | runs | target (issue 16) |",
+        "|---|---:|---:|---|---|",
+    ]
+    for name, xs in rows:
+        med = median(xs)
+        record.report.append(
+            md_row(
+                name,
+                f"{med:.2f} s",
+                f"{files / med:,.0f}",
+                ", ".join(f"{x:.2f}" for x in xs),
+                f"<= {TARGET_S:.0f} s at 200,000 files",
+            )
+        )
+    if ratio is not None:
+        record.report += ["", f"- this / baseline: {ratio:.2f}x the time"]
+    record.finish(args.json)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    exe = find_lazycaf(args.lazycaf)
+    if exe is None:
+        print("bench_smallfiles: error: lazycaf not found", file=sys.stderr)
+        return 2
+    if args.baseline is not None and not os.access(args.baseline, os.X_OK):
+        print(f"bench_smallfiles: error: {args.baseline} is not executable", file=sys.stderr)
+        return 2
+    record = Record.begin("bench_smallfiles", TITLE, argv, args)
+    made = Made(Path(tempfile.mkdtemp(prefix="bench_smallfiles-", dir=args.tmpdir)))
+
+    def clean() -> list[str]:
+        say(f"cleaning up {made.tmp} ...")
+        return cleanup(made, None)
+
+    return guarded_run("bench_smallfiles", lambda: bench(args, record, made, exe), clean)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""lazycaf.trees.pack in process: the digests it gives, what it asks the store and when, what
+it uploads, and a tree that changes under it. The CLI's view is tests/lazycaf/cli/test_pack.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from lazycaf.cas.local import LocalCAS
+from lazycaf.core.chunking import chunk_spans
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import PackError, first_error
+from lazycaf.core.manifest import FILE, Manifest
+from lazycaf.trees import pack as packmod
+from lazycaf.trees.pack import pack
+from lazycaf.trees.statcache import StatCache, StatKey
+from tests.helpers import make_tree
+
+CS = 64 << 10
+OLD_NS = 1_600_000_000 * 10**9  # far from racy
+
+
+class RecordingCAS(LocalCAS):
+    """A local CAS that logs every find_missing, put_many and put, in order."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.log: list[tuple[str, list[Digest]]] = []
+
+    async def find_missing(self, digests: Sequence[Digest]) -> set[Digest]:
+        missing = await super().find_missing(digests)
+        self.log.append(("find_missing", list(digests)))
+        self.log.append(("missing", sorted(missing)))
+        return missing
+
+    async def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
+        self.log.append(("put_many", [d for d, _ in items]))
+        return await super().put_many(items)
+
+    async def put(self, digest: Digest, data: bytes) -> bool:
+        self.log.append(("put", [digest]))
+        return await super().put(digest, data)
+
+    def calls(self, name: str) -> list[list[Digest]]:
+        return [ds for n, ds in self.log if n == name]
+
+
+async def pack_error(tree: Path, cas: LocalCAS, **kw: object) -> str:
+    """The message of the ``PackError`` packing ``tree`` fails with."""
+    try:
+        await pack(tree, cas, chunk_size=CS, **kw)  # type: ignore[arg-type]
+    except BaseException as exc:  # a nursery's group around it
+        err = first_error(exc)
+        assert isinstance(err, PackError), repr(exc)
+        return str(err)
+    raise AssertionError("pack did not fail")
+
+
+def expected_blobs(root: Path, manifest: Manifest) -> set[Digest]:
+    """Every blob of the tree, hashed here independently of pack."""
+    out = set()
+    for e in manifest.entries:
+        if e.kind != FILE:
+            continue
+        data = (root / e.path).read_bytes()
+        assert e.digest == Digest.of(data), e.path
+        for off, n in chunk_spans(len(data), CS):
+            out.add(Digest.of(data[off : off + n]))
+    return out
+
+
+def big_tree(root: Path, *, big: int = 40 * CS + 5) -> Path:
+    make_tree(root)
+    (root / "lib/big.bin").write_bytes(os.urandom(big))  # streamed once the job cap is low
+    (root / "lib/dup-a").write_bytes(b"same bytes\n")
+    (root / "lib/dup-b").write_bytes(b"same bytes\n")
+    for i in range(30):
+        (root / "lib/pkg" / f"m{i}.py").write_text(f"value = {i}\n" * (i + 1))
+    return root
+
+
+@pytest.fixture
+def small_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small caps, so that a small tree makes several hash jobs, streams a file and sends
+    several upload batches."""
+    monkeypatch.setattr(packmod, "_HASH_BATCH_BYTES", 8 * CS)
+    monkeypatch.setattr(packmod, "_HASH_BATCH_FILES", 7)
+    monkeypatch.setattr(packmod, "_UPLOAD_BATCH_BLOBS", 5)
+    monkeypatch.setattr(packmod, "_UPLOAD_BATCH_BYTES", 4 * CS)
+
+
+@pytest.mark.usefixtures("small_jobs")
+async def test_digests_and_uploads_are_exact(tmp_path: Path) -> None:
+    tree = big_tree(tmp_path / "tree")
+    cas = RecordingCAS(tmp_path / "cas")
+    result = await pack(tree, cas, chunk_size=CS)
+    blobs = expected_blobs(tree, result.manifest)
+    big = result.manifest.get("lib/big.bin")
+    assert big is not None and len(big.chunks) == 41
+    put = [d for ds in cas.calls("put_many") for d in ds]
+    assert sorted(put) == sorted(blobs)  # each blob once, duplicates included once
+    asked = [d for ds in cas.calls("find_missing") for d in ds]
+    assert sorted(asked) == sorted(blobs)  # each digest asked about once
+    assert len(cas.calls("put_many")) > 1 and len(cas.calls("find_missing")) > 1
+    assert cas.log[-1] == ("put", [result.digest])  # the manifest last
+    assert Digest.of(result.manifest.encode()) == result.digest
+    p = result.progress
+    assert (p.blobs, p.blobs_missing, p.blobs_uploaded) == (len(blobs),) * 3
+    assert p.files_hashed == p.files - 2 and p.bytes_hashed == p.bytes_total - 2 * 6  # links
+
+
+@pytest.mark.usefixtures("small_jobs")
+async def test_only_blobs_reported_missing_are_uploaded_and_asked_first(tmp_path: Path) -> None:
+    tree = big_tree(tmp_path / "tree")
+    cas = RecordingCAS(tmp_path / "cas")
+    first = await pack(tree, cas, chunk_size=CS)
+    (tree / "lib/pkg/m3.py").write_text("changed\n")
+    data = bytearray((tree / "lib/big.bin").read_bytes())
+    data[7 * CS + 10 : 7 * CS + 19] = b"new bytes"
+    (tree / "lib/big.bin").write_bytes(data)
+    cas.log.clear()
+    second = await pack(tree, cas, chunk_size=CS)
+    assert second.digest != first.digest
+    put = [d for ds in cas.calls("put_many") for d in ds]
+    big = second.manifest.get("lib/big.bin")
+    m3 = second.manifest.get("lib/pkg/m3.py")
+    assert big is not None and m3 is not None
+    assert m3.digest is not None
+    assert sorted(put) == sorted([big.chunks[7], m3.digest])
+    reported: set[Digest] = set()
+    for name, ds in cas.log:  # every blob put was reported missing before it was put
+        if name == "missing":
+            reported.update(ds)
+        elif name == "put_many":
+            assert set(ds) <= reported
+
+
+async def test_same_digest_as_a_copy_and_with_a_warm_stat_cache(tmp_path: Path) -> None:
+    tree = big_tree(tmp_path / "tree", big=3 * (1 << 20) + 1)
+    cas = RecordingCAS(tmp_path / "cas")
+    state = tmp_path / "state"
+    a = await pack(tree, cas, stat_cache_dir=state)
+    b = await pack(tree, cas, stat_cache_dir=state)  # everything from the stat cache
+    assert b.progress.files_hashed == b.progress.files - 2 and b.digest == a.digest
+    assert b.progress.bytes_hashed == b.progress.bytes_total - 2 * 6
+    c = await pack(tree, cas)
+    assert c.digest == a.digest
+
+
+async def test_stat_cache_hits_the_store_lost_are_read_back(tmp_path: Path) -> None:
+    tree = big_tree(tmp_path / "tree")
+    state = tmp_path / "state"
+    first = await pack(tree, LocalCAS(tmp_path / "cas1"), chunk_size=CS, stat_cache_dir=state)
+    fresh = RecordingCAS(tmp_path / "cas2")  # knows nothing: every blob read back
+    again = await pack(tree, fresh, chunk_size=CS, stat_cache_dir=state)
+    assert again.digest == first.digest
+    put = [d for ds in fresh.calls("put_many") for d in ds]
+    assert sorted(put) == sorted(expected_blobs(tree, again.manifest))
+    for d in put:
+        assert Digest.of(await fresh.get(d)) == d
+
+
+async def test_a_file_changed_since_the_stat_cache_is_refused_not_stored(tmp_path: Path) -> None:
+    tree = big_tree(tmp_path / "tree")
+    for dirpath, _, names in os.walk(tree):  # old mtimes: the stat cache trusts them
+        for name in names:
+            os.utime(Path(dirpath, name), ns=(OLD_NS, OLD_NS), follow_symlinks=False)
+    state = tmp_path / "state"
+    await pack(tree, LocalCAS(tmp_path / "cas1"), chunk_size=CS, stat_cache_dir=state)
+    target = tree / "lib/pkg/m5.py"
+    st = target.stat()
+    target.write_text("value = 5\n" * 5 + "value = 6\n")  # same size, mtime kept below
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ctime_kept = StatCache.lookup
+
+    def lookup(self: StatCache, rel: str, key: StatKey) -> object:
+        return ctime_kept(self, rel, (key[0], key[1], st.st_ctime_ns, key[3], key[4]))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StatCache, "lookup", lookup)
+        cas2 = tmp_path / "cas2"
+        message = await pack_error(tree, LocalCAS(cas2), stat_cache_dir=state)
+    assert "m5.py changed while packing" in message
+    stored = {n.removesuffix(".zst") for _, _, ns in os.walk(cas2 / "blobs") for n in ns}
+    assert Digest.of(target.read_bytes()).hex not in stored
+
+
+@pytest.mark.parametrize("grow", [True, False])
+async def test_a_file_that_changes_size_is_a_pack_error(tmp_path: Path, grow: bool) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x" * 100)
+    original = packmod.scan_tree
+
+    def scan_then_change(root: Path, *, keep_setid: bool = False) -> object:
+        out = original(root, keep_setid=keep_setid)
+        (tree / "f").write_bytes(b"x" * (150 if grow else 50))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packmod, "scan_tree", scan_then_change)
+        message = await pack_error(tree, LocalCAS(tmp_path / "cas"))
+    assert "changed size while packing" in message
+    assert list((tmp_path / "cas" / "refs").iterdir()) == []
+
+
+async def test_hashing_runs_in_threads_not_on_the_event_loop(tmp_path: Path) -> None:
+    tree = big_tree(tmp_path / "tree")
+    seen: list[str] = []
+    original = packmod.hash_small
+
+    def spy(root: str, rel: str, size: int) -> object:
+        seen.append(threading.current_thread().name)
+        return original(root, rel, size)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packmod, "hash_small", spy)
+        await pack(tree, LocalCAS(tmp_path / "cas"), chunk_size=CS)
+    assert seen and "MainThread" not in seen

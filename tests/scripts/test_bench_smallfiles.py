@@ -1,0 +1,53 @@
+"""scripts/bench_smallfiles.py: its arguments, the tree it writes, and one tiny run through
+the real CLI (the 200,000-file figure itself is run by hand, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts import bench_smallfiles
+
+
+def test_defaults_are_the_issue_tree_and_results_json() -> None:
+    args = bench_smallfiles.parse_args([])
+    assert (args.packages, args.files, args.runs, args.baseline) == (2000, 100, 3, None)
+    repo = Path(__file__).resolve().parents[2]
+    assert args.json == repo / "results" / "bench_smallfiles" / "results.json"
+
+
+def test_bad_counts_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench_smallfiles.parse_args(["--files", "0"])
+    assert exc.value.code == 2
+    assert "--files" in capsys.readouterr().err
+
+
+def test_tree_is_deterministic_unique_and_reused(tmp_path: Path) -> None:
+    files, nbytes = bench_smallfiles.write_tree(tmp_path / "t", 3, 4)
+    paths = sorted(p for p in (tmp_path / "t").rglob("*.py"))
+    assert files == len(paths) == 12
+    contents = [p.read_bytes() for p in paths]
+    assert len(set(contents)) == 12 and sum(map(len, contents)) == nbytes
+    assert all(40 <= len(c) <= 60 for c in contents)
+    mtime = paths[0].stat().st_mtime_ns
+    assert bench_smallfiles.write_tree(tmp_path / "t", 3, 4) == (files, nbytes)
+    assert paths[0].stat().st_mtime_ns == mtime  # complete: kept as it was
+    assert bench_smallfiles.write_tree(tmp_path / "t", 2, 4)[0] == 8  # other counts: rewritten
+    assert len(list((tmp_path / "t").rglob("*.py"))) == 8
+
+
+@pytest.mark.slow
+def test_a_tiny_run_with_a_baseline_writes_both_figures(tmp_path: Path) -> None:
+    lazycaf = Path(sys.executable).parent / "lazycaf"
+    out = tmp_path / "r.json"
+    argv = ["--packages", "3", "--files", "5", "--runs", "2", "--tmpdir", str(tmp_path)]
+    argv += ["--baseline", str(lazycaf), "--json", str(out)]
+    assert bench_smallfiles.main(argv) == 0
+    (fig,) = json.loads(out.read_text())["figures"]
+    assert len(fig["samples"]) == 2 and len(fig["baseline"]["samples"]) == 2
+    assert fig["ratio"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the temp dir is gone
