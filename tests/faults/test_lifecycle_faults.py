@@ -49,7 +49,7 @@ def _running(pid: int) -> bool:
     """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped between open and read
         return False
     return stat_line.rpartition(")")[2].split()[0] not in ("Z", "X")
 
