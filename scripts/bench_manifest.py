@@ -35,7 +35,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,14 +51,13 @@ from scripts.harness import (
     Made,
     Record,
     btrfs_image,
-    cleanup,
     default_json,
     find_lazycaf,
-    guarded_run,
     md_row,
     median,
     progress,
     run,
+    run_in_tempdir,
 )
 
 TITLE: Final = "Manifest scale: decode, mount, list, diff"
@@ -291,14 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_manifest: error: needs root, lazycaf and /usr/bin/time", file=sys.stderr)
         return 2
     record = Record.begin("bench_manifest", TITLE, argv, args)
-    made = Made(Path(tempfile.mkdtemp(prefix="bench_manifest-", dir=args.tmpdir)))
-    lz = Lazycaf(exe, made.tmp / "cas", clean_env=False)
 
-    def clean() -> list[str]:
-        say(f"cleaning up {made.tmp} ...")
-        return cleanup(made, lz)
+    def body(made: Made, lz: Lazycaf | None) -> None:
+        assert lz is not None
+        bench(args, record, made, lz)
 
-    return guarded_run("bench_manifest", lambda: bench(args, record, made, lz), clean)
+    return run_in_tempdir("bench_manifest", args.tmpdir, body, lazycaf=exe)
 
 
 if __name__ == "__main__":

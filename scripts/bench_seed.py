@@ -31,7 +31,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,17 +46,16 @@ from scripts.harness import (
     Made,
     Record,
     btrfs_image,
-    cleanup,
     count_entries,
     default_json,
     find_lazycaf,
     fs_of,
-    guarded_run,
     md_row,
     median,
     pids_mentioning,
     progress,
     run,
+    run_in_tempdir,
     temp_env,
 )
 
@@ -344,14 +342,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_seed: error: needs root, lazycaf and mksquashfs", file=sys.stderr)
         return 2
     record = Record.begin("bench_seed", TITLE, argv, args)
-    made = Made(Path(tempfile.mkdtemp(prefix="bench_seed-", dir=args.tmpdir)))
-    lz = Lazycaf(exe, made.tmp / "cas", clean_env=False)
 
-    def clean() -> list[str]:
-        say(f"cleaning up {made.tmp} ...")
-        return cleanup(made, lz)
+    def body(made: Made, lz: Lazycaf | None) -> None:
+        assert lz is not None
+        bench(args, record, made, lz)
 
-    return guarded_run("bench_seed", lambda: bench(args, record, made, lz), clean)
+    return run_in_tempdir("bench_seed", args.tmpdir, body, lazycaf=exe)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,14 +35,13 @@ from scripts.harness import (
     Lazycaf,
     Made,
     Record,
-    cleanup,
     default_json,
     find_lazycaf,
     fs_of,
-    guarded_run,
     md_row,
     median,
     progress,
+    run_in_tempdir,
     temp_env,
 )
 
@@ -187,13 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench_smallfiles: error: {args.baseline} is not executable", file=sys.stderr)
         return 2
     record = Record.begin("bench_smallfiles", TITLE, argv, args)
-    made = Made(Path(tempfile.mkdtemp(prefix="bench_smallfiles-", dir=args.tmpdir)))
 
-    def clean() -> list[str]:
-        say(f"cleaning up {made.tmp} ...")
-        return cleanup(made, None)
+    def body(made: Made, _: Lazycaf | None) -> None:
+        bench(args, record, made, exe)
 
-    return guarded_run("bench_smallfiles", lambda: bench(args, record, made, exe), clean)
+    return run_in_tempdir("bench_smallfiles", args.tmpdir, body)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -67,6 +68,7 @@ __all__ = [
     "du",
     "fs_of",
     "guarded_run",
+    "run_in_tempdir",
     "http_get",
     "http_put",
     "is_mounted",
@@ -564,6 +566,26 @@ def guarded_run(
             code = code or 3
     print(f"[{name}] total runtime {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code
+
+
+def run_in_tempdir(
+    name: str,
+    tmpdir: Path | None,
+    body: Callable[[Made, Lazycaf | None], None],
+    *,
+    lazycaf: Path | None = None,
+) -> int:
+    """``guarded_run`` of ``body(made, lz)`` in a fresh temp dir under ``tmpdir``, then the
+    cleanup of all it made (with ``lazycaf``: ``lz`` runs that CLI, packing into the temp
+    dir's ``cas``, and its mounts and daemons are cleaned up too; else ``lz`` is None)."""
+    made = Made(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmpdir)))
+    lz = Lazycaf(lazycaf, made.tmp / "cas", clean_env=False) if lazycaf is not None else None
+
+    def clean() -> list[str]:
+        progress(name)(f"cleaning up {made.tmp} ...")
+        return cleanup(made, lz)
+
+    return guarded_run(name, lambda: body(made, lz), clean)
 
 
 # -- lazycaf -------------------------------------------------------------------------------

@@ -279,14 +279,12 @@ class S3CAS:
         return out
 
     async def put(self, digest: Digest, data: bytes) -> bool:
-        encoded = await trio.to_thread.run_sync(_verify_encode, digest, data)
-        return await self._put_encoded(digest, encoded)
+        return await self.put_encoded(digest, framing.IDENTITY, data)
 
     async def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
         """Verify the whole batch first (a mismatch stores none of it), then PUT the blobs
         concurrently; returns how many were new."""
-        encoded = await trio.to_thread.run_sync(_verify_encode_all, list(items))
-        return await self._put_all(encoded)
+        return await self.put_many_encoded([(d, framing.IDENTITY, data) for d, data in items])
 
     async def _put_all(self, encoded: Mapping[Digest, tuple[framing.Encoding, bytes]]) -> int:
         stored = 0
@@ -557,23 +555,6 @@ def _list_refs(store: S3Store) -> list[str]:
             with contextlib.suppress(UsageError):
                 out.append(check_ref_name(name))
     return sorted(out)
-
-
-def _verify_encode(digest: Digest, data: bytes) -> tuple[framing.Encoding, bytes]:
-    digest.verify(data)
-    return framing.encode(data)
-
-
-def _verify_encode_all(
-    items: list[tuple[Digest, bytes]],
-) -> dict[Digest, tuple[framing.Encoding, bytes]]:
-    for digest, data in items:
-        digest.verify(data)
-    out: dict[Digest, tuple[framing.Encoding, bytes]] = {}
-    for digest, data in items:
-        if digest not in out:
-            out[digest] = framing.encode(data)
-    return out
 
 
 def _verify_at_rest(

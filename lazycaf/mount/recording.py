@@ -24,7 +24,7 @@ from lazycaf.core.manifestindex import ManifestIndex
 from lazycaf.host.client import FetcherClient
 from lazycaf.host.paths import CacheLayout
 from lazycaf.traces.crowd import CrowdFile, plan_crowd
-from lazycaf.traces.trace import Profile, TraceRecorder, plan_prefetch
+from lazycaf.traces.trace import HotFile, Profile, TraceRecorder, plan_prefetch
 
 __all__ = ["DEFAULT_EAGER_SHARE", "MountProfile", "load_profile"]
 
@@ -121,6 +121,7 @@ class MountProfile:
         self.profile = profile
         self.crowd = crowd
         self.crowd_planned = 0  # blobs the crowd hot set queued (no profile of its own)
+        self._hot: list[HotFile] = []  # the profile's hot set, as queue_hot_set planned it
         self._plan: list[Digest] = []
         self._queued = 0
         self.prefetched: set[Digest] = set()  # blobs this mount queued for prefetch
@@ -169,9 +170,8 @@ class MountProfile:
         mount is ready: the run's first reads come right after)."""
         if not self.prefetch or self.profile is None:
             return
-        self._plan = plan_prefetch(
-            self.profile.hot_set(), self.manifest.by_path, self.manifest.chunk_size
-        )
+        self._hot = self.profile.hot_set()
+        self._plan = plan_prefetch(self._hot, self.manifest.by_path, self.manifest.chunk_size)
         self.prefetched.update(self._plan)
         try:
             self._queued = await self.client.prefetch(self._plan)
@@ -300,12 +300,11 @@ class MountProfile:
             log.warning("eager prefetch failed: %s", exc)
 
     def _hot_blob_sizes(self) -> dict[Digest, int]:
-        """The size of each blob of the profile's hot files (the hot set is small)."""
+        """The size of each blob of the profile's hot files (the hot set ``queue_hot_set``
+        planned: small)."""
         out: dict[Digest, int] = {}
-        if self.profile is None:
-            return out
         cs = self.manifest.chunk_size
-        for h in self.profile.hot_set():
+        for h in self._hot:
             e = self.manifest.get(h.path)
             if e is None or e.digest is None:
                 continue
