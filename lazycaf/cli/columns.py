@@ -226,34 +226,51 @@ def _nlink(
 
 
 # -- diff ----------------------------------------------------------------------------------
-def changed_pairs(a: Columns, b: Columns) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """Removed (indices in ``a``), added (in ``b``) and the pairs of entries at one path
-    whose entries differ. Whole-column work: set membership and row comparison in C."""
+def changed_pairs(
+    a: Columns, b: Columns, *, mtimes: bool = True
+) -> tuple[list[int], list[int], list[tuple[int, int]], int]:
+    """Removed (indices in ``a``), added (in ``b``), the pairs of entries at one path whose
+    entries differ, and how many pairs differ only in their mtime. ``mtimes=False`` leaves
+    those pairs out of the list (only counted), so a fresh build of an unchanged tree makes
+    no object per entry. Whole-column work: set membership and row comparison in C."""
     pa, pb = a.c.paths, b.c.paths
     if pa == pb:
-        return [], [], [(i, i) for i in sorted(_aligned_differ(a, b))]
-    rows_a, rows_b = zip(*a.rows(), strict=True), zip(*b.rows(), strict=True)
-    if True:
-        sa, sb = set(pa), set(pb)
-        in_b, in_a = list(map(sb.__contains__, pa)), list(map(sa.__contains__, pb))
-        del sa, sb
-        removed = list(compress(range(a.n), map(not_, in_b)))
-        added = list(compress(range(b.n), map(not_, in_a)))
-        common_a = list(compress(range(a.n), in_b))
-        common_b = list(compress(range(b.n), in_a))
-        differ = compress(count(), map(ne, compress(rows_a, in_b), compress(rows_b, in_a)))
-    pairs = [(common_a[k], common_b[k]) for k in differ]
-    return removed, added, pairs
+        meaningful, by_mtime = _aligned_differ(a, b)
+        only = by_mtime - meaningful
+        listed = meaningful | only if mtimes else meaningful
+        return [], [], [(i, i) for i in sorted(listed)], 0 if mtimes else len(only)
+    sa, sb = set(pa), set(pb)
+    in_b, in_a = list(map(sb.__contains__, pa)), list(map(sa.__contains__, pb))
+    del sa, sb
+    removed = list(compress(range(a.n), map(not_, in_b)))
+    added = list(compress(range(b.n), map(not_, in_a)))
+    common_a = list(compress(range(a.n), in_b))
+    common_b = list(compress(range(b.n), in_a))
+    ra, rb = a.rows(), b.rows()
+    rows_a = zip(*(col for k, col in enumerate(ra) if k != _MTIME), strict=True)
+    rows_b = zip(*(col for k, col in enumerate(rb) if k != _MTIME), strict=True)
+    differ = set(compress(count(), map(ne, compress(rows_a, in_b), compress(rows_b, in_a))))
+    mtime_differ = compress(
+        count(), map(ne, compress(ra[_MTIME], in_b), compress(rb[_MTIME], in_a))
+    )
+    mtime_only = set(mtime_differ) - differ
+    ranks = sorted(differ | mtime_only) if mtimes else sorted(differ)
+    pairs = [(common_a[k], common_b[k]) for k in ranks]
+    return removed, added, pairs, 0 if mtimes else len(mtime_only)
 
 
-def _aligned_differ(a: Columns, b: Columns) -> set[int]:
-    """Indices whose entries differ, for two manifests with the same paths: each column is
-    compared whole first, and only a column that differs is compared entry by entry."""
+_MTIME: Final = 2  # the mtime column of ``Columns.rows``
+
+
+def _aligned_differ(a: Columns, b: Columns) -> tuple[set[int], set[int]]:
+    """For two manifests with the same paths: the indices whose entries differ in anything
+    but the mtime, and those whose mtime differs. Each column is compared whole first, and
+    only a column that differs is compared entry by entry."""
     ca, cb = a.c, b.c
     if ca.hard_link_files or cb.hard_link_files or ca.kinds != cb.kinds:
         return _rows_differ(a, b)  # resolved rows: a hard link shows its file's fields
     out: set[int] = set()
-    for col_a, col_b in ((ca.modes, cb.modes), (ca.mtimes, cb.mtimes), (ca.sizes, cb.sizes)):
+    for col_a, col_b in ((ca.modes, cb.modes), (ca.sizes, cb.sizes)):
         if col_a != col_b:
             out.update(compress(count(), map(ne, col_a, col_b)))
     if ca.digests != cb.digests:
@@ -268,15 +285,19 @@ def _aligned_differ(a: Columns, b: Columns) -> set[int]:
                 out.add(i)
     if ca.targets != cb.targets:
         out.update(i for i in a.link_targets if a.link_targets[i] != b.link_targets[i])
-    return out
+    by_mtime: set[int] = set()
+    if ca.mtimes != cb.mtimes:
+        by_mtime.update(compress(count(), map(ne, ca.mtimes, cb.mtimes)))
+    return out, by_mtime
 
 
-def _rows_differ(a: Columns, b: Columns) -> set[int]:
+def _rows_differ(a: Columns, b: Columns) -> tuple[set[int], set[int]]:
     out: set[int] = set()
-    for col_a, col_b in zip(a.rows(), b.rows(), strict=True):
+    by_mtime: set[int] = set()
+    for k, (col_a, col_b) in enumerate(zip(a.rows(), b.rows(), strict=True)):
         if col_a != col_b:
-            out.update(compress(count(), map(ne, col_a, col_b)))
-    return out
+            (by_mtime if k == _MTIME else out).update(compress(count(), map(ne, col_a, col_b)))
+    return out, by_mtime
 
 
 def _differing(col_a: bytes, col_b: bytes, *, block: int = 64) -> Iterator[int]:

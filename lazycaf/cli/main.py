@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("ref_b")
     cas_opt(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument(
+        "--mtimes",
+        action="store_true",
+        help="also list entries whose only change is their mtime (default: counted)",
+    )
     sp.set_defaults(run="store:diff")
 
     def tls_opts(sp: argparse.ArgumentParser, what: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import stat
 import time
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from lazycaf.cli.columns import Columns, changed_pairs, new_blob_bytes
 from lazycaf.core.chunking import chunk_spans
 from lazycaf.core.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, decode_columns
+from lazycaf.core.nogc import paused_gc
 
 __all__ = ["Diff", "diff_manifests", "entry_json", "format_ls", "link_counts"]
 
@@ -88,6 +88,7 @@ class Diff:
     removed: list[Entry]
     changed: list[Change]
     new_blob_bytes: int
+    mtime_only: int = 0  # entries whose only change is their mtime, not in ``changed``
 
     def totals(self) -> dict[str, int]:
         """The summary's figures: counts, file bytes added and removed, changed bytes (each
@@ -104,6 +105,7 @@ class Diff:
             "changed": len(self.changed),
             "changed_bytes": sum(per_content.values()),
             "new_blob_bytes": self.new_blob_bytes,
+            "mtime_only": self.mtime_only,
         }
 
     def lines(self) -> list[str]:
@@ -116,6 +118,11 @@ class Diff:
             f"{t['added']} added ({t['added_bytes']} bytes), {t['removed']} removed "
             f"({t['removed_bytes']} bytes), {t['changed']} changed ({t['changed_bytes']} "
             f"bytes differ); {t['new_blob_bytes']} bytes of blobs new in the second"
+            + (
+                f"; {self.mtime_only} more changed only their mtime (--mtimes lists them)"
+                if self.mtime_only
+                else ""
+            )
         )
         return out
 
@@ -165,22 +172,18 @@ def _what_changed(a: Entry, b: Entry, chunk_size: int) -> tuple[str, ...]:
     return tuple(what)
 
 
-def diff_manifests(a: Manifest | Columns, b: Manifest | Columns) -> Diff:
+def diff_manifests(a: Manifest | Columns, b: Manifest | Columns, *, mtimes: bool = True) -> Diff:
     """What changed from ``a`` to ``b``. Columns are compared whole (``changed_pairs``);
-    entries are made only for the paths that differ."""
+    entries are made only for the paths that differ. ``mtimes=False``: entries whose only
+    change is their mtime (every entry of a fresh build) are counted, not listed."""
     ca = a if isinstance(a, Columns) else Columns(decode_columns(a.encode()))
     cb = b if isinstance(b, Columns) else Columns(decode_columns(b.encode()))
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # whole-column work makes many short-lived tuples; none form cycles
-    try:
-        return _diff(ca, cb)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    with paused_gc():  # whole-column work makes many short-lived tuples; none form cycles
+        return _diff(ca, cb, mtimes=mtimes)
 
 
-def _diff(ca: Columns, cb: Columns) -> Diff:
-    removed_i, added_i, pairs = changed_pairs(ca, cb)
+def _diff(ca: Columns, cb: Columns, *, mtimes: bool) -> Diff:
+    removed_i, added_i, pairs, mtime_only = changed_pairs(ca, cb, mtimes=mtimes)
     changed = []
     news_kept: list[Entry] = []
     if pairs:
@@ -196,4 +199,4 @@ def _diff(ca: Columns, cb: Columns) -> Diff:
     added = list(cb.entries(added_i))
     removed = list(ca.entries(removed_i))
     touched = [*news_kept, *added]
-    return Diff(added, removed, changed, new_blob_bytes(ca, cb, touched))
+    return Diff(added, removed, changed, new_blob_bytes(ca, cb, touched), mtime_only)

@@ -181,7 +181,7 @@ async def diff(args: argparse.Namespace) -> int:
     async def run(cas: CAS) -> int:
         _, a = await _load_columns(cas, args.ref_a)
         _, b = await _load_columns(cas, args.ref_b)
-        diff = diff_manifests(a, b)
+        diff = diff_manifests(a, b, mtimes=args.mtimes)
         if args.json:
             print(json.dumps(diff.to_json(), sort_keys=True))
             return 0

@@ -31,7 +31,6 @@ entries well under 0.3 s.
 
 from __future__ import annotations
 
-import gc
 import re
 import stat
 import struct
@@ -46,6 +45,7 @@ from typing import Final, NamedTuple
 from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE, chunk_count, chunk_spans, validate_chunk_size
 from lazycaf.core.digest import DIGEST_SIZE, Digest
 from lazycaf.core.errors import ManifestError
+from lazycaf.core.nogc import paused_gc
 
 __all__ = [
     "DIR",
@@ -253,13 +253,8 @@ class Manifest:
     def decode(cls, data: bytes, *, name: str = "manifest") -> Manifest:
         """Decode and validate canonical bytes; any defect raises ``ManifestError``."""
         cols = decode_columns(data, name=name)
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # 200k short-lived containers would trigger needless collections
-        try:
+        with paused_gc():  # 200k containers would trigger needless collections
             entries = _build_entries(cols)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
         m = Manifest.__new__(Manifest)
         m.chunk_size, m.root_mode, m.root_mtime_ns = (
             cols.chunk_size,
@@ -298,17 +293,13 @@ class ManifestColumns(NamedTuple):
 def decode_columns(data: bytes, *, name: str = "manifest") -> ManifestColumns:
     """Decode and validate canonical bytes into columns; any defect raises ``ManifestError``
     (prefixed with ``name``). Everything ``Manifest.decode`` refuses, this refuses."""
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # 200k short-lived containers would trigger needless collections
     try:
-        return _decode(data)
+        with paused_gc():  # 200k containers would trigger needless collections
+            return _decode(data)
     except ManifestError as exc:
         raise ManifestError(f"{name}: {exc}") from None
     except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
         raise ManifestError(f"{name}: corrupt manifest ({exc})") from None
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 def _decode(data: bytes) -> ManifestColumns:

@@ -164,3 +164,23 @@ def test_diffs_without_hard_links_compare_whole_columns(seed: int) -> None:
     for x, y in ((a, b), (b, a)):
         got, want = diff_manifests(x, y), reference_diff(x, y)
         assert got.to_json() == want.to_json()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_diff_without_mtimes_counts_the_mtime_only_changes(seed: int) -> None:
+    """``diff`` without ``--mtimes``: the reference diff less the changes that are only an
+    mtime, which are counted instead (both column paths: same paths, and not)."""
+    rng = random.Random(seed)
+    a = random_manifest(rng, 60)
+    b = mutate(rng, a)
+    fresh = Manifest(
+        [e._replace(mtime_ns=e.mtime_ns + 1) for e in a.entries],  # links carry their file's
+        chunk_size=a.chunk_size,
+    )
+    for x, y in ((a, b), (b, a), (a, fresh)):
+        got, want = diff_manifests(x, y, mtimes=False), reference_diff(x, y)
+        only = [c for c in want.changed if c.what == ("mtime",)]
+        assert got.mtime_only == len(only)
+        assert got.changed == [c for c in want.changed if c.what != ("mtime",)]
+        assert (got.added, got.removed) == (want.added, want.removed)
+        assert got.new_blob_bytes == want.new_blob_bytes

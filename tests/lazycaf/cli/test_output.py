@@ -182,19 +182,26 @@ def test_diff_json_lists_changes_with_sizes(tmp_path: Path) -> None:
     diff = _json("diff", a, b, "--cas", cas)
     assert diff["added"] == [{"path": "new.txt", "kind": "file", "size": 5}]
     assert diff["removed"] == [{"path": "bin/tool", "kind": "file", "size": 18}]
-    changed = {c["path"]: c for c in diff["changed"]}
-    assert set(changed) == {"bin", "lib/pkg/readonly"}  # bin: its mtime, from the unlink
-    assert changed["lib/pkg/readonly"]["bytes_differ"] == 3
-    assert changed["bin"] == {"path": "bin", "what": ["mtime"], "bytes_differ": 0}
+    assert [c["path"] for c in diff["changed"]] == ["lib/pkg/readonly"]
+    assert diff["changed"][0]["bytes_differ"] == 3
     assert diff["summary"] == {
         "added": 1,
         "added_bytes": 5,
         "removed": 1,
         "removed_bytes": 18,
-        "changed": 2,
+        "changed": 1,
         "changed_bytes": 3,
         "new_blob_bytes": 5 + 3,
+        "mtime_only": 1,  # bin: its mtime, from the unlink
     }
+    text = run_cli("diff", a, b, "--cas", cas).stdout.decode().splitlines()
+    assert not any(line.startswith("M bin ") for line in text)
+    assert text[-1].endswith("; 1 more changed only their mtime (--mtimes lists them)")
+    every = _json("diff", a, b, "--cas", cas, "--mtimes")
+    changed = {c["path"]: c for c in every["changed"]}
+    assert set(changed) == {"bin", "lib/pkg/readonly"}
+    assert changed["bin"] == {"path": "bin", "what": ["mtime"], "bytes_differ": 0}
+    assert every["summary"] == {**diff["summary"], "changed": 2, "mtime_only": 0}
 
 
 def test_profile_show_json(tmp_path: Path) -> None:
