@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -57,8 +57,8 @@ class Staged(NamedTuple):
     """A verified blob written to ``tmp/``: not durable and not visible until ``publish``."""
 
     digest: Digest
-    tmp: Path
-    final: Path
+    tmp: str
+    final: str
 
 
 class CasDir:
@@ -66,6 +66,11 @@ class CasDir:
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         self.root = Path(root)
+        # Per-blob paths are plain strings (pathlib costs ~10 us a path, more than a syscall).
+        self._blobs = str(self.root / "blobs")
+        self._tmp = str(self.root / "tmp")
+        self._shards: set[str] = set()  # shard directories known to exist
+        self._tmp_names = itertools.count()
         if create:
             for sub in ("blobs", "refs", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -77,13 +82,13 @@ class CasDir:
         return f"CasDir({str(self.root)!r})"
 
     # -- blobs -----------------------------------------------------------------------------
-    def _path(self, digest: Digest) -> Path:
+    def _path(self, digest: Digest) -> str:
         h = digest.hex
-        return self.root / "blobs" / h[:2] / h
+        return f"{self._blobs}/{h[:2]}/{h}"
 
     def has(self, digest: Digest) -> bool:
         p = self._path(digest)
-        return p.with_suffix(".zst").exists() or p.exists()
+        return os.path.exists(p + ".zst") or os.path.exists(p)
 
     def find_missing(self, digests: list[Digest]) -> list[Digest]:
         """The digests not stored; each stored one is ``touch``ed (its age restarts)."""
@@ -96,13 +101,13 @@ class CasDir:
         refreshed after its deletion. A store this process may not write (read-only,
         another owner) is only checked for the blob."""
         p = self._path(digest)
-        for path in (p.with_suffix(".zst"), p):
+        for path in (p + ".zst", p):
             try:
                 os.utime(path)
             except FileNotFoundError:
                 continue
             except OSError:  # EROFS, EPERM, EACCES: nothing to refresh from here
-                if path.exists():
+                if os.path.exists(path):
                     return True
                 continue
             return True
@@ -112,9 +117,9 @@ class CasDir:
         """The stored representation (not verified: callers verify after decoding)."""
         p = self._path(digest)
         with contextlib.suppress(FileNotFoundError):
-            return framing.ZSTD, p.with_suffix(".zst").read_bytes()
+            return framing.ZSTD, _read_file(p + ".zst")
         try:
-            return framing.IDENTITY, p.read_bytes()
+            return framing.IDENTITY, _read_file(p)
         except FileNotFoundError:
             raise BlobNotFound(digest, str(self.root)) from None
 
@@ -197,7 +202,12 @@ class CasDir:
                     os.unlink(s.tmp)
                     out.append(False)
                 else:
-                    os.replace(s.tmp, s.final)
+                    try:
+                        os.replace(s.tmp, s.final)
+                    except FileNotFoundError:  # its shard directory removed since it was made
+                        os.makedirs(os.path.dirname(s.final), exist_ok=True)
+                        syncfs(self.root)
+                        os.replace(s.tmp, s.final)
                     out.append(True)
                 done += 1
             return out
@@ -228,10 +238,10 @@ class CasDir:
         """The blob's content size, from a stat or the frame headers (nothing decoded)."""
         p = self._path(digest)
         with contextlib.suppress(FileNotFoundError):
-            payload = p.with_suffix(".zst").read_bytes()
+            payload = _read_file(p + ".zst")
             return framing.decoded_size(framing.ZSTD, payload, what=f"blob {digest}")
         try:
-            return p.stat().st_size
+            return os.stat(p).st_size
         except FileNotFoundError:
             raise BlobNotFound(digest, str(self.root)) from None
 
@@ -259,7 +269,7 @@ class CasDir:
         for digest in digests:
             p = self._path(digest)
             found = False
-            for path in (p.with_suffix(".zst"), p):
+            for path in (p + ".zst", p):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                     found = True
@@ -267,23 +277,37 @@ class CasDir:
         return deleted
 
     def _stage(self, digest: Digest, encoding: str, payload: bytes) -> Staged:
-        final = self._path(digest)
-        if encoding == framing.ZSTD:
-            final = final.with_suffix(".zst")
-        # Created before the syncfs, so the directory entry is as durable as the content.
-        final.parent.mkdir(exist_ok=True)
-        return Staged(digest, self._write_tmp(final.name, payload), final)
+        h = digest.hex
+        shard = f"{self._blobs}/{h[:2]}"
+        if shard not in self._shards:
+            # Created before the syncfs, so the directory entry is as durable as the content.
+            os.makedirs(shard, exist_ok=True)
+            self._shards.add(shard)
+        final = f"{shard}/{h}.zst" if encoding == framing.ZSTD else f"{shard}/{h}"
+        return Staged(digest, self._write_tmp(h, payload), final)
 
-    def _write_tmp(self, name: str, payload: bytes) -> Path:
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=name[:16] + ".")
+    def _write_tmp(self, name: str, payload: bytes) -> str:
+        """Write ``payload`` to a new file in ``tmp/`` (mode 0600, as ``mkstemp`` makes):
+        ``<name[:16]>.<pid>.<n>``, unique among live processes; a leftover of a dead one
+        with the same name is skipped (``O_EXCL``)."""
+        while True:
+            tmp = f"{self._tmp}/{name[:16]}.{os.getpid()}.{next(self._tmp_names)}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            break
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
         except BaseException:
+            os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        return Path(tmp)
+        os.close(fd)
+        return tmp
 
     def _atomic_write(self, final: Path, payload: bytes) -> None:
         # A syncfs rather than an fsync: it also makes durable the rename of the blob a ref
@@ -386,3 +410,19 @@ class CasDir:
 
 def _ref_conflict(name: str) -> UsageError:
     return UsageError(f"ref name {name!r} conflicts with an existing ref (as 'p' and 'p/x' do)")
+
+
+def _read_file(path: str) -> bytes:
+    """A whole file's bytes: one ``open``, ``fstat`` and ``read`` (no buffered file object)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        while len(data) <= size:  # short read, or the file grew: read to the end
+            more = os.read(fd, 1 << 20)
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        os.close(fd)

@@ -572,7 +572,7 @@ def test_stage_then_publish(cas: CasDir) -> None:
     staged = cas.stage_encoded(d, *framing.encode(data))
     assert staged is not None
     assert not cas.has(d)  # staged is neither visible nor trusted
-    assert files_under(cas.root / "tmp") == [staged.tmp]
+    assert files_under(cas.root / "tmp") == [Path(staged.tmp)]
     again = cas.stage_encoded(d, framing.IDENTITY, data)
     assert again is not None
     assert cas.publish([staged, again]) == [True, False]  # the second copy is dropped

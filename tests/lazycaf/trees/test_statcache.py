@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import time
 from pathlib import Path
@@ -52,7 +52,7 @@ def cache_dir(tmp_path: Path) -> Path:
 def test_for_tree_names_one_file_per_root_and_chunk_size(tree: Path, cache_dir: Path) -> None:
     a = StatCache.for_tree(cache_dir, tree, CS)
     assert a.path.parent == cache_dir
-    assert a.path.suffix == ".json"
+    assert a.path.suffix == ".stat"
     assert StatCache.for_tree(cache_dir, tree / "sub" / "..", CS).path == a.path
     assert StatCache.for_tree(cache_dir, tree, 2 * CS).path != a.path
     assert StatCache.for_tree(cache_dir, tree.parent, CS).path != a.path
@@ -145,18 +145,33 @@ def test_missing_file_gives_an_empty_cache(tree: Path, cache_dir: Path) -> None:
     assert cache.hits == 0
 
 
+MAGIC = b"LZCAFSTAT2\n"
+
+
+def body(saved_ns: object, files: object) -> bytes:
+    return MAGIC + marshal.dumps((saved_ns, files))
+
+
+def saved(path: Path) -> tuple[int, dict[str, object]]:
+    data = path.read_bytes()
+    assert data.startswith(MAGIC)
+    out: tuple[int, dict[str, object]] = marshal.loads(data[len(MAGIC) :])
+    return out
+
+
 @pytest.mark.parametrize(
     "data",
     [
         b"",
         b"garbage",
         b"\xff\xfe\x00",
-        b"null",
-        b"[1, 2]",
-        b"{}",
-        b'{"v": 1}',
-        b'{"v": 2, "saved_ns": 0, "files": {}}',
-        b'{"v": 1, "saved_ns": "soon", "files": {}}',
+        b'{"v": 1, "saved_ns": 0, "files": {}}',  # the JSON of earlier versions
+        MAGIC,
+        MAGIC + b"\x00\x01",
+        MAGIC + marshal.dumps(None),
+        MAGIC + marshal.dumps((1, 2, 3)),
+        body("soon", {}),
+        body(time.time_ns(), [1, 2]),
     ],
 )
 def test_corrupt_file_gives_an_empty_cache(tree: Path, cache_dir: Path, data: bytes) -> None:
@@ -175,34 +190,37 @@ def test_a_record_that_does_not_parse_misses(tree: Path, cache_dir: Path) -> Non
     cache = StatCache.for_tree(cache_dir, tree, CS)
     cache.record("f", synthetic(), D("f"), (D("c0"),))
     cache.save()
-    body = json.loads(cache.path.read_bytes())
-    body["files"]["f"][1] = "not hex"
-    body["files"]["g"] = [list(synthetic()), D("g").hex, ["zz"]]
-    cache.path.write_text(json.dumps(body))
+    saved_ns, files = saved(cache.path)
+    files["f"] = (synthetic(), b"short", b"")
+    files["g"] = (synthetic(), D("g").raw, b"not 32 bytes")
+    files["h"] = (synthetic(), D("h").hex, b"")  # hex where raw bytes belong
+    cache.path.write_bytes(body(saved_ns, files))
     again = StatCache.for_tree(cache_dir, tree, CS)
     assert again.lookup("f", synthetic()) is None
     assert again.lookup("g", synthetic()) is None
+    assert again.lookup("h", synthetic()) is None
     assert again.hits == 0
 
 
-@pytest.mark.parametrize(
-    "files",
-    [
-        [],  # files is not an object
-        {"f": 5},  # a record is not a list
-        {"f": []},  # a record is too short
-    ],
-)
-def test_a_structurally_wrong_file_gives_an_empty_cache(
-    tree: Path, cache_dir: Path, files: object
-) -> None:
-    # Valid JSON of the right version whose records have the wrong shape: as corrupt as
-    # garbage, so the cache must be empty rather than raise from lookup().
+@pytest.mark.parametrize("record", [5, (), (synthetic(),), "f", None])
+def test_a_structurally_wrong_record_misses(tree: Path, cache_dir: Path, record: object) -> None:
+    # A readable file of the right version whose records have the wrong shape: a miss for
+    # that file rather than an exception out of lookup().
     cache = StatCache.for_tree(cache_dir, tree, CS)
     cache.path.parent.mkdir(parents=True)
-    cache.path.write_text(json.dumps({"v": 1, "saved_ns": time.time_ns(), "files": files}))
+    cache.path.write_bytes(body(time.time_ns(), {"f": record}))
     broken = StatCache.for_tree(cache_dir, tree, CS)
     assert broken.lookup("f", synthetic()) is None
+
+
+def test_the_json_file_of_earlier_versions_is_removed_on_save(tree: Path, cache_dir: Path) -> None:
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache_dir.mkdir(parents=True)
+    old = cache.path.with_suffix(".json")
+    old.write_text('{"v": 1, "saved_ns": 0, "files": {}}')
+    cache.record("f", synthetic(), D("f"), ())
+    cache.save()
+    assert os.listdir(cache_dir) == [cache.path.name]
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tree: Path, cache_dir: Path) -> None:
@@ -211,9 +229,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tree: Path, cache_dir: Path) ->
     cache.save()
     cache.save()
     assert os.listdir(cache_dir) == [cache.path.name]
-    body = json.loads(cache.path.read_bytes())
-    assert body["v"] == 1
-    assert set(body["files"]) == {"f"}
+    assert set(saved(cache.path)[1]) == {"f"}
 
 
 def test_a_failed_save_leaves_the_old_state_and_no_temp_file(tree: Path, cache_dir: Path) -> None:
@@ -243,4 +259,4 @@ def test_files_not_seen_by_the_latest_pack_are_dropped(tree: Path, cache_dir: Pa
     assert third.lookup("a", a) == (D("a"), ())
     assert third.lookup("c", c) == (D("c"), ())
     assert third.lookup("b", b) is None
-    assert set(json.loads(third.path.read_bytes())["files"]) == {"a", "c"}
+    assert set(saved(third.path)[1]) == {"a", "c"}
