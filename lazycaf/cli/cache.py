@@ -24,6 +24,7 @@ from lazycaf.core.errors import IntegrityError, LazyCafError, UsageError
 from lazycaf.core.manifest import Manifest
 from lazycaf.core.sizes import format_size, parse_size
 from lazycaf.host.client import FetcherClient, ensure_daemon, socket_answers
+from lazycaf.host.defaults import BULK_TIMEOUT
 from lazycaf.host.index import Index
 from lazycaf.host.paths import CacheLayout
 
@@ -234,7 +235,7 @@ async def pin(args: argparse.Namespace) -> int:
     if cas_spec and "://" not in cas_spec:
         cas_spec = str(_absolute(cas_spec))
     await trio.to_thread.run_sync(ensure_daemon, cache, cas_spec, sock)
-    client = FetcherClient(sock)
+    client = FetcherClient(sock, timeout=BULK_TIMEOUT)
     try:
         digest = await client.resolve(args.ref)
         if args.unpin:

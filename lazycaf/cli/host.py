@@ -36,6 +36,7 @@ from lazycaf.host.client import (
     ensure_daemon,
     socket_answers,
 )
+from lazycaf.host.defaults import BULK_TIMEOUT
 from lazycaf.host.paths import CacheLayout, cache_paths
 from lazycaf.mount.root import (
     SAVE_TIMEOUT,
@@ -350,7 +351,7 @@ async def materialize(args: argparse.Namespace) -> int:
         cas_spec = str(_absolute(cas_spec))
     await trio.to_thread.run_sync(check_target, target)
     await trio.to_thread.run_sync(ensure_daemon, cache, cas_spec, sock)
-    client = FetcherClient(sock)
+    client = FetcherClient(sock, timeout=BULK_TIMEOUT)
     try:
         digest = await client.resolve(args.ref)
         await client.ensure(digest)
