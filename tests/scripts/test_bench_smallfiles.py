@@ -4,7 +4,9 @@ the real CLI (the 200,000-file figure itself is run by hand, never asserted here
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,22 @@ def test_a_tiny_run_with_a_baseline_writes_both_figures(tmp_path: Path) -> None:
     assert len(fig["samples"]) == 2 and len(fig["baseline"]["samples"]) == 2
     assert fig["ratio"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the temp dir is gone
+
+
+@pytest.mark.slow
+def test_a_tiny_run_with_materialize_times_it_and_cleans_up() -> None:
+    """Root: a Btrfs loop image and a fetcher daemon; all gone after the run. A short temp
+    dir: the daemon's socket path must fit AF_UNIX."""
+    lazycaf = Path(sys.executable).parent / "lazycaf"
+    tmp = Path(tempfile.mkdtemp(prefix="lzsf-"))
+    try:
+        out = tmp / "r.json"
+        argv = ["--packages", "2", "--files", "3", "--runs", "1", "--tmpdir", str(tmp)]
+        argv += ["--materialize", "--lazycaf", str(lazycaf), "--json", str(out)]
+        assert bench_smallfiles.main(argv) == 0
+        _, mat = json.loads(out.read_text())["figures"]
+        assert mat["name"].startswith("materialize") and len(mat["samples"]) == 1
+        assert mat["samples"][0] > 0
+        assert [p.name for p in tmp.iterdir()] == ["r.json"]
+    finally:
+        shutil.rmtree(tmp)
