@@ -145,10 +145,11 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     ``PackError`` naming the path."""
     stack = [""]
     top = str(root)
+    prefix = "" if top == "." else f"{top}/"  # as pathlib joins: "." adds no bytes
     while stack:
         rel_dir = stack.pop()
         try:
-            with os.scandir(f"{top}/{rel_dir}" if rel_dir else top) as it:
+            with os.scandir(f"{prefix}{rel_dir}" if rel_dir else top) as it:
                 entries = list(it)
         except OSError as exc:
             raise PackError(
