@@ -18,6 +18,12 @@ Two facts shape the script:
   get their mtimes restored. The check runs with PYTHONDONTWRITEBYTECODE=1 so nothing
   is written into the tree after it.
 
+With ``torch`` among the packages (the big-workload sample: ``--packages torch==2.13.0
+numpy``), pip's plan is checked first (``pip install --dry-run --report``): the build refuses
+to start if torch would come from anywhere but a local wheel, or if the plan holds a CUDA
+runtime (``nvidia-*``, ``triton``), so a spec that resolves to a newer torch never downloads a
+multi-GB CUDA build. The check then imports torch (and numpy) from the tree.
+
 Usage: python scripts/build_sample.py OUTDIR [--packages numpy ...] [--python PREFIX] [--force]
 """
 
@@ -31,20 +37,25 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 VER = "3.11"
 # Not needed by jobs; site-packages of the source prefix holds many unrelated packages.
 STDLIB_EXCLUDE = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3"}
 STDLIB_EXCLUDE |= {"site-packages"}
+# Packages the check imports when they were asked for (their __file__ must be in the tree).
+CHECKED_IMPORTS = ("numpy", "torch")
+# Asking for one of these (normalised name prefix) checks pip's plan for a CUDA download.
+HEAVY_REMOTE = ("torch", "triton", "nvidia")
 CHECK_CODE = r"""
 import sys, json, sqlite3, ssl
-np = __import__("numpy") if sys.argv[1] == "1" else None
+mods = {name: __import__(name).__file__ for name in sys.argv[1:]}
 maps = [line.split(None, 5) for line in open("/proc/self/maps")]
 libs = sorted({m[5].strip() for m in maps if len(m) > 5 and "libpython" in m[5]})
-print(json.dumps({"prefix": sys.prefix, "libpython": libs, "numpy": np.__file__ if np else None}))
+print(json.dumps({"prefix": sys.prefix, "libpython": libs, "modules": mods}))
 """
 
 
@@ -84,16 +95,82 @@ def copy_prefix(src: Path, out: Path) -> None:
     (stdlib / "site-packages").mkdir()
 
 
+def package_name(spec: str) -> str:
+    """The distribution name of a requirement ``spec``, normalised (``Torch==2.13.0`` ->
+    ``torch``, ``typing-extensions`` -> ``typing_extensions``)."""
+    return re.split(r"[<>=!~\[; ]", spec.strip(), maxsplit=1)[0].replace("-", "_").lower()
+
+
+def heavy_downloads(report: dict[str, Any]) -> list[str]:
+    """What of pip's ``--report`` plan would come as a multi-GB download: torch from anywhere
+    but a local file, or any CUDA runtime package (``nvidia-*``, ``triton``); ``name
+    version url`` of each."""
+    found = []
+    for item in report.get("install", []):
+        meta = item.get("metadata", {})
+        name = str(meta.get("name", "")).lower().replace("_", "-")
+        url = str(item.get("download_info", {}).get("url", ""))
+        if name == "torch" and url.startswith("file:"):
+            continue
+        if name == "torch" or name == "triton" or name.startswith("nvidia-"):
+            found.append(f"{name} {meta.get('version', '?')} {url}")
+    return found
+
+
+def check_plan(pip: list[str], packages: list[str]) -> None:
+    """With torch asked for: refuse before anything downloads if pip's plan holds a remote
+    torch or a CUDA runtime (``heavy_downloads``)."""
+    if not any(package_name(p).startswith(HEAVY_REMOTE) for p in packages):
+        return
+    with tempfile.TemporaryDirectory(prefix="build_sample-plan-") as tmp:
+        report = Path(tmp) / "report.json"
+        run([*pip, "--dry-run", "--report", str(report), *packages])
+        heavy = heavy_downloads(json.loads(report.read_text()))
+    if heavy:
+        die(
+            2,
+            f"pip would download a CUDA build for {packages}: {'; '.join(heavy)} "
+            "(use the version on local disk, e.g. torch==2.13.0)",
+        )
+
+
+def compile_errors(output: str) -> list[str]:
+    """The files ``compileall -q`` could not compile (its ``*** Error compiling 'PATH'...``
+    lines)."""
+    found = []
+    for line in output.splitlines():
+        if line.startswith("*** Error compiling "):
+            found.append(line.removeprefix("*** Error compiling ").rstrip(".").strip("'"))
+    return found
+
+
+def compile_site(py: str, site: Path) -> None:
+    """Byte-compile ``site``. A file this Python cannot compile (torch ships test helpers in
+    3.12 syntax) cannot be imported by it either: said and skipped, as pip does; any other
+    failure ends the build."""
+    cmd = [py, "-m", "compileall", "-q", "-j0", str(site)]
+    res = subprocess.run(cmd, text=True, capture_output=True, cwd="/")
+    if res.returncode == 0:
+        return
+    bad = compile_errors(res.stdout)
+    if not bad:
+        die(1, f"command failed (exit {res.returncode}): {' '.join(cmd)}\n{res.stderr[-2000:]}")
+    shown = ", ".join(os.path.relpath(b, site) for b in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    print(f"build_sample: {len(bad)} file(s) not byte-compiled (syntax): {shown}{more}")
+
+
 def install_packages(src: Path, out: Path, packages: list[str]) -> None:
     py = str(src / "bin" / f"python{VER}")
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--ignore-installed"]
     pip += ["--no-warn-script-location", "--root-user-action=ignore", "--prefix", str(out)]
+    check_plan(pip, packages)
     run([*pip, *packages])
     site = out / "lib" / f"python{VER}" / "site-packages"
-    run([py, "-m", "compileall", "-qq", "-j0", str(site)])  # no-op where pip already compiled
+    compile_site(py, site)  # no-op where pip already compiled
     installed = {p.name.lower().split("-")[0] for p in site.iterdir()}
     for pkg in packages:
-        name = re.split(r"[<>=!~\[; ]", pkg, maxsplit=1)[0].replace("-", "_").lower()
+        name = package_name(pkg)
         if name not in installed:
             die(1, f"package {pkg!r} did not end up under {site}")
     # pip's console scripts (f2py, ...) have a shebang pointing at the host interpreter.
@@ -145,10 +222,10 @@ def clean_tree(out: Path) -> tuple[int, int]:
     return files, size
 
 
-def check(out: Path, numpy: bool) -> str:
+def check(out: Path, imports: list[str]) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
     env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1")
-    cmd = [str(out / "bin" / "python3"), "-c", CHECK_CODE, str(int(numpy))]
+    cmd = [str(out / "bin" / "python3"), "-c", CHECK_CODE, *imports]
     res = run(cmd, capture=True, env=env).strip()
     info = json.loads(res.splitlines()[-1])
     want_prefix = os.path.realpath(out)
@@ -157,8 +234,9 @@ def check(out: Path, numpy: bool) -> str:
         die(1, f"check failed: sys.prefix={info['prefix']!r}, expected {want_prefix!r}")
     if [os.path.realpath(x) for x in info["libpython"]] != [want_lib]:
         die(1, f"check failed: mapped libpython {info['libpython']!r}, expected [{want_lib!r}]")
-    if numpy and not os.path.realpath(info["numpy"]).startswith(want_prefix + os.sep):
-        die(1, f"check failed: numpy imported from {info['numpy']!r}, outside {want_prefix!r}")
+    for name, file in info["modules"].items():
+        if not os.path.realpath(file).startswith(want_prefix + os.sep):
+            die(1, f"check failed: {name} imported from {file!r}, outside {want_prefix!r}")
     return res
 
 
@@ -187,7 +265,8 @@ def main() -> None:
     install_packages(src, out, args.packages)
     fixed = fix_rpaths(src, out)
     files, size = clean_tree(out)
-    print(f"check: {check(out, any(p.lower().startswith('numpy') for p in args.packages))}")
+    asked = {package_name(p) for p in args.packages}
+    print(f"check: {check(out, [m for m in CHECKED_IMPORTS if m in asked])}")
     print(
         f"built {out}: {files} files, {size} bytes ({size / 2**20:.1f} MiB), "
         f"{fixed} ELF rpaths rewritten, {time.monotonic() - t0:.1f}s"

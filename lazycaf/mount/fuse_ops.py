@@ -4,7 +4,8 @@ Handlers are thin: metadata comes from the pure ``InodeTable``, bytes from ``Blo
 They raise only ``pyfuse3.FUSEError``; ``errno_for`` maps the project's errors in one table,
 and ``read`` answers EIO for any failure at all (one log line), so no read ends the mount.
 The tree is immutable, so entries and attributes are cached by the kernel for a day, negative
-lookups too, and open files keep their page cache.
+lookups too, and open files keep their page cache. ``LazyOperations.requests`` counts the
+requests each handler received (by opcode name); the mount logs them on its way out.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from functools import wraps
 from typing import Any, Final, ParamSpec, TypeVar
@@ -106,6 +108,7 @@ class LazyOperations(pyfuse3.Operations):
         self._uid, self._gid = os.getuid(), os.getgid()
         self.on_first_open: Callable[[int], None] | None = None
         self._file_bytes: int | None = None
+        self.requests: Counter[str] = Counter()  # requests received, by opcode name
 
     def attributes(self, inode: int) -> pyfuse3.EntryAttributes:
         """Made per request from the index (no cache: the kernel keeps attributes for a
@@ -123,8 +126,13 @@ class LazyOperations(pyfuse3.Operations):
         a.entry_timeout = a.attr_timeout = TIMEOUT
         return a
 
+    async def forget(self, inode_list: Any) -> None:
+        self.requests["forget"] += 1  # nothing to forget: inodes are the index's rows
+        return None
+
     @_fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        self.requests["lookup"] += 1
         inode = self.table.lookup(parent_inode, name)
         if inode is None:
             negative = pyfuse3.EntryAttributes()
@@ -135,10 +143,12 @@ class LazyOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        self.requests["getattr"] += 1
         return self.attributes(inode)
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
+        self.requests["readlink"] += 1
         e = self.table.entry(inode)
         if e.kind != SYMLINK or e.target is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
@@ -146,6 +156,7 @@ class LazyOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
+        self.requests["opendir"] += 1
         if self.skip_open:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel stops asking: see skip_open
         if not self.table.is_dir(inode):
@@ -154,6 +165,7 @@ class LazyOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        self.requests["readdir"] += 1
         table = self.table
         for i in range(start_id, table.child_count(fh)):
             name, inode = table.child(fh, i)
@@ -161,10 +173,12 @@ class LazyOperations(pyfuse3.Operations):
                 break
 
     async def releasedir(self, fh: int) -> None:
+        self.requests["releasedir"] += 1
         return None
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        self.requests["open"] += 1
         if self.skip_open:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
@@ -176,6 +190,7 @@ class LazyOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        self.requests["read"] += 1
         try:
             entry = self.table.entry(fh)
         except KeyError:
@@ -198,10 +213,12 @@ class LazyOperations(pyfuse3.Operations):
         return data  # type: ignore[return-value]  # pyfuse3 takes any buffer
 
     async def release(self, fh: int) -> None:
+        self.requests["release"] += 1
         return None
 
     @_fuse_errors
     async def statfs(self, ctx: Any) -> Any:
+        self.requests["statfs"] += 1
         s = pyfuse3.StatvfsData()
         if self._file_bytes is None:
             self._file_bytes = self.table.index.file_bytes()
@@ -215,12 +232,15 @@ class LazyOperations(pyfuse3.Operations):
         return s
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self.requests["getxattr"] += 1
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        self.requests["listxattr"] += 1
         return []
 
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        self.requests["access"] += 1
         return not mode & os.W_OK
 
 

@@ -13,7 +13,9 @@ once every request handler has, and a read waiting on a fetch from a slow CAS ma
 error on ``/dev/fuse``: after a plain unmount, or the last close after a lazy one) and then
 cancels the handlers in flight, whose answers nobody can receive any more; SIGTERM does the
 same. The run's trace is then saved within ``SAVE_TIMEOUT`` seconds, or given up, and the
-process exits: ``lazycaf umount`` returns within a bound whatever the fetches are doing.
+process exits: ``lazycaf umount`` returns within a bound whatever the fetches are doing. On
+the way out the mount logs the FUSE requests it answered, by opcode (one line,
+``FUSE requests by opcode: {json}``, in its log ``CACHE/logs/mount<MOUNTPOINT, / as _>.log``).
 
 Owner (``--owner-pid``, what ``lazycaf run`` passes): the mount watches that process through
 a pidfd and, once it exits, unmounts itself the same way, so a ``run`` killed by SIGKILL
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import select
@@ -227,6 +230,8 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             fuse_ops.fuse_close(unmount=True)
             reader.close()
             index.close()
+            requests = json.dumps(dict(sorted(ops.requests.items())), separators=(",", ":"))
+            log.info("FUSE requests by opcode: %s", requests)
             with trio.CancelScope(shield=True):
                 await _save_bounded(profile)
             pid_file.unlink(missing_ok=True)
