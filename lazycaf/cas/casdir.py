@@ -417,8 +417,8 @@ def _read_file(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)
-        while len(data) <= size:  # short read, or the file grew: read to the end
+        data = os.read(fd, size + 1)  # one byte more: EOF seen in the same call
+        while len(data) != size:  # a short read, or the file grew: read to the end
             more = os.read(fd, 1 << 20)
             if not more:
                 break

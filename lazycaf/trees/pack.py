@@ -123,11 +123,14 @@ def _odd_kind(mode: int) -> str:
     return "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "special file"
 
 
+_NOT_UTF8: Final = "name is not valid UTF-8"
+
+
 def _check_utf8(name: str, where: str) -> None:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise PackError(f"cannot pack {where!r}: name is not valid UTF-8") from None
+        raise PackError(f"cannot pack {where!r}: {_NOT_UTF8}") from None
 
 
 def _shown(root: Path, rel: str, *, keep: int = 100) -> str:
@@ -160,8 +163,7 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
             try:
                 size = len(rel.encode())
             except UnicodeEncodeError:
-                _check_utf8(entry.name, _shown(root, rel))  # names the bad path
-                raise
+                raise PackError(f"cannot pack {_shown(root, rel)!r}: {_NOT_UTF8}") from None
             if size > PATH_MAX:
                 raise PackError(
                     f"cannot pack {_shown(root, rel)}: its path below {root} is "
@@ -313,7 +315,7 @@ def known_blobs(s: Scanned, hashes: Hashes, chunk_size: int) -> list[Blob]:
     if not chunks:  # most files: one blob
         return [Blob(digest, s.path, 0, s.size)]
     spans = chunk_spans(s.size, chunk_size)
-    return [Blob(d, s.path, off, n) for d, (off, n) in zip(chunks or (digest,), spans, strict=True)]
+    return [Blob(d, s.path, off, n) for d, (off, n) in zip(chunks, spans, strict=True)]
 
 
 def _jobs(files: list[Scanned], chunk_size: int) -> Iterator[list[Scanned]]:
