@@ -103,7 +103,6 @@ from scripts.harness import (
     build_sample,
     cleanup,
     cleanup_mounts,
-    daemon_ready,
     default_json,
     drop_caches,
     du,
@@ -120,9 +119,9 @@ from scripts.harness import (
     run,
     sample_tree,
     stop_process,
-    tail,
     time_python,
     timed,
+    wait_daemon_ready,
     wait_for_line,
 )
 
@@ -264,11 +263,7 @@ def daemon_in(net: Net, env: Env, cache: Path) -> Iterator[subprocess.Popen[Any]
             cwd=str(REPO),
         )
     try:
-        deadline = time.monotonic() + 30
-        while not daemon_ready(cache):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"fetcher daemon for {cache} did not start: {tail(log)}")
-            time.sleep(0.05)
+        wait_daemon_ready(proc, cache, log)
         yield proc
     finally:
         try:

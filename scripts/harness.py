@@ -247,6 +247,18 @@ def daemon_ready(cache: Path) -> bool:
     return socket_answers(sock) and zygote_ready(sock)
 
 
+def wait_daemon_ready(
+    proc: subprocess.Popen[Any], cache: Path, log: Path, timeout: float = 30.0
+) -> None:
+    """Wait until the daemon ``proc`` (logging to ``log``) is ``daemon_ready``; a
+    ``BenchError`` with its log's tail if it exits or takes longer than ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not daemon_ready(cache):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"fetcher daemon for {cache} did not start: {tail(log)}")
+        time.sleep(0.05)
+
+
 # -- page cache, mounts, processes ---------------------------------------------------------
 def drop_caches() -> None:
     os.sync()

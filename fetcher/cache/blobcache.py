@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import subprocess
-import tempfile
 import threading
-from collections.abc import Collection
+import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENCODED_WRITES_ENV = "LAZYCAF_ENCODED_WRITES"
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,11 @@ class BlobCache:
         self._sector = os.statvfs(layout.tmp).f_bsize
         self._written = [0, 0, 0]  # encoded extents, encoded bytes, plain bytes
         self._written_lock = threading.Lock()  # not _lock: staging never waits for GC
+        self._tmp_prefix = f"{layout.tmp}/"
+        self._blobs_prefix = f"{layout.blobs}/"
+        self._pid = os.getpid()
+        self._seq = itertools.count()  # next() is atomic under the GIL: threads share it
+        self._shards: set[str] = set()  # blobs/<2 hex> directories known to exist
 
     def write_statistics(self) -> WriteStatistics:
         with self._written_lock:
@@ -157,18 +164,18 @@ class BlobCache:
         return staged.size
 
     def stage(self, blob: Verified, *, encoded: bool | None = None) -> Staged:
-        """Write a verified blob to ``tmp/``. A full disk raises ``CacheFull``; on any
+        """Write a verified blob to ``tmp/`` (``<hex16>.<pid>.<n>``, created read-only and
+        exclusive: no name generation, no chmod). A full disk raises ``CacheFull``; on any
         failure the temp file is gone. ``encoded`` overrides the cache's ``encoded_writes``
         for this blob (still only where the filesystem takes them)."""
         digest, encoding, payload, data = blob.digest, blob.encoding, blob.payload, blob.data
         tmp = ""
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.layout.tmp, prefix=digest.hex[:16] + ".")
+            fd, tmp = self._create_temp(digest)
             try:
                 self._write(fd, encoding, payload, data, encoded)
             finally:
                 os.close(fd)
-            os.chmod(tmp, 0o444)
         except BaseException as exc:
             if tmp:
                 with contextlib.suppress(FileNotFoundError):
@@ -177,6 +184,14 @@ class BlobCache:
                 raise CacheFull(f"cache disk full while storing blob {digest}") from exc
             raise
         return Staged(digest, Path(tmp), len(data))
+
+    def _create_temp(self, digest: Digest) -> tuple[int, str]:
+        while True:
+            tmp = f"{self._tmp_prefix}{digest.hex[:16]}.{self._pid}.{next(self._seq)}"
+            try:
+                return os.open(tmp, _TEMP_FLAGS, 0o444), tmp
+            except FileExistsError:  # left by an earlier daemon with this pid: next name
+                continue
 
     def _write(
         self, fd: int, encoding: str, payload: bytes, data: bytes, encoded: bool | None
@@ -207,28 +222,70 @@ class BlobCache:
     def publish(self, staged: Staged, *, limit: int | None) -> bool:
         """Rename a staged blob into ``blobs/`` and index it, unless that would take
         ``usage`` above ``limit`` (then return False and keep it staged)."""
-        final = self.path(staged.digest)
+        (done,) = self.publish_many([staged], limit=limit)
+        if isinstance(done, BaseException):
+            raise done
+        return done
+
+    def publish_many(
+        self, staged: Sequence[Staged], *, limit: int | None
+    ) -> list[bool | CacheFull | OSError]:
+        """``publish`` for several blobs under one lock and one index transaction (the
+        per-blob transaction and lock were most of a small blob's cost). Per blob: True
+        published, False kept staged (over ``limit``), or the error that discarded it."""
+        out: list[bool | CacheFull | OSError] = []
+        moved: list[tuple[Staged, BlobRecord]] = []
+        now = time.time_ns()
         with self._lock:
-            known = staged.digest in self.index
-            added = 0 if known else staged.size
-            if limit is not None and added and self.usage + added > limit:
-                return False
+            usage = self.usage
             try:
-                final.parent.mkdir(exist_ok=True)
-                os.replace(staged.tmp, final)
-            except OSError as exc:
-                self.discard(staged)
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise CacheFull(f"cache disk full while storing {staged.digest}") from exc
+                for s in staged:
+                    rec = self.index.get(s.digest)
+                    added = 0 if rec is not None else s.size
+                    if limit is not None and added and usage + added > limit:
+                        out.append(False)
+                        continue
+                    try:
+                        self._rename_in(s)
+                    except OSError as exc:
+                        self.discard(s)
+                        out.append(_disk_error(exc, s.digest))
+                        continue
+                    pins = 0 if rec is None else rec.pins
+                    moved.append((s, BlobRecord(s.size, now, pins, False)))
+                    usage += added
+                    out.append(True)
+            finally:
+                if moved:
+                    try:
+                        self.index.put_many((s.digest, rec) for s, rec in moved)
+                    except BaseException:
+                        for s, _ in moved:  # no file under blobs/ without its record
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(self._blob_path(s.digest))
+                        raise
+                    self.usage = usage
+                    self._pending.extend(s.digest for s, _ in moved)
+        return out
+
+    def _blob_path(self, digest: Digest) -> str:
+        hexd = digest.hex
+        return f"{self._blobs_prefix}{hexd[:2]}/{hexd}"
+
+    def _rename_in(self, staged: Staged) -> None:
+        shard = staged.digest.hex[:2]
+        if shard not in self._shards:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self._blobs_prefix + shard)
+            self._shards.add(shard)
+        try:
+            os.replace(staged.tmp, self._blob_path(staged.digest))
+        except FileNotFoundError:
+            if not staged.tmp.exists():
                 raise
-            try:
-                self.index.put(staged.digest, staged.size, synced=False)
-            except BaseException:
-                final.unlink(missing_ok=True)  # no file under blobs/ without its record
-                raise
-            self.usage += added
-            self._pending.append(staged.digest)
-        return True
+            with contextlib.suppress(FileExistsError):  # the shard was removed behind us
+                os.mkdir(self._blobs_prefix + shard)
+            os.replace(staged.tmp, self._blob_path(staged.digest))
 
     def discard(self, staged: Staged) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -340,6 +397,14 @@ class BlobCache:
         with self._lock:
             self.usage = self.index.total_bytes()
         return Reconciled(removed, len(fixed), len(stale) + len(bad), len(on_disk))
+
+
+def _disk_error(exc: OSError, digest: Digest) -> CacheFull | OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        err = CacheFull(f"cache disk full while storing {digest}")
+        err.__cause__ = exc
+        return err
+    return exc
 
 
 def _verifies(digest: Digest, path: Path) -> bool:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -67,6 +67,8 @@ DEMAND: Final = Priority.DEMAND
 PREFETCH: Final = Priority.PREFETCH
 BLOCKED_AFTER: Final = 1.0  # a read waiting longer than this counts as blocked (a gauge)
 _UNREAD_CAP: Final = 1 << 20  # prefetched blobs remembered until read (~150 MB at most)
+_STORE_SLICE: Final = 16  # blobs of a group stored with one thread hop ...
+_STORE_SLICE_BYTES: Final = 8 << 20  # ... or this many bytes as sent, whichever comes first
 
 
 @dataclass(frozen=True)
@@ -399,13 +401,18 @@ class FetchService:
                 started = time.monotonic()
                 got, error = await source.fetch_many(list(mine), priority)
                 self._observe_fetch(started, {f.origin for f in got.values()})
+            arrived: list[tuple[Digest, Fetched, _Flight]] = []
             for d, flight in mine.items():
                 fetched = got.pop(d, None)
                 if fetched is None:
                     self._fail(flight, d, error or BlobNotFound(d, self.cas.where))
+                    self._land(d, flight)
                 else:
-                    await self._store(d, fetched, flight)
-                self._land(d, flight)
+                    arrived.append((d, fetched, flight))
+            for part in _slices(arrived):
+                await self._store_many(part, priority)
+                for d, _, flight in part:
+                    self._land(d, flight)
         except Exception as exc:  # one group must not take the service down
             failure = exc if isinstance(exc, LazyCafError) else _internal(exc)
             for d, flight in mine.items():
@@ -439,27 +446,107 @@ class FetchService:
                 staged = await trio.to_thread.run_sync(
                     self._verify_and_stage, digest, fetched, limiter=disk
                 )
-            await self._publish(staged, disk)
         except LazyCafError as exc:
             self._fail(flight, digest, exc)
             return
         except OSError as exc:
-            self._fail(flight, digest, Unavailable(f"cache write of blob {digest} failed: {exc}"))
+            self._fail(flight, digest, _write_failed(digest, exc))
             return
-        flight.size = staged.size
+        await self._publish_staged(digest, fetched, staged, flight)
+
+    async def _publish_staged(
+        self, digest: Digest, fetched: Fetched, staged: Staged, flight: _Flight
+    ) -> None:
+        """Publish one staged blob within the budget (``_publish``); the flight succeeds or
+        fails with it."""
+        try:
+            await self._publish(staged, self._disk_for[flight.priority])
+        except LazyCafError as exc:
+            self._fail(flight, digest, exc)
+            return
+        except OSError as exc:
+            self._fail(flight, digest, _write_failed(digest, exc))
+            return
+        self._stored(digest, fetched, flight, staged.size)
+
+    async def _store_many(
+        self, items: list[tuple[Digest, Fetched, _Flight]], priority: Priority
+    ) -> None:
+        """``_store`` for several blobs with one thread hop and one index transaction
+        (``BlobCache.publish_many``): per blob, two hops and a transaction were most of
+        the daemon's CPU on a cold start of small blobs. A blob over the budget waits for
+        GC as ``_store``'s do; a peer's blob that does not verify goes ``_store``'s way
+        (the peer backed off, the blob fetched from the CAS)."""
+        disk = self._disk_for[priority]
+        limit = None if self.gc is None else self.gc.policy.budget
+        pairs = [(d, fetched) for d, fetched, _ in items]
+        outcomes = await trio.to_thread.run_sync(
+            self._stage_and_publish, pairs, limit, limiter=disk
+        )
+        pending = [o for o in outcomes if isinstance(o, Staged)]
+        try:
+            for (d, fetched, flight), out in zip(items, outcomes, strict=True):
+                if isinstance(out, int):
+                    self._stored(d, fetched, flight, out)
+                elif isinstance(out, Staged):  # over the budget
+                    pending.remove(out)
+                    await self._publish_staged(d, fetched, out, flight)
+                elif isinstance(out, IntegrityError) and fetched.peer is not None:
+                    await self._store(d, fetched, flight)
+                elif isinstance(out, LazyCafError):
+                    self._fail(flight, d, out)
+                else:
+                    self._fail(flight, d, _write_failed(d, out))
+        finally:
+            if pending:  # cancelled before their turn: nothing left in tmp/
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_discard_all, self.cache, pending)
+        if self.gc is not None and any(isinstance(o, int) for o in outcomes):
+            self.gc.notice_commit()
+
+    def _stage_and_publish(
+        self, pairs: list[tuple[Digest, Fetched]], limit: int | None
+    ) -> list[int | Staged | LazyCafError | OSError]:
+        """Verify and stage each blob, then publish them together (a worker thread). Per
+        blob: its size once published, the ``Staged`` blob when the budget kept it back, or
+        the error that stopped it."""
+        out: list[int | Staged | LazyCafError | OSError] = []
+        staged: list[Staged] = []
+        try:
+            for d, fetched in pairs:
+                try:
+                    blob = self._verify_and_stage(d, fetched)
+                except (LazyCafError, OSError) as exc:
+                    out.append(exc)
+                    continue
+                staged.append(blob)
+                out.append(blob)
+            published = iter(self.cache.publish_many(staged, limit=limit))
+        except BaseException:
+            _discard_all(self.cache, staged)
+            raise
+        for i, o in enumerate(out):
+            if isinstance(o, Staged):
+                done = next(published)
+                out[i] = o.size if done is True else o if done is False else done
+        return out
+
+    def _stored(self, digest: Digest, fetched: Fetched, flight: _Flight, size: int) -> None:
+        """A fetched blob is in the cache: its flight succeeds; count it."""
+        flight.size = size
         flight.stored = True
         if fetched.origin == "cas" and fetched.encoding == framing.ZSTD:
             self.recent.put(digest, fetched.encoding, fetched.payload)
         self._fetches += 1
-        self._bytes_fetched += staged.size
+        self._bytes_fetched += size
         counts = self._by_origin[fetched.origin]
         counts[0] += 1
-        counts[1] += staged.size
+        counts[1] += size
         if flight.priority == PREFETCH:
             self._prefetched += 1
-            self._bytes_prefetched += staged.size
+            self._bytes_prefetched += size
             if not flight.for_peer:
-                self._note_unread(digest, staged.size)
+                self._note_unread(digest, size)
 
     def _note_unread(self, digest: Digest, size: int) -> None:
         if digest in self._unread:
@@ -565,6 +652,32 @@ def _log_group_failures(flights: dict[Digest, _Flight]) -> None:
             _log_failure(f"fetch of blob {failed[0]}", exc)
         else:
             _log_failure(f"fetch of {len(failed)} blobs (first {failed[0]})", exc)
+
+
+def _slices(
+    items: list[tuple[Digest, Fetched, _Flight]],
+) -> Iterator[list[tuple[Digest, Fetched, _Flight]]]:
+    """A group's blobs in runs of at most ``_STORE_SLICE`` blobs or ``_STORE_SLICE_BYTES``
+    (at least one): each run's readers wake when it is stored, not when the whole group is."""
+    part: list[tuple[Digest, Fetched, _Flight]] = []
+    size = 0
+    for item in items:
+        if part and (len(part) >= _STORE_SLICE or size >= _STORE_SLICE_BYTES):
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += len(item[1].payload)
+    if part:
+        yield part
+
+
+def _discard_all(cache: BlobCache, staged: Iterable[Staged]) -> None:
+    for s in staged:
+        cache.discard(s)
+
+
+def _write_failed(digest: Digest, exc: OSError) -> Unavailable:
+    return Unavailable(f"cache write of blob {digest} failed: {exc}")
 
 
 def _internal(exc: Exception) -> Unavailable:

@@ -3,6 +3,7 @@ and a source that blows up fails its fetches without taking the service down."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -99,4 +100,22 @@ async def test_a_failing_source_fails_the_fetch_not_the_service(cache: BlobCache
         assert not service.is_cached(D[1])
         source.boom = False
         assert await service.ensure(D[1]) == 1000  # the service still works
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_group_stores_its_good_blobs_when_one_does_not_verify(cache: BlobCache) -> None:
+    class Corrupting(ScriptedSource):
+        async def fetch_many(self, digests: list[Digest], priority: Priority) -> Outcome:
+            got, err = await super().fetch_many(digests, priority)
+            got[D[1]] = Fetched("identity", b"not the blob", "cas")
+            return got, err
+
+    service = FetchService(cache, Corrupting())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.fetch_many(D[:5], priority=Priority.PREFETCH)
+        assert [service.is_cached(d) for d in D[:5]] == [True, False, True, True, True]
+        stats = service.statistics()
+        assert (stats.prefetched, stats.fetch_failures, stats.failures_integrity) == (4, 1, 1)
+        assert os.listdir(cache.layout.tmp) == []
         nursery.cancel_scope.cancel()
