@@ -397,21 +397,27 @@ class FetchService:
                     flight.started = True
                 if not mine:
                     return
-                source: BlobSource = self.source.cas if to_cas else self.source
                 started = time.monotonic()
-                got, error = await source.fetch_many(list(mine), priority)
-                self._observe_fetch(started, {f.origin for f in got.values()})
-            arrived: list[tuple[Digest, Fetched, _Flight]] = []
-            for d, flight in mine.items():
-                fetched = got.pop(d, None)
-                if fetched is None:
-                    self._fail(flight, d, error or BlobNotFound(d, self.cas.where))
-                    self._land(d, flight)
+                streamed = False
+
+                async def store(batch: dict[Digest, Fetched]) -> None:
+                    nonlocal streamed
+                    if not streamed:  # the request's latency: to its first blobs
+                        self._observe_fetch(started, ("cas",))
+                        streamed = True
+                    await self._store_and_land(batch, mine, priority)
+
+                if to_cas:  # blobs are stored while the rest of the answer arrives
+                    got, error = await self.source.cas.fetch_many(
+                        list(mine), priority, arrived=store
+                    )
                 else:
-                    arrived.append((d, fetched, flight))
-            for part in _slices(arrived):
-                await self._store_many(part, priority)
-                for d, _, flight in part:
+                    got, error = await self.source.fetch_many(list(mine), priority)
+                    self._observe_fetch(started, {f.origin for f in got.values()})
+            await self._store_and_land(got, mine, priority)
+            for d, flight in mine.items():
+                if not flight.done.is_set():
+                    self._fail(flight, d, error or BlobNotFound(d, self.cas.where))
                     self._land(d, flight)
         except Exception as exc:  # one group must not take the service down
             failure = exc if isinstance(exc, LazyCafError) else _internal(exc)
@@ -422,6 +428,22 @@ class FetchService:
             for d, flight in mine.items():
                 self._land(d, flight)
         _log_group_failures(mine)  # not reached when cancelled (the daemon is stopping)
+
+    async def _store_and_land(
+        self, batch: dict[Digest, Fetched], flights: dict[Digest, _Flight], priority: Priority
+    ) -> None:
+        """Store the blobs of ``batch`` this group asked for and has not landed yet (a source
+        that sends others, or one twice, is not trusted with them), in runs; each run's
+        flights land once it is stored."""
+        todo = [
+            (d, fetched, flights[d])
+            for d, fetched in batch.items()
+            if d in flights and not flights[d].done.is_set()
+        ]
+        for part in _slices(todo):
+            await self._store_many(part, priority)
+            for d, _, flight in part:
+                self._land(d, flight)
 
     def _verify_and_stage(self, digest: Digest, fetched: Fetched) -> Staged:
         """The one place fetched bytes are verified (a worker thread: hashing, writing)."""

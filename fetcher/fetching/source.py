@@ -14,7 +14,7 @@ connection behind prefetch traffic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -22,7 +22,7 @@ from lazycaf.core.digest import Digest
 from lazycaf.core.errors import LazyCafError
 from lazycaf.core.priority import Priority
 
-__all__ = ["BlobSource", "Fetched", "Origin", "Outcome"]
+__all__ = ["Arrived", "BlobSource", "Fetched", "Origin", "Outcome"]
 
 Origin = Literal["cas", "peer"]
 
@@ -40,6 +40,8 @@ class Fetched:
 # Several blobs: those the source gave, and the error that kept the others back (None when
 # the source simply lacks them).
 Outcome = tuple[dict[Digest, Fetched], LazyCafError | None]
+# Blobs handed over while a request is still answering (``CasSource.fetch_many(arrived=)``).
+Arrived = Callable[[dict[Digest, Fetched]], Awaitable[None]]
 
 
 class BlobSource(Protocol):

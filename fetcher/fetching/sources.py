@@ -25,9 +25,11 @@ import trio
 
 from fetcher.fetching.breaker import CircuitBreaker
 from fetcher.fetching.peersource import HomeCouldNotFetch, PeerIsSelf, PeerSources
-from fetcher.fetching.source import BlobSource, Fetched, Outcome
+from fetcher.fetching.source import Arrived, BlobSource, Fetched, Outcome
 from fetcher.peers.peerset import PeerSet
 from lazycaf.cas.api import CAS
+from lazycaf.cas.batch import Record
+from lazycaf.cas.http import HttpCAS
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import BlobNotFound, LazyCafError
 from lazycaf.core.priority import Priority
@@ -55,8 +57,30 @@ class CasSource:
         encoding, payload = await self.breaker.call(lambda: cas.get_encoded(digest))
         return Fetched(encoding, payload, "cas")
 
-    async def fetch_many(self, digests: Sequence[Digest], priority: Priority) -> Outcome:
+    async def fetch_many(
+        self, digests: Sequence[Digest], priority: Priority, *, arrived: Arrived | None = None
+    ) -> Outcome:
+        """``arrived``: blobs are handed to it as they come in (an HTTP CAS streams its
+        answer; other stores hand everything over at once) and left out of the result."""
         cas = self._cas[priority]
+        if arrived is not None:
+            deliver = arrived
+
+            async def stream() -> None:
+                async def wrap(records: list[Record]) -> None:
+                    await deliver({d: Fetched(enc, payload, "cas") for d, enc, payload in records})
+
+                if isinstance(cas, HttpCAS):
+                    await cas.stream_many_encoded(digests, wrap)
+                else:
+                    got = await cas.get_many_encoded(digests)
+                    await wrap([(d, enc, payload) for d, (enc, payload) in got.items()])
+
+            try:
+                await self.breaker.call(stream)
+            except LazyCafError as exc:
+                return {}, exc
+            return {}, None
         try:
             got = await self.breaker.call(lambda: cas.get_many_encoded(digests))
         except LazyCafError as exc:

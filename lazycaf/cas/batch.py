@@ -3,6 +3,8 @@
 Each record is ``digest (32 bytes) | encoding (1 byte: 0 identity, 1 zstd) | length (u32 LE)
 | payload``. One request per few megabytes of small blobs replaces a PUT per blob, whose
 per-request cost (client and server) bounds a cold pack of a tree of small files.
+``BatchReader`` parses a body as it arrives (the fetcher stores a ``blobs:get`` answer's first
+blobs while the rest is still on the wire).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from lazycaf.core import framing
 from lazycaf.core.digest import DIGEST_SIZE, Digest
 from lazycaf.core.errors import UsageError
 
-__all__ = ["pack_batch", "unpack_batch"]
+__all__ = ["BatchReader", "Record", "pack_batch", "unpack_batch"]
+
+Record = tuple[Digest, str, bytes]  # digest, encoding, payload as stored
 
 _HEAD: Final = struct.Struct("<32sBI")
 _CODES: Final = {framing.IDENTITY: 0, framing.ZSTD: 1}
@@ -45,3 +49,37 @@ def unpack_batch(body: bytes) -> list[tuple[Digest, str, bytes]]:
         )
         pos += length
     return out
+
+
+class BatchReader:
+    """Records of a batch body fed in pieces: ``feed`` returns those completed so far,
+    ``finish`` says whether the body ended inside one. ``max_record`` bounds the bytes one
+    record may announce (a malformed body cannot make the reader buffer gigabytes)."""
+
+    def __init__(self, *, max_record: int) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # bytes of the body consumed before ``_buf``
+        self._max = max_record
+
+    def feed(self, data: bytes) -> list[Record]:
+        buf = self._buf
+        buf += data
+        out: list[Record] = []
+        at = 0
+        while len(buf) - at >= _HEAD.size:
+            raw, code, length = _HEAD.unpack_from(buf, at)
+            if code not in _NAMES or length > self._max:
+                raise UsageError(f"batch record at byte {self._pos + at} is malformed")
+            end = at + _HEAD.size + length
+            if end > len(buf):
+                break
+            out.append((Digest(bytes(raw)), _NAMES[code], bytes(buf[at + _HEAD.size : end])))
+            at = end
+        if at:
+            del buf[:at]
+            self._pos += at
+        return out
+
+    def finish(self) -> None:
+        if self._buf:
+            raise UsageError(f"batch body truncated in the record at byte {self._pos}")

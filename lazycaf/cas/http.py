@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import httpx
 import trio
 
-from lazycaf.cas.batch import pack_batch, unpack_batch
+from lazycaf.cas.batch import BatchReader, Record, pack_batch, unpack_batch
 from lazycaf.cas.casdir import check_ref_name
 from lazycaf.cas.gc import StoredBlob
 from lazycaf.cas.refs import ANY, Expected
@@ -40,7 +40,11 @@ from lazycaf.core.errors import (
 )
 from lazycaf.core.verified import verify_blob
 
-__all__ = ["MISSING_BATCH", "HttpCAS"]
+__all__ = ["MISSING_BATCH", "STREAM_RUN_BYTES", "Arrived", "HttpCAS"]
+
+# ``stream_many_encoded``'s callback: records (digest, encoding, payload) as they arrive.
+Arrived = Callable[[list[Record]], Awaitable[None]]
+STREAM_RUN_BYTES: Final = 1 << 20  # hand records over once this much of them arrived
 
 MISSING_BATCH: Final = 4096
 
@@ -104,11 +108,15 @@ class HttpCAS:
             response = await self._client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise self._unavailable(exc) from exc
+        self._check_status(response, method, path)
+        return response
+
+    def _check_status(self, response: httpx.Response, method: str, path: str) -> None:
+        """Raise for a server that failed (5xx) or refused the client (401/403)."""
         if response.status_code >= 500:
             raise CasUnavailable(self.where, f"{method} {path}: HTTP {response.status_code}")
         if response.status_code in (401, 403):
             raise self._refused(method, path, response)
-        return response
 
     async def has(self, digest: Digest) -> bool:
         r = await self._request("HEAD", f"/v1/blobs/{digest.hex}")
@@ -233,6 +241,36 @@ class HttpCAS:
                 nursery.start_soon(one, d)
         return out
 
+    async def stream_many_encoded(self, digests: Sequence[Digest], arrived: Arrived) -> None:
+        """``get_many_encoded`` as the answer arrives: ``arrived`` gets the records parsed so
+        far, in runs of at least ``STREAM_RUN_BYTES`` (or what is left at the end), while
+        the rest is still on the wire. Blobs the store lacks are never handed over. Against
+        a server without ``blobs:get``, one hand-over of everything."""
+        if not self._batch_supported:
+            got = await self.get_many_encoded(digests)
+            await arrived([(d, enc, payload) for d, (enc, payload) in got.items()])
+            return
+        path = "/v1/blobs:get"
+        body = json.dumps({"digests": [d.hex for d in digests]})
+        try:
+            async with self._client.stream(
+                "POST", path, content=body, headers={"content-type": "application/json"}
+            ) as r:
+                if r.status_code in (404, 405):
+                    self._batch_supported = False
+                elif r.status_code >= 400:
+                    await r.aread()
+                    self._check_status(r, "POST", path)
+                    self._expect(r, f"POST {path}")
+                else:
+                    await _hand_over(r, arrived)
+                    return
+        except httpx.TransportError as exc:
+            raise self._unavailable(exc) from exc
+        except UsageError as exc:  # the answer did not parse
+            raise CasUnavailable(self.where, f"POST {path}: {exc}") from exc
+        await self.stream_many_encoded(digests, arrived)  # the older server's way
+
     async def _post_batches(self, records: Sequence[tuple[Digest, str, bytes]]) -> int:
         """POST /v1/blobs:batch in bodies of about ``_BATCH_BODY`` bytes, two at a time."""
         bodies: list[list[tuple[Digest, str, bytes]]] = [[]]
@@ -345,3 +383,20 @@ def _encode_all(blobs: list[bytes]) -> list[tuple[framing.Encoding, bytes]]:
 
 def _decode_verify(digest: Digest, encoding: str, payload: bytes) -> bytes:
     return verify_blob(digest, encoding, payload).data
+
+
+async def _hand_over(response: httpx.Response, arrived: Arrived) -> None:
+    """Parse a ``blobs:get`` answer as it arrives; hand records over in runs."""
+    reader = BatchReader(max_record=framing.MAX_DECODED + (1 << 20))
+    run: list[Record] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        for record in reader.feed(chunk):
+            run.append(record)
+            size += len(record[2])
+            if size >= STREAM_RUN_BYTES:
+                await arrived(run)
+                run, size = [], 0
+    reader.finish()
+    if run:
+        await arrived(run)

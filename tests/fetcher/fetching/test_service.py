@@ -12,7 +12,7 @@ import trio.testing
 
 from fetcher.cache.blobcache import BlobCache
 from fetcher.fetching.service import FetchService
-from fetcher.fetching.source import Fetched, Outcome
+from fetcher.fetching.source import Arrived, Fetched, Outcome
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import Unavailable
 from lazycaf.core.priority import Priority
@@ -50,13 +50,21 @@ class ScriptedSource:
             raise RuntimeError("a bug in a source")
         return Fetched("identity", BLOBS[digest], "cas")
 
-    async def fetch_many(self, digests: list[Digest], priority: Priority) -> Outcome:
+    async def fetch_many(
+        self, digests: list[Digest], priority: Priority, *, arrived: Arrived | None = None
+    ) -> Outcome:
+        """With ``arrived`` (a streaming CAS): each blob handed over on its own."""
         self.groups.append(list(digests))
         if self.gate is not None:
             await self.gate.wait()
         if self.boom:
             raise ExceptionGroup("peers", [ValueError("malformed answer")])
-        return {d: Fetched("identity", BLOBS[d], "cas") for d in digests}, None
+        got = {d: Fetched("identity", BLOBS[d], "cas") for d in digests}
+        if arrived is None:
+            return got, None
+        for d, fetched in got.items():
+            await arrived({d: fetched})
+        return {}, None
 
 
 @pytest.fixture
@@ -105,7 +113,9 @@ async def test_a_failing_source_fails_the_fetch_not_the_service(cache: BlobCache
 
 async def test_a_group_stores_its_good_blobs_when_one_does_not_verify(cache: BlobCache) -> None:
     class Corrupting(ScriptedSource):
-        async def fetch_many(self, digests: list[Digest], priority: Priority) -> Outcome:
+        async def fetch_many(
+            self, digests: list[Digest], priority: Priority, *, arrived: Arrived | None = None
+        ) -> Outcome:
             got, err = await super().fetch_many(digests, priority)
             got[D[1]] = Fetched("identity", b"not the blob", "cas")
             return got, err

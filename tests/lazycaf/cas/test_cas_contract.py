@@ -38,6 +38,7 @@ from lazycaf.cas.casdir import CasDir
 from lazycaf.cas.http import MISSING_BATCH, HttpCAS
 from lazycaf.cas.local import LocalCAS
 from lazycaf.cas.s3 import S3CAS
+from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import (
     BlobNotFound,
@@ -533,8 +534,6 @@ async def test_load_manifest_of_a_non_manifest_blob_names_it(cas: CAS) -> None:
 
 
 async def test_get_many_encoded_returns_present_blobs_only(cas: CAS) -> None:
-    from lazycaf.core import framing
-
     blobs = [secrets.token_bytes(50) * (i + 1) for i in range(5)] + [b""]
     await cas.put_many([(Digest.of(b), b) for b in blobs])
     absent = Digest.of(b"never stored " + secrets.token_bytes(8))
@@ -544,3 +543,30 @@ async def test_get_many_encoded_returns_present_blobs_only(cas: CAS) -> None:
     for data in blobs:
         encoding, payload = got[Digest.of(data)]
         assert framing.decode(encoding, payload) == data
+
+
+async def test_an_http_cas_streams_a_batch_answer_in_runs(
+    subprocess_server: CasServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stream_many_encoded`` hands records over while the answer arrives, in runs of about
+    ``STREAM_RUN_BYTES``, present blobs only, each once."""
+    import lazycaf.cas.http as http
+
+    monkeypatch.setattr(http, "STREAM_RUN_BYTES", 3000)
+    blobs = [secrets.token_bytes(1000) for _ in range(10)]
+    client = HttpCAS(subprocess_server.url, token=subprocess_server.token)
+    try:
+        await client.put_many([(Digest.of(b), b) for b in blobs])
+        absent = Digest.of(b"never stored " + secrets.token_bytes(8))
+        runs: list[list[Digest]] = []
+
+        async def arrived(records: list[tuple[Digest, str, bytes]]) -> None:
+            runs.append([d for d, _, _ in records])
+            for d, encoding, payload in records:
+                assert Digest.of(framing.decode(encoding, payload)) == d
+
+        await client.stream_many_encoded([absent, *map(Digest.of, blobs)], arrived)
+    finally:
+        await client.aclose()
+    assert [d for run in runs for d in run] == [Digest.of(b) for b in blobs]
+    assert [len(run) for run in runs] == [3, 3, 3, 1]  # zstd cannot shrink random bytes
