@@ -46,6 +46,7 @@ import trio
 from fetcher.casserver.metrics import CasMetrics
 from fetcher.casserver.served import MAX_UPLOAD, ServedStore
 from fetcher.web.asgi import (
+    PARSE_INLINE,
     HttpError,
     Receive,
     Scope,
@@ -226,7 +227,10 @@ class CasApp:
         digests = await self._digests(receive, MAX_GET)
         records = await self.store.read_many(digests)
         self.stats.blob_gets += len(records)
-        body = pack_batch(records)
+        if sum(len(r[2]) for r in records) > PARSE_INLINE:  # a copy of megabytes: not here
+            body = await trio.to_thread.run_sync(pack_batch, records)
+        else:
+            body = pack_batch(records)
         self.stats.bytes_sent += len(body)
         await respond(send, 200, body)
 

@@ -30,6 +30,7 @@ from lazycaf.core.digest import Digest
 from lazycaf.core.errors import IntegrityError, LazyCafError, NotFound, UsageError
 
 __all__ = [
+    "PARSE_INLINE",
     "HttpError",
     "Message",
     "Receive",

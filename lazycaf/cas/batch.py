@@ -27,9 +27,12 @@ _NAMES: Final = {v: k for k, v in _CODES.items()}
 
 
 def pack_batch(items: Iterable[tuple[Digest, str, bytes]]) -> bytes:
-    return b"".join(
-        _HEAD.pack(d.raw, _CODES[enc], len(payload)) + payload for d, enc, payload in items
-    )
+    """The body of ``items``: one copy of each payload (headers and payloads joined once)."""
+    pieces: list[bytes] = []
+    for d, enc, payload in items:
+        pieces.append(_HEAD.pack(d.raw, _CODES[enc], len(payload)))
+        pieces.append(payload)
+    return b"".join(pieces)
 
 
 def unpack_batch(body: bytes) -> list[tuple[Digest, str, bytes]]:

@@ -552,8 +552,8 @@ async def test_an_http_cas_streams_a_batch_answer_in_runs(
     ``STREAM_RUN_BYTES``, present blobs only, each once."""
     import lazycaf.cas.http as http
 
-    monkeypatch.setattr(http, "STREAM_RUN_BYTES", 3000)
-    blobs = [secrets.token_bytes(1000) for _ in range(10)]
+    monkeypatch.setattr(http, "STREAM_RUN_BYTES", 30_000)
+    blobs = [secrets.token_bytes(10_000) for _ in range(10)]  # 100 KB: packed in a thread
     client = HttpCAS(subprocess_server.url, token=subprocess_server.token)
     try:
         await client.put_many([(Digest.of(b), b) for b in blobs])
