@@ -27,7 +27,7 @@ from typing import Final, Protocol
 
 import trio
 
-from lazycaf.core.chunking import chunk_spans, chunks_touched
+from lazycaf.core.chunking import chunks_touched
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import (
     AccessDenied,
@@ -186,8 +186,10 @@ class BlobReader:
     async def read(self, inode: int, entry: Entry, offset: int, size: int) -> bytes | bytearray:
         """Bytes ``[offset, offset + size)`` of a file entry (short at end of file)."""
         blobs = entry.blob_digests()
-        lengths = [length for _, length in chunk_spans(entry.size, self._chunk_size)]
-        touched = chunks_touched(offset, size, entry.size, self._chunk_size)
+        cs = self._chunk_size
+        touched = chunks_touched(offset, size, entry.size, cs)
+        # the length of each touched blob (not of all of them: a 400 MB library has 400)
+        lengths = {i: min(cs, entry.size - i * cs) if entry.chunks else entry.size for i in touched}
         needed = [blobs[i] for i in touched]
         missing = [blobs[i] for i in touched if self._open_cached(blobs[i], lengths[i]) is None]
         wait = 0.0
@@ -230,7 +232,7 @@ class BlobReader:
         self,
         entry: Entry,
         blobs: tuple[Digest, ...],
-        lengths: list[int],
+        lengths: dict[int, int],
         touched: range,
         offset: int,
         size: int,
