@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         help="hash every file again (default: trust digests of files whose stat is unchanged)",
     )
     sp.add_argument(
+        "--normalize",
+        action="store_true",
+        help="pack a rebuild of the same sources to the same digest: every mtime set to "
+        "$SOURCE_DATE_EPOCH (else 0), timestamp-based .pyc made unchecked hash-based",
+    )
+    sp.add_argument(
         "--json", action="store_true", help="print one JSON object (digest, counts, seconds)"
     )
     sp.set_defaults(run="store:pack_tree")
@@ -103,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         "--mtimes",
         action="store_true",
         help="also list entries whose only change is their mtime (default: counted)",
+    )
+    sp.add_argument(
+        "--explain",
+        action="store_true",
+        help="fetch both versions of each file whose content changed and name the cause "
+        "(a .pyc source mtime, an archive timestamp, an ELF build id, an embedded build "
+        "path, or other bytes)",
     )
     sp.set_defaults(run="store:diff")
 

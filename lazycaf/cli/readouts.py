@@ -6,7 +6,8 @@ import json
 import stat
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from lazycaf.cli.columns import Columns, changed_pairs, new_blob_bytes
 from lazycaf.core.chunking import chunk_spans
@@ -80,6 +81,19 @@ class Change:
     what: tuple[str, ...]
     bytes_differ: int
     content_of: str = ""
+    # the two entries (for ``diff --explain``; not part of what a change is)
+    old: Entry | None = field(default=None, compare=False, repr=False)
+    new: Entry | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def content_changed(self) -> bool:
+        return (
+            self.old is not None
+            and self.new is not None
+            and self.old.digest is not None
+            and self.new.digest is not None
+            and self.old.digest != self.new.digest
+        )
 
 
 @dataclass(frozen=True)
@@ -108,10 +122,16 @@ class Diff:
             "mtime_only": self.mtime_only,
         }
 
-    def lines(self) -> list[str]:
+    def lines(self, why: Mapping[str, str] | None = None) -> list[str]:
+        """One line per entry, then the summary; ``why``: a cause under a changed path."""
+        why = why or {}
         out = [f"+ {e.path} ({e.size} bytes)" for e in self.added]
         out += [f"- {e.path} ({e.size} bytes)" for e in self.removed]
-        out += [f"M {c.path} ({', '.join(c.what)})" for c in self.changed]
+        out += [
+            f"M {c.path} ({', '.join(c.what)})"
+            + (f"\n    why: {why[c.path]}" if c.path in why else "")
+            for c in self.changed
+        ]
         out.sort(key=lambda line: line[2:])
         t = self.totals()
         out.append(
@@ -195,7 +215,8 @@ def _diff(ca: Columns, cb: Columns, *, mtimes: bool) -> Diff:
             if what:
                 p = eb.path
                 content_of = eb.target if eb.kind == HARDLINK and eb.target else p
-                changed.append(Change(p, what, _changed_bytes(ea, eb, cb.c.chunk_size), content_of))
+                differ = _changed_bytes(ea, eb, cb.c.chunk_size)
+                changed.append(Change(p, what, differ, content_of, ea, eb))
     added = list(cb.entries(added_i))
     removed = list(ca.entries(removed_i))
     touched = [*news_kept, *added]

@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ import trio
 
 from lazycaf.cas.api import CAS, load_manifest, open_cas, resolve
 from lazycaf.cli.columns import Columns, ls_lines
+from lazycaf.cli.explained import explain_diff
 from lazycaf.cli.progress import Bar, bar_for
 from lazycaf.cli.readouts import diff_manifests
 from lazycaf.cli.tokens import read_token
@@ -25,7 +27,7 @@ from lazycaf.core.errors import DigestMismatch, IntegrityError, PathNotFound, Us
 from lazycaf.core.manifest import DIR, decode_columns
 from lazycaf.core.sizes import format_size
 from lazycaf.host.service import notify
-from lazycaf.trees.pack import PackProgress, pack
+from lazycaf.trees.pack import Normalize, PackProgress, pack
 from lazycaf.trees.statcache import default_stat_cache_dir
 
 __all__ = ["cas_serve", "cat", "diff", "ls", "pack_tree"]
@@ -65,10 +67,17 @@ async def pack_tree(args: argparse.Namespace) -> int:
                     concurrency=args.jobs,
                     progress=progress,
                     stat_cache_dir=None if args.rehash else default_stat_cache_dir(),
+                    normalize=_normalize(args),
                 )
                 nursery.cancel_scope.cancel()
         seconds = time.monotonic() - started
         log.info("packed %s: %s", args.dir, _progress_line(progress))
+        if args.normalize:
+            log.info(
+                "normalized: %d .pyc made unchecked hash-based, %d left as they were",
+                progress.pyc_rewritten,
+                progress.pyc_kept,
+            )
         if args.json:
             print(json.dumps(_pack_json(result.digest.hex, progress, seconds), sort_keys=True))
         else:
@@ -78,8 +87,20 @@ async def pack_tree(args: argparse.Namespace) -> int:
     return await with_cas(args, run)
 
 
+def _normalize(args: argparse.Namespace) -> Normalize | None:
+    """``--normalize``: mtimes set to ``$SOURCE_DATE_EPOCH`` (seconds), else to 0."""
+    if not args.normalize:
+        return None
+    text = os.environ.get("SOURCE_DATE_EPOCH", "0").strip()
+    if not text.isdigit():
+        raise UsageError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, not {text!r}")
+    return Normalize(int(text))
+
+
 def _pack_json(digest: str, p: PackProgress, seconds: float) -> dict[str, object]:
     return {
+        "pyc_rewritten": p.pyc_rewritten,
+        "pyc_kept": p.pyc_kept,
         "digest": digest,
         "files": p.files,
         "bytes": p.bytes_total,
@@ -182,6 +203,13 @@ async def diff(args: argparse.Namespace) -> int:
         _, a = await _load_columns(cas, args.ref_a)
         _, b = await _load_columns(cas, args.ref_b)
         diff = diff_manifests(a, b, mtimes=args.mtimes)
+        if args.explain:
+            explained = await explain_diff(cas, diff)
+            if args.json:
+                print(json.dumps(explained.to_json(), sort_keys=True))
+                return 0
+            print("\n".join([*diff.lines(why=explained.why()), explained.summary()]))
+            return 0
         if args.json:
             print(json.dumps(diff.to_json(), sort_keys=True))
             return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Final, NamedTuple
 
 import trio
 
+from lazycaf.builds.pyc import hash_based, source_path
 from lazycaf.cas.api import CAS
 from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE, chunk_spans
 from lazycaf.core.digest import Digest, Hasher
@@ -32,7 +34,7 @@ from lazycaf.core.manifest import DIR, FILE, HARDLINK, PATH_MAX, SYMLINK, Entry,
 from lazycaf.core.nogc import paused_gc
 from lazycaf.trees.statcache import StatCache, StatKey
 
-__all__ = ["PackProgress", "PackResult", "pack", "scan_tree"]
+__all__ = ["Normalize", "PackProgress", "PackResult", "pack", "scan_tree"]
 
 _HASH_THREADS: Final = 2  # both cores; blake3 and the reads release the GIL
 _HASH_WORKERS: Final = 4  # tasks: one waits on find_missing while another hashes
@@ -41,6 +43,7 @@ _HASH_BATCH_FILES: Final = 512
 _KNOWN_BATCH_BLOBS: Final = 4096  # stat-cache hits asked about per find_missing
 _UPLOAD_BATCH_BYTES: Final = 16 << 20
 _UPLOAD_BATCH_BLOBS: Final = 2048  # small blobs: one syncfs per 2048 (98 vs 125 us a blob at 256)
+_COUNTING: Final = threading.Lock()
 _MAX_BATCHES_IN_FLIGHT: Final = 4  # each holds up to ~16 MiB (plus its compressed copy)
 
 
@@ -57,10 +60,21 @@ class PackProgress:
     blobs_missing: int = 0
     blobs_uploaded: int = 0
     bytes_uploaded: int = 0
+    pyc_rewritten: int = 0  # --normalize: timestamp .pyc made unchecked hash-based
+    pyc_kept: int = 0  # --normalize: .pyc left as they are (stale, another Python, ...)
 
     @property
     def blobs_skipped(self) -> int:
         return self.blobs - self.blobs_missing
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """``pack --normalize``: every mtime in the manifest set to ``epoch`` (seconds), and each
+    timestamp-based ``.pyc`` valid for its source rewritten unchecked hash-based
+    (``lazycaf.builds.pyc``); nothing else changes."""
+
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -269,11 +283,45 @@ class ChunkedFile:
         os.close(self._fd)
 
 
-def hash_batch(root: str, batch: list[Scanned], chunk_size: int) -> list[tuple[Hashes, list[Blob]]]:
+def hash_pyc(root: str, s: Scanned, source: Scanned, progress: PackProgress) -> tuple[Hashes, Blob]:
+    """``hash_small`` of a ``.pyc`` under ``--normalize``: its bytes rewritten unchecked
+    hash-based when it is a timestamp-based ``.pyc`` valid for ``source`` (else as they are)."""
+    (_, _), blob = hash_small(root, s.path, s.size)
+    assert blob.data is not None
+    where = f"{root}/{source.path}"
+    fd = _open(where)
+    try:
+        source_bytes = _read(fd, source.size, where, last=True)
+    finally:
+        os.close(fd)
+    rewritten = hash_based(blob.data, source_bytes, source.mtime_ns)
+    with _COUNTING:  # two hash threads count
+        if rewritten is None:
+            progress.pyc_kept += 1
+        else:
+            progress.pyc_rewritten += 1
+    if rewritten is None:
+        return (blob.digest, ()), blob
+    digest = Digest.of(rewritten)
+    return (digest, ()), Blob(digest, s.path, 0, s.size, rewritten)
+
+
+def hash_batch(
+    root: str,
+    batch: list[Scanned],
+    chunk_size: int,
+    pyc_sources: dict[str, Scanned] | None = None,
+    progress: PackProgress | None = None,
+) -> list[tuple[Hashes, list[Blob]]]:
     """Hash a batch of files (one thread hop for the batch): each file's digests and blobs,
-    bytes held."""
+    bytes held. ``pyc_sources`` (``--normalize``): ``.pyc`` paths and their sources."""
     out: list[tuple[Hashes, list[Blob]]] = []
     for s in batch:
+        if pyc_sources and s.path in pyc_sources:
+            assert progress is not None
+            hashes, blob = hash_pyc(root, s, pyc_sources[s.path], progress)
+            out.append((hashes, [blob]))
+            continue
         if s.size <= chunk_size:
             hashes, blob = hash_small(root, s.path, s.size)
             out.append((hashes, [blob]))
@@ -343,7 +391,11 @@ def build_manifest(
     chunk_size: int,
     *,
     keep_setid: bool = False,
+    mtime_ns: int | None = None,
 ) -> Manifest:
+    """The manifest of a scanned tree; ``mtime_ns``: every entry's mtime (``--normalize``)."""
+    if mtime_ns is not None:
+        scanned = [s._replace(mtime_ns=mtime_ns) for s in scanned]
     entries: list[Entry] = []
     first_of_inode: dict[tuple[int, int], Entry] = {}
     for s in scanned:  # sorted: the first path of an inode group is the file
@@ -364,7 +416,7 @@ def build_manifest(
         entries,
         chunk_size=chunk_size,
         root_mode=stat.S_IMODE(root_st.st_mode) & mask,
-        root_mtime_ns=root_st.st_mtime_ns,
+        root_mtime_ns=root_st.st_mtime_ns if mtime_ns is None else mtime_ns,
     )
 
 
@@ -430,6 +482,7 @@ async def pack(
     concurrency: int = 8,
     progress: PackProgress | None = None,
     stat_cache_dir: Path | None = None,
+    normalize: Normalize | None = None,
 ) -> PackResult:
     """Pack ``root`` into ``cas``; returns the manifest digest that names the executable.
 
@@ -437,15 +490,32 @@ async def pack(
     8 PUTs of them in flight (``HttpCAS``'s ``put_concurrency``)."""
     progress = progress if progress is not None else PackProgress()
     plan = await trio.to_thread.run_sync(
-        functools.partial(_plan, root, chunk_size, stat_cache_dir, progress, keep_setid=keep_setid)
+        functools.partial(
+            _plan,
+            root,
+            chunk_size,
+            stat_cache_dir,
+            progress,
+            keep_setid=keep_setid,
+            normalize=normalize is not None,
+        )
     )
     hashes = plan.hashes
     await _hash_and_upload(
-        root, cas, plan.todo, plan.known, hashes, chunk_size, concurrency, progress
+        root,
+        cas,
+        plan.todo,
+        plan.known,
+        hashes,
+        chunk_size,
+        concurrency,
+        progress,
+        plan.pyc_sources,
     )
+    epoch_ns = None if normalize is None else normalize.epoch * 1_000_000_000
     manifest, encoded = await trio.to_thread.run_sync(
         functools.partial(
-            _build_and_encode, plan.root_st, plan.scanned, hashes, chunk_size, keep_setid
+            _build_and_encode, plan.root_st, plan.scanned, hashes, chunk_size, keep_setid, epoch_ns
         )
     )
     digest = Digest.of(encoded)
@@ -453,7 +523,8 @@ async def pack(
     if tag:
         await cas.set_ref(tag, digest)
     if plan.statcache is not None:
-        await trio.to_thread.run_sync(_save_stat_cache, plan.statcache, plan.todo, hashes)
+        recorded = [s for s in plan.todo if s.path not in plan.pyc_sources]
+        await trio.to_thread.run_sync(_save_stat_cache, plan.statcache, recorded, hashes)
     progress.phase = "done"
     return PackResult(digest, manifest, progress)
 
@@ -468,6 +539,7 @@ class _Plan(NamedTuple):
     known: list[Scanned]
     hashes: dict[str, Hashes]
     statcache: StatCache | None
+    pyc_sources: dict[str, Scanned]  # --normalize: .pyc files to rewrite, and their sources
 
 
 def _plan(
@@ -477,8 +549,11 @@ def _plan(
     progress: PackProgress,
     *,
     keep_setid: bool,
+    normalize: bool = False,
 ) -> _Plan:
-    """Walk the tree and look every file up in the stat cache (a worker thread)."""
+    """Walk the tree and look every file up in the stat cache (a worker thread). With
+    ``normalize``, the ``.pyc`` files to rewrite are hashed every time: their bytes depend on
+    their source's, which the stat cache does not key them by."""
     with paused_gc():  # ~1M objects kept, no cycles
         root_st, scanned = scan_tree(root, keep_setid=keep_setid)
         files = [s for s in scanned if s.kind == FILE]
@@ -486,16 +561,30 @@ def _plan(
         progress.bytes_total = sum(s.size for s in files)
         progress.phase = "hashing"
         unique = _first_of_each_inode(files)
+        pyc_sources = _pyc_sources(unique, chunk_size) if normalize else {}
         statcache = None
         hashes: dict[str, Hashes] = {}
         if stat_cache_dir is not None:
-            statcache = StatCache.for_tree(stat_cache_dir, root, chunk_size)
-            hashes = _lookup_all(statcache, unique)
+            variant = "normalize" if normalize else ""
+            statcache = StatCache.for_tree(stat_cache_dir, root, chunk_size, variant=variant)
+            hashes = _lookup_all(statcache, [s for s in unique if s.path not in pyc_sources])
             progress.files_hashed = len(hashes)
             progress.bytes_hashed = sum(s.size for s in unique if s.path in hashes)
         todo = [s for s in unique if s.path not in hashes]
         known = [s for s in unique if s.path in hashes]
-    return _Plan(root_st, scanned, todo, known, hashes, statcache)
+    return _Plan(root_st, scanned, todo, known, hashes, statcache, pyc_sources)
+
+
+def _pyc_sources(files: list[Scanned], chunk_size: int) -> dict[str, Scanned]:
+    """``__pycache__`` files of at most one chunk whose source is a regular file here."""
+    by_path = {s.path: s for s in files}
+    out = {}
+    for s in files:
+        if s.path.endswith(".pyc") and s.size <= chunk_size:
+            src = source_path(s.path)
+            if src is not None and src in by_path:
+                out[s.path] = by_path[src]
+    return out
 
 
 def _build_and_encode(
@@ -504,9 +593,12 @@ def _build_and_encode(
     hashes: dict[str, Hashes],
     chunk_size: int,
     keep_setid: bool,
+    mtime_ns: int | None,
 ) -> tuple[Manifest, bytes]:
     with paused_gc():
-        manifest = build_manifest(root_st, scanned, hashes, chunk_size, keep_setid=keep_setid)
+        manifest = build_manifest(
+            root_st, scanned, hashes, chunk_size, keep_setid=keep_setid, mtime_ns=mtime_ns
+        )
         return manifest, manifest.encode()
 
 
@@ -551,6 +643,7 @@ async def _hash_and_upload(
     chunk_size: int,
     concurrency: int,
     progress: PackProgress,
+    pyc_sources: dict[str, Scanned],
 ) -> None:
     """Hash ``todo`` (into ``hashes``) and upload every blob of ``todo`` and ``known`` that
     the CAS lacks, all at once: hash jobs on two worker threads; after each job, one
@@ -581,7 +674,7 @@ async def _hash_and_upload(
                     await stream_file(job[0])
                     continue
                 done = await trio.to_thread.run_sync(
-                    hash_batch, where, job, chunk_size, limiter=hash_limiter
+                    hash_batch, where, job, chunk_size, pyc_sources, progress, limiter=hash_limiter
                 )
                 blobs: list[Blob] = []
                 for s, (h, file_blobs) in zip(job, done, strict=True):

@@ -56,8 +56,13 @@ class StatCache:
                     self._trusted_before = saved_ns - _RACY_NS
 
     @classmethod
-    def for_tree(cls, cache_dir: Path, root: Path, chunk_size: int) -> StatCache:
-        name = Digest.of(f"{root.resolve()}\0{chunk_size}".encode()).hex[:32]
+    def for_tree(
+        cls, cache_dir: Path, root: Path, chunk_size: int, *, variant: str = ""
+    ) -> StatCache:
+        """The cache of one tree packed one way (``variant``: e.g. ``normalize``, whose
+        digests are of rewritten bytes)."""
+        key = f"{root.resolve()}\0{chunk_size}" + (f"\0{variant}" if variant else "")
+        name = Digest.of(key.encode()).hex[:32]
         return cls(cache_dir / f"{name}.stat")
 
     def lookup(self, rel: str, key: StatKey) -> tuple[Digest, tuple[Digest, ...]] | None:
