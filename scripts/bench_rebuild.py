@@ -125,7 +125,7 @@ def body(args: argparse.Namespace, record: Record, made: Made, lz: Lazycaf) -> N
     pack(lz, a, mount_cas)
     mounts = {
         "original .pyc": made.mountpoint("mnt-plain"),
-        "normalized": made.mountpoint("mnt-norm"),
+        "unchecked hash": made.mountpoint("mnt-norm"),  # what --normalize writes
     }
     for mnt, digest in zip(mounts.values(), (pa["digest"], na["digest"]), strict=True):
         lz.mount(digest, mnt, cache, "--cas", str(mount_cas), "--no-record")

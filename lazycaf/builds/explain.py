@@ -1,13 +1,15 @@
 """Why two versions of a file differ: the causes ``lazycaf diff --explain`` names.
 
 ``explain(a, b)`` tries, in order, what a rebuild of unchanged sources changes without
-meaning: the source-mtime field of a ``.pyc`` header, the timestamps inside a zip (wheels,
-jars) or a tar archive (also inside a gzip stream), a gzip header's mtime, an ELF file's
-build id and ``.gnu_debuglink``. Each step blanks those fields in both versions; a step is a
-cause when it removed differences. If the versions still differ, an absolute path embedded in
-both that differs between the builds (``/tmp/build-1/...`` against ``/tmp/build-2/...``, a
-random temporary name) is tried: its root in the first version replaced by the second's.
-What remains is "bytes": the first differing offset and the share of bytes that differ.
+meaning: the source-mtime field of a ``.pyc`` header, the build path a ``.pyc`` records as
+``co_filename`` (the importer replaces it with the path it loads from), the timestamps
+inside a zip (wheels, jars) or a tar archive (also inside a gzip stream), a gzip header's
+mtime, an ELF file's build id and ``.gnu_debuglink``. Each step blanks those fields in both
+versions; a step is a cause when it removed differences. If the versions still differ, a
+path embedded in both whose root differs between the builds (``/tmp/build-1/...`` against
+``/tmp/build-2/...``, a random temporary name) is tried: its root in the first version
+replaced by the second's. What remains is "bytes": the first differing offset and the
+share of bytes that differ.
 
 Pure and synchronous (parsing of headers only: nothing is executed or unpacked to disk);
 callers run it in a worker thread.
@@ -21,18 +23,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from lazycaf.builds.pyc import HEADER_SIZE, parse_header
+from lazycaf.builds.pyc import HEADER_SIZE, parse_header, with_filename
 
 __all__ = ["MEANINGLESS", "Cause", "Explanation", "explain"]
 
 # Kinds of cause that change no byte a program reads as code or data.
 MEANINGLESS: Final = frozenset(
-    {"mtime", "pyc-mtime", "zip-time", "tar-time", "gzip-time", "elf-build-id"}
+    {"mtime", "pyc-mtime", "pyc-filename", "zip-time", "tar-time", "gzip-time", "elf-build-id"}
 )
 _DESCRIBED: Final = {
     "mtime": "the mtime in the manifest",
     "pyc-mtime": "the .pyc source-mtime field",
     "pyc-header": "the .pyc header's source fields",
+    "pyc-filename": "the build path a .pyc records (imports replace it)",
     "zip-time": "a timestamp inside a zip member",
     "tar-time": "a timestamp inside a tar member",
     "gzip-time": "the gzip header's timestamp",
@@ -108,9 +111,7 @@ def _fewer_differences(a: bytes, b: bytes, na: bytes, nb: bytes) -> bool:
         return False
     if na == nb:
         return True
-    if len(a) != len(b) or len(na) != len(nb):
-        return False
-    return _differing(na, nb) < _differing(a, b)
+    return _differing(na, nb) < _differing(a, b)  # position by position, plus the lengths
 
 
 def _pyc_cause(a: bytes, b: bytes) -> Cause | None:
@@ -133,6 +134,12 @@ def _blank_pyc(data: bytes) -> bytes:
 _ZIP_EOCD: Final = b"PK\x05\x06"
 _ZIP_CEN: Final = b"PK\x01\x02"
 _ZIP_LOC: Final = b"PK\x03\x04"
+
+
+def _blank_pyc_filename(data: bytes) -> bytes:
+    if parse_header(data) is None:
+        return data
+    return with_filename(data, "?") or data
 
 
 def _blank_zip_time(data: bytes) -> bytes:
@@ -253,6 +260,7 @@ def _blank_elf_build_id(data: bytes) -> bytes:
 
 _BLANKERS: Final[tuple[Callable[[bytes], bytes], ...]] = (
     _blank_pyc,
+    _blank_pyc_filename,
     _blank_zip_time,
     _blank_tar_time,
     _blank_gzip_time,
@@ -344,6 +352,9 @@ def _differing_root(pa: bytes, pb: bytes) -> tuple[bytes, bytes]:
     start = prefix
     while start > 0 and pa[start - 1] in _PATH_CHARS:
         start -= 1
+    slash = pa.find(b"/", start, prefix + 1)
+    if slash > start:  # an absolute path: what comes before its first "/" is not part of it
+        start = slash
     ra, rb = pa[start:end_a], pb[start:end_b]
     if len(ra) < 2 or len(rb) < 2 or ra == rb:
         return b"", b""
@@ -367,8 +378,9 @@ def _differing(a: bytes, b: bytes) -> int:
     count = abs(len(a) - len(b))
     for lo in range(0, n, _BLOCK):
         hi = min(n, lo + _BLOCK)
-        if a[lo:hi] != b[lo:hi]:
-            count += sum(x != y for x, y in zip(a[lo:hi], b[lo:hi], strict=True))
+        if a[lo:hi] != b[lo:hi]:  # the zero bytes of a XOR b are the equal ones
+            xor = int.from_bytes(a[lo:hi], "little") ^ int.from_bytes(b[lo:hi], "little")
+            count += (hi - lo) - xor.to_bytes(hi - lo, "little").count(0)
     return count
 
 

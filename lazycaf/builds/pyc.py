@@ -14,18 +14,25 @@ disagree after the pack, and the pack only rewrites a ``.pyc`` that is valid for
 at that moment, exactly as the importer would decide (recorded mtime and size equal the
 source's). A stale ``.pyc`` (the importer would ignore it), one written by another Python
 version (its hash key would differ) or one already hash-based is left as it is.
+
+``with_filename`` sets the ``co_filename`` a ``.pyc`` records (pip and ``compileall`` record
+the directory they compiled in) to the source's path in the tree: the importer replaces it
+anyway with the path it loads from, so no import sees the difference.
 """
 
 from __future__ import annotations
 
 import _imp
 import importlib.util
+import marshal
 import re
 import struct
+from types import CodeType
 from typing import Final
 
 __all__ = [
     "HEADER_SIZE",
+    "with_filename",
     "MAGIC",
     "PycHeader",
     "parse_header",
@@ -99,3 +106,77 @@ def hash_based(
     digest = _imp.source_hash(key, source)
     flags = FLAG_HASH | (FLAG_CHECK if checked else 0)
     return MAGIC + _WORD.pack(flags) + digest + data[HEADER_SIZE:]
+
+
+# marshal's string types (CPython Python/marshal.c): short ASCII (1-byte length), ASCII,
+# Unicode (4-byte length); each plain and interned; bit 0x80 marks an object others refer to.
+_SHORT: Final = (ord("z"), ord("Z"))
+_LONG_ASCII: Final = (ord("a"), ord("A"))
+_UNICODE: Final = (ord("u"), ord("t"))
+_FLAG_REF: Final = 0x80
+
+
+def with_filename(data: bytes, filename: str) -> bytes | None:
+    """``data`` (a ``.pyc``) with every code object's ``co_filename`` set to ``filename``,
+    or None when there is nothing to change or it cannot be done exactly.
+
+    The importer replaces a ``.pyc``'s ``co_filename`` with the path it loads the source's
+    module from (``_imp._fix_co_filename``), so the build directory a ``.pyc`` records is
+    never seen through an import. The string is replaced where marshal wrote it (later uses
+    are references by index, not by offset); the result must load as the same code, with the
+    new file name everywhere, or the ``.pyc`` is left as it was."""
+    try:
+        code = marshal.loads(data[HEADER_SIZE:])
+    except (EOFError, ValueError, TypeError):
+        return None
+    if not isinstance(code, CodeType) or code.co_filename == filename:
+        return None
+    old = code.co_filename
+    body = data[HEADER_SIZE:]
+    for kind in (*_SHORT, *_LONG_ASCII, *_UNICODE):
+        for flag in (0, _FLAG_REF):
+            pattern = _marshalled(old, kind | flag)
+            if pattern is not None and pattern in body:
+                new = _marshalled(filename, _kind_for(filename, kind) | flag)
+                assert new is not None
+                body = body.replace(pattern, new)
+    try:
+        rewritten = marshal.loads(body)
+    except (EOFError, ValueError, TypeError):
+        return None
+    if rewritten != code or not all(c.co_filename == filename for c in _codes(rewritten)):
+        return None
+    return data[:HEADER_SIZE] + body
+
+
+def _marshalled(text: str, kind: int) -> bytes | None:
+    base = kind & ~_FLAG_REF
+    if base in _SHORT:
+        if not text.isascii() or len(text) > 255:
+            return None
+        return bytes([kind, len(text)]) + text.encode("ascii")
+    if base in _LONG_ASCII:
+        if not text.isascii():
+            return None
+        return bytes([kind]) + _WORD.pack(len(text)) + text.encode("ascii")
+    raw = text.encode("utf-8", "surrogatepass")
+    return bytes([kind]) + _WORD.pack(len(raw)) + raw
+
+
+def _kind_for(text: str, old_kind: int) -> int:
+    """The marshal type ``text`` takes in the place of a string of type ``old_kind``
+    (interned stays interned)."""
+    interned = old_kind in (ord("Z"), ord("A"), ord("t"))
+    if not text.isascii():
+        return ord("t") if interned else ord("u")
+    if len(text) <= 255:
+        return ord("Z") if interned else ord("z")
+    return ord("A") if interned else ord("a")
+
+
+def _codes(code: CodeType) -> list[CodeType]:
+    out = [code]
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            out += _codes(const)
+    return out

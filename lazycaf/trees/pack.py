@@ -25,7 +25,7 @@ from typing import Final, NamedTuple
 
 import trio
 
-from lazycaf.builds.pyc import hash_based, source_path
+from lazycaf.builds.pyc import hash_based, source_path, with_filename
 from lazycaf.cas.api import CAS
 from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE, chunk_spans
 from lazycaf.core.digest import Digest, Hasher
@@ -283,9 +283,12 @@ class ChunkedFile:
         os.close(self._fd)
 
 
-def hash_pyc(root: str, s: Scanned, source: Scanned, progress: PackProgress) -> tuple[Hashes, Blob]:
-    """``hash_small`` of a ``.pyc`` under ``--normalize``: its bytes rewritten unchecked
-    hash-based when it is a timestamp-based ``.pyc`` valid for ``source`` (else as they are)."""
+def hash_pyc(
+    root: str, s: Scanned, source: Scanned, chunk_size: int, progress: PackProgress
+) -> tuple[Hashes, Blob]:
+    """``hash_small`` of a ``.pyc`` under ``--normalize``: when it is a timestamp-based
+    ``.pyc`` valid for ``source``, rewritten unchecked hash-based with ``co_filename`` the
+    source's path in the tree (else its bytes as they are)."""
     (_, _), blob = hash_small(root, s.path, s.size)
     assert blob.data is not None
     where = f"{root}/{source.path}"
@@ -295,6 +298,10 @@ def hash_pyc(root: str, s: Scanned, source: Scanned, progress: PackProgress) -> 
     finally:
         os.close(fd)
     rewritten = hash_based(blob.data, source_bytes, source.mtime_ns)
+    if rewritten is not None:  # and the build dir it records, which imports never see
+        renamed = with_filename(rewritten, source.path)
+        if renamed is not None and len(renamed) <= chunk_size:  # still one blob
+            rewritten = renamed
     with _COUNTING:  # two hash threads count
         if rewritten is None:
             progress.pyc_kept += 1
@@ -303,7 +310,7 @@ def hash_pyc(root: str, s: Scanned, source: Scanned, progress: PackProgress) -> 
     if rewritten is None:
         return (blob.digest, ()), blob
     digest = Digest.of(rewritten)
-    return (digest, ()), Blob(digest, s.path, 0, s.size, rewritten)
+    return (digest, ()), Blob(digest, s.path, 0, len(rewritten), rewritten)
 
 
 def hash_batch(
@@ -319,7 +326,7 @@ def hash_batch(
     for s in batch:
         if pyc_sources and s.path in pyc_sources:
             assert progress is not None
-            hashes, blob = hash_pyc(root, s, pyc_sources[s.path], progress)
+            hashes, blob = hash_pyc(root, s, pyc_sources[s.path], chunk_size, progress)
             out.append((hashes, [blob]))
             continue
         if s.size <= chunk_size:
@@ -392,8 +399,10 @@ def build_manifest(
     *,
     keep_setid: bool = False,
     mtime_ns: int | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> Manifest:
-    """The manifest of a scanned tree; ``mtime_ns``: every entry's mtime (``--normalize``)."""
+    """The manifest of a scanned tree; ``mtime_ns``: every entry's mtime, ``sizes``: files
+    whose bytes were rewritten, and their new sizes (``--normalize``)."""
     if mtime_ns is not None:
         scanned = [s._replace(mtime_ns=mtime_ns) for s in scanned]
     entries: list[Entry] = []
@@ -407,7 +416,8 @@ def build_manifest(
             entries.append(f._replace(path=s.path, kind=HARDLINK, target=f.path))
             continue
         digest, chunks = hashes[s.path]
-        e = Entry(s.path, FILE, s.mode, s.mtime_ns, s.size, digest, chunks)
+        size = s.size if not sizes else sizes.get(s.path, s.size)
+        e = Entry(s.path, FILE, s.mode, s.mtime_ns, size, digest, chunks)
         entries.append(e)
         if s.inode is not None:
             first_of_inode[s.inode] = e
@@ -501,6 +511,7 @@ async def pack(
         )
     )
     hashes = plan.hashes
+    resized: dict[str, int] = {}  # --normalize: .pyc files whose size changed
     await _hash_and_upload(
         root,
         cas,
@@ -511,11 +522,19 @@ async def pack(
         concurrency,
         progress,
         plan.pyc_sources,
+        resized,
     )
     epoch_ns = None if normalize is None else normalize.epoch * 1_000_000_000
     manifest, encoded = await trio.to_thread.run_sync(
         functools.partial(
-            _build_and_encode, plan.root_st, plan.scanned, hashes, chunk_size, keep_setid, epoch_ns
+            _build_and_encode,
+            plan.root_st,
+            plan.scanned,
+            hashes,
+            chunk_size,
+            keep_setid,
+            epoch_ns,
+            resized,
         )
     )
     digest = Digest.of(encoded)
@@ -594,10 +613,17 @@ def _build_and_encode(
     chunk_size: int,
     keep_setid: bool,
     mtime_ns: int | None,
+    sizes: dict[str, int],
 ) -> tuple[Manifest, bytes]:
     with paused_gc():
         manifest = build_manifest(
-            root_st, scanned, hashes, chunk_size, keep_setid=keep_setid, mtime_ns=mtime_ns
+            root_st,
+            scanned,
+            hashes,
+            chunk_size,
+            keep_setid=keep_setid,
+            mtime_ns=mtime_ns,
+            sizes=sizes,
         )
         return manifest, manifest.encode()
 
@@ -644,6 +670,7 @@ async def _hash_and_upload(
     concurrency: int,
     progress: PackProgress,
     pyc_sources: dict[str, Scanned],
+    resized: dict[str, int],
 ) -> None:
     """Hash ``todo`` (into ``hashes``) and upload every blob of ``todo`` and ``known`` that
     the CAS lacks, all at once: hash jobs on two worker threads; after each job, one
@@ -679,6 +706,8 @@ async def _hash_and_upload(
                 blobs: list[Blob] = []
                 for s, (h, file_blobs) in zip(job, done, strict=True):
                     hashes[s.path] = h
+                    if file_blobs[0].length != s.size and not h[1]:  # a rewritten .pyc
+                        resized[s.path] = file_blobs[0].length
                     blobs += file_blobs
                 progress.files_hashed += len(job)
                 progress.bytes_hashed += sum(s.size for s in job)

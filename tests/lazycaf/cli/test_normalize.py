@@ -8,6 +8,7 @@ from __future__ import annotations
 import compileall
 import importlib.util
 import json
+import marshal
 import os
 import py_compile
 from pathlib import Path
@@ -22,16 +23,17 @@ SOURCES = {
 }
 
 
-def build(out: Path, stamp: int) -> Path:
-    """The sources, byte-compiled as a build system does (recorded under the install path,
-    not the build dir), every file and directory stamped ``stamp``."""
+def build(out: Path, stamp: int, *, ddir: str | None = "/opt/app/lib") -> Path:
+    """The sources, byte-compiled as a build system does (``co_filename`` under the install
+    path ``ddir``; None: the build dir, as pip records it), every file and directory stamped
+    ``stamp``."""
     for rel, text in SOURCES.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(text)
         os.utime(out / rel, (stamp, stamp))
     ok = compileall.compile_dir(
         str(out / "lib"),
-        ddir="/opt/app/lib",
+        ddir=ddir if ddir is not None else str(out / "lib"),
         quiet=1,
         invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP,
     )
@@ -130,3 +132,26 @@ def test_a_bad_source_date_epoch_is_one_clear_line(tmp_path: Path) -> None:
     assert proc.stderr.decode().strip().splitlines() == [
         "lazycaf: error: SOURCE_DATE_EPOCH must be whole seconds since 1970, not 'yesterday'"
     ]
+
+
+def test_pyc_files_that_record_their_build_dir(tmp_path: Path) -> None:
+    """pip compiles into the build dir: the ``.pyc`` files of two builds differ in
+    ``co_filename`` too, which imports replace; ``--normalize`` makes them one."""
+    one, two = (
+        build(tmp_path / "b-1", 1_700_000_000, ddir=None),
+        build(tmp_path / "b-22", 1_700_000_100, ddir=None),
+    )
+    cas = tmp_path / "cas"
+    first, second = pack_json(one, cas), pack_json(two, cas)
+    doc = json.loads(
+        run_cli(
+            "diff", first["digest"], second["digest"], "--cas", cas, "--explain", "--json"
+        ).stdout
+    )
+    for c in doc["changed"]:
+        assert [k["kind"] for k in c["causes"]] == ["pyc-mtime", "pyc-filename"], c
+    norm = tmp_path / "cas-norm"
+    a, b = pack_json(one, norm, "--normalize"), pack_json(two, norm, "--normalize")
+    assert a["digest"] == b["digest"] and b["blobs_uploaded"] == 0
+    pyc = run_cli("cat", a["digest"], "lib/app/__pycache__/core.cpython-311.pyc", "--cas", norm)
+    assert marshal.loads(pyc.stdout[16:]).co_filename == "lib/app/core.py"
