@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from lazycaf.builds.pyc import HEADER_SIZE, parse_header, with_filename
+from lazycaf.builds.pyc import HEADER_SIZE, MAGIC, parse_header, with_filename
 
 __all__ = ["MEANINGLESS", "Cause", "Explanation", "explain"]
 
@@ -137,7 +137,10 @@ _ZIP_LOC: Final = b"PK\x03\x04"
 
 
 def _blank_pyc_filename(data: bytes) -> bytes:
-    if parse_header(data) is None:
+    """``co_filename`` set to one value: only in a ``.pyc`` of this Python (``marshal``
+    reads no other version's code, and it is not meant for arbitrary bytes)."""
+    header = parse_header(data)
+    if header is None or header.magic != MAGIC:
         return data
     return with_filename(data, "?") or data
 

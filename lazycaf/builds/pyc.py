@@ -125,9 +125,11 @@ def with_filename(data: bytes, filename: str) -> bytes | None:
     never seen through an import. The string is replaced where marshal wrote it (later uses
     are references by index, not by offset); the result must load as the same code, with the
     new file name everywhere, or the ``.pyc`` is left as it was."""
+    if data[:4] != MAGIC:  # marshal's format is this Python's
+        return None
     try:
         code = marshal.loads(data[HEADER_SIZE:])
-    except (EOFError, ValueError, TypeError):
+    except (EOFError, ValueError, TypeError, RecursionError, MemoryError):
         return None
     if not isinstance(code, CodeType) or code.co_filename == filename:
         return None
@@ -142,7 +144,7 @@ def with_filename(data: bytes, filename: str) -> bytes | None:
                 body = body.replace(pattern, new)
     try:
         rewritten = marshal.loads(body)
-    except (EOFError, ValueError, TypeError):
+    except (EOFError, ValueError, TypeError, RecursionError, MemoryError):
         return None
     if rewritten != code or not all(c.co_filename == filename for c in _codes(rewritten)):
         return None
