@@ -18,6 +18,7 @@ misses fetches again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -47,6 +48,7 @@ __all__ = ["BlobReader", "ReadObserver"]
 
 log = logging.getLogger(__name__)
 _MAX_FDS: Final = 512
+_AHEAD: Final = 4  # blobs read ahead of a cold read of a file read in order (4 MiB)
 
 
 class ReadObserver(Protocol):
@@ -100,6 +102,7 @@ class BlobReader:
         self._opened: set[Digest] = set()  # since the last touch report
         self._busy: dict[int, int] = {}  # fd -> reads in worker threads using it
         self._retired: list[int] = []  # fds to close once no thread uses them
+        self._ends: dict[int, int] = {}  # inode -> where its last read ended
 
     def close(self) -> None:
         for fd in [*(fd for fd, _ in self._fds.values()), *self._retired]:
@@ -202,7 +205,13 @@ class BlobReader:
             else:
                 await self._fetch_all(list(dict.fromkeys(missing)))
             wait = time.monotonic() - start
-        data = await self._assemble(entry, blobs, lengths, touched, offset, size)
+        # in order: this read starts where the last one asked for ended (the kernel sends a
+        # file's readahead as several reads at once, so not where the last one finished)
+        sequential = self._ends.get(inode) == offset
+        if len(self._ends) > _MAX_FDS:
+            self._ends.clear()
+        self._ends[inode] = offset + size
+        data = await self._assemble(entry, blobs, lengths, touched, offset, size, sequential)
         if self._observer is not None:
             self._observer.read(
                 inode, entry, needed, touched, len(data), fetched=bool(missing), wait=wait
@@ -236,7 +245,13 @@ class BlobReader:
         touched: range,
         offset: int,
         size: int,
+        sequential: bool = False,
     ) -> bytes | bytearray:
+        """The bytes of the touched blobs. A read that has to go to the disk asks the kernel
+        to read the rest of its blob too and, when this file is read in order, the next
+        ``_AHEAD`` blobs (``POSIX_FADV_WILLNEED``): the kernel sends a chunked file's reads
+        in 128 KiB requests, so without it each request of a cold chunk waits for the disk
+        in turn, with a thread hop each."""
         end = min(offset + size, entry.size)
         parts = []
         for i in touched:
@@ -249,28 +264,70 @@ class BlobReader:
             base = i * self._chunk_size if entry.chunks else 0
             lo = max(offset, base)
             hi = min(end, base + self._chunk_size) if entry.chunks else end
-            parts.append(await self._pread(fd, hi - lo, lo - base))
+            ahead = self._ahead(entry, blobs, lengths, i, sequential) if entry.chunks else ()
+            parts.append(await self._pread(fd, hi - lo, lo - base, ahead))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _pread(self, fd: int, length: int, offset: int) -> bytes | bytearray:
+    def _ahead(
+        self,
+        entry: Entry,
+        blobs: tuple[Digest, ...],
+        lengths: dict[int, int],
+        i: int,
+        sequential: bool,
+    ) -> tuple[int, ...]:
+        """Descriptors of the cached blobs after blob ``i`` of a file read in order."""
+        if not sequential:
+            return ()
+        cs = self._chunk_size
+        out = []
+        for j in range(i + 1, min(i + 1 + _AHEAD, len(blobs))):
+            length = lengths.get(j, min(cs, entry.size - j * cs))
+            try:
+                fd = self._open_cached(blobs[j], length)
+            except IntegrityError:  # the read that needs it will say so
+                break
+            if fd is None:
+                break
+            out.append(fd)
+        return tuple(out)
+
+    async def _pread(
+        self, fd: int, length: int, offset: int, ahead: tuple[int, ...] = ()
+    ) -> bytes | bytearray:
         buf = bytearray(length)
         try:
             got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
         except BlockingIOError:
             got = 0
         if got == length or length == 0:
+            if ahead and offset == 0:  # a file read in order enters this blob: keep the
+                with contextlib.suppress(OSError):  # window ``_AHEAD`` blobs ahead
+                    os.posix_fadvise(ahead[-1], 0, 0, os.POSIX_FADV_WILLNEED)
             return buf
-        self._busy[fd] = self._busy.get(fd, 0) + 1
+        fds = (fd, *ahead)
+        for f in fds:
+            self._busy[f] = self._busy.get(f, 0) + 1
         try:
             rest = await trio.to_thread.run_sync(
-                os.pread, fd, length - got, offset + got, limiter=self._disk
+                _read_cold, fd, length - got, offset + got, ahead, limiter=self._disk
             )
         finally:
-            if self._busy[fd] == 1:
-                del self._busy[fd]
-            else:
-                self._busy[fd] -= 1
+            for f in fds:
+                if self._busy[f] == 1:
+                    del self._busy[f]
+                else:
+                    self._busy[f] -= 1
         return buf[:got] + rest
+
+
+def _read_cold(fd: int, length: int, offset: int, ahead: tuple[int, ...]) -> bytes:
+    """A read the page cache could not answer (a worker thread): the kernel is asked for the
+    rest of this blob and the blobs ``ahead`` first, then the read waits for its bytes."""
+    for f, start in ((fd, offset + length), *((a, 0) for a in ahead)):
+        with contextlib.suppress(OSError):  # advice only
+            os.posix_fadvise(f, start, 0, os.POSIX_FADV_WILLNEED)
+    return os.pread(fd, length, offset)
 
 
 def _one_error(digest: Digest, exc: Exception, asked: int) -> LazyCafError:

@@ -10,6 +10,7 @@ group); a blob whose length is not what the manifest implies refused as an integ
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -285,5 +286,38 @@ async def test_a_chunk_of_the_wrong_length_is_an_integrity_error(cache: BlobCach
         with pytest.raises(IntegrityError, match=f"blob {ENTRY.chunks[-1]} has 4 bytes"):
             await r.read(2, lying, 3 * CHUNK, 10)
         assert daemon.asked == []
+    finally:
+        r.close()
+
+
+async def test_a_file_read_in_order_has_the_next_blobs_read_ahead(
+    cache: BlobCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a chunked file in order asks the kernel for the blobs ahead (the kernel sends
+    128 KiB reads: each would otherwise wait for the disk in turn); out of order, nothing."""
+    import lazycaf.mount.blobreader as blobreader
+
+    for b in BLOBS.values():
+        cache.commit(Digest.of(b), *framing.encode(b))
+    advised: list[int] = []
+    real = blobreader.os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append(os.fstat(fd).st_size)  # which blob, by its length
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(blobreader.os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(blobreader, "_AHEAD", 3)
+    r, _ = reader(cache, Daemon(cache))
+    try:
+        half = CHUNK // 2
+        assert await r.read(2, ENTRY, 0, half) == DATA[:half]  # first read: not in order yet
+        assert advised == []
+        assert await r.read(2, ENTRY, half, half) == DATA[half:CHUNK]  # mid-blob: nothing new
+        assert advised == []
+        assert await r.read(2, ENTRY, CHUNK, half) == DATA[CHUNK : CHUNK + half]
+        assert advised == [4]  # entering blob 1: the window's far end, the 4-byte tail blob
+        assert await r.read(2, ENTRY, 0, 10) == DATA[:10]  # out of order
+        assert advised == [4]
     finally:
         r.close()
