@@ -20,6 +20,7 @@ from functools import wraps
 from typing import Any, Final, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from lazycaf.core.errors import IntegrityError, LazyCafError, NotFound, Unavailable
 from lazycaf.core.manifest import SYMLINK
@@ -109,6 +110,13 @@ class LazyOperations(pyfuse3.Operations):
         self.on_first_open: Callable[[int], None] | None = None
         self._file_bytes: int | None = None
         self.requests: Counter[str] = Counter()  # requests received, by opcode name
+        # set once the kernel's INIT request is answered (then its settings are applied)
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """The INIT request: called before libfuse answers it, on the trio thread, so a
+        task woken here runs once the answer (and what the kernel does with it) is done."""
+        self.initialized.set()
 
     def attributes(self, inode: int) -> pyfuse3.EntryAttributes:
         """Made per request from the index (no cache: the kernel keeps attributes for a

@@ -34,9 +34,10 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
+import trio.lowlevel
 
 from lazycaf.cas.refs import profile_name_for
 from lazycaf.core.digest import Digest
@@ -126,6 +127,17 @@ def check_mountpoint(path: Path) -> str:
     return os.path.realpath(path)
 
 
+async def _readahead_after_init(ops: Any, mountpoint: str, kb: int) -> None:
+    """Set the mount's ``read_ahead_kb`` once the kernel's INIT request is answered: the
+    kernel caps the bdi's readahead at the answer's ``max_readahead`` (the 128 KiB it
+    offered, which libfuse keeps) while handling it, undoing any earlier setting; and the
+    readahead bounds the size of every read request (a cold 1 GiB read: 8,192 requests of
+    128 KiB instead of 1,024 of 1 MiB)."""
+    await ops.initialized.wait()
+    await trio.lowlevel.checkpoint()  # the answer is written after ``init`` returns
+    await trio.to_thread.run_sync(_set_readahead, mountpoint, kb)
+
+
 def _set_readahead(mountpoint: str, kb: int) -> None:
     bdi = _mount_bdi(mountpoint)
     if bdi is None:
@@ -207,10 +219,10 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
         fuse_ops.fuse_init(ops, real_mountpoint, options)
         pid_file = mount_pid_file(real_mountpoint)
         try:
-            _set_readahead(real_mountpoint, config.readahead_kb)
             log.info("mounted %s (%d entries) at %s", digest, len(table), config.mountpoint)
             await trio.to_thread.run_sync(_write_pid_file, pid_file)
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(_readahead_after_init, ops, real_mountpoint, config.readahead_kb)
                 await nursery.start(profile.run)
                 nursery.start_soon(reader.report_touches)
                 ready(digest.hex)

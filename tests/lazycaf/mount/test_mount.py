@@ -4,6 +4,7 @@ a real Btrfs loop image."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import stat
@@ -302,3 +303,31 @@ def test_daemon_killed_mid_download_leaves_no_bad_blob(
         for blob in (host.cache / "blobs").glob("*/*"):
             assert Digest.of(blob.read_bytes()).hex == blob.name
         host.cli("umount", mnt)
+
+
+def test_the_mount_reads_ahead_a_mebibyte(host: Host, tmp_path: Path) -> None:
+    """The kernel caps a FUSE mount's readahead at what the INIT answer said (128 KiB) when it
+    gets that answer, which also caps every read request: the mount sets its own
+    ``read_ahead_kb`` after INIT, and a sequential read then comes in 1 MiB requests."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big.bin").write_bytes(bytes(range(256)) * (16 * MiB // 256))
+    digest = pack(tree, tmp_path / "cas")
+    mnt = host.mountpoint()
+    host.cli("mount", digest, mnt, "--cas", tmp_path / "cas", "--no-prefetch")
+    try:
+        dev = os.stat(mnt).st_dev
+        setting = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        deadline = time.monotonic() + 5
+        while setting.read_text().strip() != "1024" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert setting.read_text().strip() == "1024"
+        with open(mnt / "big.bin", "rb") as f:
+            while f.read(MiB):
+                pass
+    finally:
+        host.cli("umount", mnt)
+    log = (host.cache / "logs").glob("mount*.log")
+    counts = [line for p in log for line in p.read_text().splitlines() if "FUSE requests" in line]
+    reads = json.loads(counts[-1].partition("opcode: ")[2])["read"]
+    assert reads <= 20  # 16 MiB in 1 MiB requests (128 KiB ones would be 128)
