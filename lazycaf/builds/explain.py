@@ -46,6 +46,7 @@ _DESCRIBED: Final = {
 }
 _MAX_UNZIP: Final = 256 << 20  # a gzip stream is looked into up to this size decoded
 _BLOCK: Final = 4096
+_PATH_MAX: Final = 4096  # a root longer than a path can be is not one
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def _blank_zip_time(data: bytes) -> bytes:
             local = struct.unpack_from("<I", out, pos + 42)[0]
             out[pos + 12 : pos + 16] = bytes(4)
             _blank_zip_extra(out, pos + 46 + name_len, extra_len)
-            if out[local : local + 4] == _ZIP_LOC:
+            if local + 30 <= len(out) and out[local : local + 4] == _ZIP_LOC:
                 out[local + 10 : local + 14] = bytes(4)
                 lname, lextra = struct.unpack_from("<HH", out, local + 26)
                 _blank_zip_extra(out, local + 30 + lname, lextra)
@@ -177,9 +178,11 @@ def _blank_zip_time(data: bytes) -> bytes:
 
 
 def _blank_zip_extra(out: bytearray, start: int, length: int) -> None:
-    pos, end = start, start + length
+    pos, end = start, min(start + length, len(out))
     while pos + 4 <= end:
         tag, size = struct.unpack_from("<HH", out, pos)
+        if pos + 4 + size > end:  # a field past its header's end: not looked into
+            return
         if tag == 0x5455 and size > 1:  # flags byte, then 32-bit times
             out[pos + 5 : pos + 4 + size] = bytes(size - 1)
         elif tag == 0x000A:  # NTFS: reserved, then tagged attributes holding times
@@ -311,10 +314,10 @@ def _build_paths(a: bytes, b: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] 
             break
         pa, pb = _printable_around(a, at), _printable_around(b, at)
         ra, rb = _differing_root(pa, pb)
-        if not ra or not rb or ra not in a:
+        if not ra or not rb or max(len(ra), len(rb)) > _PATH_MAX or ra not in a:
             break
         replaced = a.replace(ra, rb)
-        if replaced == a:
+        if replaced == a or len(replaced) > 2 * len(b) + _PATH_MAX:  # not a path after all
             break
         roots.append((ra, rb))
         a = replaced

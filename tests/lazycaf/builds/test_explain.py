@@ -98,3 +98,21 @@ def test_other_bytes_give_the_first_offset_and_the_share(size: int) -> None:
     assert [c.kind for c in e.causes] == ["bytes"]
     assert e.causes[0].detail == f"first at byte {size // 2}, {1 / size:.1%} of bytes differ"
     assert explain(a, a).causes == ()
+
+
+def test_crafted_inputs_stay_bounded() -> None:
+    """A zip whose extra fields claim to run past its end, and a 'path' as long as the file,
+    are looked at without growing the data (the files come from other people's builds)."""
+    import struct
+
+    from lazycaf.builds.explain import _blank_zip_time
+
+    local = b"PK\x03\x04" + bytes(26)
+    central = b"PK\x01\x02" + bytes(24) + struct.pack("<HHH", 0, 60000, 0) + bytes(16)
+    entries = (central + struct.pack("<HH", 0x5455, 60000)) * 1000
+    end = b"PK\x05\x06" + bytes(4) + struct.pack("<HHII", 1000, 1000, len(entries), len(local))
+    crafted = local + entries + end + b"\0\0"
+    assert len(_blank_zip_time(crafted)) == len(crafted)
+    a = b"x/" + b"v1" * 200_000 + b"/end"
+    b = b"x/" + b"v2" * 200_000 + b"/end"
+    assert [c.kind for c in explain(a, b).causes] == ["bytes"]
