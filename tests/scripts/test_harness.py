@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from scripts import bench_cache, bench_mount, bench_pack, bench_peers, bench_prefetch
+from scripts import (
+    bench_cache,
+    bench_fetch,
+    bench_mount,
+    bench_pack,
+    bench_peers,
+    bench_prefetch,
+    bench_rebuild,
+)
 from scripts.harness import (
     BenchError,
     Figure,
@@ -155,10 +163,12 @@ def test_prefetch_quick_is_three_runs_of_1gbit_without_loopback() -> None:
     ("module", "name"),
     [
         (bench_cache, "bench_cache"),
+        (bench_fetch, "bench_fetch"),
         (bench_mount, "bench_mount"),
         (bench_pack, "bench_pack"),
         (bench_peers, "bench_peers"),
         (bench_prefetch, "bench_prefetch"),
+        (bench_rebuild, "bench_rebuild"),
     ],
 )
 def test_every_benchmark_writes_results_json_by_default(module: Any, name: str) -> None:
