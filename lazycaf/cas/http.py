@@ -390,13 +390,18 @@ async def _hand_over(response: httpx.Response, arrived: Arrived) -> None:
     reader = BatchReader(max_record=framing.MAX_DECODED + (1 << 20))
     run: list[Record] = []
     size = 0
-    async for chunk in response.aiter_raw():
-        for record in reader.feed(chunk):
-            run.append(record)
-            size += len(record[2])
-            if size >= STREAM_RUN_BYTES:
-                await arrived(run)
-                run, size = [], 0
+    try:
+        async for chunk in response.aiter_raw():
+            for record in reader.feed(chunk):
+                run.append(record)
+                size += len(record[2])
+                if size >= STREAM_RUN_BYTES:
+                    await arrived(run)
+                    run, size = [], 0
+    except httpx.TransportError:
+        if run:  # the whole records that arrived before the connection dropped are kept
+            await arrived(run)
+        raise
     reader.finish()
     if run:
         await arrived(run)
