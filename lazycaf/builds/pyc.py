@@ -32,6 +32,7 @@ from typing import Final
 
 __all__ = [
     "HEADER_SIZE",
+    "importer_mtime",
     "with_filename",
     "MAGIC",
     "PycHeader",
@@ -88,6 +89,14 @@ def source_path(pyc_path: str) -> str | None:
     return None if m is None else f"{m['dir']}{m['name']}.py"
 
 
+def importer_mtime(mtime_ns: int) -> int:
+    """The source mtime the importer compares with a ``.pyc``'s: ``int(st.st_mtime)``, where
+    ``st_mtime`` is the float ``sec + nsec * 1e-9`` (which rounds up to the next second
+    when ``nsec`` is close enough to it)."""
+    sec, nsec = divmod(mtime_ns, 1_000_000_000)
+    return int(sec + nsec * 1e-9)
+
+
 def hash_based(
     data: bytes, source: bytes, source_mtime_ns: int, *, checked: bool = False
 ) -> bytes | None:
@@ -98,7 +107,7 @@ def hash_based(
     header = parse_header(data)
     if header is None or header.magic != MAGIC or not header.timestamp_based:
         return None
-    if header.source_mtime != (source_mtime_ns // 1_000_000_000) & 0xFFFFFFFF:
+    if header.source_mtime != importer_mtime(source_mtime_ns) & 0xFFFFFFFF:
         return None
     if header.source_size != len(source) & 0xFFFFFFFF:
         return None

@@ -68,3 +68,16 @@ def test_source_paths_follow_pep_3147() -> None:
     assert source_path("__pycache__/m.cpython-311.opt-2.pyc") == "m.py"
     assert source_path("a/m.pyc") is None
     assert source_path("a/__pycache__/sub/m.cpython-311.pyc") is None
+
+
+def test_the_source_mtime_is_compared_as_the_importer_does(tmp_path: Path) -> None:
+    """``int(st.st_mtime)`` of a float that rounds up: 1,700,000,000 s and 999,999,999 ns
+    is 1,700,000,001.0 as a float; a floor would call the importer's valid .pyc stale."""
+    from lazycaf.builds.pyc import importer_mtime
+
+    src = tmp_path / "m.py"
+    src.write_text("x = 1\n")
+    ns = 1_700_000_000 * 10**9 + 999_999_999
+    os.utime(src, ns=(ns, ns))
+    assert importer_mtime(src.stat().st_mtime_ns) == int(src.stat().st_mtime) == 1_700_000_001
+    assert importer_mtime(1_500 * 10**9 + 5) == 1_500
