@@ -1,6 +1,9 @@
 """The daemon's API for mounts on its Unix socket (the line protocol of ``lazycaf.host.wire``).
 
     ensure <hex> demand|prefetch  -> ok {"size": n} once the blob is in the cache
+    ensure_many <hex> [<hex> ...] -> ok {"missing": null | "<hex>"} once every blob is in the
+                                     cache, fetched with one request per source (pin,
+                                     materialize); or the first one no source has
     prefetch <hex> [<hex> ...]    -> ok {"queued": n}  (fetched in order, below reads)
     touch <hex> [<hex> ...]       -> ok {"touched": n}  (a mount read these cached blobs)
     record <name> <trace json>    -> ok {"profile": hex, "runs": n}  (merged into the profile)
@@ -129,6 +132,9 @@ class MountApi:
                     Digest.parse(hex_digest), priority=Priority.from_label(priority)
                 )
                 return {"size": size}
+            case "ensure_many":
+                missing = await self._ensure_many([Digest.parse(h) for h in rest.split()])
+                return {"missing": None if missing is None else missing.hex}
             case "prefetch":
                 digests = [Digest.parse(h) for h in rest.split()]
                 if conn is not None:
@@ -161,6 +167,21 @@ class MountApi:
                 }
             case _:
                 raise UsageError(f"unknown request {line[:100]!r}")
+
+    async def _ensure_many(self, digests: list[Digest]) -> Digest | None:
+        """Every blob of ``digests`` in the cache, fetched in bulk below reads
+        (``FetchService.fetch_many``); those the bulk fetch did not bring are asked for once
+        more, one by one in order, so that an error is that blob's own. The first blob no
+        source has is returned; any other error is raised."""
+        await self.service.fetch_many(digests, join=True)
+        for d in digests:
+            if self.service.is_cached(d):
+                continue
+            try:
+                await self.service.ensure(d, priority=Priority.PREFETCH)
+            except NotFound:
+                return d
+        return None
 
     async def _resolve(self, ref: str, mode: str = "") -> Digest:
         index = self.service.cache.index

@@ -53,6 +53,8 @@ __all__ = [
 _START_TIMEOUT: Final = 20.0
 SERVICE_WAIT: Final = 10.0  # a service being restarted (stop drains the zygote: up to 8 s)
 ENSURE_BATCH: Final = 65536  # digests ``ensure_all`` holds at once: memory bounded by it
+ENSURE_MANY: Final = 128  # blobs per ``ensure_many`` request (at most 128 MiB of 1 MiB chunks)
+ENSURE_REQUESTS: Final = 4  # ``ensure_many`` requests in flight
 
 
 class DaemonUnreachable(Unavailable):
@@ -66,6 +68,7 @@ class FetcherClient:
         self.socket_path = socket_path
         self._timeout = timeout
         self._idle: list[tuple[trio.SocketStream, LineReader]] = []
+        self._one_by_one = False  # the daemon does not know ``ensure_many``
 
     async def _connect(self) -> tuple[trio.SocketStream, LineReader]:
         try:
@@ -89,7 +92,7 @@ class FetcherClient:
         except trio.TooSlowError:
             await conn[0].aclose()
             raise Unavailable(
-                f"fetcher daemon ({self.socket_path}) did not answer {request!r} "
+                f"fetcher daemon ({self.socket_path}) did not answer {_short(request)!r} "
                 f"within {self._timeout:g} s"
             ) from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -114,17 +117,19 @@ class FetcherClient:
         digests: Iterable[Digest],
         *,
         cache_root: Path | None = None,
-        concurrency: int = 16,
+        concurrency: int = ENSURE_REQUESTS,
         batch_size: int = ENSURE_BATCH,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         """Make every blob present (materialize, pin).
 
         Works through ``digests`` in batches of ``batch_size``: memory stays bounded by the
-        batch, whatever the count (at most ``concurrency`` requests in flight). With
+        batch, whatever the count. Each batch goes to the daemon in ``ensure_many`` requests
+        of ``ENSURE_MANY`` blobs, at most ``concurrency`` in flight: the daemon fetches each
+        with one request per source (one blob per request was ~1.6 ms a blob). With
         ``cache_root``, blobs whose file is already in that cache (a file under ``blobs/``
-        has verified) cost no round trip each: one ``touch`` per batch keeps their place in
-        the LRU. A blob the daemon cannot find anywhere stops the whole call with a
+        has verified) are not asked for: one ``touch`` per batch keeps their place in the
+        LRU. A blob the daemon cannot find anywhere stops the whole call with a
         ``BlobNotFound`` naming the first such blob in ``digests`` order; any other error
         is raised as itself, not inside an exception group. ``on_progress(done, fetched)``
         is called as blobs are known present: ``done`` of ``digests`` so far, ``fetched``
@@ -132,10 +137,10 @@ class FetcherClient:
         done = fetched = 0
         report = on_progress or (lambda done, fetched: None)
 
-        def progress() -> None:
+        def progress(n: int) -> None:
             nonlocal done, fetched
-            done += 1
-            fetched += 1
+            done += n
+            fetched += n
             report(done, fetched)
 
         pending = iter(digests)
@@ -150,35 +155,36 @@ class FetcherClient:
             await self._ensure_batch(batch, concurrency, progress)
 
     async def _ensure_batch(
-        self, batch: list[Digest], concurrency: int, progress: Callable[[], None]
+        self, batch: list[Digest], concurrency: int, progress: Callable[[int], None]
     ) -> None:
-        """``ensure_all``'s work on one batch: ``concurrency`` workers share one iterator
-        (no task per digest). After a ``NotFound`` no new request starts and those for later
-        digests are cancelled, but earlier ones finish: the one raised is the first blob of
-        the batch that is missing, whatever order the answers came in."""
-        missing: dict[int, tuple[Digest, NotFound]] = {}
+        """``ensure_all``'s work on one batch, in parts of ``ENSURE_MANY`` blobs that
+        ``concurrency`` workers share (no task per part). After a part with a blob no source
+        has, no new part starts and later ones are cancelled, but earlier ones finish: the
+        one raised is the first blob of the batch that is missing, whatever order the
+        answers came in."""
+        missing: dict[int, Digest] = {}
         in_flight: dict[int, trio.CancelScope] = {}
-        todo = iter(enumerate(batch))
+        parts = [batch[i : i + ENSURE_MANY] for i in range(0, len(batch), ENSURE_MANY)]
+        todo = iter(enumerate(parts))
 
         async def worker() -> None:
-            for i, d in todo:
+            for i, part in todo:
                 if missing:
                     return
                 with trio.CancelScope() as in_flight[i]:
-                    try:
-                        await self.ensure(d)
-                    except NotFound as exc:
-                        missing[i] = (d, exc)
+                    lost = await self._ensure_part(part)
+                    if lost is not None:
+                        missing[i] = lost
                         for j, scope in in_flight.items():
                             if j > min(missing):
                                 scope.cancel()
                     else:
-                        progress()
+                        progress(len(part))
                 del in_flight[i]
 
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(min(concurrency, len(batch))):
+                for _ in range(min(concurrency, len(parts))):
                     nursery.start_soon(worker)
         except BaseExceptionGroup as group:
             errors, others = group.split(LazyCafError)
@@ -186,8 +192,28 @@ class FetcherClient:
                 raise
             raise first_error(errors) from None
         if missing:
-            d, exc = missing[min(missing)]
-            raise BlobNotFound(d, "the CAS") from exc
+            raise BlobNotFound(missing[min(missing)], "the CAS")
+
+    async def _ensure_part(self, part: list[Digest]) -> Digest | None:
+        """One ``ensure_many`` request: None once every blob of ``part`` is cached, or the
+        first one no source has. A daemon older than the request gets one ``ensure`` per
+        blob instead."""
+        if not self._one_by_one:
+            try:
+                reply = await self._call("ensure_many " + " ".join(d.hex for d in part))
+            except UsageError as exc:
+                if "unknown request" not in str(exc):
+                    raise
+                self._one_by_one = True
+            else:
+                lost = reply["missing"]
+                return None if lost is None else Digest.parse(lost)
+        for d in part:
+            try:
+                await self.ensure(d)
+            except NotFound:
+                return d
+        return None
 
     async def prefetch(self, digests: list[Digest]) -> int:
         """Queue blobs for background fetching, in order; returns how many were new."""
@@ -270,6 +296,13 @@ def socket_answers(path: Path) -> bool:
         except OSError:
             return False
         return True
+
+
+def _short(request: str) -> str:
+    """A request as an error names it: ``ensure_many`` and ``prefetch`` lines are long."""
+    verb, _, rest = request.partition(" ")
+    words = rest.split(" ")
+    return request if len(words) <= 2 else f"{verb} {words[0]} ... ({len(words)} digests)"
 
 
 def _present(cache_root: Path, digests: list[Digest]) -> list[Digest]:

@@ -24,9 +24,10 @@ from fetcher.fetching.sources import CasSource, TieredSource
 from lazycaf.cas.casdir import CasDir
 from lazycaf.cas.local import LocalCAS
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import NotFound, UsageError
+from lazycaf.core.errors import BlobNotFound, NotFound, UsageError
 from lazycaf.core.manifest import DIR, FILE, Entry, Manifest
 from lazycaf.core.priority import Priority
+from lazycaf.host import client as client_module
 from lazycaf.host.client import FetcherClient
 from tests.helpers import wait_for_async
 
@@ -131,3 +132,45 @@ async def test_holds_and_pins_of_an_executable(tmp_path: Path) -> None:
         assert await d.client.pin(d.manifest, unpin=True) == 0
         with pytest.raises(UsageError, match="not pinned"):
             await d.client.pin(d.manifest, unpin=True)
+
+
+async def test_ensure_all_fetches_in_bulk_and_names_the_first_missing_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with daemon(tmp_path) as d:
+        sent: list[str] = []
+        call = d.client._call
+
+        async def counted(request: str) -> object:
+            sent.append(request.split(" ", 1)[0])
+            return await call(request)
+
+        monkeypatch.setattr(d.client, "_call", counted)
+        progress: list[tuple[int, int]] = []
+        await d.client.ensure_all(DIGESTS[:4], on_progress=lambda *p: progress.append(p))
+        for x, b in zip(DIGESTS[:4], BLOBS[:4], strict=True):
+            assert d.cache.path(x).read_bytes() == b
+        assert sent == ["ensure_many"] and progress[-1] == (4, 4)  # one request for four
+        monkeypatch.setattr(client_module, "ENSURE_MANY", 2)
+        order = [DIGESTS[0], DIGESTS[1], DIGESTS[5], DIGESTS[2], DIGESTS[4], DIGESTS[3]]
+        with pytest.raises(BlobNotFound, match=DIGESTS[5].hex):  # not 4: the first in order
+            await d.client.ensure_all(order, concurrency=3)
+        assert await d.client.ensure(DIGESTS[0]) == len(BLOBS[0])  # still answering
+
+
+async def test_ensure_all_asks_blob_by_blob_a_daemon_without_ensure_many(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dispatch = MountApi.dispatch
+
+    async def older(self: MountApi, line: str, conn: object = None) -> object:
+        if line.startswith("ensure_many "):
+            raise UsageError(f"unknown request {line[:100]!r}")
+        return await dispatch(self, line, conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MountApi, "dispatch", older)
+    async with daemon(tmp_path) as d:
+        await d.client.ensure_all(DIGESTS[:4])
+        assert all(d.cache.has(x) for x in DIGESTS[:4])
+        with pytest.raises(BlobNotFound, match=DIGESTS[4].hex):
+            await d.client.ensure_all([DIGESTS[0], DIGESTS[4], DIGESTS[5]])
