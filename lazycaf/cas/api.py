@@ -21,10 +21,8 @@ from typing import Protocol
 import trio
 
 from lazycaf.cas.gc import StoredBlob
-from lazycaf.cas.http import HttpCAS
 from lazycaf.cas.local import LocalCAS
 from lazycaf.cas.refs import ANY, Expected
-from lazycaf.cas.s3 import S3CAS
 from lazycaf.cas.tokens import read_token_file
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
@@ -106,10 +104,16 @@ def open_cas(
     ``cacert``: the CA bundle an ``https://`` server's certificate must chain to (default:
     ``$SSL_CERT_FILE`` or the system's store, ``lazycaf.cas.tls``)."""
     spec = spec or default_cas_spec()
+    # each backend's client library is imported only when it is used: httpx alone is a
+    # fifth of the start-up of a command on a local CAS (``lazycaf ls``)
     if spec.startswith(("http://", "https://")):
+        from lazycaf.cas.http import HttpCAS
+
         token = token if token is not None else _token_from_env()
         return HttpCAS(spec, token=token, cacert=cacert)
     if spec.startswith("s3://"):
+        from lazycaf.cas.s3 import S3CAS
+
         return S3CAS(spec)
     if "://" in spec:
         raise UsageError(

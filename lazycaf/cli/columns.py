@@ -156,10 +156,11 @@ def ls_lines(
             shown, by_name = list(compress(shown, tails)), True
     subdirs, links = cols.nlinks()
     if as_json:
-        for e in cols.entries(shown):
-            yield entry_json(e, _nlink(e.kind, e.path, e.target, subdirs, links))
-        return
-    yield from _text_lines(cols, shown, by_name, subdirs, links)
+        return (
+            entry_json(e, _nlink(e.kind, e.path, e.target, subdirs, links))
+            for e in cols.entries(shown)
+        )
+    return _text_lines(cols, shown, by_name, subdirs, links)  # a map: no generator frame a line
 
 
 _FMT: Final = "{} {:3d} {:>12d} {}.{:09d} {}".format  # format_ls's line
