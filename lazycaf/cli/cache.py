@@ -282,7 +282,7 @@ async def _fetch_all(
         bar.fetched(done, n_fetched)
 
     bar.update(total=len(blobs))
-    await client.ensure_all(list(blobs), cache_root=cache, on_progress=on_progress)
+    await client.ensure_all(list(blobs), cache_root=cache, sizes=blobs, on_progress=on_progress)
     return sum(blobs.values()), len(blobs), fetched
 
 

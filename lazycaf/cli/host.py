@@ -48,6 +48,7 @@ from lazycaf.mount.root import (
 )
 
 if TYPE_CHECKING:
+    from lazycaf.core.digest import Digest
     from lazycaf.core.manifest import Manifest
     from lazycaf.trees.materialize import MaterializeResult
 
@@ -358,8 +359,9 @@ async def materialize(args: argparse.Namespace) -> int:
         blob = CacheLayout(cache).blob(digest)
         data = await trio.to_thread.run_sync(blob.read_bytes)
         manifest = await trio.to_thread.run_sync(Manifest.decode, data)
-        with bar_for(args, "materialize: blobs", total=len(manifest.blobs())) as bar:
-            await _ensure_tree_blobs(client, cache, manifest, bar)
+        blobs = await trio.to_thread.run_sync(manifest.blobs)
+        with bar_for(args, "materialize: blobs", total=len(blobs)) as bar:
+            await _ensure_tree_blobs(client, cache, manifest, blobs, bar)
     finally:
         await client.aclose()
     entries = len(manifest.entries)
@@ -400,11 +402,12 @@ async def materialize(args: argparse.Namespace) -> int:
 
 
 async def _ensure_tree_blobs(
-    client: FetcherClient, cache: Path, manifest: Manifest, bar: Bar
+    client: FetcherClient, cache: Path, manifest: Manifest, blobs: dict[Digest, int], bar: Bar
 ) -> None:
-    """Every blob of ``manifest`` in the cache; a missing one is named with its path."""
+    """Every blob of ``manifest`` (``blobs``, with their sizes) in the cache; a missing one
+    is named with its path."""
     try:
-        await client.ensure_all(manifest.blobs(), cache_root=cache, on_progress=bar.fetched)
+        await client.ensure_all(blobs, cache_root=cache, sizes=blobs, on_progress=bar.fetched)
     except BlobNotFound as exc:
         path = next((e.path for e in manifest.entries if exc.digest in e.blob_digests()), "?")
         raise NotFound(f"blob {exc.digest} of {path} is not in the CAS") from None

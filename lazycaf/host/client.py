@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,7 +53,8 @@ __all__ = [
 _START_TIMEOUT: Final = 20.0
 SERVICE_WAIT: Final = 10.0  # a service being restarted (stop drains the zygote: up to 8 s)
 ENSURE_BATCH: Final = 65536  # digests ``ensure_all`` holds at once: memory bounded by it
-ENSURE_MANY: Final = 128  # blobs per ``ensure_many`` request (at most 128 MiB of 1 MiB chunks)
+ENSURE_MANY: Final = 128  # blobs per ``ensure_many`` request ...
+ENSURE_BYTES: Final = 16 << 20  # ... and bytes, where known: the daemon holds them at once
 ENSURE_REQUESTS: Final = 4  # ``ensure_many`` requests in flight
 
 
@@ -117,6 +118,7 @@ class FetcherClient:
         digests: Iterable[Digest],
         *,
         cache_root: Path | None = None,
+        sizes: Mapping[Digest, int] | None = None,
         concurrency: int = ENSURE_REQUESTS,
         batch_size: int = ENSURE_BATCH,
         on_progress: Callable[[int, int], None] | None = None,
@@ -126,7 +128,9 @@ class FetcherClient:
         Works through ``digests`` in batches of ``batch_size``: memory stays bounded by the
         batch, whatever the count. Each batch goes to the daemon in ``ensure_many`` requests
         of ``ENSURE_MANY`` blobs, at most ``concurrency`` in flight: the daemon fetches each
-        with one request per source (one blob per request was ~1.6 ms a blob). With
+        with one request per source (one blob per request was ~1.6 ms a blob). ``sizes``
+        (the blobs' lengths, from the manifest) also bound a request by ``ENSURE_BYTES``:
+        the daemon holds a request's blobs in memory at once. With
         ``cache_root``, blobs whose file is already in that cache (a file under ``blobs/``
         has verified) are not asked for: one ``touch`` per batch keeps their place in the
         LRU. A blob the daemon cannot find anywhere stops the whole call with a
@@ -152,19 +156,18 @@ class FetcherClient:
                 batch = [d for d in batch if d not in held]
                 done += len(held)
                 report(done, fetched)
-            await self._ensure_batch(batch, concurrency, progress)
+            await self._ensure_batch(_parts(batch, sizes), concurrency, progress)
 
     async def _ensure_batch(
-        self, batch: list[Digest], concurrency: int, progress: Callable[[int], None]
+        self, parts: list[list[Digest]], concurrency: int, progress: Callable[[int], None]
     ) -> None:
-        """``ensure_all``'s work on one batch, in parts of ``ENSURE_MANY`` blobs that
-        ``concurrency`` workers share (no task per part). After a part with a blob no source
+        """``ensure_all``'s work on one batch, in ``parts`` that ``concurrency`` workers
+        share (no task per part). After a part with a blob no source
         has, no new part starts and later ones are cancelled, but earlier ones finish: the
         one raised is the first blob of the batch that is missing, whatever order the
         answers came in."""
         missing: dict[int, Digest] = {}
         in_flight: dict[int, trio.CancelScope] = {}
-        parts = [batch[i : i + ENSURE_MANY] for i in range(0, len(batch), ENSURE_MANY)]
         todo = iter(enumerate(parts))
 
         async def worker() -> None:
@@ -296,6 +299,24 @@ def socket_answers(path: Path) -> bool:
         except OSError:
             return False
         return True
+
+
+def _parts(batch: list[Digest], sizes: Mapping[Digest, int] | None) -> list[list[Digest]]:
+    """``batch`` cut into ``ensure_many`` requests: at most ``ENSURE_MANY`` blobs, and at
+    most ``ENSURE_BYTES`` of them where their ``sizes`` are known (at least one blob)."""
+    parts: list[list[Digest]] = []
+    part: list[Digest] = []
+    held = 0
+    for d in batch:
+        size = sizes.get(d, 0) if sizes is not None else 0
+        if part and (len(part) >= ENSURE_MANY or held + size > ENSURE_BYTES):
+            parts.append(part)
+            part, held = [], 0
+        part.append(d)
+        held += size
+    if part:
+        parts.append(part)
+    return parts
 
 
 def _short(request: str) -> str:

@@ -151,6 +151,10 @@ async def test_ensure_all_fetches_in_bulk_and_names_the_first_missing_blob(
         for x, b in zip(DIGESTS[:4], BLOBS[:4], strict=True):
             assert d.cache.path(x).read_bytes() == b
         assert sent == ["ensure_many"] and progress[-1] == (4, 4)  # one request for four
+        sent.clear()  # with sizes, a request holds at most ENSURE_BYTES (at least one blob)
+        big = dict.fromkeys(DIGESTS[:4], client_module.ENSURE_BYTES // 2 + 1)
+        await d.client.ensure_all(DIGESTS[:4], sizes=big)
+        assert sent == ["ensure_many"] * 4
         monkeypatch.setattr(client_module, "ENSURE_MANY", 2)
         order = [DIGESTS[0], DIGESTS[1], DIGESTS[5], DIGESTS[2], DIGESTS[4], DIGESTS[3]]
         with pytest.raises(BlobNotFound, match=DIGESTS[5].hex):  # not 4: the first in order
