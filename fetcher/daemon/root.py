@@ -124,7 +124,9 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _unix_listener(path: Path) -> socket.socket:
+def _unix_socket(path: Path) -> socket.socket:
+    """The daemon's socket, bound but not listening yet: a client's connect is refused until
+    the daemon can take a signal (``run_daemon`` listens once ``_stop_on_signals`` runs)."""
     if len(os.fsencode(path)) > 100:
         raise UsageError(f"socket path too long for AF_UNIX: {path}")
     with contextlib.suppress(FileNotFoundError):
@@ -132,7 +134,6 @@ def _unix_listener(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
     os.chmod(path, 0o660)
-    sock.listen(1024)
     return sock
 
 
@@ -194,12 +195,15 @@ async def run_daemon(
         )
         api.append(MountApi(service, prefetch, gc, peers=peers))
         registry = daemon_registry(service, gc, peers)
-        sock = _unix_listener(socket_path)
+        sock = _unix_socket(socket_path)
         sockets.callback(_remove_socket, socket_path)
         sockets.callback(sock.close)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+                # SIGTERM handled before anyone can connect: a daemon stopped right after
+                # it answered would otherwise die of the signal's default action, unlogged
+                await nursery.start(_stop_on_signals, nursery.cancel_scope)
+                sock.listen(1024)
                 await nursery.start(service.run)
                 await nursery.start(prefetch.run)
                 await nursery.start(gc.run)
@@ -358,8 +362,11 @@ def verify_without_daemon(
             cache.close()
 
 
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
+async def _stop_on_signals(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("fetcher daemon stopping on signal %d", signum)
             notify("STOPPING=1")  # at once: stopping the zygote may take seconds

@@ -350,15 +350,16 @@ class FetchService:
         priority: Priority = PREFETCH,
         for_peer: bool = False,
         join: bool = False,
-    ) -> None:
+    ) -> list[Digest]:
         """Fetch several blobs with one request per source (``BlobSource.fetch_many``):
         per-request costs, not bytes, bound prefetch of many small blobs. Blobs already
         cached are skipped, and so are blobs in flight, unless ``join``: then return only
-        once those landed too. Failures are logged once per group and kind of error, not per
-        blob (a later read fetches on demand; a peer that asked misses that blob in the
-        answer)."""
+        once those landed too. Returns the blobs waited for that failed to land (every
+        other one of ``digests`` is in the cache, unless GC took it since). Failures are
+        logged once per group and kind of error, not per blob (a later read fetches on
+        demand; a peer that asked misses that blob in the answer)."""
         todo: dict[Digest, None] = {}
-        others: list[_Flight] = []
+        others: list[tuple[Digest, _Flight]] = []
         for d in digests:
             if self.is_cached(d) or d in todo:
                 continue
@@ -366,7 +367,7 @@ class FetchService:
             if flight is None:
                 todo[d] = None
             elif join:
-                others.append(flight)
+                others.append((d, flight))
         # Blobs this daemon fetches from the CAS form a request of their own, and land
         # without waiting for the peers': a peer may be waiting for exactly those.
         via_cas = [d for d in todo if for_peer or self.source.first_peer(d) is None]
@@ -375,14 +376,15 @@ class FetchService:
         # The downloads run in the service's nursery, like ``ensure``'s: a requester that
         # gives up (a peer that timed out) does not cancel them for the others.
         assert self._nursery is not None, "FetchService.run() is not running"
-        mine: list[_Flight] = []
+        mine: list[tuple[Digest, _Flight]] = []
         for group, to_cas in ((via_cas, True), (via_peers, False)):
             if group:  # flights exist before the first checkpoint: no second download
                 flights = {d: self._new_flight(d, priority, for_peer, not to_cas) for d in group}
                 self._nursery.start_soon(self._fetch_group, flights, priority, for_peer, to_cas)
-                mine.extend(flights.values())
-        for flight in mine + others:
+                mine.extend(flights.items())
+        for _, flight in mine + others:
             await flight.done.wait()
+        return [d for d, flight in mine + others if flight.error is not None]
 
     async def _fetch_group(
         self, flights: dict[Digest, _Flight], priority: Priority, for_peer: bool, to_cas: bool
