@@ -312,7 +312,23 @@ class BlobCache:
                 self.index.delete_many(d for d, _ in gone)
             freed = sum(n for _, n in gone)
             self.usage -= freed
+        self._forget_indexes([d for d, _ in gone])
         return freed
+
+    def _forget_indexes(self, evicted: list[Digest]) -> None:
+        """Remove the manifest indexes (``<cache>/manifests/<hex>.idx``) of the evicted
+        blobs that were manifests: an index lives as long as its manifest is cached, and a
+        later mount fetches the manifest and builds it again. A mount that has one mapped
+        keeps reading it. One listing of the directory, not a failed unlink per blob."""
+        folder = self.layout.manifests
+        try:
+            names = set(os.listdir(folder))
+        except FileNotFoundError:
+            return
+        for d in evicted:
+            if (name := f"{d.hex}.idx") in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(folder / name)
 
     def drop(self, digest: Digest, *, unless_replaced: os.stat_result | None = None) -> bool:
         """Delete one blob found bad (its file, then its record); returns False when it is

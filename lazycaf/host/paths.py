@@ -62,7 +62,8 @@ class CacheLayout:
     <root>/blobs/<2 hex>/<hex>   verified blob content, uncompressed (Btrfs compresses it)
     <root>/tmp/                  blobs being staged
     <root>/manifests/<hex>.idx   a manifest's index (``lazycaf.core.manifestindex``), built by
-                                 the first mount of that manifest, shared by every later one
+                                 the first mount of that manifest, shared by every later one;
+                                 removed when GC evicts the manifest
     <root>/fetcher.sock, fetcher.lock, fetcher.log   the daemon's socket, lock and log
     """
 
@@ -77,8 +78,12 @@ class CacheLayout:
     def blob(self, digest: Digest) -> Path:
         return self.blobs / self.blob_name(digest)
 
+    @property
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
     def manifest_index(self, digest: Digest) -> Path:
-        return self.root / "manifests" / f"{digest.hex}.idx"
+        return self.manifests / f"{digest.hex}.idx"
 
     @staticmethod
     def blob_name(digest: Digest) -> str:

@@ -6,8 +6,8 @@ without decoding anything, and every mount of the executable shares its pages. A
 does not open as the index of that manifest (torn, changed, from another version) is built
 again; a cache this process cannot write to gets the index in memory only.
 
-Known limit: nothing removes the index of a manifest no longer used (a few tens of bytes per
-entry); GC of the host cache does not know these files yet.
+An index lives as long as its manifest's blob: the host cache's GC removes it with the
+manifest (``BlobCache.evict``); a mount that has it mapped keeps reading it.
 """
 
 from __future__ import annotations

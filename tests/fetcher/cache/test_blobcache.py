@@ -60,3 +60,25 @@ def test_a_shard_removed_behind_the_cache_is_made_again(cache: BlobCache) -> Non
     shard.rmdir()
     assert cache.publish(cache.stage(verify_blob(d, framing.IDENTITY, data)), limit=None)
     assert cache.path(d).read_bytes() == data
+
+
+def test_evicting_a_manifest_removes_its_index_and_a_mapped_one_keeps_reading(
+    cache: BlobCache,
+) -> None:
+    from lazycaf.core.manifest import FILE, Entry, Manifest
+    from lazycaf.mount.indexfile import open_index
+
+    d, data = _blob(7)
+    other, other_data = _blob(8)
+    manifest = Manifest([Entry("m.py", FILE, 0o644, 0, len(data), d)]).encode()
+    m = Digest.of(manifest)
+    for digest, blob in ((m, manifest), (d, data), (other, other_data)):
+        assert cache.publish(cache.stage(verify_blob(digest, framing.IDENTITY, blob)), limit=None)
+    index = open_index(cache.layout, m, name="test")  # what a mount does: builds the file
+    path = cache.layout.manifest_index(m)
+    assert path.exists()
+    cache.evict([d, other])  # not manifests: the index stays
+    assert path.exists()
+    cache.evict([m])
+    assert not path.exists() and list(cache.layout.manifests.iterdir()) == []
+    assert index.entry(0).path == "m.py"  # the mapped index is still readable
