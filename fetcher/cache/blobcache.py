@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 ENCODED_WRITES_ENV = "LAZYCAF_ENCODED_WRITES"
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_BUILD_AGE_S = 3600.0  # a manifest index build's temp file older than this was abandoned
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Reconciled:
     verified: int
     dropped: int
     blobs: int
+    indexes_removed: int = 0
 
 
 @dataclass(frozen=True)
@@ -377,7 +379,8 @@ class BlobCache:
 
     def reconcile(self) -> Reconciled:
         """Make index and files agree after a crash: drop temp files, index stray blobs,
-        forget index entries whose file is gone."""
+        forget index entries whose file is gone, remove manifest indexes whose manifest is
+        not cached."""
         removed = 0
         for tmp in self.layout.tmp.iterdir():
             with contextlib.suppress(FileNotFoundError):
@@ -412,7 +415,36 @@ class BlobCache:
         self.index.sync()
         with self._lock:
             self.usage = self.index.total_bytes()
-        return Reconciled(removed, len(fixed), len(stale) + len(bad), len(on_disk))
+        indexes = self._sweep_indexes(on_disk.keys())
+        return Reconciled(removed, len(fixed), len(stale) + len(bad), len(on_disk), indexes)
+
+    def _sweep_indexes(self, cached: Collection[Digest]) -> int:
+        """Remove manifest indexes whose manifest is not cached (left by a crash between an
+        eviction and its sweep, or by versions that never removed them) and index builds a
+        crashed mount left half-written (``.<hex>.*``, over an hour old: a mount may be
+        writing one now). Returns how many files went."""
+        folder = self.layout.manifests
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return 0
+        old = time.time() - _BUILD_AGE_S
+        removed = 0
+        for name in names:
+            path = folder / name
+            hex_digest, dot, ext = name.partition(".")
+            orphan = (
+                ext == "idx"
+                and Digest.is_hex(hex_digest)
+                and (Digest.parse(hex_digest) not in cached)
+            )
+            try:
+                if orphan or (not hex_digest and dot and path.lstat().st_mtime < old):
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
 
 
 def _disk_error(exc: OSError, digest: Digest) -> CacheFull | OSError:

@@ -237,8 +237,20 @@ def test_daemon_restart_reconciles_cache(host: Host, tmp_path: Path) -> None:
     # what a crash mid-download leaves: a partial temp file, and a wrong "blob" that never
     # went through the verified commit path must not be trusted either
     (host.cache / "tmp" / "partial.download").write_bytes(b"half a blob")
+    # and manifest indexes: one whose manifest is not cached, an index build abandoned an
+    # hour ago, one a mount may be writing now
+    manifests = host.cache / "manifests"
+    ours = manifests / f"{digest}.idx"
+    assert ours.exists()
+    orphan = manifests / f"{'ab' * 32}.idx"
+    orphan.write_bytes(b"an index of a manifest evicted before a crash")
+    abandoned, building = manifests / f".{'cd' * 32}.x1", manifests / f".{'ef' * 32}.x2"
+    abandoned.write_bytes(b"half an index")
+    os.utime(abandoned, (time.time() - 7200,) * 2)
+    building.write_bytes(b"half an index")
     host.cli("mount", digest, mnt, "--cas", cas)
     assert not any((host.cache / "tmp").iterdir())
+    assert sorted(manifests.iterdir()) == sorted([ours, building])
     assert (mnt / "lib/pkg/sub/data.bin").read_bytes() == (
         tree / "lib/pkg/sub/data.bin"
     ).read_bytes()
