@@ -71,6 +71,7 @@ class CasDir:
         self._tmp = str(self.root / "tmp")
         self._shards: set[str] = set()  # shard directories known to exist
         self._tmp_names = itertools.count()
+        self._zst_first = True  # touch: the form the last blob found had (a hint, unlocked)
         if create:
             for sub in ("blobs", "refs", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -98,10 +99,14 @@ class CasDir:
         """Set a stored blob's mtime to now, so the store GC counts its age from this use
         (a pack reusing a blob that was garbage); False when it is not stored. One
         ``utime``, no stat first: a blob deleted meanwhile is reported missing, never
-        refreshed after its deletion. A store this process may not write (read-only,
+        refreshed after its deletion. The form (raw or ``.zst``) the last blob had is tried
+        first: a miss costs a failing syscall and an exception, and tiny files are stored
+        raw, most others compressed. A store this process may not write (read-only,
         another owner) is only checked for the blob."""
         p = self._path(digest)
-        for path in (p + ".zst", p):
+        zst = p + ".zst"
+        paths = (zst, p) if self._zst_first else (p, zst)
+        for path in paths:
             try:
                 os.utime(path)
             except FileNotFoundError:
@@ -110,6 +115,8 @@ class CasDir:
                 if os.path.exists(path):
                     return True
                 continue
+            if path is not paths[0]:  # the other form first from now on
+                self._zst_first = path is zst
             return True
         return False
 

@@ -159,7 +159,7 @@ class Manifest:
         self.chunk_size = chunk_size
         self.root_mode = root_mode
         self.root_mtime_ns = root_mtime_ns
-        self.entries: tuple[Entry, ...] = tuple(sorted(entries, key=lambda e: e.path))
+        self.entries: tuple[Entry, ...] = tuple(sorted(entries, key=itemgetter(0)))  # path
         _validate(self.entries, chunk_size)
 
     # -- queries ---------------------------------------------------------------------------
@@ -524,9 +524,12 @@ def _validate(entries: tuple[Entry, ...], chunk_size: int) -> None:
     symlinks = {i: e.target or "" for i, e in enumerate(entries) if e.kind == SYMLINK}
     sizes = [e.size for e in entries]
     paths = [e.path for e in entries]
-    _check_tree(paths, "".join(kinds_l), [e.mode for e in entries], sizes, symlinks)
+    kinds = "".join(kinds_l)
+    _check_tree(paths, kinds, [e.mode for e in entries], sizes, symlinks)
+    if _attributes_ok(entries, kinds, sizes, chunk_size):
+        return
     files: dict[str, Entry] = {}
-    for e in entries:
+    for e in entries:  # find the culprit (and check hard links, one by one)
         if not (_I64_MIN <= e.mtime_ns <= _I64_MAX and 0 <= e.size <= _U64_MAX):
             raise ManifestError(f"entry {e.path!r}: mtime or size does not fit 64 bits")
         if e.kind == FILE:
@@ -542,6 +545,43 @@ def _validate(entries: tuple[Entry, ...], chunk_size: int) -> None:
             raise ManifestError(f"entry {e.path!r}: a symlink has mode 777, not {e.mode:o}")
         elif e.kind == DIR and e.size:
             raise ManifestError(f"entry {e.path!r}: a directory has size 0, not {e.size}")
+
+
+def _attributes_ok(
+    entries: tuple[Entry, ...], kinds: str, sizes: Sequence[int], chunk_size: int
+) -> bool:
+    """The per-entry checks of ``_validate`` for the common all-good case, a column at a
+    time (~0.3 s less at 300k entries); False sends the caller entry by entry, which names
+    the culprit. Trees with hard links always go entry by entry."""
+    if not entries:
+        return True
+    if HARDLINK in kinds:
+        return False
+    mtimes = list(map(itemgetter(3), entries))
+    if not (
+        min(mtimes) >= _I64_MIN
+        and max(mtimes) <= _I64_MAX
+        and min(sizes) >= 0
+        and max(sizes) <= _U64_MAX
+    ):
+        return False
+    files = list(compress(entries, _mask(FILE, kinds)))
+    if files:
+        if set(map(type, map(itemgetter(5), files))) != {Digest}:
+            return False
+        counts = map(len, map(itemgetter(6), files))
+        cs = chunk_size
+        if not all(
+            c == (0 if s <= cs else -(-s // cs))
+            for s, c in zip(map(itemgetter(4), files), counts, strict=True)
+        ):
+            return False
+        if not all(e[5] == _EMPTY for e in files if not e[4]):
+            return False
+    others = compress(entries, (1 - b for b in _mask(FILE, kinds)))
+    return all(
+        e[5] is None and not e[6] and (e[4] == 0 if e[1] == DIR else e[2] == 0o777) for e in others
+    )
 
 
 def _check_tree(

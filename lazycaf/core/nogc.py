@@ -22,7 +22,11 @@ _was_enabled = False
 
 
 @contextmanager
-def paused_gc() -> Iterator[None]:
+def paused_gc(*, freeze: bool = False) -> Iterator[None]:
+    """``freeze``: the objects alive at the end of the block stay out of the collector's
+    sight for good (``gc.freeze``): it would walk them all at the first allocation after
+    the block (0.35 s for a 300k-entry pack plan). For a command's long-lived data only:
+    cyclic garbage alive at that moment is never collected."""
     global _depth, _was_enabled
     with _lock:
         if _depth == 0:
@@ -33,6 +37,8 @@ def paused_gc() -> Iterator[None]:
         yield
     finally:
         with _lock:
+            if freeze:
+                gc.freeze()
             _depth -= 1
             if _depth == 0 and _was_enabled:
                 gc.enable()

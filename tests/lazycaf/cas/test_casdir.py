@@ -174,6 +174,24 @@ def test_find_missing_keeps_order(cas: CasDir) -> None:
     assert cas.find_missing([]) == []
 
 
+def test_find_missing_refreshes_raw_and_zst_blobs_in_any_order(cas: CasDir) -> None:
+    """The form tried first follows the blobs found (a run of raw blobs, then zstd ones):
+    whichever it is, every stored blob is found and refreshed, and only absent ones miss."""
+    raw = [store(cas, os.urandom(100)) for _ in range(3)]
+    zst = [store(cas, compressible(50_000 + i)) for i in range(3)]
+    paths = [blob_path(cas, d) for d in raw] + [zst_path(cas, d) for d in zst]
+    absent = [Digest.of(b"absent %d" % i) for i in range(2)]
+    for query in (
+        raw + zst + absent,
+        [zst[0], raw[0], absent[0], raw[1], raw[2], zst[1], absent[1], zst[2]],
+        absent + zst + raw,
+    ):
+        for p in paths:
+            os.utime(p, (1e9, 1e9))
+        assert cas.find_missing(query) == [d for d in query if d in absent]
+        assert all(p.stat().st_mtime > time.time() - 60 for p in paths)
+
+
 def test_read_missing_blob(cas: CasDir) -> None:
     d = Digest.of(b"never stored")
     with pytest.raises(BlobNotFound, match=d.hex) as info:

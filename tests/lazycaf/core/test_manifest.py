@@ -887,3 +887,29 @@ def test_blobs_dedupes_content_and_sizes_chunks() -> None:
     # whole-file digests of chunked files are not blobs
     assert D("big") not in blobs
     assert D("o") not in blobs
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (Entry("z", SYMLINK, 0o755, 0, 1, target="a"), "a symlink has mode 777"),
+        (Entry("z", DIR, 0o755, 0, 5), "a directory has size 0"),
+        (Entry("z", DIR, 0o755, 0, 0, D("z")), "only files have digests"),
+        (Entry("z", SYMLINK, 0o777, 0, 1, (), (D("z"),), target="a"), "only files have digests"),
+        (f("z")._replace(mtime_ns=1 << 63), "mtime or size does not fit 64 bits"),
+        (f("z")._replace(mtime_ns=-(1 << 63) - 1), "mtime or size does not fit 64 bits"),
+        (f("z")._replace(size=-1), "mtime or size does not fit 64 bits"),
+        (d("z", mtime=1 << 63), "mtime or size does not fit 64 bits"),
+        (Entry("z", FILE, 0o644, 0, 0, D("z")), "size 0, but .* is not the empty blob"),
+        (Entry("z", FILE, 0o644, 0, CS + 1, D("z")), f"size {CS + 1} needs 2 chunks"),
+        (Entry("z", FILE, 0o644, 0, 7), "file without a digest"),
+    ],
+)
+def test_constructor_names_a_bad_entry_among_many_good_ones(bad: Entry, match: str) -> None:
+    """The checks run a column at a time when every entry is good: one bad entry in a
+    big tree (no hard links) is still found and named."""
+    good = [d("a")] + [f(f"a/m{i:04d}", i % 7 + (CS if i % 100 == 0 else 0)) for i in range(500)]
+    good += [sl(f"a/l{i}", "m0001") for i in range(20)] + [f("e", 0)]
+    man(*good)
+    with pytest.raises(ManifestError, match=f"entry 'z': {match}"):
+        man(*good, bad)

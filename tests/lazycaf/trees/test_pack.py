@@ -15,7 +15,7 @@ from lazycaf.cas.local import LocalCAS
 from lazycaf.core.chunking import chunk_spans
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import PackError, first_error
-from lazycaf.core.manifest import FILE, Manifest
+from lazycaf.core.manifest import FILE, HARDLINK, Manifest
 from lazycaf.trees import pack as packmod
 from lazycaf.trees.pack import pack
 from lazycaf.trees.statcache import StatCache, StatKey
@@ -222,3 +222,23 @@ async def test_hashing_runs_in_threads_not_on_the_event_loop(tmp_path: Path) -> 
         mp.setattr(packmod, "hash_small", spy)
         await pack(tree, LocalCAS(tmp_path / "cas"), chunk_size=CS)
     assert seen and "MainThread" not in seen
+
+
+async def test_names_that_sort_below_a_slash_come_out_in_manifest_order(tmp_path: Path) -> None:
+    """The walk goes depth first with each directory's names in order, so ``a/x`` comes
+    before ``a.y`` there while the manifest sorts ``a.y`` ("." < "/") first; the first path
+    of a hard-link group in manifest order is the file, the others link to it."""
+    tree = tmp_path / "t"
+    for rel in ("a/x", "a/b/c", "a-1/z", "a0", "b/a"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(rel)
+    os.link(tree / "a/x", tree / "a.y")  # the walk meets a/x first, the manifest a.y
+    os.symlink("a/x", tree / "a-l")
+    walked = [s.path for s in packmod.scan_tree(tree)[1]]
+    expected = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
+    assert walked == expected and walked.index("a.y") < walked.index("a/x")
+    result = await pack(tree, LocalCAS(tmp_path / "cas"), chunk_size=CS)
+    file, link = result.manifest.get("a.y"), result.manifest.get("a/x")
+    assert file is not None and file.kind == FILE
+    assert link is not None and link.kind == HARDLINK and link.target == "a.y"
+    assert [e.path for e in result.manifest] == expected
