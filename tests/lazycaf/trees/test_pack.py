@@ -242,3 +242,25 @@ async def test_names_that_sort_below_a_slash_come_out_in_manifest_order(tmp_path
     assert file is not None and file.kind == FILE
     assert link is not None and link.kind == HARDLINK and link.target == "a.y"
     assert [e.path for e in result.manifest] == expected
+
+
+@pytest.mark.usefixtures("small_jobs")
+def test_hash_jobs_hold_every_file_once_big_ones_biggest_first_among_the_small() -> None:
+    """Big files go alone, biggest first, spread among the small files' batches (which keep
+    path order), so neither kind's work is left to run alone at the end."""
+    cap = packmod._HASH_BATCH_BYTES
+    files = [
+        packmod.Scanned(f"f{i:03d}", FILE, 0o644, 0, cap + 1 + (i * 7919) % 50 * CS)
+        if i % 10 == 0
+        else packmod.Scanned(f"f{i:03d}", FILE, 0o644, 0, 100 + i)
+        for i in range(300)
+    ]
+    jobs = list(packmod._jobs(files, CS))
+    assert sorted(s for job in jobs for s in job) == files  # each file once
+    big = [i for i, job in enumerate(jobs) if job[0].size > cap]
+    assert all(len(jobs[i]) == 1 for i in big) and len(big) == 30
+    sizes = [jobs[i][0].size for i in big]
+    assert sizes == sorted(sizes, reverse=True)
+    small = [s.path for job in jobs if job[0].size <= cap for s in job]
+    assert small == sorted(small) and all(len(job) <= 7 for job in jobs)
+    assert big[0] < len(jobs) // 4 and big[-1] > len(jobs) * 3 // 4  # spread, not bunched
