@@ -492,16 +492,18 @@ class _Uploads:
         self, cas: CAS, send: trio.MemorySendChannel[list[Blob]], progress: PackProgress
     ) -> None:
         self._cas, self._send, self._progress = cas, send, progress
-        self._asked: set[Digest] = set()
+        self._asked: set[bytes] = set()  # raw digests: no Python __hash__ call a blob
         self._queue: list[Blob] = []
         self._queued_bytes = 0
 
     async def offer(self, blobs: list[Blob]) -> None:
         """Ask the CAS about the blobs not asked about yet; queue the ones it lacks."""
         new = []
+        asked = self._asked
         for b in blobs:
-            if b.digest not in self._asked:
-                self._asked.add(b.digest)
+            raw = b.digest.raw
+            if raw not in asked:
+                asked.add(raw)
                 new.append(b)
         if not new:
             return
@@ -520,8 +522,9 @@ class _Uploads:
         for s in files:
             digest, chunks = hashes[s.path]
             for d in chunks or (digest,):
-                if d not in asked:
-                    asked.add(d)
+                raw = d.raw
+                if raw not in asked:
+                    asked.add(raw)
                     new.append(d)
         if not new:
             return
