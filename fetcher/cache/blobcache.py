@@ -328,9 +328,9 @@ class BlobCache:
         except FileNotFoundError:
             return
         for d in evicted:
-            if (name := f"{d.hex}.idx") in names:
+            if (path := self.layout.manifest_index(d)).name in names:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(folder / name)
+                    path.unlink()
 
     def drop(self, digest: Digest, *, unless_replaced: os.stat_result | None = None) -> bool:
         """Delete one blob found bad (its file, then its record); returns False when it is

@@ -18,7 +18,7 @@ import functools
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from pathlib import Path
@@ -393,6 +393,12 @@ def known_blobs(s: Scanned, hashes: Hashes, chunk_size: int) -> list[Blob]:
     return [Blob(d, s.path, off, n) for d, (off, n) in zip(chunks, spans, strict=True)]
 
 
+def _blob_digests(hashes: Hashes) -> tuple[Digest, ...]:
+    """A file's blobs' digests: its chunks', or its own when it is one blob."""
+    digest, chunks = hashes
+    return chunks or (digest,)
+
+
 def _jobs(files: list[Scanned], chunk_size: int) -> Iterator[list[Scanned]]:
     """Hash jobs: each file above ``_HASH_BATCH_BYTES`` alone (it is streamed), the biggest
     first, so no big file is left to hash on one core at the end; the small files in
@@ -402,7 +408,7 @@ def _jobs(files: list[Scanned], chunk_size: int) -> Iterator[list[Scanned]]:
     release it) from start to end, not all at once."""
     big = sorted((s for s in files if s.size > _HASH_BATCH_BYTES), key=_SIZE, reverse=True)
     small = list(_small_batches(files))
-    big_cost = [_cost(len(job), sum(s.size for s in job)) for job in ([s] for s in big)]
+    big_cost = [_cost(1, s.size) for s in big]
     small_cost = [_cost(len(job), sum(s.size for s in job)) for job in small]
     total_big, total_small = sum(big_cost) or 1.0, sum(small_cost) or 1.0
     i = j = 0
@@ -498,53 +504,44 @@ class _Uploads:
 
     async def offer(self, blobs: list[Blob]) -> None:
         """Ask the CAS about the blobs not asked about yet; queue the ones it lacks."""
-        new = []
-        asked = self._asked
-        for b in blobs:
-            raw = b.digest.raw
-            if raw not in asked:
-                asked.add(raw)
-                new.append(b)
-        if not new:
-            return
-        self._progress.blobs += len(new)
-        missing = await self._cas.find_missing([b.digest for b in new])
-        await self._queue_blobs([b for b in new if b.digest in missing])
+        missing = await self._ask(b.digest for b in blobs)
+        if missing:
+            await self._queue_missing(blobs, missing)
 
     async def offer_known(
         self, files: list[Scanned], hashes: dict[str, Hashes], chunk_size: int
     ) -> None:
         """``offer`` for files whose digests the stat cache knew: the digests are asked
-        about first and a ``Blob`` is made only for those the CAS lacks (a re-pack asks
-        about every blob of the tree and uploads a handful)."""
-        new: list[Digest] = []
-        asked = self._asked
-        for s in files:
-            digest, chunks = hashes[s.path]
-            for d in chunks or (digest,):
-                raw = d.raw
-                if raw not in asked:
-                    asked.add(raw)
-                    new.append(d)
-        if not new:
-            return
-        self._progress.blobs += len(new)
-        missing = set(await self._cas.find_missing(new))
-        if not missing:
-            return
-        blobs = []
-        for s in files:
-            for b in known_blobs(s, hashes[s.path], chunk_size):
-                if b.digest in missing:
-                    missing.discard(b.digest)  # a blob two files hold: queued once
-                    blobs.append(b)
-        await self._queue_blobs(blobs)
+        about first and a ``Blob`` is made only for the files holding one the CAS lacks (a
+        re-pack asks about every blob of the tree and uploads a handful)."""
+        missing = await self._ask(d for s in files for d in _blob_digests(hashes[s.path]))
+        if missing:
+            blobs = [b for s in files for b in known_blobs(s, hashes[s.path], chunk_size)]
+            await self._queue_missing(blobs, missing)
 
-    async def _queue_blobs(self, blobs: list[Blob]) -> None:
+    async def _ask(self, digests: Iterable[Digest]) -> set[Digest]:
+        """Of the digests not asked about before (each once), those the CAS lacks."""
+        new = []
+        asked = self._asked
+        for d in digests:
+            raw = d.raw
+            if raw not in asked:
+                asked.add(raw)
+                new.append(d)
+        if not new:
+            return set()
+        self._progress.blobs += len(new)
+        return set(await self._cas.find_missing(new))
+
+    async def _queue_missing(self, blobs: list[Blob], missing: set[Digest]) -> None:
+        """Queue each blob whose digest is in ``missing`` (emptied as it goes: a blob two
+        files hold is queued once)."""
         for b in blobs:
-            self._queue.append(b)
-            self._queued_bytes += b.length
-        self._progress.blobs_missing += len(blobs)
+            if b.digest in missing:
+                missing.discard(b.digest)
+                self._queue.append(b)
+                self._queued_bytes += b.length
+                self._progress.blobs_missing += 1
         while len(self._queue) >= _UPLOAD_BATCH_BLOBS or self._queued_bytes >= _UPLOAD_BATCH_BYTES:
             await self._send_batch()
 
@@ -815,7 +812,7 @@ async def _hash_and_upload(
         count = 0
         for s in known:
             files.append(s)
-            count += len(hashes[s.path][1]) or 1
+            count += len(_blob_digests(hashes[s.path]))
             if count >= _KNOWN_BATCH_BLOBS:
                 await uploads.offer_known(files, hashes, chunk_size)
                 files, count = [], 0
