@@ -47,6 +47,7 @@ def require(ok: bool, why: str) -> None:
 FIXTURE_MARKS: dict[str, tuple[str, ...]] = {
     "host": ("fuse", "btrfs", "root", "slow"),  # a cache on Btrfs, its daemon, FUSE mounts
     "btrfs_dir": ("btrfs", "root", "slow"),  # a Btrfs loop image
+    "small_btrfs": ("btrfs", "root", "slow"),  # a 200 MB Btrfs loop image to fill up
     "sample_tree": ("slow",),  # builds an interpreter prefix with numpy
     "cas_server": ("slow",),  # a `lazycaf cas serve` process of the test's own
     "cluster": ("fuse", "btrfs", "root", "slow"),  # tests/fetcher/peers: daemons that mount
@@ -63,6 +64,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                     if name not in have:
                         item.add_marker(name)
                         have.add(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_index_locks_left() -> Iterator[None]:
+    """The lock files of the session's cache indexes (``lazycaf.host.indexlock``, on
+    /dev/shm) go with the session."""
+    private = Path(f"/dev/shm/lazycaf-{os.geteuid()}")
+    before = set(private.iterdir()) if private.is_dir() else set()
+    yield
+    if private.is_dir():
+        for path in set(private.iterdir()) - before:
+            path.unlink(missing_ok=True)
 
 
 def run_cli(
@@ -215,6 +228,26 @@ def btrfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
         if _is_mountpoint(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        image.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_btrfs(tmp_path: Path) -> Iterator[Path]:
+    """A 200 MB Btrfs loop image of the test's own, to fill up (mixed block groups: small is
+    fine)."""
+    require(os.geteuid() == 0, "root is needed to mount a Btrfs loop image")
+    require(shutil.which("mkfs.btrfs") is not None, "btrfs-progs (mkfs.btrfs) is not installed")
+    image, mnt = tmp_path / "small.img", tmp_path / "small"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(200 * 1000 * 1000)
+    subprocess.run(["mkfs.btrfs", "-q", "--mixed", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         image.unlink(missing_ok=True)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import faulthandler
 import functools
 import json
 import os
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,8 +138,13 @@ def mount_background(args: argparse.Namespace, run: Callable[[argparse.Namespace
             os.close(log_fd)
             os.close(null_fd)
             args.foreground, args.ready_fd = True, write_fd
+            faulthandler.enable()  # a fatal signal leaves the Python stack in the log
             code = run(args)
+        except BaseException:  # an unexpected error: the log keeps its traceback
+            traceback.print_exc()
         finally:
+            with contextlib.suppress(Exception):  # a full disk under the log, say
+                sys.stderr.flush()
             os._exit(code)
     os.close(write_fd)
     text = _read_ready_line(read_fd).strip()
@@ -276,6 +284,7 @@ async def fetcher_serve(args: argparse.Namespace) -> int:
     from lazycaf.cli.daemonlog import log_to_file_unless_service
 
     log_to_file_unless_service(args.log_file, force_stderr=args.log_stderr)
+    faulthandler.enable()  # descriptor 2 is the log (or the journal): a fatal signal's stack
     cache, sock = _cache_paths(args)
     size = parse_size(args.cache_size) if args.cache_size else None
     options = GcOptions(size, args.gc_high, args.gc_low)

@@ -18,7 +18,9 @@ blobs up without a round trip to the daemon. Blob files are the truth (a file ex
 after it verified), the index is rebuilt from them on daemon start, so commits need not be
 synced one by one: the environment runs with ``sync=False`` and the daemon syncs it in
 batches. Never fork after opening an ``Index`` (LMDB forbids it). Write failures (a full
-disk) raise ``Unavailable``, or ``CacheFull`` when the disk is out of space.
+disk) raise ``Unavailable``, or ``CacheFull`` when the disk is out of space. LMDB's lock file
+lives on tmpfs (``lazycaf.host.indexlock``): on a full disk a write through its mapping
+would kill the process.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import lmdb
 
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import CacheFull, Unavailable
+from lazycaf.host.indexlock import missing_lock_reason, prepare_lock
 
 __all__ = ["BlobRecord", "ExecutableRecord", "Index"]
 
@@ -75,6 +78,7 @@ class Index:
         try:
             if not readonly:
                 path.mkdir(parents=True, exist_ok=True)
+                prepare_lock(path)
             self._env = lmdb.open(
                 str(path),
                 map_size=_MAP_SIZE,
@@ -87,8 +91,9 @@ class Index:
                 subdir=True,
                 create=not readonly,
             )
-        except lmdb.Error as exc:
-            raise Unavailable(f"cannot open cache index {path}: {exc}") from exc
+        except (lmdb.Error, OSError) as exc:
+            reason = missing_lock_reason(path) if readonly else None
+            raise Unavailable(f"cannot open cache index {path}: {reason or exc}") from exc
         self._tables: dict[bytes, Any] = {}
         if not readonly:
             self._env.reader_check()  # clear reader slots of killed mounts

@@ -6,11 +6,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -282,27 +280,7 @@ def file_digests(tree: Path) -> set[str]:
 
 
 # -- a full disk -----------------------------------------------------------------------------
-@pytest.fixture
-def small_btrfs(tmp_path: Path) -> Iterator[Path]:
-    """A 200 MB Btrfs loop image of this test's own (mixed block groups: small is fine)."""
-    require(os.geteuid() == 0, "root is needed to mount a Btrfs loop image")
-    require(shutil.which("mkfs.btrfs") is not None, "btrfs-progs (mkfs.btrfs) is not installed")
-    require(_fuse_available(), "/dev/fuse, fusermount3 and pyfuse3 are needed for mounts")
-    image, mnt = tmp_path / "small.img", tmp_path / "small"
-    mnt.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(200 * 1000 * 1000)
-    subprocess.run(["mkfs.btrfs", "-q", "--mixed", str(image)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-        image.unlink(missing_ok=True)
-
-
-def read_with_retries(path: Path, expected: bytes, eio: list[str]) -> None:
+def read_with_retries(path: Path, expected: bytes) -> None:
     """Read a file until it reads whole (GC frees space in the background meanwhile); every
     failure must be EIO (a failed fetch)."""
 
@@ -311,7 +289,6 @@ def read_with_retries(path: Path, expected: bytes, eio: list[str]) -> None:
             data = path.read_bytes()
         except OSError as exc:
             assert exc.errno == errno.EIO, exc
-            eio.append(path.name)
             return False
         assert data == expected, f"{path.name} read wrong bytes"
         return True
@@ -324,6 +301,7 @@ def read_with_retries(path: Path, expected: bytes, eio: list[str]) -> None:
 @pytest.mark.root
 @pytest.mark.slow
 def test_full_disk_fails_reads_cleanly_and_gc_recovers(small_btrfs: Path, tmp_path: Path) -> None:
+    require(_fuse_available(), "/dev/fuse, fusermount3 and pyfuse3 are needed for mounts")
     cache = small_btrfs / "cache"
     run_cli("cache", "init", cache)
     host = Host(cache, tmp_path, {"LAZYCAF_CACHE": str(cache)}, [])
@@ -331,14 +309,14 @@ def test_full_disk_fails_reads_cleanly_and_gc_recovers(small_btrfs: Path, tmp_pa
     tree = make_exe(tmp_path / "big", 1, files=4, size=64 * MiB)  # 256 MiB onto 200 MB
     pack(tree, cas, "big:1")
     mnt = host.mountpoint()
-    eio: list[str] = []
     try:
         # a budget larger than the disk: only the full disk can make GC run
         opts = ["--cas", cas, "--cache-size", "10G", "--no-prefetch", "--eager-share", "0"]
         host.cli("mount", "big:1", mnt, *opts)
         for f in sorted(tree.iterdir()):
-            read_with_retries(mnt / f.name, f.read_bytes(), eio)
-        assert eio, "the disk never filled up"
+            read_with_retries(mnt / f.name, f.read_bytes())
+        # the disk filled up: some fetches failed (a reader saw EIO, or the kernel's
+        # readahead did and its retry found the space GC had freed meanwhile)
         stats = host.stats()
         assert stats["fetch_failures"] > 0 and stats["gc_runs"] > 0, stats
         assert "disk full" in (cache / "fetcher.log").read_text()

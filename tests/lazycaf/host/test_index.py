@@ -1,0 +1,161 @@
+"""The host cache's LMDB index on a full disk: errors, never a dead process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+# Each step is a process of its own, as the daemon and the mounts are: a write through LMDB's
+# lock-file mapping that the disk cannot take kills the process with SIGBUS (returncode -7).
+_STEP = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from lazycaf.core.digest import Digest
+    from lazycaf.core.errors import CacheFull
+    from lazycaf.host.index import Index
+
+    path, role = Path(sys.argv[1]), sys.argv[2]
+    index = Index(path, readonly=role == "reader")
+    for _ in range(100):  # every read transaction writes its reader slot
+        assert index.get(Digest.of(b"first")).size == 5
+    if role == "writer":
+        try:
+            for i in range(2000):
+                index.put(Digest.of(str(i).encode()), i)
+            index.sync()
+            print("stored")
+        except CacheFull as exc:
+            print("full:", exc)
+    index.close()
+    print("ok")
+    """
+)
+
+
+def _step(path: Path, role: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-X", "faulthandler", "-c", _STEP, str(path), role]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, cwd=REPO)
+
+
+def _fill(directory: Path) -> None:
+    """Write incompressible data until the filesystem refuses more, then flush everything, so
+    the index's pages are clean (written back) and a write to one must find new space."""
+    with open(directory / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(os.urandom(1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    os.sync()
+
+
+@pytest.mark.parametrize("role", ["writer", "reader"])
+def test_a_full_btrfs_fails_index_writes_without_killing_the_process(
+    small_btrfs: Path, role: str
+) -> None:
+    from lazycaf.core.digest import Digest
+    from lazycaf.host.index import Index
+
+    path = small_btrfs / "index"
+    index = Index(path)
+    index.put(Digest.of(b"first"), 5)
+    index.sync()
+    index.close()
+    _fill(small_btrfs)
+    for _ in range(2):  # the second run finds the pages the first one dirtied written back
+        proc = _step(path, role)
+        assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+        assert proc.stdout.endswith("ok\n"), proc.stdout
+        os.sync()
+
+
+def test_the_lock_file_lives_on_tmpfs_and_an_old_one_moves_there_when_no_one_uses_it(
+    tmp_path: Path,
+) -> None:
+    import lmdb
+
+    from lazycaf.core.digest import Digest
+    from lazycaf.host.index import Index
+
+    path = tmp_path / "index"
+    old = lmdb.open(str(path), max_dbs=3)  # a cache made before: a regular lock.mdb
+    old.close()
+    assert (path / "lock.mdb").is_file() and not (path / "lock.mdb").is_symlink()
+    # a reader keeps it open in another process: the writer must leave the file where it is
+    with _holder(path):
+        index = Index(path)
+        assert not (path / "lock.mdb").is_symlink()
+        index.put(Digest.of(b"kept"), 4)
+        index.close()
+    index = Index(path)  # alone now: the lock file moves to the user's tmpfs directory
+    try:
+        link = path / "lock.mdb"
+        target = Path(os.readlink(link))
+        assert link.is_symlink() and target.parent == Path(f"/dev/shm/lazycaf-{os.geteuid()}")
+        assert target.exists() and (target.parent.stat().st_mode & 0o777) == 0o700
+        assert index.get(Digest.of(b"kept")) is not None
+        with _holder(path):  # a reader follows the link
+            pass
+    finally:
+        index.close()
+        os.unlink(target)
+
+
+@contextlib.contextmanager
+def _holder(path: Path) -> Iterator[None]:
+    """Another process holding the index open read-only, as a mount does."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(path)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
+        yield
+    finally:
+        holder.communicate(b"\n", timeout=30)
+    assert holder.returncode == 0
+
+
+# opens the index read-only (a mount) and holds it until told to stop on stdin
+_HOLD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from lazycaf.host.index import Index
+
+    index = Index(Path(sys.argv[1]), readonly=True)
+    print("open", flush=True)
+    sys.stdin.readline()
+    index.close()
+    """
+)
+
+
+def test_a_reader_whose_lock_file_is_out_of_reach_says_why(tmp_path: Path) -> None:
+    from lazycaf.core.errors import Unavailable
+    from lazycaf.host.index import Index
+
+    path = tmp_path / "index"
+    Index(path).close()
+    link = path / "lock.mdb"
+    target = Path(os.readlink(link))
+    link.unlink()
+    target.unlink()
+    # what a process with another /dev/shm (a container's) sees
+    link.symlink_to(tmp_path / "elsewhere" / target.name)
+    with pytest.raises(Unavailable, match=r"lock file .* is gone .* start it first"):
+        Index(path, readonly=True)
