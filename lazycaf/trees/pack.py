@@ -30,7 +30,7 @@ from lazycaf.builds.pyc import hash_based, source_path, with_filename
 from lazycaf.cas.api import CAS
 from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE, chunk_spans
 from lazycaf.core.digest import Digest, Hasher
-from lazycaf.core.errors import PackError
+from lazycaf.core.errors import LazyCafError, PackError
 from lazycaf.core.manifest import DIR, FILE, HARDLINK, PATH_MAX, SYMLINK, Entry, Manifest
 from lazycaf.core.nogc import paused_gc
 from lazycaf.trees.statcache import StatCache, StatKey
@@ -519,6 +519,13 @@ class _Uploads:
             blobs = [b for s in files for b in known_blobs(s, hashes[s.path], chunk_size)]
             await self._queue_missing(blobs, missing)
 
+    def stored(self, digests: Iterable[Digest]) -> None:
+        """Digests known to be in the CAS (``_last_pack_still_named``): never asked about."""
+        asked = self._asked
+        before = len(asked)
+        asked.update(d.raw for d in digests)
+        self._progress.blobs += len(asked) - before
+
     async def _ask(self, digests: Iterable[Digest]) -> set[Digest]:
         """Of the digests not asked about before (each once), those the CAS lacks."""
         new = []
@@ -605,6 +612,7 @@ async def pack(
         progress,
         plan.pyc_sources,
         resized,
+        known_stored=await _last_pack_still_named(cas, plan.statcache),
     )
     epoch_ns = None if normalize is None else normalize.epoch * 1_000_000_000
     manifest, encoded = await trio.to_thread.run_sync(
@@ -624,10 +632,31 @@ async def pack(
     if tag:
         await cas.set_ref(tag, digest)
     if plan.statcache is not None:
+        if tag:
+            plan.statcache.remember_pack(cas.where, tag, digest)
         recorded = [s for s in plan.todo if s.path not in plan.pyc_sources]
         await trio.to_thread.run_sync(_save_stat_cache, plan.statcache, recorded, hashes)
     progress.phase = "done"
     return PackResult(digest, manifest, progress)
+
+
+async def _last_pack_still_named(cas: CAS, statcache: StatCache | None) -> bool:
+    """Whether the digests the stat cache knows are blobs ``cas`` holds under a live root:
+    the pack that wrote the cache set a ref in this store, and the ref still names its
+    manifest, which lists every one of them. Then a re-pack need not ask about them (nor,
+    on a directory store, refresh each one's mtime: a root keeps them from the store GC,
+    and the new manifest lists the same blobs before its ref moves). The store is trusted
+    to hold what its manifests list, as a mount trusts it."""
+    last = None if statcache is None else statcache.last_pack
+    if last is None:
+        return False
+    store, ref, manifest = last
+    if store != cas.where:
+        return False
+    try:
+        return await cas.get_ref(ref) == manifest
+    except LazyCafError:  # no such ref any more, or the store cannot say: ask as usual
+        return False
 
 
 class _Plan(NamedTuple):
@@ -752,9 +781,12 @@ async def _hash_and_upload(
     progress: PackProgress,
     pyc_sources: dict[str, Scanned],
     resized: dict[str, int],
+    *,
+    known_stored: bool = False,
 ) -> None:
     """Hash ``todo`` (into ``hashes``) and upload every blob of ``todo`` and ``known`` that
-    the CAS lacks, all at once: hash jobs on two worker threads; after each job, one
+    the CAS lacks (``known_stored``: ``known``'s blobs are in the CAS, not asked about), all
+    at once: hash jobs on two worker threads; after each job, one
     ``find_missing`` for its new digests, BEFORE anything is compressed; the blobs missing
     go to upload batches with the bytes just read (read once, hashed once by the pack);
     ``concurrency`` upload batches (at most 4) in flight. Returns once every batch's
@@ -808,6 +840,9 @@ async def _hash_and_upload(
         progress.files_hashed += 1
 
     async def offer_known() -> None:
+        if known_stored:
+            uploads.stored(d for s in known for d in _blob_digests(hashes[s.path]))
+            return
         files: list[Scanned] = []
         count = 0
         for s in known:

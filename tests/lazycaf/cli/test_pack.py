@@ -246,3 +246,31 @@ def test_sample_executable_packs(sample_tree: Path, tmp_path: Path) -> None:
     out = run_cli("cat", "sample:latest", "bin/python3", "--cas", cas).stdout
     assert out == (sample_tree / "bin/python3.11").read_bytes()
     assert digest == pack(sample_tree, cas)
+
+
+def test_a_repack_leaves_the_blobs_the_last_packs_ref_holds_alone(tmp_path: Path) -> None:
+    """A re-pack does not ask the store about (nor refresh) the blobs of unchanged files
+    while the ref the last pack set still names its manifest; once it does not, it asks
+    about every blob again (a directory store refreshes each one's mtime)."""
+    tree = make_tree(tmp_path / "tree")
+    old = 1_600_000_000 * 10**9
+    for path in tree.rglob("*"):
+        os.utime(path, ns=(old, old), follow_symlinks=False)  # none racy for the stat cache
+    cas, env = tmp_path / "cas", {"LAZYCAF_STATE": str(tmp_path / "state")}
+    run_cli("pack", tree, "--cas", cas, "--tag", "app:1", env=env)
+
+    def blobs_made_old() -> dict[Path, int]:
+        files = [p for p in (cas / "blobs").rglob("*") if p.is_file()]
+        for p in files:
+            os.utime(p, ns=(old, old))
+        return {p: old for p in files}
+
+    before = blobs_made_old()
+    (tree / "lib/pkg/__init__.py").write_text("x = 2\n")
+    run_cli("pack", tree, "--cas", cas, "--tag", "app:2", env=env)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    run_cli("ref", "rm", "app:2", "--cas", cas, env=env)  # the last pack's ref is gone
+    before = blobs_made_old()
+    run_cli("pack", tree, "--cas", cas, "--tag", "app:3", env=env)
+    untouched = [p for p in before if p.stat().st_mtime_ns == old]
+    assert len(untouched) == 2  # the manifests of app:1 and app:2, which the tree lacks

@@ -165,6 +165,67 @@ async def test_stat_cache_hits_the_store_lost_are_read_back(tmp_path: Path) -> N
         assert Digest.of(await fresh.get(d)) == d
 
 
+def old_mtimes(tree: Path) -> None:
+    """Mtimes far in the past: the stat cache trusts the files (none is racy)."""
+    for dirpath, _, names in os.walk(tree):
+        for name in names:
+            os.utime(Path(dirpath, name), ns=(OLD_NS, OLD_NS), follow_symlinks=False)
+
+
+def blob_mtimes(cas_root: Path) -> dict[str, int]:
+    return {
+        n.removesuffix(".zst"): os.stat(Path(d, n)).st_mtime_ns
+        for d, _, names in os.walk(cas_root / "blobs")
+        for n in names
+    }
+
+
+async def test_a_repack_asks_only_about_new_blobs_while_the_last_packs_ref_stands(
+    tmp_path: Path,
+) -> None:
+    tree = big_tree(tmp_path / "tree")
+    old_mtimes(tree)
+    state, store = tmp_path / "state", tmp_path / "cas"
+    first = await pack(tree, LocalCAS(store), chunk_size=CS, stat_cache_dir=state, tag="app:1")
+    for path in (store / "blobs").rglob("*"):  # blobs stored long ago
+        if path.is_file():
+            os.utime(path, ns=(OLD_NS, OLD_NS))
+    before = blob_mtimes(store)
+    edited = tree / "lib/pkg/m7.py"
+    edited.write_text("value = 'edited'\n")
+    cas = RecordingCAS(store)
+    again = await pack(tree, cas, chunk_size=CS, stat_cache_dir=state, tag="app:2")
+    asked = {d for ds in cas.calls("find_missing") for d in ds}
+    assert asked == {Digest.of(edited.read_bytes())}  # not the 40-odd blobs app:1 holds
+    assert again.digest == (await pack(tree, LocalCAS(tmp_path / "fresh"), chunk_size=CS)).digest
+    assert again.progress.blobs == len(expected_blobs(tree, again.manifest))
+    after = blob_mtimes(store)
+    # the blobs app:1 and app:2 both list are roots' blobs: not refreshed one by one; new:
+    # the edited file's blob and the manifest
+    assert {h: after[h] for h in before} == before and len(after) == len(before) + 2
+    assert first.digest != again.digest
+
+
+@pytest.mark.parametrize("ref_then", ["moved", "removed"])
+async def test_a_repack_asks_about_every_blob_once_the_last_packs_ref_moved(
+    tmp_path: Path, ref_then: str
+) -> None:
+    tree = big_tree(tmp_path / "tree")
+    old_mtimes(tree)
+    state, store = tmp_path / "state", tmp_path / "cas"
+    await pack(tree, LocalCAS(store), chunk_size=CS, stat_cache_dir=state, tag="app:1")
+    cas = RecordingCAS(store)
+    if ref_then == "moved":
+        other = await pack(tree / "lib/pkg", cas, chunk_size=CS)
+        await cas.set_ref("app:1", other.digest)
+    else:
+        await cas.delete_ref("app:1")
+    cas.log.clear()
+    again = await pack(tree, cas, chunk_size=CS, stat_cache_dir=state, tag="app:2")
+    asked = {d for ds in cas.calls("find_missing") for d in ds}
+    assert asked == expected_blobs(tree, again.manifest)
+
+
 async def test_a_file_changed_since_the_stat_cache_is_refused_not_stored(tmp_path: Path) -> None:
     tree = big_tree(tmp_path / "tree")
     for dirpath, _, names in os.walk(tree):  # old mtimes: the stat cache trusts them

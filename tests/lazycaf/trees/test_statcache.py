@@ -145,18 +145,40 @@ def test_missing_file_gives_an_empty_cache(tree: Path, cache_dir: Path) -> None:
     assert cache.hits == 0
 
 
-MAGIC = b"LZCAFSTAT2\n"
+MAGIC = b"LZCAFSTAT3\n"
 
 
-def body(saved_ns: object, files: object) -> bytes:
-    return MAGIC + marshal.dumps((saved_ns, files))
+def body(saved_ns: object, files: object, last: object = None) -> bytes:
+    return MAGIC + marshal.dumps((saved_ns, files, last))
 
 
 def saved(path: Path) -> tuple[int, dict[str, object]]:
     data = path.read_bytes()
     assert data.startswith(MAGIC)
-    out: tuple[int, dict[str, object]] = marshal.loads(data[len(MAGIC) :])
-    return out
+    saved_ns, files, _ = marshal.loads(data[len(MAGIC) :])
+    return saved_ns, files
+
+
+def test_the_last_pack_is_remembered_and_a_previous_versions_file_still_read(
+    tree: Path, cache_dir: Path
+) -> None:
+    cache = StatCache.for_tree(cache_dir, tree, CS)
+    cache.record("f", synthetic(), D("f"), ())
+    cache.save()  # a pack that set no ref
+    assert StatCache.for_tree(cache_dir, tree, CS).last_pack is None
+    cache.remember_pack("/store", "app:1", D("manifest"))
+    cache.save()
+    again = StatCache.for_tree(cache_dir, tree, CS)
+    assert again.last_pack == ("/store", "app:1", D("manifest"))
+    assert again.lookup("f", synthetic()) == (D("f"), ())
+    saved_ns, files = saved(cache.path)
+    cache.path.write_bytes(b"LZCAFSTAT2\n" + marshal.dumps((saved_ns, files)))
+    v2 = StatCache.for_tree(cache_dir, tree, CS)  # the format before: files, no last pack
+    assert v2.lookup("f", synthetic()) == (D("f"), ()) and v2.last_pack is None
+    for last in [("/store", "app:1", b"short"), ("/store", 1, D("m").raw), "x", (1, 2)]:
+        cache.path.write_bytes(body(saved_ns, files, last))
+        odd = StatCache.for_tree(cache_dir, tree, CS)
+        assert odd.last_pack is None and odd.lookup("f", synthetic()) == (D("f"), ())
 
 
 @pytest.mark.parametrize(
