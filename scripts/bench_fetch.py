@@ -47,6 +47,8 @@ from lazycaf.core.digest import Digest
 from lazycaf.core.manifest import Manifest
 from lazycaf.core.verified import verify_blob
 from lazycaf.host.client import FetcherClient
+from lazycaf.host.indexlock import forget_lock
+from lazycaf.host.paths import CacheLayout
 from lazycaf.traces.profiles import load_profile
 from lazycaf.traces.trace import plan_prefetch
 from scripts.harness import (
@@ -202,6 +204,7 @@ def one_run(made: Made, lz: Lazycaf, v: Variant, digests: list[Digest], k: int) 
     finally:
         stop_process(proc)
         made.caches.remove(cache)
+        forget_lock(CacheLayout(cache).index)
         subprocess.run(["rm", "-rf", str(cache)], check=False)
     return Sample(secs, d1 - d0, c1 - c0, blobs, nbytes)
 

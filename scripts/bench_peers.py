@@ -54,6 +54,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from lazycaf.host.indexlock import forget_lock
+from lazycaf.host.paths import CacheLayout
 from scripts import netsim
 from scripts.bench_prefetch import IMPORT_CODE, PROFILE, REF
 from scripts.harness import (
@@ -206,6 +208,7 @@ class Hosts:
         for proc in self.procs:
             stop_process(proc, timeout=20)
         for cache in self.caches:
+            forget_lock(CacheLayout(cache).index)
             run(["rm", "-rf", str(cache)], what="remove cache")
             c.made.caches.remove(cache)
 

@@ -90,6 +90,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from lazycaf.host.indexlock import forget_lock
+from lazycaf.host.paths import CacheLayout
 from lazycaf.mount.root import mount_pid
 from scripts import netsim
 from scripts.harness import (
@@ -227,6 +229,7 @@ class Env:
         return cache
 
     def drop_cache_dir(self, cache: Path) -> None:
+        forget_lock(CacheLayout(cache).index)
         shutil.rmtree(cache, ignore_errors=True)
         self.made.caches.remove(cache)
 

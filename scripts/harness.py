@@ -38,7 +38,8 @@ from typing import Any, Final
 
 from lazycaf.cli.zygote_client import zygote_ready
 from lazycaf.host.client import socket_answers
-from lazycaf.host.paths import fetcher_socket
+from lazycaf.host.indexlock import forget_lock
+from lazycaf.host.paths import CacheLayout, fetcher_socket
 
 __all__ = [
     "REPO",
@@ -492,6 +493,7 @@ def cleanup_mounts(made: Made, lz: Lazycaf | None) -> list[str]:
                 lz.fetcher_stop(cache)
             except BenchError as exc:
                 warnings.append(f"fetcher stop for {cache} failed: {exc}")
+        forget_lock(CacheLayout(cache).index)  # the cache goes with the temp dir
     return warnings
 
 

@@ -30,7 +30,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-__all__ = ["LOCK_NAME", "lock_target", "missing_lock_reason", "prepare_lock"]
+__all__ = ["LOCK_NAME", "forget_lock", "lock_target", "missing_lock_reason", "prepare_lock"]
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +110,12 @@ def missing_lock_reason(index: Path) -> str | None:
         "again: start it first (a mount does). A process with another /dev/shm (a container's) "
         "cannot share this cache"
     )
+
+
+def forget_lock(index: Path) -> None:
+    """Remove the tmpfs lock file of an index about to be deleted with its cache (nothing
+    else removes it; a reboot would)."""
+    with contextlib.suppress(OSError):
+        target = Path(os.readlink(index / LOCK_NAME))
+        if target.parent == SHM / f"lazycaf-{os.geteuid()}":
+            target.unlink()

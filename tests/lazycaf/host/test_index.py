@@ -159,3 +159,23 @@ def test_a_reader_whose_lock_file_is_out_of_reach_says_why(tmp_path: Path) -> No
     link.symlink_to(tmp_path / "elsewhere" / target.name)
     with pytest.raises(Unavailable, match=r"lock file .* is gone .* start it first"):
         Index(path, readonly=True)
+
+
+def test_forget_lock_removes_the_tmpfs_file_of_a_cache_being_deleted(tmp_path: Path) -> None:
+    from lazycaf.host.index import Index
+    from lazycaf.host.indexlock import forget_lock
+
+    path = tmp_path / "index"
+    Index(path).close()
+    target = Path(os.readlink(path / "lock.mdb"))
+    assert target.exists()
+    forget_lock(path)
+    assert not target.exists()
+    forget_lock(path)  # twice, or an index without one: nothing to do
+    forget_lock(tmp_path / "nothing")
+    elsewhere = tmp_path / "elsewhere.lock"  # never a file outside the user's directory
+    elsewhere.write_bytes(b"")
+    (path / "lock.mdb").unlink()
+    (path / "lock.mdb").symlink_to(elsewhere)
+    forget_lock(path)
+    assert elsewhere.exists()
