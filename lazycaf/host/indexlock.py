@@ -18,6 +18,12 @@ from the others. Readers only follow the link: when its target is gone (a reboot
 /dev/shm) the writer makes it again, never a reader, which might see another /dev/shm (a
 container's) and lock apart from the daemon (``missing_lock_reason`` says so). Without a
 usable /dev/shm the lock file stays in the index directory, as LMDB makes it.
+
+Root only: systemd-logind (``RemoveIPC=yes``, its default) deletes a regular user's files in
+/dev/shm when the user's last session ends, and a lock file deleted under a running daemon
+would let the next process lock apart from it. Root, whom ``RemoveIPC`` never touches, runs
+the fetcher service and the mounts of a fleet; another user's cache keeps its lock file on
+the cache disk (where a full disk can still kill its processes).
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ SHM: Final = Path("/dev/shm")
 
 
 def _private_dir() -> Path | None:
-    """``/dev/shm/lazycaf-<uid>``, made if missing; None when it is not this user's own
-    directory (someone else made it first) or /dev/shm is missing."""
+    """``/dev/shm/lazycaf-<uid>``, made if missing; None for a user other than root (see the
+    module's docstring), when it is not this user's own directory (someone else made it
+    first), or when /dev/shm is missing."""
+    if os.geteuid() != 0:
+        return None
     path = SHM / f"lazycaf-{os.geteuid()}"
     try:
         path.mkdir(mode=0o700)

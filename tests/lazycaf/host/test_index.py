@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, require
 
 # Each step is a process of its own, as the daemon and the mounts are: a write through LMDB's
 # lock-file mapping that the disk cannot take kills the process with SIGBUS (returncode -7).
@@ -61,6 +61,7 @@ def _fill(directory: Path) -> None:
     os.sync()
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("role", ["writer", "reader"])
 def test_a_full_btrfs_fails_index_writes_without_killing_the_process(
     small_btrfs: Path, role: str
@@ -84,6 +85,7 @@ def test_a_full_btrfs_fails_index_writes_without_killing_the_process(
 def test_the_lock_file_lives_on_tmpfs_and_an_old_one_moves_there_when_no_one_uses_it(
     tmp_path: Path,
 ) -> None:
+    require(os.geteuid() == 0, "the index lock moves to tmpfs for root only")
     import lmdb
 
     from lazycaf.core.digest import Digest
@@ -146,6 +148,7 @@ _HOLD = textwrap.dedent(
 
 
 def test_a_reader_whose_lock_file_is_out_of_reach_says_why(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "the index lock moves to tmpfs for root only")
     from lazycaf.core.errors import Unavailable
     from lazycaf.host.index import Index
 
@@ -162,6 +165,7 @@ def test_a_reader_whose_lock_file_is_out_of_reach_says_why(tmp_path: Path) -> No
 
 
 def test_forget_lock_removes_the_tmpfs_file_of_a_cache_being_deleted(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "the index lock moves to tmpfs for root only")
     from lazycaf.host.index import Index
     from lazycaf.host.indexlock import forget_lock
 
@@ -179,3 +183,19 @@ def test_forget_lock_removes_the_tmpfs_file_of_a_cache_being_deleted(tmp_path: P
     (path / "lock.mdb").symlink_to(elsewhere)
     forget_lock(path)
     assert elsewhere.exists()
+
+
+def test_another_users_index_keeps_its_lock_file_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """logind's RemoveIPC would delete a regular user's /dev/shm files at logout."""
+    from lazycaf.core.digest import Digest
+    from lazycaf.host.index import Index
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    path = tmp_path / "index"
+    index = Index(path)
+    index.put(Digest.of(b"x"), 1)
+    index.close()
+    lock = path / "lock.mdb"
+    assert lock.is_file() and not lock.is_symlink()
