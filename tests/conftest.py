@@ -68,13 +68,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_index_locks_left() -> Iterator[None]:
-    """The lock files of the session's cache indexes (``lazycaf.host.indexlock``, on
-    /dev/shm) go with the session."""
-    private = Path(f"/dev/shm/lazycaf-{os.geteuid()}")
-    before = set(private.iterdir()) if private.is_dir() else set()
+    """The lock files of the session's cache indexes (``lazycaf.host.indexlock``, in
+    /run/lazycaf/index-locks) go with the session."""
+    from lazycaf.host.indexlock import LOCK_DIR
+
+    before = set(LOCK_DIR.iterdir()) if LOCK_DIR.is_dir() else set()
     yield
-    if private.is_dir():
-        for path in set(private.iterdir()) - before:
+    if LOCK_DIR.is_dir():
+        for path in set(LOCK_DIR.iterdir()) - before:
             path.unlink(missing_ok=True)
 
 

@@ -27,6 +27,11 @@ pack shorter than ``refresh_after``; "grace > threshold" alone would leave the p
 A fixed rule rather than a ``--force``: a shorter grace is only safe if the packs refresh
 sooner, so the way down is a lower threshold for both (``$LAZYCAF_S3_REFRESH_AFTER``).
 
+A re-pack whose previous pack's ref still names that pack's manifest neither asks about nor
+refreshes the blobs its stat cache knows (``lazycaf.trees.pack``): that manifest is a root
+listing them, and the pack checks the ref again just before storing its own manifest (moved
+or removed: it asks then, refreshing them).
+
 A refresh may land after the GC listed the blobs, so the sweep lists them again after
 marking and deletes only the blobs both listings show older than the cutoff (a dry run
 skips the second listing). What stays open: a refresh landing between that second listing

@@ -19,14 +19,16 @@ after it verified), the index is rebuilt from them on daemon start, so commits n
 synced one by one: the environment runs with ``sync=False`` and the daemon syncs it in
 batches. Never fork after opening an ``Index`` (LMDB forbids it). Write failures (a full
 disk) raise ``Unavailable``, or ``CacheFull`` when the disk is out of space. LMDB's lock file
-lives on tmpfs (``lazycaf.host.indexlock``): on a full disk a write through its mapping
-would kill the process.
+lives off the cache disk for root (``lazycaf.host.indexlock``): on a full disk a write
+through its mapping would kill the process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,7 +38,7 @@ import lmdb
 
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import CacheFull, Unavailable
-from lazycaf.host.indexlock import missing_lock_reason, prepare_lock
+from lazycaf.host.indexlock import LOCK_NAME, prepare_lock
 
 __all__ = ["BlobRecord", "ExecutableRecord", "Index"]
 
@@ -70,30 +72,64 @@ def _mapped(what: str) -> Iterator[None]:
         raise Unavailable(f"cache index: {what}: {exc}") from exc
 
 
+def _lock_file_id(index: Path) -> tuple[int, int] | None:
+    """The lock file LMDB opens (through the link, if any), as (device, inode)."""
+    try:
+        st = os.stat(index / LOCK_NAME)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+_OPEN: set[str] = set()  # the real paths of the indexes this process has open
+_OPEN_LOCK = threading.Lock()
+
+
 class Index:
-    """The tables above. Thread-safe: LMDB transactions are per call."""
+    """The tables above. Thread-safe: LMDB transactions are per call. One ``Index`` of a
+    path at a time in a process."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
+        real = os.path.realpath(path)
+        with _OPEN_LOCK:  # LMDB forbids it, and a second lock set-up would reset the first
+            if real in _OPEN:
+                raise Unavailable(f"cache index {path} is already open in this process")
+            _OPEN.add(real)
+        self._real = real
+        self._lock_fd: int | None = None
         try:
             if not readonly:
                 path.mkdir(parents=True, exist_ok=True)
-                prepare_lock(path)
-            self._env = lmdb.open(
-                str(path),
-                map_size=_MAP_SIZE,
-                readonly=readonly,
-                sync=False,
-                metasync=False,
-                max_readers=512,
-                max_dbs=len(_TABLES),
-                lock=True,
-                subdir=True,
-                create=not readonly,
-            )
+            for _attempt in range(3):
+                self._lock_fd = prepare_lock(path, readonly=readonly)
+                before = _lock_file_id(path)
+                self._env = lmdb.open(
+                    str(path),
+                    map_size=_MAP_SIZE,
+                    readonly=readonly,
+                    sync=False,
+                    metasync=False,
+                    max_readers=512,
+                    max_dbs=len(_TABLES),
+                    lock=True,
+                    subdir=True,
+                    create=not readonly,
+                )
+                if _lock_file_id(path) == before:
+                    break
+                # the lock file moved while LMDB opened it (``indexlock``: the daemon
+                # moving an old cache's): that one is not the others', open again
+                self._env.close()
+                self._close_lock_fd()
+            else:
+                raise Unavailable(f"cannot open cache index {path}: its lock file keeps moving")
         except (lmdb.Error, OSError) as exc:
-            reason = missing_lock_reason(path) if readonly else None
-            raise Unavailable(f"cannot open cache index {path}: {reason or exc}") from exc
+            self._release()
+            raise Unavailable(f"cannot open cache index {path}: {exc}") from exc
+        except BaseException:
+            self._release()
+            raise
         self._tables: dict[bytes, Any] = {}
         if not readonly:
             self._env.reader_check()  # clear reader slots of killed mounts
@@ -103,6 +139,18 @@ class Index:
 
     def close(self) -> None:
         self._env.close()
+        self._release()
+
+    def _close_lock_fd(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _release(self) -> None:
+        """After the environment closed: the lock file's descriptor, the path's slot."""
+        self._close_lock_fd()
+        with _OPEN_LOCK:
+            _OPEN.discard(self._real)
 
     def _table(self, name: bytes) -> Any | None:
         """A named table; None when a read-only index has none yet (an older cache)."""

@@ -1,4 +1,4 @@
-"""Where the host index's LMDB lock file lives: in memory, never on the cache disk.
+"""Where the host index's LMDB lock file lives: off the cache disk, written in full.
 
 Every process that opens the index (the daemon writes; mounts and ``cache status`` read)
 writes to LMDB's lock file (``<index>/lock.mdb``: the writer's mutex and a slot a reader)
@@ -6,125 +6,163 @@ through a shared mapping. A write to a mapped page the kernel has written back i
 fault the filesystem must find space for: Btrfs copies the page, and LMDB makes the file
 sparse, so on a full cache disk the fault ends in SIGBUS and the process dies on the spot, no
 exception, no log line (a mount and its daemon died so while the cache disk was full).
-A tmpfs page is never written back: the lock file lives in ``/dev/shm/lazycaf-<uid>/`` (the
-user's own directory: created 0700, refused when it is anything else, since /dev/shm is
-world-writable) and ``lock.mdb`` is a symlink to it, which LMDB follows.
 
-``prepare_lock`` (the writer, before LMDB opens the environment) makes or re-points the
-link. It replaces a regular lock file (a cache made before this) only while no other process
-has the environment open (LMDB's own exclusive lock, byte 0 of the file); a process that
-opened the old file meanwhile finds it emptied and fails its open instead of locking apart
-from the others. Readers only follow the link: when its target is gone (a reboot empties
-/dev/shm) the writer makes it again, never a reader, which might see another /dev/shm (a
-container's) and lock apart from the daemon (``missing_lock_reason`` says so). Without a
-usable /dev/shm the lock file stays in the index directory, as LMDB makes it.
+For root (who runs the fetcher service and a fleet's mounts), the lock file lives in
+``/run/lazycaf/index-locks/`` (a tmpfs on systemd hosts; only root can write under /run, so no
+other user can plant a file or a link there: /dev/shm would let them) and ``lock.mdb`` is a
+symlink to it, which LMDB follows. The file is named by the index directory's real path (a
+copy, a snapshot or another view of the cache gets a name of its own) and is written in full
+(zeros, no holes) by the first process to open the index, under LMDB's own exclusive lock
+(byte 0 of the file), so no later page fault needs space even where /run is a disk.
 
-Root only: systemd-logind (``RemoveIPC=yes``, its default) deletes a regular user's files in
-/dev/shm when the user's last session ends, and a lock file deleted under a running daemon
-would let the next process lock apart from it. Root, whom ``RemoveIPC`` never touches, runs
-the fetcher service and the mounts of a fleet; another user's cache keeps its lock file on
-the cache disk (where a full disk can still kill its processes).
+``prepare_lock`` (every opener, before LMDB opens the environment):
+- a link to this index's name: its file is made (after a reboot) and filled if need be;
+- a link anywhere else (the cache was copied, moved or snapshotted, or the name scheme
+  changed): re-pointed without opening the old target, which belongs to another index; a
+  reader refuses it instead (``LockElsewhere``) and leaves the fix to the daemon;
+- a regular file (a cache made before this): moved only while no other process has the index
+  open, and emptied, so a process that opened it meanwhile sees the path change (``Index``
+  compares the lock file before and after LMDB opens it, and opens again).
+It returns a descriptor of the lock file that the caller keeps open until the environment
+closes: POSIX locks belong to the process, so closing any descriptor of the file would drop
+LMDB's own locks. Another user's index keeps its lock file in the index directory, as LMDB
+makes it (systemd-logind deletes a user's runtime files at logout, which would split the lock
+under a running daemon).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import stat
 from pathlib import Path
 from typing import Final
 
-__all__ = ["LOCK_NAME", "forget_lock", "lock_target", "missing_lock_reason", "prepare_lock"]
+from lazycaf.core.errors import Unavailable
+
+__all__ = ["LOCK_DIR", "LOCK_NAME", "LockElsewhere", "forget_lock", "lock_target", "prepare_lock"]
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME: Final = "lock.mdb"
-SHM: Final = Path("/dev/shm")
+LOCK_DIR: Final = Path("/run/lazycaf/index-locks")
+# LMDB's lock file: a 192-byte header and 64 bytes a reader; a larger file is kept as it is
+# (more reader slots), so this covers max_readers=512 and more
+LOCK_SIZE: Final = 64 << 10
 
 
-def _private_dir() -> Path | None:
-    """``/dev/shm/lazycaf-<uid>``, made if missing; None for a user other than root (see the
-    module's docstring), when it is not this user's own directory (someone else made it
-    first), or when /dev/shm is missing."""
+class LockElsewhere(Unavailable):
+    """A reader found the index's lock file link pointing at another index's lock file."""
+
+
+def _lock_dir() -> Path | None:
+    """``LOCK_DIR``, made if missing, for root; None for another user, or when it (or
+    /run/lazycaf) is not root's own directory that only root can write."""
     if os.geteuid() != 0:
         return None
-    path = SHM / f"lazycaf-{os.geteuid()}"
     try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
+        for path, mode in ((LOCK_DIR.parent, 0o755), (LOCK_DIR, 0o700)):
+            with contextlib.suppress(FileExistsError):
+                path.mkdir(mode=mode)
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+                log.warning("%s is not root's own directory: index locks stay on disk", path)
+                return None
     except OSError as exc:
-        log.warning("no private directory in %s (%s): the index lock stays on disk", SHM, exc)
+        log.warning("no directory for index locks (%s): they stay on disk", exc)
         return None
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        log.warning("%s is not this user's own 0700 directory: the index lock stays on disk", path)
+    return LOCK_DIR
+
+
+def lock_target(index: Path, directory: Path = LOCK_DIR) -> Path:
+    """The lock file of the index directory ``index``, named by its real path."""
+    real = os.path.realpath(index)
+    return directory / f"index-{hashlib.sha256(real.encode()).hexdigest()[:32]}.lock"
+
+
+def prepare_lock(index: Path, *, readonly: bool) -> int | None:
+    """Point ``<index>/lock.mdb`` at its file in ``LOCK_DIR`` (see the module's docstring);
+    returns the descriptor to keep until the environment closes, or None (the lock file
+    stays where it is)."""
+    directory = _lock_dir()
+    if directory is None:
         return None
-    return path
-
-
-def lock_target(index: Path, private: Path) -> Path:
-    """The lock file for the index directory ``index``: named by its device and inode, so
-    each index has its own and a recreated cache may reuse a stale one (a lock file holds no
-    data: LMDB resets it when it opens the environment first)."""
-    st = os.stat(index)
-    return private / f"index-{st.st_dev:x}-{st.st_ino:x}.lock"
-
-
-def prepare_lock(index: Path) -> None:
-    """Point ``<index>/lock.mdb`` at a tmpfs file (see the module's docstring)."""
-    private = _private_dir()
-    if private is None:
-        return
     link = index / LOCK_NAME
-    target = lock_target(index, private)
-    with contextlib.suppress(OSError):
-        if os.readlink(link) == str(target):
-            return  # the link is right; LMDB creates its target when a reboot removed it
+    target = lock_target(index, directory)
     try:
-        old = os.open(link, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:  # a new index, or a link whose target is gone: nobody uses it
-        old = None
+        current = os.readlink(link)
+    except FileNotFoundError:
+        current = None  # a new index
+    except OSError:  # EINVAL: a regular file, a cache made before this
+        return None if readonly else _move_regular(link, target)
+    if current is not None and current != str(target):
+        if readonly:
+            raise LockElsewhere(
+                f"cannot open cache index {index}: its lock file link points at {current}, "
+                f"not {target} (the cache was copied or moved): start its fetcher daemon "
+                "first, which points it right"
+            )
+        _point(link, target)  # the old target is another index's: never opened
+    elif current is None:
+        if readonly:
+            return None  # no index here: LMDB says so
+        _point(link, target)
+    return _open_filled(target)
+
+
+def _move_regular(link: Path, target: Path) -> int | None:
+    """Replace the regular lock file ``link`` by a link to ``target``, if no other process
+    has the index open; the descriptor of ``target``, or None (moved on a later start)."""
+    old = os.open(link, os.O_RDWR | os.O_CLOEXEC)
     try:
-        if old is not None:
-            try:  # LMDB's exclusive lock: whoever holds it is the only user of the file
-                fcntl.lockf(old, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
-            except OSError:
-                log.info("index %s is open elsewhere: its lock file moves on a later start", index)
-                return
-        temp = index / f".{LOCK_NAME}.{os.getpid()}"
-        temp.unlink(missing_ok=True)
-        os.symlink(target, temp)
-        os.replace(temp, link)
-        if old is not None:  # whoever opened the old file meanwhile must not use it
-            os.ftruncate(old, 0)
+        try:  # LMDB's exclusive lock: whoever holds it is the only user of the file
+            fcntl.lockf(old, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+        except OSError:
+            log.info("index %s is open elsewhere: its lock file moves on a later start", link)
+            return None
+        _point(link, target)
+        os.ftruncate(old, 0)  # a process that opened it meanwhile finds nothing to share
     finally:
-        if old is not None:
-            os.close(old)
+        os.close(old)
+    return _open_filled(target)
 
 
-def missing_lock_reason(index: Path) -> str | None:
-    """Why a reader cannot open the index, when its lock file link points nowhere."""
-    link = index / LOCK_NAME
+def _point(link: Path, target: Path) -> None:
+    temp = link.with_name(f".{LOCK_NAME}.{os.getpid()}")
+    temp.unlink(missing_ok=True)
+    os.symlink(target, temp)
+    os.replace(temp, link)
+
+
+def _open_filled(target: Path) -> int:
+    """Open (or make) ``target``; when no process has it open, write it in full."""
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        target = os.readlink(link)
-    except OSError:
-        return None
-    if os.path.exists(target):
-        return None
-    return (
-        f"its lock file {target} is gone (a reboot empties {SHM}); the fetcher daemon makes it "
-        "again: start it first (a mount does). A process with another /dev/shm (a container's) "
-        "cannot share this cache"
-    )
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+        except OSError:  # in use: whoever opened it first filled it
+            return fd
+        # LMDB, opened next in this process, takes the lock over (the process owns it), so
+        # nobody sees the file between the fill and LMDB's set-up
+        st = os.fstat(fd)
+        if st.st_size < LOCK_SIZE or st.st_blocks * 512 < st.st_size:
+            zeros = bytes(LOCK_SIZE)
+            done = 0
+            while done < LOCK_SIZE:
+                done += os.pwrite(fd, zeros[done:], done)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def forget_lock(index: Path) -> None:
-    """Remove the tmpfs lock file of an index about to be deleted with its cache (nothing
-    else removes it; a reboot would)."""
+    """Remove the lock file of an index about to be deleted with its cache (nothing else
+    removes it; a reboot does, where /run is a tmpfs)."""
     with contextlib.suppress(OSError):
         target = Path(os.readlink(index / LOCK_NAME))
-        if target.parent == SHM / f"lazycaf-{os.geteuid()}":
+        if target.parent == LOCK_DIR:
             target.unlink()

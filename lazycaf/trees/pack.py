@@ -601,19 +601,19 @@ async def pack(
     )
     hashes = plan.hashes
     resized: dict[str, int] = {}  # --normalize: .pyc files whose size changed
-    await _hash_and_upload(
+    upload = functools.partial(
+        _hash_and_upload,
         root,
         cas,
-        plan.todo,
-        plan.known,
-        hashes,
-        chunk_size,
-        concurrency,
-        progress,
-        plan.pyc_sources,
-        resized,
-        known_stored=await _last_pack_still_named(cas, plan.statcache),
+        hashes=hashes,
+        chunk_size=chunk_size,
+        concurrency=concurrency,
+        progress=progress,
+        pyc_sources=plan.pyc_sources,
+        resized=resized,
     )
+    known_stored = await _last_pack_still_named(cas, plan.statcache)
+    await upload(plan.todo, plan.known, known_stored=known_stored)
     epoch_ns = None if normalize is None else normalize.epoch * 1_000_000_000
     manifest, encoded = await trio.to_thread.run_sync(
         functools.partial(
@@ -628,6 +628,12 @@ async def pack(
         )
     )
     digest = Digest.of(encoded)
+    if known_stored and not await _last_pack_still_named(cas, plan.statcache):
+        # the ref moved while this pack ran: its root no longer vouches for the known
+        # blobs, so ask about them now (a directory store refreshes them for its GC)
+        counted = progress.blobs
+        await upload([], plan.known, known_stored=False)
+        progress.blobs = counted
     await cas.put(digest, encoded)  # after every blob it names is durable
     if tag:
         await cas.set_ref(tag, digest)

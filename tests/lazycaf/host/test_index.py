@@ -82,14 +82,15 @@ def test_a_full_btrfs_fails_index_writes_without_killing_the_process(
         os.sync()
 
 
-def test_the_lock_file_lives_on_tmpfs_and_an_old_one_moves_there_when_no_one_uses_it(
+def test_the_lock_file_lives_off_the_disk_and_an_old_one_moves_when_no_one_uses_it(
     tmp_path: Path,
 ) -> None:
-    require(os.geteuid() == 0, "the index lock moves to tmpfs for root only")
+    require(os.geteuid() == 0, "the index lock moves off the cache disk for root only")
     import lmdb
 
     from lazycaf.core.digest import Digest
     from lazycaf.host.index import Index
+    from lazycaf.host.indexlock import LOCK_DIR, LOCK_SIZE, lock_target
 
     path = tmp_path / "index"
     old = lmdb.open(str(path), max_dbs=3)  # a cache made before: a regular lock.mdb
@@ -101,18 +102,82 @@ def test_the_lock_file_lives_on_tmpfs_and_an_old_one_moves_there_when_no_one_use
         assert not (path / "lock.mdb").is_symlink()
         index.put(Digest.of(b"kept"), 4)
         index.close()
-    index = Index(path)  # alone now: the lock file moves to the user's tmpfs directory
+    index = Index(path)  # alone now: the lock file moves to root's directory under /run
+    target = lock_target(path)
     try:
         link = path / "lock.mdb"
-        target = Path(os.readlink(link))
-        assert link.is_symlink() and target.parent == Path(f"/dev/shm/lazycaf-{os.geteuid()}")
-        assert target.exists() and (target.parent.stat().st_mode & 0o777) == 0o700
+        assert link.is_symlink() and Path(os.readlink(link)) == target
+        assert target.parent == LOCK_DIR and (LOCK_DIR.stat().st_mode & 0o777) == 0o700
+        st = target.stat()  # written in full: no page of it waits for space
+        assert st.st_size >= LOCK_SIZE and st.st_blocks * 512 >= st.st_size
         assert index.get(Digest.of(b"kept")) is not None
         with _holder(path):  # a reader follows the link
             pass
     finally:
         index.close()
-        os.unlink(target)
+        target.unlink()
+
+
+def test_a_copied_cache_gets_a_lock_file_of_its_own(tmp_path: Path) -> None:
+    """A copy's link names the original's lock file: the copy's daemon points it at its
+    own without touching the original's (in use here), and a reader refuses it first."""
+    require(os.geteuid() == 0, "the index lock moves off the cache disk for root only")
+    import shutil
+
+    from lazycaf.core.digest import Digest
+    from lazycaf.host.index import Index
+    from lazycaf.host.indexlock import LockElsewhere, lock_target
+
+    original, copy = tmp_path / "a" / "index", tmp_path / "b" / "index"
+    index = Index(original)
+    try:
+        index.put(Digest.of(b"a"), 1)
+        index.sync()
+        shutil.copytree(original, copy, symlinks=True)
+        assert os.readlink(copy / "lock.mdb") == str(lock_target(original))
+        with pytest.raises(LockElsewhere, match=r"copied or moved\): start its fetcher daemon"):
+            Index(copy, readonly=True)
+        theirs = Index(copy)  # the copy's writer
+        try:
+            assert os.readlink(copy / "lock.mdb") == str(lock_target(copy))
+            theirs.put(Digest.of(b"b"), 2)
+            assert index.get(Digest.of(b"b")) is None and theirs.get(Digest.of(b"a")) is not None
+        finally:
+            theirs.close()
+        index.put(Digest.of(b"c"), 3)
+        assert index.get(Digest.of(b"a")) is not None
+    finally:
+        index.close()
+        for p in (original, copy):
+            lock_target(p).unlink(missing_ok=True)
+
+
+def test_after_a_reboot_a_reader_alone_makes_the_lock_file_again(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "the index lock moves off the cache disk for root only")
+    from lazycaf.host.index import Index
+    from lazycaf.host.indexlock import LOCK_SIZE, lock_target
+
+    path = tmp_path / "index"
+    Index(path).close()
+    target = lock_target(path)
+    target.unlink()  # what a reboot does to /run
+    with _holder(path):  # `cache status` with no daemon running
+        assert target.stat().st_size >= LOCK_SIZE
+    target.unlink()
+
+
+def test_one_index_of_a_path_at_a_time_in_a_process(tmp_path: Path) -> None:
+    from lazycaf.core.errors import Unavailable
+    from lazycaf.host.index import Index
+
+    path = tmp_path / "index"
+    index = Index(path)
+    try:
+        with pytest.raises(Unavailable, match="already open in this process"):
+            Index(path, readonly=True)
+    finally:
+        index.close()
+    Index(path, readonly=True).close()  # once closed, it opens again
 
 
 @contextlib.contextmanager
@@ -147,25 +212,8 @@ _HOLD = textwrap.dedent(
 )
 
 
-def test_a_reader_whose_lock_file_is_out_of_reach_says_why(tmp_path: Path) -> None:
-    require(os.geteuid() == 0, "the index lock moves to tmpfs for root only")
-    from lazycaf.core.errors import Unavailable
-    from lazycaf.host.index import Index
-
-    path = tmp_path / "index"
-    Index(path).close()
-    link = path / "lock.mdb"
-    target = Path(os.readlink(link))
-    link.unlink()
-    target.unlink()
-    # what a process with another /dev/shm (a container's) sees
-    link.symlink_to(tmp_path / "elsewhere" / target.name)
-    with pytest.raises(Unavailable, match=r"lock file .* is gone .* start it first"):
-        Index(path, readonly=True)
-
-
-def test_forget_lock_removes_the_tmpfs_file_of_a_cache_being_deleted(tmp_path: Path) -> None:
-    require(os.geteuid() == 0, "the index lock moves to tmpfs for root only")
+def test_forget_lock_removes_the_lock_file_of_a_cache_being_deleted(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "the index lock moves off the cache disk for root only")
     from lazycaf.host.index import Index
     from lazycaf.host.indexlock import forget_lock
 
@@ -177,7 +225,7 @@ def test_forget_lock_removes_the_tmpfs_file_of_a_cache_being_deleted(tmp_path: P
     assert not target.exists()
     forget_lock(path)  # twice, or an index without one: nothing to do
     forget_lock(tmp_path / "nothing")
-    elsewhere = tmp_path / "elsewhere.lock"  # never a file outside the user's directory
+    elsewhere = tmp_path / "elsewhere.lock"  # never a file outside the lock directory
     elsewhere.write_bytes(b"")
     (path / "lock.mdb").unlink()
     (path / "lock.mdb").symlink_to(elsewhere)
@@ -188,7 +236,7 @@ def test_forget_lock_removes_the_tmpfs_file_of_a_cache_being_deleted(tmp_path: P
 def test_another_users_index_keeps_its_lock_file_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """logind's RemoveIPC would delete a regular user's /dev/shm files at logout."""
+    """logind deletes a regular user's runtime files at logout."""
     from lazycaf.core.digest import Digest
     from lazycaf.host.index import Index
 

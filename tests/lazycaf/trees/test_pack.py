@@ -226,6 +226,35 @@ async def test_a_repack_asks_about_every_blob_once_the_last_packs_ref_moved(
     assert asked == expected_blobs(tree, again.manifest)
 
 
+async def test_a_repack_whose_last_ref_moves_meanwhile_asks_before_its_manifest_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ref that vouched for the known blobs is removed while the pack runs: before the
+    manifest is stored they are asked about after all (and refreshed for the store GC)."""
+    from lazycaf.cas.casdir import CasDir
+
+    tree = big_tree(tmp_path / "tree")
+    old_mtimes(tree)
+    state, store = tmp_path / "state", tmp_path / "cas"
+    await pack(tree, LocalCAS(store), chunk_size=CS, stat_cache_dir=state, tag="app:1")
+    build = packmod._build_and_encode
+
+    def build_after_a_ref_rm(*args: object) -> object:
+        CasDir(store).delete_ref("app:1")  # another user's `ref rm`, mid-pack
+        return build(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packmod, "_build_and_encode", build_after_a_ref_rm)
+    (tree / "lib/pkg/m7.py").write_text("value = 'edited'\n")
+    cas = RecordingCAS(store)
+    again = await pack(tree, cas, chunk_size=CS, stat_cache_dir=state, tag="app:2")
+    asked = [d for ds in cas.calls("find_missing") for d in ds]
+    assert set(asked) == expected_blobs(tree, again.manifest)
+    first_put = next(i for i, (name, _) in enumerate(cas.log) if name == "put")
+    last_ask = max(i for i, (name, _) in enumerate(cas.log) if name == "find_missing")
+    assert last_ask < first_put  # asked before the manifest went
+    assert again.progress.blobs == len(expected_blobs(tree, again.manifest))
+
+
 async def test_a_file_changed_since_the_stat_cache_is_refused_not_stored(tmp_path: Path) -> None:
     tree = big_tree(tmp_path / "tree")
     for dirpath, _, names in os.walk(tree):  # old mtimes: the stat cache trusts them
