@@ -115,7 +115,11 @@ class BlobCache:
         self.index = Index(layout.index)
         self._pending: list[Digest] = []
         self._lock = threading.Lock()
-        self.usage = self.index.total_bytes()
+        try:
+            self.usage = self.index.total_bytes()
+        except BaseException:  # an Index left open would keep this process from reopening it
+            self.index.close()
+            raise
         if encoded_writes is None:
             encoded_writes = os.environ.get(ENCODED_WRITES_ENV) == "1"
         self._encoded = encoded_writes

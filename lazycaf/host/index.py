@@ -104,23 +104,30 @@ class Index:
             for _attempt in range(3):
                 self._lock_fd = prepare_lock(path, readonly=readonly)
                 before = _lock_file_id(path)
-                self._env = lmdb.open(
-                    str(path),
-                    map_size=_MAP_SIZE,
-                    readonly=readonly,
-                    sync=False,
-                    metasync=False,
-                    max_readers=512,
-                    max_dbs=len(_TABLES),
-                    lock=True,
-                    subdir=True,
-                    create=not readonly,
-                )
-                if _lock_file_id(path) == before:
+                try:
+                    env = lmdb.open(
+                        str(path),
+                        map_size=_MAP_SIZE,
+                        readonly=readonly,
+                        sync=False,
+                        metasync=False,
+                        max_readers=512,
+                        max_dbs=len(_TABLES),
+                        lock=True,
+                        subdir=True,
+                        create=not readonly,
+                    )
+                except lmdb.Error:
+                    if _lock_file_id(path) == before:
+                        raise
+                    env = None  # the emptied old lock file: it moved meanwhile
+                if env is not None and _lock_file_id(path) == before:
+                    self._env = env
                     break
                 # the lock file moved while LMDB opened it (``indexlock``: the daemon
                 # moving an old cache's): that one is not the others', open again
-                self._env.close()
+                if env is not None:
+                    env.close()
                 self._close_lock_fd()
             else:
                 raise Unavailable(f"cannot open cache index {path}: its lock file keeps moving")

@@ -10,19 +10,24 @@ exception, no log line (a mount and its daemon died so while the cache disk was 
 For root (who runs the fetcher service and a fleet's mounts), the lock file lives in
 ``/run/lazycaf/index-locks/`` (a tmpfs on systemd hosts; only root can write under /run, so no
 other user can plant a file or a link there: /dev/shm would let them) and ``lock.mdb`` is a
-symlink to it, which LMDB follows. The file is named by the index directory's real path (a
-copy, a snapshot or another view of the cache gets a name of its own) and is written in full
-(zeros, no holes) by the first process to open the index, under LMDB's own exclusive lock
-(byte 0 of the file), so no later page fault needs space even where /run is a disk.
+symlink to it, which LMDB follows. The file is named by the index directory's device and
+inode (a copy or a snapshot gets a name of its own, a bind mount the same one) and is written
+in full (zeros, no holes) by the first process to open the index, under LMDB's own exclusive
+lock (byte 0 of the file), so no later page fault needs space where /run is tmpfs, ext4 or
+xfs (on a Btrfs /run a write fault still reserves space).
 
 ``prepare_lock`` (every opener, before LMDB opens the environment):
-- a link to this index's name: its file is made (after a reboot) and filled if need be;
-- a link anywhere else (the cache was copied, moved or snapshotted, or the name scheme
-  changed): re-pointed without opening the old target, which belongs to another index; a
-  reader refuses it instead (``LockElsewhere``) and leaves the fix to the daemon;
-- a regular file (a cache made before this): moved only while no other process has the index
-  open, and emptied, so a process that opened it meanwhile sees the path change (``Index``
-  compares the lock file before and after LMDB opens it, and opens again).
+- a link to this index's name: its file is made (after a reboot) and filled if need be; a
+  reader makes it only while no daemon holds the cache's ``fetcher.lock``, and refuses a file
+  that is missing or that nobody uses while the daemon runs (it sees another /run than the
+  daemon's: a container, a removed directory) instead of locking apart;
+- a link anywhere else (the cache was copied or snapshotted, its disk remounted with another
+  device number, the machine rebooted): re-pointed without opening the old target, which is
+  another index's or nobody's; a reader does it only while no daemon runs and the old target
+  is gone, else refuses (``LockElsewhere``) and leaves it to the daemon;
+- a regular file (a cache made before this): moved by the writer only while no other process
+  has the index open, and emptied, so a process that opened it meanwhile sees the path change
+  (``Index`` compares the lock file before and after LMDB opens it, and opens again).
 It returns a descriptor of the lock file that the caller keeps open until the environment
 closes: POSIX locks belong to the process, so closing any descriptor of the file would drop
 LMDB's own locks. Another user's index keeps its lock file in the index directory, as LMDB
@@ -34,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import stat
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Final
 
 from lazycaf.core.errors import Unavailable
+from lazycaf.host.paths import CacheLayout
 
 __all__ = ["LOCK_DIR", "LOCK_NAME", "LockElsewhere", "forget_lock", "lock_target", "prepare_lock"]
 
@@ -78,9 +83,11 @@ def _lock_dir() -> Path | None:
 
 
 def lock_target(index: Path, directory: Path = LOCK_DIR) -> Path:
-    """The lock file of the index directory ``index``, named by its real path."""
-    real = os.path.realpath(index)
-    return directory / f"index-{hashlib.sha256(real.encode()).hexdigest()[:32]}.lock"
+    """The lock file of the index directory ``index``, named by its device and inode: a copy
+    or a snapshot gets another name, another path to the same directory (a bind mount, a
+    symlink) the same one."""
+    st = os.stat(index)
+    return directory / f"index-{st.st_dev:x}-{st.st_ino:x}.lock"
 
 
 def prepare_lock(index: Path, *, readonly: bool) -> int | None:
@@ -98,19 +105,35 @@ def prepare_lock(index: Path, *, readonly: bool) -> int | None:
         current = None  # a new index
     except OSError:  # EINVAL: a regular file, a cache made before this
         return None if readonly else _move_regular(link, target)
-    if current is not None and current != str(target):
-        if readonly:
+    if current is None and readonly:
+        return None  # no index here: LMDB says so
+    if current != str(target):
+        # a new index; or a copy, a snapshot, a remount that renumbered the device, a
+        # reboot: the old target is another index's or nobody's, so it is never opened.
+        # A reader re-points only while no daemon runs (else the daemon does, on start)
+        if readonly and (_daemon_runs(index) or (current and os.path.lexists(current))):
             raise LockElsewhere(
                 f"cannot open cache index {index}: its lock file link points at {current}, "
-                f"not {target} (the cache was copied or moved): start its fetcher daemon "
-                "first, which points it right"
+                f"not {target} (the cache was copied or moved, or its disk remounted): "
+                "start its fetcher daemon first, which points it right"
             )
-        _point(link, target)  # the old target is another index's: never opened
-    elif current is None:
-        if readonly:
-            return None  # no index here: LMDB says so
         _point(link, target)
-    return _open_filled(target)
+    return _open_filled(index, target, readonly=readonly)
+
+
+def _daemon_runs(index: Path) -> bool:
+    """Whether a daemon (or an offline GC) holds the cache's ``fetcher.lock``."""
+    try:
+        fd = os.open(CacheLayout(index.parent).lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _move_regular(link: Path, target: Path) -> int | None:
@@ -127,7 +150,7 @@ def _move_regular(link: Path, target: Path) -> int | None:
         os.ftruncate(old, 0)  # a process that opened it meanwhile finds nothing to share
     finally:
         os.close(old)
-    return _open_filled(target)
+    return _open_filled(link.parent, target, readonly=False)
 
 
 def _point(link: Path, target: Path) -> None:
@@ -137,14 +160,31 @@ def _point(link: Path, target: Path) -> None:
     os.replace(temp, link)
 
 
-def _open_filled(target: Path) -> int:
-    """Open (or make) ``target``; when no process has it open, write it in full."""
-    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+def _open_filled(index: Path, target: Path, *, readonly: bool) -> int:
+    """Open (or make) ``target``; when no process has it open, write it in full. A reader
+    that finds it missing or unused while the daemon runs is not looking at the daemon's
+    file (another /run: a container, a removed directory) and refuses."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    daemon = readonly and _daemon_runs(index)
+    try:
+        fd = os.open(target, flags if daemon else flags | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        raise LockElsewhere(
+            f"cannot open cache index {index}: its daemon runs but the lock file {target} "
+            "is not there for this process (another /run, as in a container): open the "
+            "index where the daemon runs"
+        ) from None
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
         except OSError:  # in use: whoever opened it first filled it
             return fd
+        if daemon:
+            raise LockElsewhere(
+                f"cannot open cache index {index}: its daemon runs but does not use the lock "
+                f"file {target} this process sees (another /run, as in a container): open "
+                "the index where the daemon runs"
+            )
         # LMDB, opened next in this process, takes the lock over (the process owns it), so
         # nobody sees the file between the fill and LMDB's set-up
         st = os.fstat(fd)

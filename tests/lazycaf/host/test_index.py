@@ -135,7 +135,7 @@ def test_a_copied_cache_gets_a_lock_file_of_its_own(tmp_path: Path) -> None:
         index.sync()
         shutil.copytree(original, copy, symlinks=True)
         assert os.readlink(copy / "lock.mdb") == str(lock_target(original))
-        with pytest.raises(LockElsewhere, match=r"copied or moved\): start its fetcher daemon"):
+        with pytest.raises(LockElsewhere, match=r"disk remounted\): start its fetcher daemon"):
             Index(copy, readonly=True)
         theirs = Index(copy)  # the copy's writer
         try:
@@ -164,6 +164,48 @@ def test_after_a_reboot_a_reader_alone_makes_the_lock_file_again(tmp_path: Path)
     with _holder(path):  # `cache status` with no daemon running
         assert target.stat().st_size >= LOCK_SIZE
     target.unlink()
+
+
+def test_a_reader_never_locks_apart_from_a_running_daemon(tmp_path: Path) -> None:
+    """While the daemon holds fetcher.lock, a reader that does not see the daemon's lock
+    file (another /run: a container, a removed directory) refuses instead of making one."""
+    require(os.geteuid() == 0, "the index lock moves off the cache disk for root only")
+    import fcntl
+
+    from lazycaf.host.index import Index
+    from lazycaf.host.indexlock import LockElsewhere, lock_target
+
+    cache = tmp_path / "cache"
+    path = cache / "index.lmdb"
+    Index(path).close()
+    target = lock_target(path)
+    with open(cache / "fetcher.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the daemon
+        target.unlink()
+        with pytest.raises(LockElsewhere, match="is not there for this process"):
+            Index(path, readonly=True)
+        assert not target.exists()
+        target.write_bytes(b"")  # a file of its own that nobody uses
+        with pytest.raises(LockElsewhere, match="does not use the lock file"):
+            Index(path, readonly=True)
+    target.unlink()
+
+
+def test_a_reader_alone_follows_a_renumbered_disk(tmp_path: Path) -> None:
+    """The link names a lock file that is gone (a reboot gave the disk another device
+    number): with no daemon running, a reader points it right itself."""
+    require(os.geteuid() == 0, "the index lock moves off the cache disk for root only")
+    from lazycaf.host.index import Index
+    from lazycaf.host.indexlock import LOCK_DIR, lock_target
+
+    path = tmp_path / "cache" / "index.lmdb"
+    Index(path).close()
+    lock_target(path).unlink()
+    (path / "lock.mdb").unlink()
+    (path / "lock.mdb").symlink_to(LOCK_DIR / "index-0-0.lock")
+    with _holder(path):
+        assert os.readlink(path / "lock.mdb") == str(lock_target(path))
+    lock_target(path).unlink()
 
 
 def test_one_index_of_a_path_at_a_time_in_a_process(tmp_path: Path) -> None:
