@@ -116,10 +116,13 @@ class BlobCache:
         self._pending: list[Digest] = []
         self._lock = threading.Lock()
         try:
-            self.usage = self.index.total_bytes()
+            self._set_up(layout, encoded_writes)
         except BaseException:  # an Index left open would keep this process from reopening it
             self.index.close()
             raise
+
+    def _set_up(self, layout: CacheLayout, encoded_writes: bool | None) -> None:
+        self.usage = self.index.total_bytes()
         if encoded_writes is None:
             encoded_writes = os.environ.get(ENCODED_WRITES_ENV) == "1"
         self._encoded = encoded_writes

@@ -81,7 +81,7 @@ def _lock_file_id(index: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-_OPEN: set[str] = set()  # the real paths of the indexes this process has open
+_OPEN: set[tuple[int, int]] = set()  # (device, inode) of the indexes this process has open
 _OPEN_LOCK = threading.Lock()
 
 
@@ -91,16 +91,20 @@ class Index:
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
-        real = os.path.realpath(path)
+        if not readonly:
+            path.mkdir(parents=True, exist_ok=True)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise Unavailable(f"cannot open cache index {path}: {exc.strerror}") from exc
+        ident = (st.st_dev, st.st_ino)  # as the lock file is named: any path to it
         with _OPEN_LOCK:  # LMDB forbids it, and a second lock set-up would reset the first
-            if real in _OPEN:
+            if ident in _OPEN:
                 raise Unavailable(f"cache index {path} is already open in this process")
-            _OPEN.add(real)
-        self._real = real
+            _OPEN.add(ident)
+        self._ident = ident
         self._lock_fd: int | None = None
         try:
-            if not readonly:
-                path.mkdir(parents=True, exist_ok=True)
             for _attempt in range(3):
                 self._lock_fd = prepare_lock(path, readonly=readonly)
                 before = _lock_file_id(path)
@@ -139,10 +143,14 @@ class Index:
             raise
         self._tables: dict[bytes, Any] = {}
         if not readonly:
-            self._env.reader_check()  # clear reader slots of killed mounts
-            with _mapped("create tables"):
-                for name in _TABLES:
-                    self._tables[name] = self._env.open_db(name)
+            try:
+                with _mapped("create tables"):
+                    self._env.reader_check()  # clear reader slots of killed mounts
+                    for name in _TABLES:
+                        self._tables[name] = self._env.open_db(name)
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         self._env.close()
@@ -157,7 +165,7 @@ class Index:
         """After the environment closed: the lock file's descriptor, the path's slot."""
         self._close_lock_fd()
         with _OPEN_LOCK:
-            _OPEN.discard(self._real)
+            _OPEN.discard(self._ident)
 
     def _table(self, name: bytes) -> Any | None:
         """A named table; None when a read-only index has none yet (an older cache)."""

@@ -18,13 +18,14 @@ xfs (on a Btrfs /run a write fault still reserves space).
 
 ``prepare_lock`` (every opener, before LMDB opens the environment):
 - a link to this index's name: its file is made (after a reboot) and filled if need be; a
-  reader makes it only while no daemon holds the cache's ``fetcher.lock``, and refuses a file
-  that is missing or that nobody uses while the daemon runs (it sees another /run than the
-  daemon's: a container, a removed directory) instead of locking apart;
+  reader makes it only while no daemon holds the cache's ``fetcher.lock``; while one does, a
+  file that is missing or that nobody uses (after a wait of ``_DAEMON_WAIT``: the daemon
+  takes its lock before it opens the index) means this process sees another /run than the
+  daemon's (a container, a removed directory), and it refuses instead of locking apart;
 - a link anywhere else (the cache was copied or snapshotted, its disk remounted with another
   device number, the machine rebooted): re-pointed without opening the old target, which is
-  another index's or nobody's; a reader does it only while no daemon runs and the old target
-  is gone, else refuses (``LockElsewhere``) and leaves it to the daemon;
+  another index's or nobody's; a reader does it only while no daemon runs and no process
+  uses the old target, else refuses (``LockElsewhere``) and leaves it to the daemon;
 - a regular file (a cache made before this): moved by the writer only while no other process
   has the index open, and emptied, so a process that opened it meanwhile sees the path change
   (``Index`` compares the lock file before and after LMDB opens it, and opens again).
@@ -42,6 +43,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Final
 
@@ -109,9 +111,10 @@ def prepare_lock(index: Path, *, readonly: bool) -> int | None:
         return None  # no index here: LMDB says so
     if current != str(target):
         # a new index; or a copy, a snapshot, a remount that renumbered the device, a
-        # reboot: the old target is another index's or nobody's, so it is never opened.
-        # A reader re-points only while no daemon runs (else the daemon does, on start)
-        if readonly and (_daemon_runs(index) or (current and os.path.lexists(current))):
+        # reboot: the old target is another index's or nobody's, so the writer never opens
+        # it. A reader re-points only while no daemon runs and nobody uses the old target
+        # (else the daemon does, on start; or the original of a copy is using it)
+        if readonly and (_daemon_runs(index) or (current and _in_use(current))):
             raise LockElsewhere(
                 f"cannot open cache index {index}: its lock file link points at {current}, "
                 f"not {target} (the cache was copied or moved, or its disk remounted): "
@@ -119,6 +122,35 @@ def prepare_lock(index: Path, *, readonly: bool) -> int | None:
             )
         _point(link, target)
     return _open_filled(index, target, readonly=readonly)
+
+
+def _in_use(path: str) -> bool:
+    """Whether some process has the lock file ``path`` open through LMDB (it holds byte 0).
+    A file this process has open counts as in use without a test: closing the descriptor
+    the test opens would drop this process's own locks on it."""
+    if _open_here(path):
+        return True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    except OSError:  # not ours to judge (a link, another owner): leave it to the daemon
+        return True
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # no environment of this process uses it: nothing else to drop
+    return False
+
+
+def _open_here(path: str) -> bool:
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(f"/proc/self/fd/{name}") == path:
+                return True
+    return False
 
 
 def _daemon_runs(index: Path) -> bool:
@@ -162,41 +194,60 @@ def _point(link: Path, target: Path) -> None:
 
 def _open_filled(index: Path, target: Path, *, readonly: bool) -> int:
     """Open (or make) ``target``; when no process has it open, write it in full. A reader
-    that finds it missing or unused while the daemon runs is not looking at the daemon's
-    file (another /run: a container, a removed directory) and refuses."""
-    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
-    daemon = readonly and _daemon_runs(index)
+    that finds it missing or unused while the daemon runs waits up to ``_DAEMON_WAIT`` (the
+    daemon takes its lock before it opens the index, and keeps it a moment after closing);
+    still so, it is not looking at the daemon's file (another /run: a container, a removed
+    directory) and refuses."""
+    deadline = time.monotonic() + _DAEMON_WAIT
+    while True:
+        daemon = readonly and _daemon_runs(index)
+        fd = _open_target(target, create=not daemon)
+        if fd is not None:
+            try:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+                except OSError:  # in use: whoever opened it first filled it
+                    return fd
+                if not daemon:
+                    _fill(fd)
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    raise LockElsewhere(
+        f"cannot open cache index {index}: its fetcher daemon runs but this process does not "
+        f"see it using the lock file {target} (another /run, as in a container): open the "
+        "index where the daemon runs"
+    )
+
+
+_DAEMON_WAIT: Final = 5.0
+
+
+def _open_target(target: Path, *, create: bool) -> int | None:
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
     try:
-        fd = os.open(target, flags if daemon else flags | os.O_CREAT, 0o600)
+        return os.open(target, flags, 0o600)
     except FileNotFoundError:
-        raise LockElsewhere(
-            f"cannot open cache index {index}: its daemon runs but the lock file {target} "
-            "is not there for this process (another /run, as in a container): open the "
-            "index where the daemon runs"
-        ) from None
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
-        except OSError:  # in use: whoever opened it first filled it
-            return fd
-        if daemon:
-            raise LockElsewhere(
-                f"cannot open cache index {index}: its daemon runs but does not use the lock "
-                f"file {target} this process sees (another /run, as in a container): open "
-                "the index where the daemon runs"
-            )
-        # LMDB, opened next in this process, takes the lock over (the process owns it), so
-        # nobody sees the file between the fill and LMDB's set-up
-        st = os.fstat(fd)
-        if st.st_size < LOCK_SIZE or st.st_blocks * 512 < st.st_size:
-            zeros = bytes(LOCK_SIZE)
-            done = 0
-            while done < LOCK_SIZE:
-                done += os.pwrite(fd, zeros[done:], done)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        if create:
+            raise
+        return None
+
+
+def _fill(fd: int) -> None:
+    """Write the lock file in full (this process holds LMDB's exclusive lock; LMDB, opened
+    next in this process, takes it over, so nobody sees the file between the fill and LMDB's
+    set-up)."""
+    st = os.fstat(fd)
+    if st.st_size < LOCK_SIZE or st.st_blocks * 512 < st.st_size:
+        zeros = bytes(LOCK_SIZE)
+        done = 0
+        while done < LOCK_SIZE:
+            done += os.pwrite(fd, zeros[done:], done)
 
 
 def forget_lock(index: Path) -> None:

@@ -166,14 +166,20 @@ def test_after_a_reboot_a_reader_alone_makes_the_lock_file_again(tmp_path: Path)
     target.unlink()
 
 
-def test_a_reader_never_locks_apart_from_a_running_daemon(tmp_path: Path) -> None:
+def test_a_reader_never_locks_apart_from_a_running_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """While the daemon holds fetcher.lock, a reader that does not see the daemon's lock
-    file (another /run: a container, a removed directory) refuses instead of making one."""
+    file (another /run: a container, a removed directory) refuses instead of making one,
+    once it has waited for a daemon that may be opening the index."""
     require(os.geteuid() == 0, "the index lock moves off the cache disk for root only")
     import fcntl
 
+    from lazycaf.host import indexlock
     from lazycaf.host.index import Index
     from lazycaf.host.indexlock import LockElsewhere, lock_target
+
+    monkeypatch.setattr(indexlock, "_DAEMON_WAIT", 0.3)
 
     cache = tmp_path / "cache"
     path = cache / "index.lmdb"
@@ -182,30 +188,69 @@ def test_a_reader_never_locks_apart_from_a_running_daemon(tmp_path: Path) -> Non
     with open(cache / "fetcher.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # the daemon
         target.unlink()
-        with pytest.raises(LockElsewhere, match="is not there for this process"):
+        with pytest.raises(LockElsewhere, match="does not see it using the lock file"):
             Index(path, readonly=True)
         assert not target.exists()
         target.write_bytes(b"")  # a file of its own that nobody uses
-        with pytest.raises(LockElsewhere, match="does not use the lock file"):
+        with pytest.raises(LockElsewhere, match="does not see it using the lock file"):
             Index(path, readonly=True)
     target.unlink()
 
 
-def test_a_reader_alone_follows_a_renumbered_disk(tmp_path: Path) -> None:
-    """The link names a lock file that is gone (a reboot gave the disk another device
-    number): with no daemon running, a reader points it right itself."""
+@pytest.mark.parametrize("old_target", ["gone", "unused", "in use"])
+def test_a_reader_alone_follows_a_renumbered_disk(tmp_path: Path, old_target: str) -> None:
+    """The link names another lock file (a reboot or a remount gave the disk another device
+    number): with no daemon running and nobody using that file, a reader points the link
+    right itself; a file in use (the original of a copy) it leaves alone and refuses."""
     require(os.geteuid() == 0, "the index lock moves off the cache disk for root only")
     from lazycaf.host.index import Index
-    from lazycaf.host.indexlock import LOCK_DIR, lock_target
+    from lazycaf.host.indexlock import LOCK_DIR, LockElsewhere, lock_target
 
     path = tmp_path / "cache" / "index.lmdb"
     Index(path).close()
     lock_target(path).unlink()
+    old = LOCK_DIR / f"index-0-{os.getpid():x}.lock"
     (path / "lock.mdb").unlink()
-    (path / "lock.mdb").symlink_to(LOCK_DIR / "index-0-0.lock")
-    with _holder(path):
-        assert os.readlink(path / "lock.mdb") == str(lock_target(path))
-    lock_target(path).unlink()
+    (path / "lock.mdb").symlink_to(old)
+    try:
+        if old_target == "gone":
+            old.unlink(missing_ok=True)
+        else:
+            old.write_bytes(bytes(64 << 10))
+        if old_target == "in use":  # another process holds it as LMDB does: byte 0
+            code = (
+                "import fcntl, sys; f = open(sys.argv[1], 'r+b'); "
+                "fcntl.lockf(f, fcntl.LOCK_SH, 1, 0); print('held', flush=True); "
+                "sys.stdin.readline()"
+            )
+            cmd = [sys.executable, "-c", code, str(old)]
+            holder = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            try:
+                assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+                with pytest.raises(LockElsewhere, match="start its fetcher daemon first"):
+                    Index(path, readonly=True)
+            finally:
+                holder.communicate(b"\n", timeout=30)
+            return
+        with _holder(path):
+            assert os.readlink(path / "lock.mdb") == str(lock_target(path))
+    finally:
+        old.unlink(missing_ok=True)
+        lock_target(path).unlink(missing_ok=True)
+
+
+def test_the_same_index_by_two_paths_is_one_index(tmp_path: Path) -> None:
+    from lazycaf.core.errors import Unavailable
+    from lazycaf.host.index import Index
+
+    path = tmp_path / "index"
+    (tmp_path / "alias").symlink_to(path.name)
+    index = Index(path)
+    try:
+        with pytest.raises(Unavailable, match="already open in this process"):
+            Index(tmp_path / "alias", readonly=True)
+    finally:
+        index.close()
 
 
 def test_one_index_of_a_path_at_a_time_in_a_process(tmp_path: Path) -> None:
