@@ -22,8 +22,15 @@ cleanup() {
   rmdir "$MNT" 2>/dev/null || true
 }
 trap cleanup EXIT
+drop_cache() {  # with its index's lock file, which lives under /run for root
+  .venv/bin/python -c 'import sys; from pathlib import Path
+from lazycaf.host.indexlock import forget_lock
+from lazycaf.host.paths import CacheLayout
+forget_lock(CacheLayout(Path(sys.argv[1])).index)' "$LAZYCAF_CACHE"
+  rm -rf "$LAZYCAF_CACHE"
+}
 $LAZYCAF fetcher stop >/dev/null 2>&1 || true
-rm -rf "$LAZYCAF_CACHE"   # start cold, so the run shows what a fresh host fetches
+drop_cache   # start cold, so the run shows what a fresh host fetches
 $LAZYCAF cache init "$LAZYCAF_CACHE" 2>/dev/null || true
 echo "== mounting sample:latest at $MNT (on-demand fetching only: --no-prefetch)"
 $LAZYCAF mount sample:latest "$MNT" --no-prefetch
@@ -45,7 +52,7 @@ $LAZYCAF umount "$MNT"
 $LAZYCAF profile show sample --top 5 | sed 's/^/   /'
 echo "== a second cold host (empty cache): the mount prefetches the profile's hot set"
 $LAZYCAF fetcher stop >/dev/null
-rm -rf "$LAZYCAF_CACHE"
+drop_cache
 $LAZYCAF mount sample:latest "$MNT" >/dev/null
 start=$(date +%s.%N)
 "$MNT/bin/python3" -c 'import json, sqlite3, ssl, numpy'
