@@ -105,36 +105,7 @@ class Index:
         self._ident = ident
         self._lock_fd: int | None = None
         try:
-            for _attempt in range(3):
-                self._lock_fd = prepare_lock(path, readonly=readonly)
-                before = _lock_file_id(path)
-                try:
-                    env = lmdb.open(
-                        str(path),
-                        map_size=_MAP_SIZE,
-                        readonly=readonly,
-                        sync=False,
-                        metasync=False,
-                        max_readers=512,
-                        max_dbs=len(_TABLES),
-                        lock=True,
-                        subdir=True,
-                        create=not readonly,
-                    )
-                except lmdb.Error:
-                    if _lock_file_id(path) == before:
-                        raise
-                    env = None  # the emptied old lock file: it moved meanwhile
-                if env is not None and _lock_file_id(path) == before:
-                    self._env = env
-                    break
-                # the lock file moved while LMDB opened it (``indexlock``: the daemon
-                # moving an old cache's): that one is not the others', open again
-                if env is not None:
-                    env.close()
-                self._close_lock_fd()
-            else:
-                raise Unavailable(f"cannot open cache index {path}: its lock file keeps moving")
+            self._env = self._open_env(path, readonly)
         except (lmdb.Error, OSError) as exc:
             self._release()
             raise Unavailable(f"cannot open cache index {path}: {exc}") from exc
@@ -151,6 +122,37 @@ class Index:
             except BaseException:
                 self.close()
                 raise
+
+    def _open_env(self, path: Path, readonly: bool) -> Any:
+        """LMDB's environment, its lock file prepared (``indexlock``). The lock file may move
+        while LMDB opens it (the daemon moving an old cache's, which it empties): then that
+        one is not the others', and it opens again."""
+        for _attempt in range(3):
+            self._lock_fd = prepare_lock(path, readonly=readonly)
+            before = _lock_file_id(path)
+            try:
+                env = lmdb.open(
+                    str(path),
+                    map_size=_MAP_SIZE,
+                    readonly=readonly,
+                    sync=False,
+                    metasync=False,
+                    max_readers=512,
+                    max_dbs=len(_TABLES),
+                    lock=True,
+                    subdir=True,
+                    create=not readonly,
+                )
+            except lmdb.Error:
+                if _lock_file_id(path) == before:
+                    raise
+                self._close_lock_fd()
+                continue
+            if _lock_file_id(path) == before:
+                return env
+            env.close()
+            self._close_lock_fd()
+        raise Unavailable(f"cannot open cache index {path}: its lock file keeps moving")
 
     def close(self) -> None:
         self._env.close()

@@ -124,6 +124,16 @@ def prepare_lock(index: Path, *, readonly: bool) -> int | None:
     return _open_filled(index, target, readonly=readonly)
 
 
+def _lock_alone(fd: int) -> bool:
+    """Take LMDB's exclusive lock (byte 0) on ``fd`` if no other process holds it: then no
+    other process has the environment open through this file."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+    except OSError:
+        return False
+    return True
+
+
 def _in_use(path: str) -> bool:
     """Whether some process has the lock file ``path`` open through LMDB (it holds byte 0).
     A file this process has open counts as in use without a test: closing the descriptor
@@ -137,12 +147,9 @@ def _in_use(path: str) -> bool:
     except OSError:  # not ours to judge (a link, another owner): leave it to the daemon
         return True
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
-    except OSError:
-        return True
+        return not _lock_alone(fd)
     finally:
         os.close(fd)  # no environment of this process uses it: nothing else to drop
-    return False
 
 
 def _open_here(path: str) -> bool:
@@ -173,9 +180,7 @@ def _move_regular(link: Path, target: Path) -> int | None:
     has the index open; the descriptor of ``target``, or None (moved on a later start)."""
     old = os.open(link, os.O_RDWR | os.O_CLOEXEC)
     try:
-        try:  # LMDB's exclusive lock: whoever holds it is the only user of the file
-            fcntl.lockf(old, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
-        except OSError:
+        if not _lock_alone(old):
             log.info("index %s is open elsewhere: its lock file moves on a later start", link)
             return None
         _point(link, target)
@@ -204,9 +209,7 @@ def _open_filled(index: Path, target: Path, *, readonly: bool) -> int:
         fd = _open_target(target, create=not daemon)
         if fd is not None:
             try:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
-                except OSError:  # in use: whoever opened it first filled it
+                if not _lock_alone(fd):  # in use: whoever opened it first filled it
                     return fd
                 if not daemon:
                     _fill(fd)

@@ -187,7 +187,8 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             if prefetch:
                 loaded.append(await load_profile(client, cache, profile_name))
         table = InodeTable(manifest)
-        index = Index(cache.index, readonly=True)
+        # off the loop: opening it may wait for a daemon opening it too (``indexlock``)
+        index = await trio.to_thread.run_sync(functools.partial(Index, cache.index, readonly=True))
         profile = MountProfile(
             client,
             manifest,
