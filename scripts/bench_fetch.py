@@ -4,7 +4,9 @@ host cache, and the CPU the fetcher daemon and the CAS server spend on it.
 Prints figures and asserts nothing. Isolates what ``bench_prefetch`` measures inside a cold
 start (its "daemon / CAS server CPU per blob" rows): no mount, no workload, no shaped link,
 only ``prefetch <hot set>`` sent to a fresh daemon over loopback and timed until every blob
-is in the cache.
+is in the cache. Variant "this, bundle": the same code, the hot set sent as a mount sends it
+when its profile has a bundle (``prefetch_bundle``: one request for the bundle blob, which
+the recording run's save built), against "this": blob by blob (``blobs:get`` groups).
 
 Setup: the sample (``--sample``; default the torch sample of ``bench_prefetch --workload
 torch``, ``build/sample-torch``) is packed into a local-dir CAS; one cold run of the workload
@@ -41,6 +43,7 @@ from typing import Final
 
 import trio
 
+from lazycaf.cas.bundle import Bundle
 from lazycaf.cas.casdir import CasDir
 from lazycaf.cas.local import LocalCAS
 from lazycaf.core.digest import Digest
@@ -87,6 +90,7 @@ class Variant:
     src: Path
     cas_url: str = ""
     cas_pid: int = 0
+    bundle: bool = False  # the hot set through the profile's bundle (one request)
 
 
 @dataclass
@@ -129,13 +133,14 @@ def start_cas(made: Made, lz: Lazycaf, v: Variant) -> Variant:
         )
     made.servers.append(proc)
     port = wait_for_line(proc, log, r"serving .*http://127\.0\.0\.1:(\d+)", f"cas {v.name}")
-    return Variant(v.name, v.src, f"http://127.0.0.1:{port}", proc.pid)
+    return Variant(v.name, v.src, f"http://127.0.0.1:{port}", proc.pid, v.bundle)
 
 
-def hot_set(cas_dir: Path, manifest_hex: str) -> tuple[list[Digest], int]:
-    """What a mount of the manifest would send: the profile's hot set, planned; its bytes."""
+def hot_set(cas_dir: Path, manifest_hex: str) -> tuple[list[Digest], int, Bundle | None]:
+    """What a mount of the manifest would send: the profile's hot set, planned; its bytes;
+    the profile's bundle (the recording run's save built it)."""
 
-    async def plan() -> tuple[list[Digest], int]:
+    async def plan() -> tuple[list[Digest], int, Bundle | None]:
         cas = LocalCAS(cas_dir)
         manifest = Manifest.decode(await cas.get(Digest.parse(manifest_hex)))
         profile = await load_profile(cas, PROFILE)
@@ -143,16 +148,22 @@ def hot_set(cas_dir: Path, manifest_hex: str) -> tuple[list[Digest], int]:
             raise BenchError(f"no profile {PROFILE!r} was recorded")
         digests = plan_prefetch(profile.hot_set(), manifest.by_path, manifest.chunk_size)
         sizes = manifest.blobs()
-        return digests, sum(sizes[d] for d in digests)
+        return digests, sum(sizes[d] for d in digests), profile.bundle
 
     return trio.run(plan)
 
 
-async def prefetch_all(sock: Path, digests: list[Digest]) -> tuple[float, int, int]:
-    """Send the hot set; wait until the daemon stored it all: (seconds, blobs, bytes)."""
+async def prefetch_all(
+    sock: Path, digests: list[Digest], bundle: Bundle | None
+) -> tuple[float, int, int]:
+    """Send the hot set (as a mount does: through the bundle first when there is one); wait
+    until the daemon stored it all: (seconds, blobs, bytes)."""
     client = FetcherClient(sock)
     try:
         t0 = time.perf_counter()
+        if bundle is not None:
+            planned = set(digests)
+            await client.prefetch_bundle(bundle.digest, [d for d in bundle.blobs if d in planned])
         await client.prefetch(digests)
         deadline = t0 + TIMEOUT_S
         while True:
@@ -182,7 +193,9 @@ def verify_floor(cas_dir: Path, digests: list[Digest]) -> float:
     return 1000 * (time.process_time() - t0) / len(digests)
 
 
-def one_run(made: Made, lz: Lazycaf, v: Variant, digests: list[Digest], k: int) -> Sample:
+def one_run(
+    made: Made, lz: Lazycaf, v: Variant, digests: list[Digest], bundle: Bundle | None, k: int
+) -> Sample:
     cache = made.cache(lz, f"cache-{v.name}-{k}")
     log = made.log(f"fetcher-{v.name}-{k}.log")
     cmd = [str(lz.python), "-m", "lazycaf", "fetcher", "serve", "--cache", str(cache)]
@@ -199,7 +212,8 @@ def one_run(made: Made, lz: Lazycaf, v: Variant, digests: list[Digest], k: int) 
         wait_daemon_ready(proc, cache, log)
         time.sleep(0.3)  # its start-up work (reconcile, zygote) out of the window
         d0, c0 = cpu_seconds(proc.pid), cpu_seconds(v.cas_pid)
-        secs, blobs, nbytes = trio.run(prefetch_all, cache / "fetcher.sock", digests)
+        sock = cache / "fetcher.sock"
+        secs, blobs, nbytes = trio.run(prefetch_all, sock, digests, bundle if v.bundle else None)
         d1, c1 = cpu_seconds(proc.pid), cpu_seconds(v.cas_pid)
     finally:
         stop_process(proc)
@@ -298,17 +312,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert lz is not None
         btrfs_image(made, "4G")
         manifest = record_profile(made, lz, args.sample.resolve(), CODE[args.workload])
-        digests, nbytes = hot_set(lz.cas, manifest)
+        digests, nbytes, bundle = hot_set(lz.cas, manifest)
         variants = [Variant("this", REPO)]
+        if bundle is not None:
+            variants.append(Variant("this, bundle", REPO, bundle=True))
+        else:
+            say("the profile has no bundle: its variant is left out")
         if args.baseline is not None:
             variants.insert(0, Variant("baseline", args.baseline.resolve()))
         variants = [start_cas(made, lz, v) for v in variants]
         res = Results(len(digests), nbytes, verify_floor(lz.cas, digests))
         res.runs = {v.name: [] for v in variants}
-        one_run(made, lz, variants[-1], digests, 0)  # untimed: the store into the page cache
+        one_run(made, lz, variants[-1], digests, bundle, 0)  # untimed: the store into memory
         for k in range(1, args.runs + 1):
             for v in variants:
-                s = one_run(made, lz, v, digests, k)
+                s = one_run(made, lz, v, digests, bundle, k)
                 say(
                     f"{v.name} run {k}: {s.seconds:.2f} s, daemon {s.daemon_cpu:.2f} CPU-s, "
                     f"CAS {s.cas_cpu:.2f} CPU-s, {s.blobs} blobs"

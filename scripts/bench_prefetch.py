@@ -656,7 +656,8 @@ def record_profile(net: Net, env: Env) -> list[str]:
     url = f"http://127.0.0.1:{env.cas_port}/v1/refs/profiles/{PROFILE}"
     env.profile_digest = http_get(url).decode().strip()
     show = env.lz.cli("profile", "show", PROFILE, "--cas", str(env.lz.cas), what="profile show")
-    lines = [ln for ln in show.splitlines() if ln.startswith(("profile ", "hot set", "blocked"))]
+    wanted = ("profile ", "hot set", "hot-set bundle", "blocked")
+    lines = [ln for ln in show.splitlines() if ln.startswith(wanted)]
     first = f"profile recorded over the {net.name} link in {secs:.2f} s (cold, mount to umount)"
     return [first, *lines]
 

@@ -13,6 +13,9 @@ local directory, or an S3 bucket that any number of frontends share):
     POST /v1/blobs:get       {"digests": [...]} -> those blobs in one body (``lazycaf.cas.batch``);
                              at most 1,024 digests (413 beyond)
     POST /v1/blobs:batch     many blobs in one body (``lazycaf.cas.batch``); all or nothing
+    POST /v1/bundles         {"digests": [...]} -> {"digest": hex, "blobs": [hex, ...], "bytes": n}:
+                             those blobs stored as one bundle blob (``lazycaf.cas.bundle``), built
+                             here from the store; at most 8,192 digests (413 beyond); a write
     GET  /v1/refs?prefix=P   {"refs": {name: hex, ...}}: every ref whose name starts with P
                              (``profiles/``: every profile, for crowd prefetch)
     GET  /v1/refs/{name}     the manifest digest a ref names (text)
@@ -61,6 +64,7 @@ from fetcher.web.asgi import (
     respond,
 )
 from lazycaf.cas.batch import pack_batch, unpack_batch
+from lazycaf.cas.bundle import MAX_BUNDLE_BLOBS, Bundle, assemble
 from lazycaf.cas.refs import ANY, Expected
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
@@ -73,6 +77,7 @@ log = logging.getLogger(__name__)
 MAX_BODY: Final = MAX_UPLOAD
 MAX_MISSING: Final = 100_000  # digests per blobs:missing (the client sends 4,096)
 MAX_GET: Final = 1024  # digests per blobs:get
+_BUNDLES_REMEMBERED: Final = 64  # bundles built lately, by digest list (a job saves at once)
 _DIGESTS_BODY: Final = 16 << 20  # a body of MAX_MISSING digests is ~6.7 MB
 _BLOBS: Final = "/v1/blobs/"
 _REFS: Final = "/v1/refs/"
@@ -102,6 +107,8 @@ class CasApp:
         self._read_token = read_token
         self._parse = trio.CapacityLimiter(2)  # threads parsing or encoding large JSON
         self.stats = CasStatistics()
+        self._bundling: dict[Digest, trio.Event] = {}  # builds in progress, by digest list
+        self._bundles: dict[Digest, Bundle] = {}  # built lately, by digest list
         self.metrics = CasMetrics(self)  # its registry: ``lazycaf cas serve --metrics-listen``
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -140,6 +147,9 @@ class CasApp:
         elif path == "/v1/blobs:batch" and method == "POST":
             self._check_token(scope)
             await self._put_batch(receive, send)
+        elif path == "/v1/bundles" and method == "POST":
+            self._check_token(scope)
+            await self._bundle(receive, send)
         elif path == "/v1/refs" and method == "GET":
             await self._list_refs(scope, send)
         elif path.startswith(_REFS):
@@ -246,6 +256,36 @@ class CasApp:
         reply = json.dumps({"received": len(records), "stored": stored}).encode()
         await respond(send, 200, reply, "application/json")
 
+    async def _bundle(self, receive: Receive, send: Send) -> None:
+        """Build the bundle of the digests asked for from this store, store it, and say what
+        it holds. Builds of the same list at once (a job's hosts saving one profile) share
+        one build."""
+        digests = await self._digests(receive, MAX_BUNDLE_BLOBS)
+        key = Digest.of(b"".join(d.raw for d in digests))
+        waiting = self._bundling.get(key)
+        if waiting is not None:
+            await waiting.wait()
+        bundle = self._bundles.get(key)
+        if bundle is not None and await self.store.find_missing([bundle.digest]):
+            bundle = None  # collected since (the store GC runs apart from the server)
+        if bundle is None:
+            done = self._bundling[key] = trio.Event()
+            try:
+                body, blobs = await assemble(self.store.read_many, digests)
+                digest = await trio.to_thread.run_sync(Digest.of, body)
+                self.stats.blobs_stored += int(
+                    await self.store.put_encoded(digest, framing.IDENTITY, body)
+                )
+                bundle = Bundle(digest, tuple(blobs), len(body))
+                self._bundles[key] = bundle
+                while len(self._bundles) > _BUNDLES_REMEMBERED:
+                    del self._bundles[next(iter(self._bundles))]
+            finally:
+                del self._bundling[key]
+                done.set()
+        reply = await trio.to_thread.run_sync(_json_body, bundle.to_json(), limiter=self._parse)
+        await respond(send, 200, reply, "application/json")
+
     async def _missing(self, receive: Receive, send: Send) -> None:
         self.stats.missing_queries += 1
         digests = await self._digests(receive, MAX_MISSING)
@@ -260,6 +300,10 @@ class CasApp:
         return await read_digests(
             receive, max_digests=max_digests, max_body=_DIGESTS_BODY, limiter=self._parse
         )
+
+
+def _json_body(obj: object) -> bytes:
+    return json.dumps(obj).encode()
 
 
 def _missing_body(missing: list[Digest]) -> bytes:

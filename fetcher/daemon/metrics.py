@@ -106,6 +106,14 @@ class DaemonCollector(Collector):
             "Prefetched bytes no read asked for (yet)",
             s["prefetch_wasted_bytes"],
         )
+        yield _counter(
+            "lazycaf_prefetch_bundles", "Hot-set bundles streamed whole", s["bundles_fetched"]
+        )
+        yield _counter(
+            "lazycaf_prefetch_bundled_blobs",
+            "Blobs prefetched from hot-set bundles",
+            s["blobs_from_bundles"],
+        )
         yield _gauge(
             "lazycaf_prefetch_queued", "Blobs waiting in the prefetch queue", s["prefetch_queued"]
         )

@@ -5,8 +5,15 @@
                                      cache, fetched with one request per source (pin,
                                      materialize); or the first one no source has
     prefetch <hex> [<hex> ...]    -> ok {"queued": n}  (fetched in order, below reads)
+    prefetch_bundle <bundle hex> <hex> [<hex> ...]
+                                  -> ok {"queued": n}  (the same, with one request: the
+                                     blobs are those bundle ``lazycaf.cas.bundle`` holds)
     touch <hex> [<hex> ...]       -> ok {"touched": n}  (a mount read these cached blobs)
     record <name> <trace json>    -> ok {"profile": hex, "runs": n}  (merged into the profile)
+    bundle <name> <executable hex> <hex> [<hex> ...]
+                                  -> ok {"bundle": hex | null, "blobs": n, "bytes": n,
+                                     "built": bool}  (the profile names a bundle of this
+                                     prefetch plan: ``lazycaf.traces.profiles.refresh_bundle``)
     crowd                         -> ok {"files": [CrowdFile row, ...], "profiles": n}  (every
                                      profile's hot set by file digest: ``fetcher.daemon.crowd``)
     resolve <ref> [cached]        -> ok "<hex>"  (the manifest digest a ref names; ``cached``:
@@ -55,7 +62,7 @@ from lazycaf.core.errors import LazyCafError, NotFound, RefNotFound, UsageError
 from lazycaf.core.manifest import Manifest
 from lazycaf.core.priority import Priority
 from lazycaf.host.wire import LineReader, error_reply, ok_reply
-from lazycaf.traces.profiles import add_run
+from lazycaf.traces.profiles import add_run, refresh_bundle
 from lazycaf.traces.trace import Trace
 
 __all__ = ["MountApi"]
@@ -140,6 +147,38 @@ class MountApi:
                 if conn is not None:
                     conn.hot.update(digests)
                 return {"queued": self.prefetch.add(digests)}
+            case "prefetch_bundle":
+                words = rest.split()
+                if not words:
+                    raise UsageError("prefetch_bundle wants a bundle digest and its blobs")
+                bundle, *digests = (Digest.parse(h) for h in words)
+                if conn is not None:
+                    conn.hot.update(digests)
+                return {"queued": self.prefetch.add_bundle(bundle, digests)}
+            case "bundle":
+                words = rest.split()
+                if len(words) < 2:
+                    raise UsageError("bundle wants a profile name, an executable and a plan")
+                name, executable, *plan = words
+                async with self._profile_lock:
+                    made, built = await refresh_bundle(
+                        self.service.cas,
+                        name,
+                        Digest.parse(executable),
+                        [Digest.parse(h) for h in plan],
+                    )
+                if made is None:
+                    return {"bundle": None, "blobs": 0, "bytes": 0, "built": False}
+                if built:
+                    log.info(
+                        "profile %s: bundle %s of %d blobs", name, made.digest, len(made.blobs)
+                    )
+                return {
+                    "bundle": made.digest.hex,
+                    "blobs": len(made.blobs),
+                    "bytes": made.size,
+                    "built": built,
+                }
             case "record":
                 name, _, trace_json = rest.partition(" ")
                 try:

@@ -12,6 +12,10 @@ Blobs of a hot set that are cached already are read into the page cache in the s
 (``BlobCache.warm``): a host whose cache outlived its page cache starts the run from memory
 (the sample's cold start from a full cache: run 0.55 -> 0.35 s).
 
+A hot set that comes with a bundle (``add_bundle``) is fetched with one request for the
+bundle, streamed and stored as it arrives; a read that needs one of its blobs before the
+stream reached it fetches that blob on its own.
+
 Order matters more than width: a run asks for the hot set's first blobs within tens of
 milliseconds of the mount. So few workers (3) take groups that start small when the queue
 was idle (1, 2, 4, then the full group): the first blobs land alone instead of sharing the
@@ -36,6 +40,7 @@ __all__ = ["PEER_WORKERS", "WORKERS", "PrefetchQueue"]
 
 _BATCH = 8  # blobs per CAS request: few enough that the first ones land early
 WORKERS: Final = 3  # groups in flight: few, so the first blobs land first
+_BUNDLE_WORTH: Final = 0.5  # a bundle is streamed when at least this share of it is missing
 PEER_WORKERS: Final = 8  # with peers a group waits for its slowest home: keep more in flight
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,32 @@ class PrefetchQueue:
         if cached and self._nursery is not None:
             self._nursery.start_soon(self._warm, cached)
         return added
+
+    def add_bundle(self, bundle: Digest, digests: list[Digest]) -> int:
+        """Queue the blobs of ``bundle`` (``lazycaf.cas.bundle``): those not cached, queued
+        or in flight are fetched with one request for the bundle, unless they are under
+        ``_BUNDLE_WORTH`` of them (the host holds most: they are queued as ``add`` does).
+        With peers, blob by blob (``add``): each blob then crosses the CAS link once per
+        cluster, which a bundle per host would undo."""
+        if self.service.source.peers is not None:
+            return self.add(digests)
+        todo: list[Digest] = []
+        cached: list[Digest] = []
+        for d in dict.fromkeys(digests):
+            if d in self._queue or self.service.in_flight(d):
+                continue
+            if self.service.is_cached(d):
+                cached.append(d)
+            else:
+                todo.append(d)
+        if len(todo) < _BUNDLE_WORTH * len(digests):  # mostly here: the bundle would bring
+            queued = self.add(todo)  # more than it saves, so blob by blob
+        else:
+            self.service.fetch_bundle(bundle, todo)
+            queued = len(todo)
+        if cached and self._nursery is not None:
+            self._nursery.start_soon(self._warm, cached)
+        return queued
 
     async def _warm(self, digests: list[Digest]) -> None:
         """Cached blobs of a hot set: into the page cache, in order, ahead of the run."""

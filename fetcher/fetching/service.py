@@ -69,6 +69,7 @@ BLOCKED_AFTER: Final = 1.0  # a read waiting longer than this counts as blocked 
 _UNREAD_CAP: Final = 1 << 20  # prefetched blobs remembered until read (~150 MB at most)
 _STORE_SLICE: Final = 16  # blobs of a group stored with one thread hop ...
 _STORE_SLICE_BYTES: Final = 8 << 20  # ... or this many bytes as sent, whichever comes first
+_AFTER_BUNDLE: Final = 64  # blobs a bundle did not bring: fetched in groups this large
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class FetchStatistics:
     failures_circuit_open: int
     prefetch_hits: int  # prefetched blobs a read asked for later
     prefetch_wasted_bytes: int  # prefetched bytes no read has asked for (yet)
+    bundles_fetched: int  # hot-set bundles streamed to their end
+    blobs_from_bundles: int  # blobs stored from them
 
 
 class _Flight:
@@ -183,6 +186,7 @@ class FetchService:
         self._unread: dict[Digest, int] = {}  # prefetched for this host, not read yet
         self._unread_bytes = 0
         self._prefetch_hits = 0
+        self._bundled = [0, 0]  # blobs stored from bundles, bundles streamed whole
         self.queued = 0  # set by the prefetch queue
 
     @property
@@ -220,6 +224,8 @@ class FetchService:
             **{f"failures_{cause}": n for cause, n in self._failed_by.items()},
             prefetch_hits=self._prefetch_hits,
             prefetch_wasted_bytes=self._unread_bytes,
+            bundles_fetched=self._bundled[1],
+            blobs_from_bundles=self._bundled[0],
         )
 
     def _reads_waiting(self) -> tuple[int, int]:
@@ -385,6 +391,50 @@ class FetchService:
         for _, flight in mine + others:
             await flight.done.wait()
         return [d for d, flight in mine + others if flight.error is not None]
+
+    def fetch_bundle(self, bundle: Digest, digests: list[Digest]) -> None:
+        """Prefetch ``digests`` (not cached, not in flight) through bundle ``bundle``: one
+        request, its records stored as they arrive (``_fetch_bundle``)."""
+        assert self._nursery is not None, "FetchService.run() is not running"
+        flights = {d: self._new_flight(d, PREFETCH, False, False) for d in digests}
+        self._nursery.start_soon(self._fetch_bundle, bundle, flights)
+
+    async def _fetch_bundle(self, bundle: Digest, flights: dict[Digest, _Flight]) -> None:
+        """Stream a bundle and store the blobs of ``flights`` it holds. Its flights stay
+        "not started" until their bytes are here, so a read of a blob the stream has not
+        reached fetches it at once (``_join_or_start``), as it would take over a queued
+        group's; the bundle then skips it. What the bundle did not bring (it lacked the
+        blob, or its stream failed) is fetched in groups as a prefetch would."""
+        error: LazyCafError | None = None
+        try:
+            async with self._slots[PREFETCH, False]:
+
+                async def store(batch: dict[Digest, Fetched]) -> None:
+                    mine = {
+                        d: f
+                        for d in batch
+                        if (f := flights.get(d)) is not None and not f.taken and not f.done.is_set()
+                    }
+                    for flight in mine.values():
+                        flight.started = True  # its bytes are here: a read waits for them
+                    await self._store_and_land(batch, mine, PREFETCH)
+                    self._bundled[0] += sum(f.stored for f in mine.values())
+
+                try:
+                    await self.source.cas.stream_bundle(bundle, PREFETCH, store)
+                    self._bundled[1] += 1
+                except Exception as exc:  # the rest goes blob by blob, whatever went wrong
+                    error = exc if isinstance(exc, LazyCafError) else _internal(exc)
+            left = [d for d, f in flights.items() if not f.taken and not f.done.is_set()]
+            if error is not None:
+                log.info("bundle %s: %s; %d blobs fetched without it", bundle, error, len(left))
+            for start in range(0, len(left), _AFTER_BUNDLE):
+                part = {d: flights[d] for d in left[start : start + _AFTER_BUNDLE]}
+                await self._fetch_group(part, PREFETCH, False, True)
+        finally:
+            for d, flight in flights.items():
+                if not flight.taken:  # a taken flight is its reader's download to land
+                    self._land(d, flight)
 
     async def _fetch_group(
         self, flights: dict[Digest, _Flight], priority: Priority, for_peer: bool, to_cas: bool

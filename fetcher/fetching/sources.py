@@ -28,15 +28,16 @@ from fetcher.fetching.peersource import HomeCouldNotFetch, PeerIsSelf, PeerSourc
 from fetcher.fetching.source import Arrived, BlobSource, Fetched, Outcome
 from fetcher.peers.peerset import PeerSet
 from lazycaf.cas.api import CAS
-from lazycaf.cas.batch import Record
+from lazycaf.cas.batch import Record, unpack_batch
 from lazycaf.cas.http import HttpCAS
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import BlobNotFound, LazyCafError
+from lazycaf.core.errors import BlobNotFound, IntegrityError, LazyCafError, UsageError
 from lazycaf.core.priority import Priority
 
 __all__ = ["CasSource", "TieredSource"]
 
 log = logging.getLogger(__name__)
+_BUNDLE_RUN = 16  # records of a bundle read whole, handed over at a time
 
 
 class CasSource:
@@ -88,6 +89,29 @@ class CasSource:
         return {
             d: Fetched(encoding, payload, "cas") for d, (encoding, payload) in got.items()
         }, None
+
+    async def stream_bundle(self, bundle: Digest, priority: Priority, arrived: Arrived) -> None:
+        """The records of bundle ``bundle`` (``lazycaf.cas.bundle``), handed to ``arrived``
+        as they come in (an HTTP CAS streams it; other stores read it whole first)."""
+        cas = self._cas[priority]
+
+        async def wrap(records: list[Record]) -> None:
+            await arrived({d: Fetched(enc, payload, "cas") for d, enc, payload in records})
+
+        async def stream() -> None:
+            if isinstance(cas, HttpCAS):
+                await cas.stream_bundle(bundle, wrap)
+                return
+            body = await cas.get(bundle)
+            try:
+                records = await trio.to_thread.run_sync(unpack_batch, body)
+            except UsageError as exc:
+                raise IntegrityError(f"bundle {bundle} from {self.where}: {exc}") from None
+            del body
+            for start in range(0, len(records), _BUNDLE_RUN):
+                await wrap(records[start : start + _BUNDLE_RUN])
+
+        await self.breaker.call(stream)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):

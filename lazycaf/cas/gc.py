@@ -2,7 +2,8 @@
 
 Roots: every ref and the blob it names; for a ref to a manifest, every blob the manifest lists
 (whole files and chunks); for a profile (a ``profiles/...`` ref), what the caller's
-``profile_blobs`` finds in it (the digests its traces recorded); and the ``keep`` digests.
+``profile_blobs`` finds in it (the digests its traces recorded, its hot-set bundle); and the
+``keep`` digests.
 A ref that names a missing blob, or a blob that does not decode, keeps its digest and is
 reported (``GcReport.problems``); the GC goes on.
 

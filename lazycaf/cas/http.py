@@ -19,6 +19,7 @@ import httpx
 import trio
 
 from lazycaf.cas.batch import BatchReader, Record, pack_batch, unpack_batch
+from lazycaf.cas.bundle import MAX_BUNDLE_BLOBS, Bundle
 from lazycaf.cas.casdir import check_ref_name
 from lazycaf.cas.gc import StoredBlob
 from lazycaf.cas.refs import ANY, Expected
@@ -270,6 +271,42 @@ class HttpCAS:
         except UsageError as exc:  # the answer did not parse
             raise CasUnavailable(self.where, f"POST {path}: {exc}") from exc
         await self.stream_many_encoded(digests, arrived)  # the older server's way
+
+    async def build_bundle(self, digests: Sequence[Digest]) -> Bundle:
+        """``POST /v1/bundles``: the server builds and stores the bundle of ``digests`` from
+        its own store (``lazycaf.cas.bundle``; a write: it needs the write token)."""
+        body = json.dumps({"digests": [d.hex for d in digests[:MAX_BUNDLE_BLOBS]]})
+        r = await self._request(
+            "POST", "/v1/bundles", content=body, headers={"content-type": "application/json"}
+        )
+        self._expect(r, "POST /v1/bundles")
+        try:
+            return Bundle.from_json(r.json())
+        except ValueError as exc:
+            raise CasUnavailable(
+                self.where, f"POST /v1/bundles: a malformed answer ({exc})"
+            ) from None
+
+    async def stream_bundle(self, digest: Digest, arrived: Arrived) -> None:
+        """GET a bundle blob and hand its records to ``arrived`` as they come in (in runs of
+        ``STREAM_RUN_BYTES``); the records are not verified here, each is on its own where
+        it is stored. ``BlobNotFound`` if the store lacks the bundle."""
+        path = f"/v1/blobs/{digest.hex}"
+        try:  # the records are zstd already: ask for the bundle's bytes as they are
+            async with self._client.stream(
+                "GET", path, headers={"accept-encoding": "identity"}
+            ) as r:
+                if r.status_code == 404:
+                    raise BlobNotFound(digest, self.where)
+                if r.status_code != 200:
+                    await r.aread()
+                    self._check_status(r, "GET", path)
+                    self._expect(r, f"GET {path}")
+                await _hand_over(r, arrived)
+        except httpx.TransportError as exc:
+            raise self._unavailable(exc) from exc
+        except UsageError as exc:  # the bundle did not parse
+            raise IntegrityError(f"bundle {digest} from {self.where}: {exc}") from None
 
     async def _post_batches(self, records: Sequence[tuple[Digest, str, bytes]]) -> int:
         """POST /v1/blobs:batch in bodies of about ``_BATCH_BODY`` bytes, two at a time."""

@@ -84,6 +84,14 @@ def summarize(profile: Profile, manifest: Manifest, *, top: int = 15) -> dict[st
         "bytes_read": sum(h.bytes_read for h in hot_files),
         "wait_seconds": [round(r.wait_seconds(), 6) for r in profile.runs],
         "first_reads": {s: sum(r.source == s for r in newest.records) for s in SOURCES},
+        "bundle": None
+        if profile.bundle is None
+        else {
+            "digest": profile.bundle.digest.hex,
+            "blobs": len(profile.bundle.blobs),
+            "bytes": profile.bundle.size,
+            "executable": profile.bundle_for,
+        },
         "hot": [
             {"path": h.path, "t": h.t, "share": h.share, "bytes_read": h.bytes_read}
             for h in hot_files[:top]
@@ -112,6 +120,13 @@ def describe(profile: Profile, manifest: Manifest, *, top: int = 15) -> list[str
         + " (oldest to newest run)",
         "newest run, first reads served from: "
         + ", ".join(f"{source} {n}" for source, n in f["first_reads"].items()),
+        "hot-set bundle: "
+        + (
+            "none (the next saved run builds one)"
+            if (b := f["bundle"]) is None
+            else f"{b['blobs']} blobs, {b['bytes'] / MB:.1f} MB in one blob ({b['digest'][:12]}), "
+            f"planned on executable {b['executable'][:12]}"
+        ),
         f"first {len(f['hot'])} hot files (typical first access, share of runs):",
     ]
     out += [f"  {h['t']:8.3f} s  {h['share']:4.0%}  {h['path']}" for h in f["hot"]]

@@ -231,6 +231,19 @@ class FetcherClient:
         result: dict[str, Any] = await self._call(f"record {name} {trace_json}")
         return result
 
+    async def prefetch_bundle(self, bundle: Digest, blobs: list[Digest]) -> int:
+        """Queue ``blobs`` for background fetching through bundle ``bundle`` (one request for
+        all of them; ``lazycaf.cas.bundle``); returns how many were new."""
+        line = " ".join([bundle.hex, *(d.hex for d in blobs)])
+        return int((await self._call(f"prefetch_bundle {line}"))["queued"])
+
+    async def bundle(self, name: str, executable: Digest, plan: list[Digest]) -> dict[str, Any]:
+        """Have profile ``name`` name a bundle of ``plan`` (its hot set on ``executable``),
+        built by the daemon's CAS unless the one it names still fits."""
+        line = " ".join([name, executable.hex, *(d.hex for d in plan)])
+        result: dict[str, Any] = await self._call(f"bundle {line}")
+        return result
+
     async def crowd(self) -> tuple[list[Any], int]:
         """Every profile's hot set by file digest, as rows of ``lazycaf.traces.crowd``'s
         ``CrowdFile.to_json``, and how many profiles it merges. The reply (up to a few MB of

@@ -3,7 +3,9 @@ the crowd's: what other executables' runs read of the files this one holds), swi
 fetching when a run reads much of the tree, and save the run's trace.
 
 The daemon does the fetching and writes profiles to the CAS; the mount only says what it
-expects to read (``prefetch``) and what it read (``record``), so a mount never needs CAS
+expects to read (``prefetch``; through the profile's hot-set bundle when it has one that
+fits this tree) and what it read (``record``; then ``bundle``: the daemon has a bundle of
+the merged plan built unless the profile's still fits), so a mount never needs CAS
 credentials.
 """
 
@@ -16,6 +18,7 @@ from typing import Final
 
 import trio
 
+from lazycaf.cas.bundle import MAX_BUNDLE_BLOBS
 from lazycaf.core.chunking import chunk_spans
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import LazyCafError, NotFound
@@ -24,7 +27,7 @@ from lazycaf.core.manifestindex import ManifestIndex
 from lazycaf.host.client import FetcherClient
 from lazycaf.host.paths import CacheLayout
 from lazycaf.traces.crowd import CrowdFile, plan_crowd
-from lazycaf.traces.trace import HotFile, Profile, TraceRecorder, plan_prefetch
+from lazycaf.traces.trace import HotFile, Profile, Trace, TraceRecorder, plan_prefetch
 
 __all__ = ["DEFAULT_EAGER_SHARE", "MountProfile", "load_profile"]
 
@@ -32,6 +35,7 @@ _DIR_FILES: Final = 256
 _DIR_BYTES: Final = 8 << 20
 _SMALL: Final = 256 << 10
 _EAGER_WAIT_S: Final = 60.0  # longest the rest waits for the hot set
+_BUNDLE_USE: Final = 0.5  # a bundle is used when at least this share of it is in the plan
 
 
 def _kind(path: str) -> str:
@@ -113,6 +117,7 @@ class MountProfile:
         self.name = name
         self.prefetch = prefetch
         self.eager_share = eager_share
+        self.executable = executable
         self.recorder = TraceRecorder(executable.hex)
         self._total = 0  # bytes of the tree's distinct blobs: set by run(), off the ready path
         self._saved = not record  # not recording: nothing to save
@@ -173,10 +178,29 @@ class MountProfile:
         self._hot = self.profile.hot_set()
         self._plan = plan_prefetch(self._hot, self.manifest.by_path, self.manifest.chunk_size)
         self.prefetched.update(self._plan)
+        if (members := self._bundled(self._plan)) is not None:
+            assert self.profile.bundle is not None
+            try:
+                self._queued = await self.client.prefetch_bundle(
+                    self.profile.bundle.digest, members
+                )
+            except LazyCafError as exc:  # a daemon that predates bundles: blob by blob
+                log.info("hot set not fetched through its bundle: %s", exc)
         try:
-            self._queued = await self.client.prefetch(self._plan)
+            self._queued += await self.client.prefetch(self._plan)
         except LazyCafError as exc:
             log.warning("no prefetch for profile %r: %s", self.name, exc)
+
+    def _bundled(self, plan: list[Digest]) -> list[Digest] | None:
+        """The blobs of the profile's bundle to fetch through it, or None: no bundle, or one
+        whose blobs are mostly not in this tree's plan (another version's: fetching it would
+        bring more than this run needs)."""
+        bundle = self.profile.bundle if self.profile is not None else None
+        if bundle is None:
+            return None
+        planned = set(plan)
+        members = [d for d in bundle.blobs if d in planned]
+        return members if len(members) >= _BUNDLE_USE * len(bundle.blobs) else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Arm eager mode (and directory prefetch when there is no profile), then stay for
@@ -329,3 +353,20 @@ class MountProfile:
             log.info("saved run to profile %r: %s", self.name, reply)
         except LazyCafError as exc:
             log.warning("could not save the trace to profile %r: %s", self.name, exc)
+            return
+        if not self.prefetch:
+            return
+        plan = await trio.to_thread.run_sync(self._plan_with, trace)
+        try:
+            reply = await self.client.bundle(self.name, self.executable, plan)
+            log.info("profile %r: hot-set bundle %s", self.name, reply)
+        except LazyCafError as exc:
+            log.warning("no hot-set bundle for profile %r: %s", self.name, exc)
+
+    def _plan_with(self, trace: Trace) -> list[Digest]:
+        """The prefetch plan of the profile with this run merged in, on this tree (what the
+        next run's mount plans, unless other hosts saved runs meanwhile)."""
+        merged = Profile(self.name, list(self.profile.runs) if self.profile else [])
+        merged.add(trace)
+        plan = plan_prefetch(merged.hot_set(), self.manifest.by_path, self.manifest.chunk_size)
+        return plan[:MAX_BUNDLE_BLOBS]  # a bundle holds no more

@@ -242,11 +242,11 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
         finally:
             fuse_ops.fuse_close(unmount=True)
             reader.close()
-            index.close()
             requests = json.dumps(dict(sorted(ops.requests.items())), separators=(",", ":"))
             log.info("FUSE requests by opcode: %s", requests)
             with trio.CancelScope(shield=True):
-                await _save_bounded(profile)
+                await _save_bounded(profile)  # plans the next run's bundle on the index
+            index.close()
             pid_file.unlink(missing_ok=True)
     finally:
         with trio.CancelScope(shield=True):

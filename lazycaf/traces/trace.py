@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from lazycaf.cas.bundle import Bundle
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import IntegrityError
 from lazycaf.core.manifest import Entry
@@ -119,6 +120,9 @@ class Profile:
 
     name: str
     runs: list[Trace] = field(default_factory=list)
+    # its hot set as one blob (``lazycaf.cas.bundle``), planned on this executable's tree
+    bundle: Bundle | None = None
+    bundle_for: str = ""
 
     def add(self, trace: Trace) -> None:
         self.runs.append(trace)
@@ -147,7 +151,13 @@ class Profile:
         return hot
 
     def encode(self) -> bytes:
-        body = {"version": 1, "name": self.name, "runs": [r.to_json() for r in self.runs]}
+        body: dict[str, object] = {
+            "version": 1,
+            "name": self.name,
+            "runs": [r.to_json() for r in self.runs],
+        }
+        if self.bundle is not None:
+            body["bundle"] = {**self.bundle.to_json(), "executable": self.bundle_for}
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -156,7 +166,11 @@ class Profile:
             obj = json.loads(data)
             if obj.get("version") != 1:
                 raise ValueError(f"unsupported version {obj.get('version')!r}")
-            return cls(str(obj["name"]), [Trace.from_json(r) for r in obj["runs"]])
+            profile = cls(str(obj["name"]), [Trace.from_json(r) for r in obj["runs"]])
+            if (bundle := obj.get("bundle")) is not None:
+                profile.bundle = Bundle.from_json(bundle)
+                profile.bundle_for = str(bundle.get("executable", ""))
+            return profile
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise IntegrityError(f"{what} is not a valid profile: {exc}") from None
 

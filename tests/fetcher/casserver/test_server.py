@@ -33,6 +33,8 @@ from fetcher.casserver.served import ServedDir
 from fetcher.web import asgi
 from fetcher.web.asgi import bind_socket, serve_app
 from lazycaf.cas import casdir
+from lazycaf.cas.batch import unpack_batch
+from lazycaf.cas.bundle import MAX_BUNDLE_BLOBS
 from lazycaf.cas.casdir import CasDir, Staged
 from lazycaf.cas.http import MISSING_BATCH
 from lazycaf.core import framing
@@ -534,6 +536,30 @@ def test_missing_answers_the_missing_ones(server: CasServer, client: httpx.Clien
     assert set(r.json()["missing"]) == {d.hex for d in absent}
     r = client.post("/v1/blobs:missing", json={"digests": []})
     assert r.json() == {"missing": []}
+
+
+def test_bundles_are_built_here_need_the_write_token_and_bound_their_list(
+    server: CasServer, client: httpx.Client
+) -> None:
+    blobs = [put(client, server, compressible(100_000)), put(client, server, unique("raw"))]
+    absent = Digest.of(unique("absent"))
+    body = {"digests": [d.hex for d in (blobs[1], absent, blobs[0])]}
+    assert client.post("/v1/bundles", json=body).status_code == 401
+    before = server.stats()
+    r = client.post("/v1/bundles", json=body, headers=auth(server))
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["blobs"] == [blobs[1].hex, blobs[0].hex]  # the store lacks the other
+    _, raw = get_raw(client, f"/v1/blobs/{answer['digest']}", **{"accept-encoding": "identity"})
+    assert len(raw) == answer["bytes"] and Digest.of(raw).hex == answer["digest"]
+    assert [r[0] for r in unpack_batch(raw)] == [blobs[1], blobs[0]]
+    # the same list again: the bundle built lately, not a second build
+    again = client.post("/v1/bundles", json=body, headers=auth(server))
+    assert again.json() == answer
+    assert server.stats()["blobs_stored"] - before["blobs_stored"] == 1
+    many = {"digests": [Digest.of(str(i).encode()).hex for i in range(MAX_BUNDLE_BLOBS + 1)]}
+    r = client.post("/v1/bundles", json=many, headers=auth(server))
+    assert r.status_code == 413 and f"at most {MAX_BUNDLE_BLOBS}" in r.text
 
 
 def test_stats_counters_move(server: CasServer, client: httpx.Client) -> None:

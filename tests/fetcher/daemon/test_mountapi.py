@@ -7,6 +7,7 @@ and is raised again on the mount's side), and a connection that goes on after an
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from fetcher.daemon.mountapi import MountApi
 from fetcher.fetching.prefetch import PrefetchQueue
 from fetcher.fetching.service import FetchService
 from fetcher.fetching.sources import CasSource, TieredSource
+from lazycaf.cas.batch import pack_batch
 from lazycaf.cas.casdir import CasDir
 from lazycaf.cas.local import LocalCAS
 from lazycaf.core.digest import Digest
@@ -29,6 +31,7 @@ from lazycaf.core.manifest import DIR, FILE, Entry, Manifest
 from lazycaf.core.priority import Priority
 from lazycaf.host import client as client_module
 from lazycaf.host.client import FetcherClient
+from lazycaf.traces.trace import AccessRecord, Trace
 from tests.helpers import wait_for_async
 
 BLOBS = [f"module {i}\n".encode() * 50 for i in range(6)]
@@ -178,3 +181,82 @@ async def test_ensure_all_asks_blob_by_blob_a_daemon_without_ensure_many(
         assert all(d.cache.has(x) for x in DIGESTS[:4])
         with pytest.raises(BlobNotFound, match=DIGESTS[4].hex):
             await d.client.ensure_all([DIGESTS[0], DIGESTS[4], DIGESTS[5]])
+
+
+# -- hot-set bundles -----------------------------------------------------------------------
+async def _recorded(d: Daemon) -> None:
+    run = Trace(d.manifest.hex, 1_700_000_000.0, [AccessRecord("pkg/m0.py", 0.01, 10)])
+    await d.client.record("app", json.dumps(run.to_json()))
+
+
+async def test_a_saved_run_gets_a_bundle_and_prefetch_fetches_through_it(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        plan = [DIGESTS[2], DIGESTS[0], DIGESTS[5], DIGESTS[1], DIGESTS[3]]
+        assert (await d.client.bundle("app", d.manifest, plan))["bundle"] is None  # no profile
+        await _recorded(d)
+        made = await d.client.bundle("app", d.manifest, plan)
+        assert made["built"] and made["blobs"] == 4  # the CAS lacks DIGESTS[5]
+        members = [DIGESTS[2], DIGESTS[0], DIGESTS[1], DIGESTS[3]]
+        again = await d.client.bundle("app", d.manifest, members)
+        assert not again["built"] and again["bundle"] == made["bundle"]
+        bundle = Digest.parse(made["bundle"])
+        assert await d.client.prefetch_bundle(bundle, members) == 4
+        await wait_for_async(lambda: all(d.cache.has(x) for x in members), "the bundle's blobs")
+        for x in members:
+            assert d.cache.path(x).read_bytes() == BLOBS[DIGESTS.index(x)]
+        stats = await d.client.stats()
+        assert stats["bundles_fetched"] == 1 and stats["blobs_from_bundles"] == 4
+        assert stats["prefetched"] == 4 and stats["misses"] == 0
+        # cached already: nothing to fetch, no second stream
+        assert await d.client.prefetch_bundle(bundle, members) == 0
+        assert (await d.client.stats())["bundles_fetched"] == 1
+
+
+async def test_a_bundle_the_store_lost_leaves_its_blobs_to_the_blob_by_blob_path(
+    tmp_path: Path,
+) -> None:
+    async with daemon(tmp_path) as d:
+        lost = Digest.of(b"a bundle GC took")
+        assert await d.client.prefetch_bundle(lost, DIGESTS[:4]) == 4
+        await wait_for_async(lambda: all(d.cache.has(x) for x in DIGESTS[:4]), "the blobs")
+        stats = await d.client.stats()
+        assert stats["bundles_fetched"] == 0 and stats["prefetched"] == 4
+
+
+async def test_a_tampered_bundle_never_puts_bad_bytes_in_the_cache(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        records = [(DIGESTS[0], "identity", BLOBS[0]), (DIGESTS[1], "identity", b"evil\n" * 50)]
+        records.append((DIGESTS[2], "identity", BLOBS[2]))
+        body = pack_batch(records)
+        bundle = Digest.of(body)
+        d.store.write(bundle, body)
+        await d.client.prefetch_bundle(bundle, DIGESTS[:3])
+        await wait_for_async(
+            lambda: d.cache.has(DIGESTS[0]) and d.cache.has(DIGESTS[2]), "the good blobs"
+        )
+        stats = await d.client.stats()
+        assert stats["failures_integrity"] == 1 and not d.cache.has(DIGESTS[1])
+        assert await d.client.ensure(DIGESTS[1]) == len(BLOBS[1])  # a read fetches it whole
+        assert d.cache.path(DIGESTS[1]).read_bytes() == BLOBS[1]
+
+
+async def test_bundle_requests_without_their_arguments_are_usage_errors(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        with pytest.raises(UsageError, match="bundle digest"):
+            await d.client._call("prefetch_bundle")
+        with pytest.raises(UsageError, match="profile name"):
+            await d.client._call("bundle app")
+        assert await d.client.ensure(DIGESTS[0]) == len(BLOBS[0])
+
+
+async def test_a_bundle_mostly_cached_already_is_not_streamed(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        await _recorded(d)
+        made = await d.client.bundle("app", d.manifest, DIGESTS[:4])
+        for x in DIGESTS[:3]:
+            await d.client.ensure(x)
+        assert await d.client.prefetch_bundle(Digest.parse(made["bundle"]), DIGESTS[:4]) == 1
+        await wait_for_async(lambda: d.cache.has(DIGESTS[3]), "the one blob missing")
+        stats = await d.client.stats()
+        assert stats["bundles_fetched"] == 0 and stats["blobs_from_bundles"] == 0
+        assert stats["prefetched"] == 1

@@ -24,7 +24,7 @@ from lazycaf.cas.api import CAS, load_manifest, open_cas
 from lazycaf.cas.gc import collect_garbage
 from lazycaf.cas.s3 import REFRESH_AFTER_ENV, S3CAS
 from lazycaf.core.digest import Digest
-from lazycaf.traces.profiles import add_run, profile_blobs
+from lazycaf.traces.profiles import add_run, profile_blobs, refresh_bundle
 from lazycaf.traces.trace import AccessRecord, Trace
 from tests.conftest import run_cli
 from tests.helpers import make_tree
@@ -168,6 +168,22 @@ def test_gc_keeps_every_root_and_frees_exactly_the_rest(store: Store, tmp_path: 
     # without the --keep, that blob goes too, and nothing else
     assert store.gc("--grace", "0s")["deleted"] == 1
     assert store.blobs() == live - {kept_by_flag}
+
+
+def test_gc_keeps_a_profiles_bundle_and_frees_the_one_it_replaced(
+    store: Store, tmp_path: Path
+) -> None:
+    store.pack(_tree(tmp_path / "a", "a"), "app:1")
+    store.call(add_run, "app", Trace("app", records=[AccessRecord("own/f0", 0.1, 10)]))
+    plan = sorted(store.manifest_blobs("app:1"), key=lambda d: d.hex)[:3]
+    old, _ = store.call(refresh_bundle, "app", Digest.of(b"exe 1"), plan)  # type: ignore[misc]
+    new, _ = store.call(refresh_bundle, "app", Digest.of(b"exe 2"), plan[:2])  # type: ignore[misc]
+    assert old.digest != new.digest
+    done = store.gc("--grace", "0s")
+    assert done["deleted"] >= 1
+    after = store.blobs()
+    assert new.digest in after and old.digest not in after
+    assert store.manifest_blobs("app:1") <= after
 
 
 def test_gc_spares_a_garbage_blob_a_pack_reuses(store: Store, tmp_path: Path) -> None:

@@ -1,16 +1,24 @@
-"""Profiles in the CAS: concurrent saves from many hosts lose no run (compare-and-swap)."""
+"""Profiles in the CAS: concurrent saves from many hosts lose no run (compare-and-swap); a
+profile's hot-set bundle, built where the blobs are (a local store, or the CAS server)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import trio
 
+from lazycaf.cas import bundle as bundle_module
 from lazycaf.cas.api import CAS
+from lazycaf.cas.batch import unpack_batch
+from lazycaf.cas.bundle import make_bundle
 from lazycaf.cas.http import HttpCAS
 from lazycaf.cas.local import LocalCAS
-from lazycaf.traces.profiles import add_run, load_profile
+from lazycaf.core import framing
+from lazycaf.core.digest import Digest
+from lazycaf.core.verified import verify_blob
+from lazycaf.traces.profiles import add_run, load_profile, profile_blobs, refresh_bundle
 from lazycaf.traces.trace import AccessRecord, Trace
 from tests.conftest import CasServer
 
@@ -35,4 +43,72 @@ async def test_concurrent_saves_keep_every_run(cas: CAS) -> None:
     profile = await load_profile(cas, "trainer")
     assert profile is not None
     assert sorted(run.started for run in profile.runs) == [1_700_000_000.0 + i for i in range(6)]
+    await cas.aclose()
+
+
+# -- hot-set bundles -----------------------------------------------------------------------
+def _blobs(n: int) -> dict[Digest, bytes]:
+    """Half compressible (stored as zstd frames), half random (stored raw)."""
+    out = {}
+    for i in range(n):
+        data = f"module {i}\n".encode() * 3000 if i % 2 else os.urandom(20_000 + i)
+        out[Digest.of(data)] = data
+    return out
+
+
+async def test_a_bundle_holds_the_plan_as_stored_in_order(cas: CAS) -> None:
+    blobs = _blobs(12)
+    await cas.put_many(list(blobs.items()))
+    plan = list(blobs)[::-1]
+    absent = Digest.of(b"not in the store")
+    bundle = await make_bundle(cas, [plan[0], absent, *plan, plan[3]])
+    assert list(bundle.blobs) == plan  # in order, once each, without what the store lacks
+    body = await cas.get(bundle.digest)
+    assert bundle.size == len(body)
+    records = unpack_batch(body)
+    assert [r[0] for r in records] == plan
+    assert {r[1] for r in records} == {framing.ZSTD, framing.IDENTITY}
+    for d, encoding, payload in records:
+        assert verify_blob(d, encoding, payload).data == blobs[d]
+    again = await make_bundle(cas, plan)
+    assert again == bundle  # the same blobs as stored: the same bundle
+    await cas.aclose()
+
+
+async def test_a_bundle_stops_at_its_byte_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cas = LocalCAS(tmp_path / "cas")
+    blobs = _blobs(6)
+    await cas.put_many(list(blobs.items()))
+    monkeypatch.setattr(bundle_module, "MAX_BUNDLE_BYTES", 50_000)
+    bundle = await make_bundle(cas, list(blobs))
+    assert 0 < len(bundle.blobs) < 6 and bundle.size <= 50_000
+    assert list(bundle.blobs) == list(blobs)[: len(bundle.blobs)]
+
+
+async def test_refresh_bundle_builds_once_per_plan_and_executable(cas: CAS) -> None:
+    blobs = _blobs(20)
+    await cas.put_many(list(blobs.items()))
+    plan = list(blobs)
+    exe, other_exe = Digest.of(b"v1"), Digest.of(b"v2")
+    assert await refresh_bundle(cas, "trainer", exe, plan) == (None, False)  # no profile yet
+    await add_run(cas, "trainer", trace(0))
+    first, built = await refresh_bundle(cas, "trainer", exe, plan)
+    assert built and first is not None and list(first.blobs) == plan
+    # a plan that differs in one blob of twenty still fits: nothing is built
+    assert await refresh_bundle(cas, "trainer", exe, plan[:-1]) == (first, False)
+    # runs saved later keep the bundle; the store GC keeps it for the profile
+    await add_run(cas, "trainer", trace(1))
+    profile = await load_profile(cas, "trainer")
+    assert profile is not None and profile.bundle == first and profile.bundle_for == exe.hex
+    data = await cas.get(await cas.get_ref("profiles/trainer"))
+    assert first.digest in profile_blobs(data)
+    # another executable, or a plan half new: a new bundle
+    second, built = await refresh_bundle(cas, "trainer", other_exe, plan)
+    assert built and second is not None
+    third, built = await refresh_bundle(cas, "trainer", other_exe, plan[10:])
+    assert built and third is not None and list(third.blobs) == plan[10:]
+    profile = await load_profile(cas, "trainer")
+    assert profile is not None and profile.bundle == third and len(profile.runs) == 2
     await cas.aclose()
