@@ -163,7 +163,8 @@ async def prefetch_all(
         t0 = time.perf_counter()
         if bundle is not None:
             planned = set(digests)
-            await client.prefetch_bundle(bundle.digest, [d for d in bundle.blobs if d in planned])
+            parts = [(p.digest, [d for d in p.blobs if d in planned]) for p in bundle.parts]
+            await client.prefetch_bundle(parts)
         await client.prefetch(digests)
         deadline = t0 + TIMEOUT_S
         while True:

@@ -13,9 +13,10 @@ local directory, or an S3 bucket that any number of frontends share):
     POST /v1/blobs:get       {"digests": [...]} -> those blobs in one body (``lazycaf.cas.batch``);
                              at most 1,024 digests (413 beyond)
     POST /v1/blobs:batch     many blobs in one body (``lazycaf.cas.batch``); all or nothing
-    POST /v1/bundles         {"digests": [...]} -> {"digest": hex, "blobs": [hex, ...], "bytes": n}:
-                             those blobs stored as one bundle blob (``lazycaf.cas.bundle``), built
-                             here from the store; at most 8,192 digests (413 beyond); a write
+    POST /v1/bundles         {"digests": [...]} -> {"parts": [{"digest": hex, "blobs": [hex, ...],
+                             "bytes": n}, ...]}: those blobs stored as a bundle's parts
+                             (``lazycaf.cas.bundle``), built here from the store; at most 8,192
+                             digests (413 beyond); a write
     GET  /v1/refs?prefix=P   {"refs": {name: hex, ...}}: every ref whose name starts with P
                              (``profiles/``: every profile, for crowd prefetch)
     GET  /v1/refs/{name}     the manifest digest a ref names (text)
@@ -64,7 +65,7 @@ from fetcher.web.asgi import (
     respond,
 )
 from lazycaf.cas.batch import pack_batch, unpack_batch
-from lazycaf.cas.bundle import MAX_BUNDLE_BLOBS, Bundle, assemble
+from lazycaf.cas.bundle import MAX_BUNDLE_BLOBS, Bundle, assemble, store_parts
 from lazycaf.cas.refs import ANY, Expected
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
@@ -266,17 +267,13 @@ class CasApp:
         if waiting is not None:
             await waiting.wait()
         bundle = self._bundles.get(key)
-        if bundle is not None and await self.store.find_missing([bundle.digest]):
+        if bundle is not None and await self.store.find_missing([p.digest for p in bundle.parts]):
             bundle = None  # collected since (the store GC runs apart from the server)
         if bundle is None:
             done = self._bundling[key] = trio.Event()
             try:
-                body, blobs = await assemble(self.store.read_many, digests)
-                digest = await trio.to_thread.run_sync(Digest.of, body)
-                self.stats.blobs_stored += int(
-                    await self.store.put_encoded(digest, framing.IDENTITY, body)
-                )
-                bundle = Bundle(digest, tuple(blobs), len(body))
+                parts = await assemble(self.store.read_many, digests)
+                bundle = await store_parts(parts, self._put_identity)
                 self._bundles[key] = bundle
                 while len(self._bundles) > _BUNDLES_REMEMBERED:
                     del self._bundles[next(iter(self._bundles))]
@@ -285,6 +282,10 @@ class CasApp:
                 done.set()
         reply = await trio.to_thread.run_sync(_json_body, bundle.to_json(), limiter=self._parse)
         await respond(send, 200, reply, "application/json")
+
+    async def _put_identity(self, digest: Digest, body: bytes) -> None:
+        stored = await self.store.put_encoded(digest, framing.IDENTITY, body)
+        self.stats.blobs_stored += int(stored)  # not ``+= await``: that reads it before
 
     async def _missing(self, receive: Receive, send: Send) -> None:
         self.stats.missing_queries += 1

@@ -107,7 +107,9 @@ class DaemonCollector(Collector):
             s["prefetch_wasted_bytes"],
         )
         yield _counter(
-            "lazycaf_prefetch_bundles", "Hot-set bundles streamed whole", s["bundles_fetched"]
+            "lazycaf_prefetch_bundle_parts",
+            "Parts of hot-set bundles streamed whole",
+            s["bundle_parts_fetched"],
         )
         yield _counter(
             "lazycaf_prefetch_bundled_blobs",

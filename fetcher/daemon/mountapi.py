@@ -5,14 +5,14 @@
                                      cache, fetched with one request per source (pin,
                                      materialize); or the first one no source has
     prefetch <hex> [<hex> ...]    -> ok {"queued": n}  (fetched in order, below reads)
-    prefetch_bundle <bundle hex> <hex> [<hex> ...]
-                                  -> ok {"queued": n}  (the same, with one request: the
-                                     blobs are those bundle ``lazycaf.cas.bundle`` holds)
+    prefetch_bundle {"parts": [[<part hex>, [<hex>, ...]], ...]}
+                                  -> ok {"queued": n}  (the same, with one request a part
+                                     of a bundle, ``lazycaf.cas.bundle``: these of its blobs)
     touch <hex> [<hex> ...]       -> ok {"touched": n}  (a mount read these cached blobs)
     record <name> <trace json>    -> ok {"profile": hex, "runs": n}  (merged into the profile)
     bundle <name> <executable hex> <hex> [<hex> ...]
-                                  -> ok {"bundle": hex | null, "blobs": n, "bytes": n,
-                                     "built": bool}  (the profile names a bundle of this
+                                  -> ok {"bundle": hex | null, "parts": n, "blobs": n,
+                                     "bytes": n, "built": bool}  (the profile names a bundle of this
                                      prefetch plan: ``lazycaf.traces.profiles.refresh_bundle``)
     crowd                         -> ok {"files": [CrowdFile row, ...], "profiles": n}  (every
                                      profile's hot set by file digest: ``fetcher.daemon.crowd``)
@@ -148,13 +148,11 @@ class MountApi:
                     conn.hot.update(digests)
                 return {"queued": self.prefetch.add(digests)}
             case "prefetch_bundle":
-                words = rest.split()
-                if not words:
-                    raise UsageError("prefetch_bundle wants a bundle digest and its blobs")
-                bundle, *digests = (Digest.parse(h) for h in words)
+                parts = _bundle_parts(rest)
                 if conn is not None:
-                    conn.hot.update(digests)
-                return {"queued": self.prefetch.add_bundle(bundle, digests)}
+                    for _, digests in parts:
+                        conn.hot.update(digests)
+                return {"queued": self.prefetch.add_bundle(parts)}
             case "bundle":
                 words = rest.split()
                 if len(words) < 2:
@@ -168,13 +166,14 @@ class MountApi:
                         [Digest.parse(h) for h in plan],
                     )
                 if made is None:
-                    return {"bundle": None, "blobs": 0, "bytes": 0, "built": False}
+                    return {"bundle": None, "parts": 0, "blobs": 0, "bytes": 0, "built": False}
                 if built:
                     log.info(
                         "profile %s: bundle %s of %d blobs", name, made.digest, len(made.blobs)
                     )
                 return {
                     "bundle": made.digest.hex,
+                    "parts": len(made.parts),
                     "blobs": len(made.blobs),
                     "bytes": made.size,
                     "built": built,
@@ -301,3 +300,14 @@ class MountApi:
             "missing_blobs": held.missing_blobs,
             "missing_bytes": held.missing_bytes,
         }
+
+
+def _bundle_parts(text: str) -> list[tuple[Digest, list[Digest]]]:
+    """The parts of a ``prefetch_bundle`` request: (part digest, the blobs wanted of it)."""
+    try:
+        parts = json.loads(text)["parts"]
+        return [(Digest.parse(part), [Digest.parse(h) for h in blobs]) for part, blobs in parts]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f'prefetch_bundle wants {{"parts": [[hex, [hex, ...]], ...]}}: {exc}'
+        ) from None

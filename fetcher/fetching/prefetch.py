@@ -12,9 +12,9 @@ Blobs of a hot set that are cached already are read into the page cache in the s
 (``BlobCache.warm``): a host whose cache outlived its page cache starts the run from memory
 (the sample's cold start from a full cache: run 0.55 -> 0.35 s).
 
-A hot set that comes with a bundle (``add_bundle``) is fetched with one request for the
-bundle, streamed and stored as it arrives; a read that needs one of its blobs before the
-stream reached it fetches that blob on its own.
+A hot set that comes with a bundle (``add_bundle``) is fetched with one request a part of
+the bundle, streamed and stored as it arrives; a read that needs one of its blobs before its
+part arrived fetches that blob on its own.
 
 Order matters more than width: a run asks for the hot set's first blobs within tens of
 milliseconds of the mount. So few workers (3) take groups that start small when the queue
@@ -83,28 +83,35 @@ class PrefetchQueue:
             self._nursery.start_soon(self._warm, cached)
         return added
 
-    def add_bundle(self, bundle: Digest, digests: list[Digest]) -> int:
-        """Queue the blobs of ``bundle`` (``lazycaf.cas.bundle``): those not cached, queued
-        or in flight are fetched with one request for the bundle, unless they are under
-        ``_BUNDLE_WORTH`` of them (the host holds most: they are queued as ``add`` does).
-        With peers, blob by blob (``add``): each blob then crosses the CAS link once per
-        cluster, which a bundle per host would undo."""
+    def add_bundle(self, parts: list[tuple[Digest, list[Digest]]]) -> int:
+        """Queue the blobs of a bundle's parts (``lazycaf.cas.bundle``; each part with the
+        blobs wanted of it): those not cached, queued or in flight are fetched with one
+        request a part, unless they are under ``_BUNDLE_WORTH`` of them (the host holds
+        most: they are queued as ``add`` does). With peers, blob by blob (``add``): each
+        blob then crosses the CAS link once per cluster, which a bundle per host would undo."""
+        wanted = [d for _, blobs in parts for d in blobs]
         if self.service.source.peers is not None:
-            return self.add(digests)
-        todo: list[Digest] = []
+            return self.add(wanted)
+        todo: list[tuple[Digest, list[Digest]]] = []
         cached: list[Digest] = []
-        for d in dict.fromkeys(digests):
-            if d in self._queue or self.service.in_flight(d):
-                continue
-            if self.service.is_cached(d):
-                cached.append(d)
-            else:
-                todo.append(d)
-        if len(todo) < _BUNDLE_WORTH * len(digests):  # mostly here: the bundle would bring
-            queued = self.add(todo)  # more than it saves, so blob by blob
+        seen: set[Digest] = set()
+        for part, blobs in parts:
+            mine = []
+            for d in blobs:
+                if d in seen or d in self._queue or self.service.in_flight(d):
+                    continue
+                seen.add(d)
+                if self.service.is_cached(d):
+                    cached.append(d)
+                else:
+                    mine.append(d)
+            if mine:
+                todo.append((part, mine))
+        queued = sum(len(blobs) for _, blobs in todo)
+        if queued < _BUNDLE_WORTH * len(wanted):  # mostly here: the bundle would bring more
+            queued = self.add([d for _, blobs in todo for d in blobs])  # than it saves
         else:
-            self.service.fetch_bundle(bundle, todo)
-            queued = len(todo)
+            self.service.fetch_bundle(todo)
         if cached and self._nursery is not None:
             self._nursery.start_soon(self._warm, cached)
         return queued

@@ -70,6 +70,7 @@ _UNREAD_CAP: Final = 1 << 20  # prefetched blobs remembered until read (~150 MB 
 _STORE_SLICE: Final = 16  # blobs of a group stored with one thread hop ...
 _STORE_SLICE_BYTES: Final = 8 << 20  # ... or this many bytes as sent, whichever comes first
 _AFTER_BUNDLE: Final = 64  # blobs a bundle did not bring: fetched in groups this large
+_BUNDLE_STREAMS: Final = 2  # parts of a bundle in flight at once (one hides the next RTT)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class FetchStatistics:
     failures_circuit_open: int
     prefetch_hits: int  # prefetched blobs a read asked for later
     prefetch_wasted_bytes: int  # prefetched bytes no read has asked for (yet)
-    bundles_fetched: int  # hot-set bundles streamed to their end
+    bundle_parts_fetched: int  # parts of hot-set bundles streamed to their end
     blobs_from_bundles: int  # blobs stored from them
 
 
@@ -186,7 +187,7 @@ class FetchService:
         self._unread: dict[Digest, int] = {}  # prefetched for this host, not read yet
         self._unread_bytes = 0
         self._prefetch_hits = 0
-        self._bundled = [0, 0]  # blobs stored from bundles, bundles streamed whole
+        self._bundled = [0, 0]  # blobs stored from bundles, bundle parts streamed whole
         self.queued = 0  # set by the prefetch queue
 
     @property
@@ -224,7 +225,7 @@ class FetchService:
             **{f"failures_{cause}": n for cause, n in self._failed_by.items()},
             prefetch_hits=self._prefetch_hits,
             prefetch_wasted_bytes=self._unread_bytes,
-            bundles_fetched=self._bundled[1],
+            bundle_parts_fetched=self._bundled[1],
             blobs_from_bundles=self._bundled[0],
         )
 
@@ -392,49 +393,68 @@ class FetchService:
             await flight.done.wait()
         return [d for d, flight in mine + others if flight.error is not None]
 
-    def fetch_bundle(self, bundle: Digest, digests: list[Digest]) -> None:
-        """Prefetch ``digests`` (not cached, not in flight) through bundle ``bundle``: one
-        request, its records stored as they arrive (``_fetch_bundle``)."""
+    def fetch_bundle(self, parts: list[tuple[Digest, list[Digest]]]) -> None:
+        """Prefetch blobs (not cached, not in flight) through the parts of a bundle that
+        hold them, in order: one request a part, its records stored as they arrive
+        (``_fetch_bundle``)."""
         assert self._nursery is not None, "FetchService.run() is not running"
-        flights = {d: self._new_flight(d, PREFETCH, False, False) for d in digests}
-        self._nursery.start_soon(self._fetch_bundle, bundle, flights)
+        flights = {
+            d: self._new_flight(d, PREFETCH, False, False) for _, blobs in parts for d in blobs
+        }
+        self._nursery.start_soon(self._fetch_bundle, parts, flights)
 
-    async def _fetch_bundle(self, bundle: Digest, flights: dict[Digest, _Flight]) -> None:
-        """Stream a bundle and store the blobs of ``flights`` it holds. Its flights stay
-        "not started" until their bytes are here, so a read of a blob the stream has not
-        reached fetches it at once (``_join_or_start``), as it would take over a queued
-        group's; the bundle then skips it. What the bundle did not bring (it lacked the
-        blob, or its stream failed) is fetched in groups as a prefetch would."""
-        error: LazyCafError | None = None
+    async def _fetch_bundle(
+        self, parts: list[tuple[Digest, list[Digest]]], flights: dict[Digest, _Flight]
+    ) -> None:
+        """Stream a bundle's parts (``_BUNDLE_STREAMS`` at a time, in order) and store the
+        blobs of ``flights`` they hold. The flights stay "not started" until their bytes
+        are here, so a read of a blob no stream has reached fetches it at once
+        (``_join_or_start``), as it would take over a queued group's; a part none of whose
+        blobs is still wanted when its turn comes is not fetched at all. What the parts did
+        not bring (the store lacked one, or a stream failed) is fetched in groups as a
+        prefetch would."""
+        todo = iter(parts)
+
+        async def stream_parts() -> None:
+            for part, blobs in todo:
+                if any(not flights[d].taken and not flights[d].done.is_set() for d in blobs):
+                    await self._fetch_part(part, flights)
+
         try:
-            async with self._slots[PREFETCH, False]:
-
-                async def store(batch: dict[Digest, Fetched]) -> None:
-                    mine = {
-                        d: f
-                        for d in batch
-                        if (f := flights.get(d)) is not None and not f.taken and not f.done.is_set()
-                    }
-                    for flight in mine.values():
-                        flight.started = True  # its bytes are here: a read waits for them
-                    await self._store_and_land(batch, mine, PREFETCH)
-                    self._bundled[0] += sum(f.stored for f in mine.values())
-
-                try:
-                    await self.source.cas.stream_bundle(bundle, PREFETCH, store)
-                    self._bundled[1] += 1
-                except Exception as exc:  # the rest goes blob by blob, whatever went wrong
-                    error = exc if isinstance(exc, LazyCafError) else _internal(exc)
+            async with trio.open_nursery() as nursery:
+                for _ in range(_BUNDLE_STREAMS):
+                    nursery.start_soon(stream_parts)
             left = [d for d, f in flights.items() if not f.taken and not f.done.is_set()]
-            if error is not None:
-                log.info("bundle %s: %s; %d blobs fetched without it", bundle, error, len(left))
             for start in range(0, len(left), _AFTER_BUNDLE):
-                part = {d: flights[d] for d in left[start : start + _AFTER_BUNDLE]}
-                await self._fetch_group(part, PREFETCH, False, True)
+                part_flights = {d: flights[d] for d in left[start : start + _AFTER_BUNDLE]}
+                await self._fetch_group(part_flights, PREFETCH, False, True)
         finally:
             for d, flight in flights.items():
                 if not flight.taken:  # a taken flight is its reader's download to land
                     self._land(d, flight)
+
+    async def _fetch_part(self, part: Digest, flights: dict[Digest, _Flight]) -> None:
+        """Stream one part of a bundle and store the blobs of ``flights`` it brings; a part
+        that fails is logged (its blobs are left to ``_fetch_bundle``)."""
+
+        async def store(batch: dict[Digest, Fetched]) -> None:
+            mine = {
+                d: f
+                for d in batch
+                if (f := flights.get(d)) is not None and not f.taken and not f.done.is_set()
+            }
+            for flight in mine.values():
+                flight.started = True  # its bytes are here: a read waits for them
+            await self._store_and_land(batch, mine, PREFETCH)
+            self._bundled[0] += sum(f.stored for f in mine.values())
+
+        try:
+            async with self._slots[PREFETCH, False]:
+                await self.source.cas.stream_bundle(part, PREFETCH, store)
+            self._bundled[1] += 1
+        except Exception as exc:  # its blobs go blob by blob, whatever went wrong
+            error = exc if isinstance(exc, LazyCafError) else _internal(exc)
+            log.info("bundle part %s: %s; its blobs are fetched without it", part, error)
 
     async def _fetch_group(
         self, flights: dict[Digest, _Flight], priority: Priority, for_peer: bool, to_cas: bool

@@ -1,11 +1,15 @@
-"""Hot-set bundles: a profile's prefetch plan stored as one blob, sent with one request.
+"""Hot-set bundles: a profile's prefetch plan stored as a few blobs, each sent with one request.
 
-A bundle is an ordinary blob whose bytes are ``lazycaf.cas.batch`` records: the plan's blobs
-as the store keeps them (zstd frames or raw), in plan order, each once. A daemon streams it
-with one GET and stores each record as it arrives (``fetcher.fetching.service``), where the
-blob-by-blob path costs a request per few blobs on both ends; the store sends one file (a
-directory) or one object (a bucket). Each record is verified on its own when it is stored,
-so the bundle's own digest is never needed to trust its contents: it only names it.
+A bundle is a list of *parts*, each an ordinary blob whose bytes are ``lazycaf.cas.batch``
+records: the plan's blobs as the store keeps them (zstd frames or raw), in plan order, each
+once, cut into parts of 1 MiB, then 2, 4 and 8 MiB (the first blobs land early, and a part
+whose blobs a run already fetched on its own is not sent at all: a single blob for the whole
+hot set would send them twice where the link is slower than the run). A daemon streams each
+part with one GET and stores each record as it arrives (``fetcher.fetching.service``),
+where the blob-by-blob path costs a request per few blobs on both ends; the store sends one
+file (a directory) or one object (a bucket) a part. Each record is verified on its own
+when it is stored, so a part's own digest is never needed to trust its contents: it only
+names it.
 
 ``make_bundle`` builds one where the blobs are: the CAS server builds it from its own store
 (``POST /v1/bundles``, ``HttpCAS.build_bundle``); a local directory or a bucket reached
@@ -33,61 +37,118 @@ __all__ = [
     "MAX_BUNDLE_BLOBS",
     "MAX_BUNDLE_BYTES",
     "Bundle",
+    "Part",
     "assemble",
     "make_bundle",
+    "store_parts",
 ]
 
 MAX_BUNDLE_BLOBS: Final = 8192
-MAX_BUNDLE_BYTES: Final = 256 << 20  # bytes of records: the whole bundle is held in memory
+MAX_BUNDLE_BYTES: Final = 256 << 20  # bytes of records in all parts
+FIRST_PART: Final = 1 << 20  # bytes of records in the first part, doubling up to ...
+PART: Final = 8 << 20  # ... this (a record larger than a part is a part of its own)
 _READ_GROUP: Final = 512  # blobs read from the store per request while assembling
+_HEAD: Final = 37  # a batch record's header
 
 ReadMany = Callable[[list[Digest]], Awaitable[list[Record]]]
 
 
 @dataclass(frozen=True)
-class Bundle:
+class Part:
     digest: Digest
     blobs: tuple[Digest, ...]  # what it holds, in order
-    size: int  # bytes of the bundle blob
+    size: int  # bytes of the part's blob
 
     def to_json(self) -> dict[str, Any]:
         return {"digest": self.digest.hex, "blobs": [d.hex for d in self.blobs], "bytes": self.size}
 
     @classmethod
+    def from_json(cls, obj: Any) -> Part:
+        if not isinstance(obj, dict) or not isinstance(obj.get("blobs"), list):
+            raise ValueError(f"bad bundle part {obj!r:.100}")
+        size = obj.get("bytes")
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"bad bundle part {obj!r:.100}")
+        return cls(
+            Digest.parse(str(obj.get("digest"))),
+            tuple(Digest.parse(str(h)) for h in obj["blobs"]),
+            size,
+        )
+
+
+@dataclass(frozen=True)
+class Bundle:
+    parts: tuple[Part, ...]
+
+    @property
+    def blobs(self) -> tuple[Digest, ...]:
+        return tuple(d for p in self.parts for d in p.blobs)
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
+
+    @property
+    def digest(self) -> Digest:
+        """A name for the whole bundle (its parts' digests hashed; no blob of its own)."""
+        return Digest.of(b"".join(p.digest.raw for p in self.parts))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"parts": [p.to_json() for p in self.parts]}
+
+    @classmethod
     def from_json(cls, obj: Any) -> Bundle:
         """``ValueError`` if ``obj`` is not a bundle's JSON."""
-        if not isinstance(obj, dict) or not isinstance(obj.get("blobs"), list):
-            raise ValueError(f"bad bundle {obj!r:.100}")
-        size = obj.get("bytes")
-        if not isinstance(size, int) or size < 0 or len(obj["blobs"]) > MAX_BUNDLE_BLOBS:
+        if not isinstance(obj, dict) or not isinstance(obj.get("parts"), list):
             raise ValueError(f"bad bundle {obj!r:.100}")
         try:
-            return cls(
-                Digest.parse(str(obj.get("digest"))),
-                tuple(Digest.parse(str(h)) for h in obj["blobs"]),
-                size,
-            )
+            bundle = cls(tuple(Part.from_json(p) for p in obj["parts"]))
         except UsageError as exc:
             raise ValueError(str(exc)) from None
+        if len(bundle.blobs) > MAX_BUNDLE_BLOBS:
+            raise ValueError(f"a bundle of more than {MAX_BUNDLE_BLOBS} blobs")
+        return bundle
 
 
-async def assemble(read_many: ReadMany, digests: Sequence[Digest]) -> tuple[bytes, list[Digest]]:
-    """The bundle of ``digests`` (its bytes, and the blobs it holds in order), read from a
-    store with ``read_many`` (stored records of the blobs present, in the order asked)."""
+async def assemble(
+    read_many: ReadMany, digests: Sequence[Digest]
+) -> list[tuple[bytes, list[Digest]]]:
+    """The parts of the bundle of ``digests`` (each part's bytes, and the blobs it holds in
+    order), read from a store with ``read_many`` (stored records of the blobs present, in the
+    order asked)."""
     wanted = list(dict.fromkeys(digests))[:MAX_BUNDLE_BLOBS]
-    records: list[Record] = []
-    size = 0
+    parts: list[list[Record]] = [[]]
+    cap, part_bytes, total = FIRST_PART, 0, 0
     for start in range(0, len(wanted), _READ_GROUP):
         for record in await read_many(wanted[start : start + _READ_GROUP]):
-            size += len(record[2]) + 37
-            if size > MAX_BUNDLE_BYTES:
+            size = len(record[2]) + _HEAD
+            total += size
+            if total > MAX_BUNDLE_BYTES:
                 break
-            records.append(record)
+            if parts[-1] and part_bytes + size > cap:
+                parts.append([])
+                cap, part_bytes = min(2 * cap, PART), 0
+            parts[-1].append(record)
+            part_bytes += size
         else:
             continue
         break
-    body = await trio.to_thread.run_sync(pack_batch, records)
-    return body, [r[0] for r in records]
+    full = [p for p in parts if p]
+    bodies = await trio.to_thread.run_sync(lambda: [pack_batch(p) for p in full])
+    return [(body, [r[0] for r in p]) for body, p in zip(bodies, full, strict=True)]
+
+
+async def store_parts(
+    parts: list[tuple[bytes, list[Digest]]],
+    put: Callable[[Digest, bytes], Awaitable[object]],
+) -> Bundle:
+    """Store each part with ``put`` (digest, bytes); the ``Bundle`` they make."""
+    out = []
+    for body, blobs in parts:
+        digest = await trio.to_thread.run_sync(Digest.of, body)
+        await put(digest, body)
+        out.append(Part(digest, tuple(blobs), len(body)))
+    return Bundle(tuple(out))
 
 
 async def make_bundle(cas: CAS, digests: Sequence[Digest]) -> Bundle:
@@ -102,7 +163,4 @@ async def make_bundle(cas: CAS, digests: Sequence[Digest]) -> Bundle:
         got = await cas.get_many_encoded(part)
         return [(d, *got[d]) for d in part if d in got]
 
-    body, blobs = await assemble(read_many, digests)
-    digest = await trio.to_thread.run_sync(Digest.of, body)
-    await cas.put(digest, body)
-    return Bundle(digest, tuple(blobs), len(body))
+    return await store_parts(await assemble(read_many, digests), cas.put)

@@ -288,9 +288,9 @@ class HttpCAS:
             ) from None
 
     async def stream_bundle(self, digest: Digest, arrived: Arrived) -> None:
-        """GET a bundle blob and hand its records to ``arrived`` as they come in (in runs of
+        """GET a bundle's part and hand its records to ``arrived`` as they come in (in runs of
         ``STREAM_RUN_BYTES``); the records are not verified here, each is on its own where
-        it is stored. ``BlobNotFound`` if the store lacks the bundle."""
+        it is stored. ``BlobNotFound`` if the store lacks the part."""
         path = f"/v1/blobs/{digest.hex}"
         try:  # the records are zstd already: ask for the bundle's bytes as they are
             async with self._client.stream(

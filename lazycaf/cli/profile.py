@@ -88,6 +88,7 @@ def summarize(profile: Profile, manifest: Manifest, *, top: int = 15) -> dict[st
         if profile.bundle is None
         else {
             "digest": profile.bundle.digest.hex,
+            "parts": len(profile.bundle.parts),
             "blobs": len(profile.bundle.blobs),
             "bytes": profile.bundle.size,
             "executable": profile.bundle_for,
@@ -124,8 +125,8 @@ def describe(profile: Profile, manifest: Manifest, *, top: int = 15) -> list[str
         + (
             "none (the next saved run builds one)"
             if (b := f["bundle"]) is None
-            else f"{b['blobs']} blobs, {b['bytes'] / MB:.1f} MB in one blob ({b['digest'][:12]}), "
-            f"planned on executable {b['executable'][:12]}"
+            else f"{b['blobs']} blobs, {b['bytes'] / MB:.1f} MB in {b['parts']} parts "
+            f"({b['digest'][:12]}), planned on executable {b['executable'][:12]}"
         ),
         f"first {len(f['hot'])} hot files (typical first access, share of runs):",
     ]

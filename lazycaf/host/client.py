@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -231,10 +232,12 @@ class FetcherClient:
         result: dict[str, Any] = await self._call(f"record {name} {trace_json}")
         return result
 
-    async def prefetch_bundle(self, bundle: Digest, blobs: list[Digest]) -> int:
-        """Queue ``blobs`` for background fetching through bundle ``bundle`` (one request for
-        all of them; ``lazycaf.cas.bundle``); returns how many were new."""
-        line = " ".join([bundle.hex, *(d.hex for d in blobs)])
+    async def prefetch_bundle(self, parts: list[tuple[Digest, list[Digest]]]) -> int:
+        """Queue blobs for background fetching through the parts of a bundle that hold them
+        (``lazycaf.cas.bundle``: one request a part): (part digest, its blobs wanted) in
+        order; returns how many were new."""
+        body = {"parts": [[part.hex, [d.hex for d in blobs]] for part, blobs in parts]}
+        line = json.dumps(body, separators=(",", ":"))
         return int((await self._call(f"prefetch_bundle {line}"))["queued"])
 
     async def bundle(self, name: str, executable: Digest, plan: list[Digest]) -> dict[str, Any]:

@@ -178,12 +178,9 @@ class MountProfile:
         self._hot = self.profile.hot_set()
         self._plan = plan_prefetch(self._hot, self.manifest.by_path, self.manifest.chunk_size)
         self.prefetched.update(self._plan)
-        if (members := self._bundled(self._plan)) is not None:
-            assert self.profile.bundle is not None
+        if (parts := self._bundled(self._plan)) is not None:
             try:
-                self._queued = await self.client.prefetch_bundle(
-                    self.profile.bundle.digest, members
-                )
+                self._queued = await self.client.prefetch_bundle(parts)
             except LazyCafError as exc:  # a daemon that predates bundles: blob by blob
                 log.info("hot set not fetched through its bundle: %s", exc)
         try:
@@ -191,16 +188,17 @@ class MountProfile:
         except LazyCafError as exc:
             log.warning("no prefetch for profile %r: %s", self.name, exc)
 
-    def _bundled(self, plan: list[Digest]) -> list[Digest] | None:
-        """The blobs of the profile's bundle to fetch through it, or None: no bundle, or one
-        whose blobs are mostly not in this tree's plan (another version's: fetching it would
-        bring more than this run needs)."""
+    def _bundled(self, plan: list[Digest]) -> list[tuple[Digest, list[Digest]]] | None:
+        """The parts of the profile's bundle to fetch through, each with its blobs in the
+        plan, or None: no bundle, or one whose blobs are mostly not in this tree's plan
+        (another version's: fetching it would bring more than this run needs)."""
         bundle = self.profile.bundle if self.profile is not None else None
         if bundle is None:
             return None
         planned = set(plan)
-        members = [d for d in bundle.blobs if d in planned]
-        return members if len(members) >= _BUNDLE_USE * len(bundle.blobs) else None
+        parts = [(p.digest, [d for d in p.blobs if d in planned]) for p in bundle.parts]
+        wanted = sum(len(blobs) for _, blobs in parts)
+        return parts if wanted >= _BUNDLE_USE * len(bundle.blobs) else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Arm eager mode (and directory prefetch when there is no profile), then stay for

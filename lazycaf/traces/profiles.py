@@ -40,7 +40,7 @@ def profile_blobs(data: bytes, what: str = "profile") -> set[Digest]:
         if Digest.is_hex(r.digest)
     }
     if profile.bundle is not None:
-        out.add(profile.bundle.digest)
+        out.update(p.digest for p in profile.bundle.parts)
     return out
 
 

@@ -31,6 +31,7 @@ from lazycaf.core.manifest import DIR, FILE, Entry, Manifest
 from lazycaf.core.priority import Priority
 from lazycaf.host import client as client_module
 from lazycaf.host.client import FetcherClient
+from lazycaf.traces.profiles import load_profile
 from lazycaf.traces.trace import AccessRecord, Trace
 from tests.helpers import wait_for_async
 
@@ -199,17 +200,20 @@ async def test_a_saved_run_gets_a_bundle_and_prefetch_fetches_through_it(tmp_pat
         members = [DIGESTS[2], DIGESTS[0], DIGESTS[1], DIGESTS[3]]
         again = await d.client.bundle("app", d.manifest, members)
         assert not again["built"] and again["bundle"] == made["bundle"]
-        bundle = Digest.parse(made["bundle"])
-        assert await d.client.prefetch_bundle(bundle, members) == 4
+        profile = await load_profile(LocalCAS(d.store.root), "app")
+        assert profile is not None and profile.bundle is not None
+        assert profile.bundle.digest.hex == made["bundle"] and made["parts"] == 1
+        (part,) = profile.bundle.parts
+        assert await d.client.prefetch_bundle([(part.digest, members)]) == 4
         await wait_for_async(lambda: all(d.cache.has(x) for x in members), "the bundle's blobs")
         for x in members:
             assert d.cache.path(x).read_bytes() == BLOBS[DIGESTS.index(x)]
         stats = await d.client.stats()
-        assert stats["bundles_fetched"] == 1 and stats["blobs_from_bundles"] == 4
+        assert stats["bundle_parts_fetched"] == 1 and stats["blobs_from_bundles"] == 4
         assert stats["prefetched"] == 4 and stats["misses"] == 0
         # cached already: nothing to fetch, no second stream
-        assert await d.client.prefetch_bundle(bundle, members) == 0
-        assert (await d.client.stats())["bundles_fetched"] == 1
+        assert await d.client.prefetch_bundle([(part.digest, members)]) == 0
+        assert (await d.client.stats())["bundle_parts_fetched"] == 1
 
 
 async def test_a_bundle_the_store_lost_leaves_its_blobs_to_the_blob_by_blob_path(
@@ -217,10 +221,10 @@ async def test_a_bundle_the_store_lost_leaves_its_blobs_to_the_blob_by_blob_path
 ) -> None:
     async with daemon(tmp_path) as d:
         lost = Digest.of(b"a bundle GC took")
-        assert await d.client.prefetch_bundle(lost, DIGESTS[:4]) == 4
+        assert await d.client.prefetch_bundle([(lost, DIGESTS[:2]), (lost, DIGESTS[2:4])]) == 4
         await wait_for_async(lambda: all(d.cache.has(x) for x in DIGESTS[:4]), "the blobs")
         stats = await d.client.stats()
-        assert stats["bundles_fetched"] == 0 and stats["prefetched"] == 4
+        assert stats["bundle_parts_fetched"] == 0 and stats["prefetched"] == 4
 
 
 async def test_a_tampered_bundle_never_puts_bad_bytes_in_the_cache(tmp_path: Path) -> None:
@@ -230,7 +234,7 @@ async def test_a_tampered_bundle_never_puts_bad_bytes_in_the_cache(tmp_path: Pat
         body = pack_batch(records)
         bundle = Digest.of(body)
         d.store.write(bundle, body)
-        await d.client.prefetch_bundle(bundle, DIGESTS[:3])
+        await d.client.prefetch_bundle([(bundle, DIGESTS[:3])])
         await wait_for_async(
             lambda: d.cache.has(DIGESTS[0]) and d.cache.has(DIGESTS[2]), "the good blobs"
         )
@@ -242,8 +246,12 @@ async def test_a_tampered_bundle_never_puts_bad_bytes_in_the_cache(tmp_path: Pat
 
 async def test_bundle_requests_without_their_arguments_are_usage_errors(tmp_path: Path) -> None:
     async with daemon(tmp_path) as d:
-        with pytest.raises(UsageError, match="bundle digest"):
+        with pytest.raises(UsageError, match="prefetch_bundle wants"):
             await d.client._call("prefetch_bundle")
+        with pytest.raises(UsageError, match="prefetch_bundle wants"):
+            await d.client._call(f'prefetch_bundle {{"parts": [["{DIGESTS[0].hex}", 3]]}}')
+        with pytest.raises(UsageError, match="not a blake3 digest"):
+            await d.client._call('prefetch_bundle {"parts": [["ab", []]]}')
         with pytest.raises(UsageError, match="profile name"):
             await d.client._call("bundle app")
         assert await d.client.ensure(DIGESTS[0]) == len(BLOBS[0])
@@ -252,11 +260,14 @@ async def test_bundle_requests_without_their_arguments_are_usage_errors(tmp_path
 async def test_a_bundle_mostly_cached_already_is_not_streamed(tmp_path: Path) -> None:
     async with daemon(tmp_path) as d:
         await _recorded(d)
-        made = await d.client.bundle("app", d.manifest, DIGESTS[:4])
+        assert (await d.client.bundle("app", d.manifest, DIGESTS[:4]))["built"]
+        profile = await load_profile(LocalCAS(d.store.root), "app")
+        assert profile is not None and profile.bundle is not None
         for x in DIGESTS[:3]:
             await d.client.ensure(x)
-        assert await d.client.prefetch_bundle(Digest.parse(made["bundle"]), DIGESTS[:4]) == 1
+        parts = [(p.digest, list(p.blobs)) for p in profile.bundle.parts]
+        assert await d.client.prefetch_bundle(parts) == 1
         await wait_for_async(lambda: d.cache.has(DIGESTS[3]), "the one blob missing")
         stats = await d.client.stats()
-        assert stats["bundles_fetched"] == 0 and stats["blobs_from_bundles"] == 0
+        assert stats["bundle_parts_fetched"] == 0 and stats["blobs_from_bundles"] == 0
         assert stats["prefetched"] == 1

@@ -56,16 +56,24 @@ def _blobs(n: int) -> dict[Digest, bytes]:
     return out
 
 
-async def test_a_bundle_holds_the_plan_as_stored_in_order(cas: CAS) -> None:
+async def test_a_bundle_holds_the_plan_as_stored_in_order_in_growing_parts(
+    cas: CAS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = isinstance(cas, LocalCAS)  # a server has its own part sizes: 1 MiB to 8 MiB
+    monkeypatch.setattr(bundle_module, "FIRST_PART", 40_000)
+    monkeypatch.setattr(bundle_module, "PART", 100_000)
     blobs = _blobs(12)
     await cas.put_many(list(blobs.items()))
     plan = list(blobs)[::-1]
     absent = Digest.of(b"not in the store")
     bundle = await make_bundle(cas, [plan[0], absent, *plan, plan[3]])
     assert list(bundle.blobs) == plan  # in order, once each, without what the store lacks
-    body = await cas.get(bundle.digest)
-    assert bundle.size == len(body)
-    records = unpack_batch(body)
+    bodies = [await cas.get(p.digest) for p in bundle.parts]
+    assert [p.size for p in bundle.parts] == [len(b) for b in bodies]
+    if local:
+        assert len(bundle.parts) > 2 and all(len(b) <= 100_000 for b in bodies)
+        assert len(bodies[0]) <= 40_000 < max(len(b) for b in bodies)  # the first is small
+    records = [r for body in bodies for r in unpack_batch(body)]
     assert [r[0] for r in records] == plan
     assert {r[1] for r in records} == {framing.ZSTD, framing.IDENTITY}
     for d, encoding, payload in records:
@@ -83,7 +91,7 @@ async def test_a_bundle_stops_at_its_byte_cap(
     await cas.put_many(list(blobs.items()))
     monkeypatch.setattr(bundle_module, "MAX_BUNDLE_BYTES", 50_000)
     bundle = await make_bundle(cas, list(blobs))
-    assert 0 < len(bundle.blobs) < 6 and bundle.size <= 50_000
+    assert 0 < len(bundle.blobs) < 6 and bundle.size <= 50_000 + 37 * len(bundle.parts)
     assert list(bundle.blobs) == list(blobs)[: len(bundle.blobs)]
 
 
@@ -103,7 +111,7 @@ async def test_refresh_bundle_builds_once_per_plan_and_executable(cas: CAS) -> N
     profile = await load_profile(cas, "trainer")
     assert profile is not None and profile.bundle == first and profile.bundle_for == exe.hex
     data = await cas.get(await cas.get_ref("profiles/trainer"))
-    assert first.digest in profile_blobs(data)
+    assert {p.digest for p in first.parts} <= profile_blobs(data)
     # another executable, or a plan half new: a new bundle
     second, built = await refresh_bundle(cas, "trainer", other_exe, plan)
     assert built and second is not None
