@@ -599,7 +599,10 @@ def run_in_tempdir(
         progress(name)(f"cleaning up {made.tmp} ...")
         return cleanup(made, lz)
 
-    return guarded_run(name, lambda: body(made, lz), clean)
+    # packs keep their stat caches in the temp dir, never in the home directory (where one
+    # run's would make the next run's first packs warm); a bench may set its own inside
+    with temp_env("LAZYCAF_STATE", str(made.tmp / "pack-state")):
+        return guarded_run(name, lambda: body(made, lz), clean)
 
 
 # -- lazycaf -------------------------------------------------------------------------------

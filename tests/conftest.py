@@ -67,6 +67,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _pack_state_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every pack's stat cache (``lazycaf.trees.statcache``) goes to the session's temp dir,
+    not to the home directory of whoever runs the tests (the CLI inherits the variable)."""
+    saved = os.environ.get("LAZYCAF_STATE")
+    os.environ["LAZYCAF_STATE"] = str(tmp_path_factory.mktemp("pack-state"))
+    yield
+    if saved is None:
+        os.environ.pop("LAZYCAF_STATE", None)
+    else:
+        os.environ["LAZYCAF_STATE"] = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _no_index_locks_left() -> Iterator[None]:
     """The lock files of the session's cache indexes (``lazycaf.host.indexlock``, in
     /run/lazycaf/index-locks) go with the session."""

@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 MAX_BODY: Final = MAX_UPLOAD
 MAX_MISSING: Final = 100_000  # digests per blobs:missing (the client sends 4,096)
 MAX_GET: Final = 1024  # digests per blobs:get
+_BUILDS: Final = 2  # bundles built at once (each holds up to 2 x 256 MiB while it is built)
 _BUNDLES_REMEMBERED: Final = 64  # bundles built lately, by digest list (a job saves at once)
 _DIGESTS_BODY: Final = 16 << 20  # a body of MAX_MISSING digests is ~6.7 MB
 _BLOBS: Final = "/v1/blobs/"
@@ -110,6 +111,7 @@ class CasApp:
         self.stats = CasStatistics()
         self._bundling: dict[Digest, trio.Event] = {}  # builds in progress, by digest list
         self._bundles: dict[Digest, Bundle] = {}  # built lately, by digest list
+        self._builds = trio.CapacityLimiter(_BUILDS)
         self.metrics = CasMetrics(self)  # its registry: ``lazycaf cas serve --metrics-listen``
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -259,27 +261,33 @@ class CasApp:
 
     async def _bundle(self, receive: Receive, send: Send) -> None:
         """Build the bundle of the digests asked for from this store, store it, and say what
-        it holds. Builds of the same list at once (a job's hosts saving one profile) share
-        one build."""
+        it holds. Requests for the same list at once share one build (its waiters build
+        again if it failed); builds run ``_BUILDS`` at a time (each holds its parts in
+        memory, up to twice ``MAX_BUNDLE_BYTES``)."""
         digests = await self._digests(receive, MAX_BUNDLE_BLOBS)
         key = Digest.of(b"".join(d.raw for d in digests))
-        waiting = self._bundling.get(key)
-        if waiting is not None:
-            await waiting.wait()
-        bundle = self._bundles.get(key)
-        if bundle is not None and await self.store.find_missing([p.digest for p in bundle.parts]):
-            bundle = None  # collected since (the store GC runs apart from the server)
-        if bundle is None:
+        while True:
+            while (waiting := self._bundling.get(key)) is not None:
+                await waiting.wait()
+            bundle = self._bundles.get(key)
+            if bundle is not None:
+                if not await self.store.find_missing([p.digest for p in bundle.parts]):
+                    break
+                self._bundles.pop(key, None)  # collected since (the store GC runs apart)
+                continue
             done = self._bundling[key] = trio.Event()
             try:
-                parts = await assemble(self.store.read_many, digests)
-                bundle = await store_parts(parts, self._put_identity)
+                async with self._builds:
+                    parts = await assemble(self.store.read_many, digests)
+                    bundle = await store_parts(parts, self._put_identity)
                 self._bundles[key] = bundle
                 while len(self._bundles) > _BUNDLES_REMEMBERED:
                     del self._bundles[next(iter(self._bundles))]
             finally:
-                del self._bundling[key]
+                if self._bundling.get(key) is done:
+                    del self._bundling[key]
                 done.set()
+            break
         reply = await trio.to_thread.run_sync(_json_body, bundle.to_json(), limiter=self._parse)
         await respond(send, 200, reply, "application/json")
 

@@ -158,13 +158,14 @@ class MountApi:
                 if len(words) < 2:
                     raise UsageError("bundle wants a profile name, an executable and a plan")
                 name, executable, *plan = words
-                async with self._profile_lock:
-                    made, built = await refresh_bundle(
-                        self.service.cas,
-                        name,
-                        Digest.parse(executable),
-                        [Digest.parse(h) for h in plan],
-                    )
+                # not under the profile lock: a build takes seconds, and other mounts' saves
+                # must not wait for it (the profile is set by compare-and-swap either way)
+                made, built = await refresh_bundle(
+                    self.service.cas,
+                    name,
+                    Digest.parse(executable),
+                    [Digest.parse(h) for h in plan],
+                )
                 if made is None:
                     return {"bundle": None, "parts": 0, "blobs": 0, "bytes": 0, "built": False}
                 if built:

@@ -70,6 +70,7 @@ _UNREAD_CAP: Final = 1 << 20  # prefetched blobs remembered until read (~150 MB 
 _STORE_SLICE: Final = 16  # blobs of a group stored with one thread hop ...
 _STORE_SLICE_BYTES: Final = 8 << 20  # ... or this many bytes as sent, whichever comes first
 _AFTER_BUNDLE: Final = 64  # blobs a bundle did not bring: fetched in groups this large
+_PART_DEADLINE: Final = 300.0  # longest one part of a bundle may take (then blob by blob)
 _BUNDLE_STREAMS: Final = 2  # parts of a bundle in flight at once (one hides the next RTT)
 
 
@@ -418,7 +419,7 @@ class FetchService:
         async def stream_parts() -> None:
             for part, blobs in todo:
                 if any(not flights[d].taken and not flights[d].done.is_set() for d in blobs):
-                    await self._fetch_part(part, flights)
+                    await self._fetch_part(part, blobs, flights)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -433,24 +434,46 @@ class FetchService:
                 if not flight.taken:  # a taken flight is its reader's download to land
                     self._land(d, flight)
 
-    async def _fetch_part(self, part: Digest, flights: dict[Digest, _Flight]) -> None:
-        """Stream one part of a bundle and store the blobs of ``flights`` it brings; a part
-        that fails is logged (its blobs are left to ``_fetch_bundle``)."""
+    async def _fetch_part(
+        self, part: Digest, blobs: list[Digest], flights: dict[Digest, _Flight]
+    ) -> None:
+        """Stream one part of a bundle (which should hold ``blobs``) and store the blobs of
+        ``flights`` it brings. The stream stops once none of ``blobs`` is still wanted (a
+        part that sends more than it should, or forever, holds nothing up), and after
+        ``_PART_DEADLINE``; a part that fails is logged. What it did not bring is left to
+        ``_fetch_bundle``."""
+
+        def pending() -> bool:
+            return any(not flights[d].taken and not flights[d].done.is_set() for d in blobs)
 
         async def store(batch: dict[Digest, Fetched]) -> None:
             mine = {
                 d: f
                 for d in batch
-                if (f := flights.get(d)) is not None and not f.taken and not f.done.is_set()
+                if (f := flights.get(d)) is not None
+                and not f.taken
+                and not f.started  # not one a reader or another part already has
+                and not f.done.is_set()
             }
             for flight in mine.values():
                 flight.started = True  # its bytes are here: a read waits for them
             await self._store_and_land(batch, mine, PREFETCH)
-            self._bundled[0] += sum(f.stored for f in mine.values())
+            if not pending():
+                raise _PartDone
 
         try:
-            async with self._slots[PREFETCH, False]:
-                await self.source.cas.stream_bundle(part, PREFETCH, store)
+            with trio.move_on_after(_PART_DEADLINE) as deadline:
+                async with self._slots[PREFETCH, False]:
+                    await self.source.cas.stream_bundle(part, PREFETCH, store)
+            if deadline.cancelled_caught:
+                log.info(
+                    "bundle part %s: not done in %g s; its blobs go without it",
+                    part,
+                    _PART_DEADLINE,
+                )
+            else:
+                self._bundled[1] += 1
+        except _PartDone:
             self._bundled[1] += 1
         except Exception as exc:  # its blobs go blob by blob, whatever went wrong
             error = exc if isinstance(exc, LazyCafError) else _internal(exc)
@@ -519,7 +542,13 @@ class FetchService:
 
     def _verify_and_stage(self, digest: Digest, fetched: Fetched) -> Staged:
         """The one place fetched bytes are verified (a worker thread: hashing, writing)."""
-        what = f"peer {fetched.peer}" if fetched.peer is not None else ""
+        what = (
+            f"peer {fetched.peer}"
+            if fetched.peer is not None
+            else f"bundle part {fetched.bundle}"
+            if fetched.bundle is not None
+            else ""
+        )
         return self.cache.stage(verify_blob(digest, fetched.encoding, fetched.payload, what=what))
 
     async def _store(self, digest: Digest, fetched: Fetched, flight: _Flight) -> None:
@@ -532,10 +561,12 @@ class FetchService:
                     self._verify_and_stage, digest, fetched, limiter=disk
                 )
             except IntegrityError as exc:
-                if fetched.peer is None:
+                if not fetched.retry_alone:
                     raise
-                self.source.peer_failed(fetched.peer, str(exc))  # logs the back-off
-                log.debug("%s; fetching blob %s from the CAS", exc, digest)
+                if fetched.peer is not None:
+                    self.source.peer_failed(fetched.peer, str(exc))  # logs the back-off
+                else:
+                    log.warning("%s; fetching blob %s from the CAS on its own", exc, digest)
                 fetched = await self.source.cas.fetch(digest, flight.priority)
                 staged = await trio.to_thread.run_sync(
                     self._verify_and_stage, digest, fetched, limiter=disk
@@ -585,7 +616,7 @@ class FetchService:
                 elif isinstance(out, Staged):  # over the budget
                     pending.remove(out)
                     await self._publish_staged(d, fetched, out, flight)
-                elif isinstance(out, IntegrityError) and fetched.peer is not None:
+                elif isinstance(out, IntegrityError) and fetched.retry_alone:
                     await self._store(d, fetched, flight)
                 elif isinstance(out, LazyCafError):
                     self._fail(flight, d, out)
@@ -633,6 +664,7 @@ class FetchService:
             self.recent.put(digest, fetched.encoding, fetched.payload)
         self._fetches += 1
         self._bytes_fetched += size
+        self._bundled[0] += fetched.bundle is not None
         counts = self._by_origin[fetched.origin]
         counts[0] += 1
         counts[1] += size
@@ -723,6 +755,10 @@ class FetchService:
             raise
         if gc is not None:
             gc.notice_commit()
+
+
+class _PartDone(Exception):
+    """A bundle part's stream brought every blob still wanted of it: stop reading."""
 
 
 def _log_failure(what: str, exc: LazyCafError) -> None:

@@ -29,12 +29,20 @@ Origin = Literal["cas", "peer"]
 
 @dataclass(frozen=True)
 class Fetched:
-    """One blob as a source sent it: not verified yet. ``peer``: the address that sent it."""
+    """One blob as a source sent it: not verified yet. ``peer``: the address that sent it;
+    ``bundle``: the part of a hot-set bundle it came in (a record that does not verify is
+    fetched again on its own, as a peer's is)."""
 
     encoding: str
     payload: bytes
     origin: Origin
     peer: str | None = None
+    bundle: str | None = None
+
+    @property
+    def retry_alone(self) -> bool:
+        """Bytes that do not verify are this sender's fault: ask the CAS for the blob."""
+        return self.peer is not None or self.bundle is not None
 
 
 # Several blobs: those the source gave, and the error that kept the others back (None when

@@ -91,12 +91,14 @@ class CasSource:
         }, None
 
     async def stream_bundle(self, bundle: Digest, priority: Priority, arrived: Arrived) -> None:
-        """The records of bundle ``bundle`` (``lazycaf.cas.bundle``), handed to ``arrived``
-        as they come in (an HTTP CAS streams it; other stores read it whole first)."""
+        """The records of bundle part ``bundle`` (``lazycaf.cas.bundle``), handed to
+        ``arrived`` as they come in (an HTTP CAS streams it; other stores read it whole
+        first), each tagged with the part it came in."""
         cas = self._cas[priority]
+        part = bundle.hex
 
         async def wrap(records: list[Record]) -> None:
-            await arrived({d: Fetched(enc, payload, "cas") for d, enc, payload in records})
+            await arrived({d: Fetched(enc, pl, "cas", bundle=part) for d, enc, pl in records})
 
         async def stream() -> None:
             if isinstance(cas, HttpCAS):

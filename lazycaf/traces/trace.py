@@ -167,9 +167,12 @@ class Profile:
             if obj.get("version") != 1:
                 raise ValueError(f"unsupported version {obj.get('version')!r}")
             profile = cls(str(obj["name"]), [Trace.from_json(r) for r in obj["runs"]])
-            if (bundle := obj.get("bundle")) is not None:
-                profile.bundle = Bundle.from_json(bundle)
-                profile.bundle_for = str(bundle.get("executable", ""))
+            bundle = obj.get("bundle")
+            try:  # a bundle this version cannot read costs the bundle, not the profile
+                profile.bundle = None if bundle is None else Bundle.from_json(bundle)
+                profile.bundle_for = str(bundle.get("executable", "")) if bundle else ""
+            except (ValueError, AttributeError):
+                profile.bundle = None
             return profile
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise IntegrityError(f"{what} is not a valid profile: {exc}") from None

@@ -3,6 +3,7 @@ profile's hot-set bundle, built where the blobs are (a local store, or the CAS s
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.verified import verify_blob
 from lazycaf.traces.profiles import add_run, load_profile, profile_blobs, refresh_bundle
-from lazycaf.traces.trace import AccessRecord, Trace
+from lazycaf.traces.trace import AccessRecord, Profile, Trace
 from tests.conftest import CasServer
 
 
@@ -120,3 +121,11 @@ async def test_refresh_bundle_builds_once_per_plan_and_executable(cas: CAS) -> N
     profile = await load_profile(cas, "trainer")
     assert profile is not None and profile.bundle == third and len(profile.runs) == 2
     await cas.aclose()
+
+
+def test_a_bundle_this_version_cannot_read_costs_the_bundle_not_the_profile() -> None:
+    profile = Profile("trainer", [trace(0)])
+    body = json.loads(profile.encode())
+    body["bundle"] = {"parts": [{"digest": "not hex", "blobs": [], "bytes": 1}]}
+    decoded = Profile.decode(json.dumps(body).encode())
+    assert decoded.bundle is None and len(decoded.runs) == 1
