@@ -46,6 +46,7 @@ __all__ = ["MISSING_BATCH", "STREAM_RUN_BYTES", "Arrived", "HttpCAS"]
 # ``stream_many_encoded``'s callback: records (digest, encoding, payload) as they arrive.
 Arrived = Callable[[list[Record]], Awaitable[None]]
 STREAM_RUN_BYTES: Final = 1 << 20  # hand records over once this much of them arrived
+_FIRST_RUN: Final = 64 << 10  # a bundle part's first run (the first blobs a run waits for)
 
 MISSING_BATCH: Final = 4096
 
@@ -302,7 +303,7 @@ class HttpCAS:
                     await r.aread()
                     self._check_status(r, "GET", path)
                     self._expect(r, f"GET {path}")
-                await _hand_over(r, arrived)
+                await _hand_over(r, arrived, first=_FIRST_RUN)
         except httpx.TransportError as exc:
             raise self._unavailable(exc) from exc
         except UsageError as exc:  # the bundle did not parse
@@ -422,19 +423,23 @@ def _decode_verify(digest: Digest, encoding: str, payload: bytes) -> bytes:
     return verify_blob(digest, encoding, payload).data
 
 
-async def _hand_over(response: httpx.Response, arrived: Arrived) -> None:
-    """Parse a ``blobs:get`` answer as it arrives; hand records over in runs."""
+async def _hand_over(response: httpx.Response, arrived: Arrived, *, first: int = 0) -> None:
+    """Parse a ``blobs:get`` answer (or a bundle's part) as it arrives; hand records over in
+    runs of ``STREAM_RUN_BYTES``, the first ones smaller when ``first`` says so (from
+    ``first`` bytes, doubling): a run's first blob waits for the whole run."""
     reader = BatchReader(max_record=framing.MAX_DECODED + (1 << 20))
     run: list[Record] = []
     size = 0
+    limit = first or STREAM_RUN_BYTES
     try:
         async for chunk in response.aiter_raw():
             for record in reader.feed(chunk):
                 run.append(record)
                 size += len(record[2])
-                if size >= STREAM_RUN_BYTES:
+                if size >= limit:
                     await arrived(run)
                     run, size = [], 0
+                    limit = min(2 * limit, STREAM_RUN_BYTES)
     except httpx.TransportError:
         if run:  # the whole records that arrived before the connection dropped are kept
             await arrived(run)

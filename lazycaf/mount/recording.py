@@ -352,8 +352,7 @@ class MountProfile:
         except LazyCafError as exc:
             log.warning("could not save the trace to profile %r: %s", self.name, exc)
             return
-        if not self.prefetch:
-            return
+        # even a mount that did not prefetch: the bundle is for the next runs' cold hosts
         plan = await trio.to_thread.run_sync(self._plan_with, trace)
         try:
             reply = await self.client.bundle(self.name, self.executable, plan)
