@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,16 @@ FIXTURE_MARKS: dict[str, tuple[str, ...]] = {
     "cas_server": ("slow",),  # a `lazycaf cas serve` process of the test's own
     "cluster": ("fuse", "btrfs", "root", "slow"),  # tests/fetcher/peers: daemons that mount
 }
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """SIGTERM (a CI timeout, ``kill``) stops the session as Ctrl-C does, so its fixtures'
+    teardown still runs: no mount, loop device, server or lock file is left behind."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
