@@ -30,6 +30,7 @@ from fetcher.peers.peerset import PeerSet
 from lazycaf.cas.api import CAS
 from lazycaf.cas.batch import Record, unpack_batch
 from lazycaf.cas.http import HttpCAS
+from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import BlobNotFound, IntegrityError, LazyCafError, UsageError
 from lazycaf.core.priority import Priority
@@ -104,12 +105,13 @@ class CasSource:
             if isinstance(cas, HttpCAS):
                 await cas.stream_bundle(bundle, wrap)
                 return
-            body = await cas.get(bundle)
+            # as stored, not verified whole: each record is verified where it is stored
+            encoding, payload = await cas.get_encoded(bundle)
             try:
-                records = await trio.to_thread.run_sync(unpack_batch, body)
+                records = await trio.to_thread.run_sync(_records, encoding, payload)
             except UsageError as exc:
                 raise IntegrityError(f"bundle {bundle} from {self.where}: {exc}") from None
-            del body
+            del payload
             for start in range(0, len(records), _BUNDLE_RUN):
                 await wrap(records[start : start + _BUNDLE_RUN])
 
@@ -119,6 +121,10 @@ class CasSource:
         with trio.CancelScope(shield=True):
             for cas in dict.fromkeys(self._cas.values()):
                 await cas.aclose()
+
+
+def _records(encoding: str, payload: bytes) -> list[Record]:
+    return unpack_batch(framing.decode(encoding, payload, what="bundle part"))
 
 
 class TieredSource:

@@ -20,6 +20,7 @@ plan is prefetched blob by blob). ``Bundle.blobs`` lists what it holds, in order
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -80,11 +81,11 @@ class Part:
 class Bundle:
     parts: tuple[Part, ...]
 
-    @property
+    @functools.cached_property
     def blobs(self) -> tuple[Digest, ...]:
         return tuple(d for p in self.parts for d in p.blobs)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return sum(p.size for p in self.parts)
 
