@@ -15,7 +15,10 @@ rate limit; the CAS server and the squashfs HTTP server run in the root namespac
 1. lazycaf cold, no profile: a fresh host cache and a fresh fetcher daemon started inside
    the namespace, ``sync`` + ``drop_caches``, then ``lazycaf mount --profile <unused name>
    --no-crowd`` (timed until it returns) and the python run (timed). The mount records into a
-   throw-away profile name, so the benchmark's profile is not touched;
+   throw-away profile name, so the benchmark's profile is not touched; it prefetches by the
+   import graph (the modules the ``.pyc`` files it reads import) and by directory;
+1a. lazycaf cold, no profile, no import graph: the same with ``--no-import-graph`` (directory
+   prefetch alone: the code before the import graph, side by side);
 1b. lazycaf cold, no own profile, crowd hot set: the same for ``sample-b:v1``, another
    executable (the sample's files plus one of its own) that never ran; the CAS holds the
    sample's profiles, whose hot set the mount borrows by file digest. Not recorded;
@@ -468,13 +471,21 @@ class LazyRun:
 
 
 def lazycaf_cold(
-    net: Net, env: Env, *, profile: bool, tag: str, again: bool, crowd: bool = False
+    net: Net,
+    env: Env,
+    *,
+    profile: bool,
+    tag: str,
+    again: bool,
+    crowd: bool = False,
+    import_graph: bool = True,
 ) -> LazyRun:
     """One cold start from a fresh cache and daemon, then warm runs in the same mount;
     ``again``: unmount, drop caches, and time a cold start from the now full host cache.
     ``crowd`` (with ``profile`` False): mount ``REF_B``, an executable with no profile of its
     own, so only the crowd hot set (the sample's profiles, by digest) prefetches; its runs are
-    not recorded (a second crowd run must not learn from the first)."""
+    not recorded (a second crowd run must not learn from the first). ``import_graph``
+    False: without the import-graph prefetch (the code before it, for comparison)."""
     cache = env.new_cache(f"cache-{tag}")
     mnt = env.made.mountpoint("mnt-lazycaf")
     # no profile: a profile name no run has recorded, so the mount fetches on demand plus
@@ -482,6 +493,7 @@ def lazycaf_cold(
     # it records into that name
     scratch_name = f"{SCRATCH_PROFILE}-{tag}-{time.monotonic_ns()}"
     scratch = ["--profile", scratch_name] + (["--no-record"] if crowd else ["--no-crowd"])
+    scratch += [] if import_graph else ["--no-import-graph"]
     ref = REF_B if crowd else REF
     log = mount_log(cache, mnt)
     with daemon_in(net, env, cache) as daemon:
@@ -668,6 +680,7 @@ class ProfileResult:
     net: Net
     rtt_ms: float = 0.0  # nominal
     noprof: list[LazyRun] = field(default_factory=list)
+    noimp: list[LazyRun] = field(default_factory=list)  # no profile, no import graph
     crowd: list[LazyRun] = field(default_factory=list)
     prof: list[LazyRun] = field(default_factory=list)
     native_cold: list[float] = field(default_factory=list)
@@ -728,6 +741,12 @@ def run_once(
         res.noprof.append(r)
         say(f"{name} run {i}: no profile: mount {r.mount:.3f} s, run {r.run:.3f} s")
 
+    def noimp() -> None:
+        tag = f"{name}-noimp-{i}"
+        r = lazycaf_cold(net, env, profile=False, tag=tag, again=False, import_graph=False)
+        res.noimp.append(r)
+        say(f"{name} run {i}: no profile, no import graph: run {r.run:.3f} s")
+
     def crowd() -> None:
         r = lazycaf_cold(net, env, profile=False, tag=f"{name}-crowd-{i}", again=False, crowd=True)
         res.crowd.append(r)
@@ -756,7 +775,7 @@ def run_once(
         res.tar.append(r)
         say(f"{name} run {i}: tarball download+extract {r.fetch:.3f} s, total {r.total:.3f} s")
 
-    steps = [noprof, crowd, prof] + ([native, squash] if squash_url else [])
+    steps = [noprof, noimp, crowd, prof] + ([native, squash] if squash_url else [])
     steps += [tar] if tar_url else []
     k = i % len(steps)
     for step in steps[k:] + steps[:k]:
@@ -799,6 +818,7 @@ def table(res: ProfileResult, image_bytes: int, tar_bytes: int = 0) -> list[str]
         "| variant | mount s | run s | total s | bytes over the link | target | meets? |",
         "|---|---:|---:|---:|---:|---|---|",
         lazy_row("lazycaf cold, no profile", res.noprof, loose, " (2x the profile target)"),
+        lazy_row("lazycaf cold, no profile, no import graph", res.noimp, None, ""),
         lazy_row("lazycaf cold, no own profile, crowd hot set", res.crowd, None, ""),
         lazy_row("lazycaf cold, with profile", res.prof, target, ""),
         md_row("lazycaf warm (same mounts)", "-", *[fmt_s(median(warm))] * 2, warm_wire, "-", "-"),
@@ -848,6 +868,7 @@ def table(res: ProfileResult, image_bytes: int, tar_bytes: int = 0) -> list[str]
 def lazy_variants(res: ProfileResult) -> list[tuple[str, list[LazyRun]]]:
     return [
         ("no profile", res.noprof),
+        ("no profile, no import graph", res.noimp),
         ("no own profile, crowd", res.crowd),
         ("with profile", res.prof),
     ]
@@ -921,6 +942,7 @@ def ratio_rows(res: ProfileResult) -> list[tuple[str, float, float, float | None
     lazy = [
         ("cold, with profile / squashfs image", res.prof, prof_target.get(res.name)),
         ("cold, no profile / squashfs image", res.noprof, RATIO_TARGETS["noprof"]),
+        ("cold, no profile, no import graph / squashfs image", res.noimp, None),
         ("cold, crowd hot set / squashfs image", res.crowd, RATIO_TARGETS["crowd"]),
     ]
     for what, rs, target in lazy:
@@ -977,7 +999,13 @@ def run_notes(res: ProfileResult) -> list[str]:
     rate_bps = res.net.rate_mbit * 1e6 / 8
     rtt = res.net.rtt_s
     notes = []
-    for label, rs in (("no profile", res.noprof), ("crowd", res.crowd), ("profile", res.prof)):
+    labelled = (
+        ("no profile", res.noprof),
+        ("no import graph", res.noimp),
+        ("crowd", res.crowd),
+        ("profile", res.prof),
+    )
+    for label, rs in labelled:
         for i, r in enumerate(rs):
             s, e = r.stats, r.settled
             misses = s.get("misses", 0)
@@ -1093,6 +1121,7 @@ def figures(res: ProfileResult) -> list[Figure]:
 
     out = [
         vs_squash("lazycaf cold, no profile, total", [r.total for r in res.noprof]),
+        vs_squash("lazycaf cold, no profile, no import graph, total", [r.total for r in res.noimp]),
         vs_squash(
             "lazycaf cold, no own profile, crowd hot set, total", [r.total for r in res.crowd]
         ),

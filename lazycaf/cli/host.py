@@ -88,6 +88,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         profile=args.profile,
         prefetch=not args.no_prefetch,
         crowd=not args.no_crowd,
+        import_graph=not args.no_import_graph,
         eager_share=args.eager_share,
         offline=args.offline,
         cache_size=parse_size(args.cache_size) if args.cache_size else None,

@@ -173,6 +173,12 @@ def _parser() -> argparse.ArgumentParser:
             "is hot among the files this one shares with them",
         )
         sp.add_argument(
+            "--no-import-graph",
+            action="store_true",
+            help="without a profile, do not prefetch the modules that the Python modules "
+            "a run loads import",
+        )
+        sp.add_argument(
             "--eager-share",
             type=float,
             default=0.3,

@@ -160,6 +160,7 @@ def _mount_argv(args: argparse.Namespace, mnt: str) -> list[str]:
     flags = {
         "--no-prefetch": args.no_prefetch,
         "--no-crowd": args.no_crowd,
+        "--no-import-graph": args.no_import_graph,
         "--offline": args.offline,
         "--open-roundtrips": args.open_roundtrips,
         "--no-record": not args.record,

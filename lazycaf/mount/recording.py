@@ -26,6 +26,7 @@ from lazycaf.core.manifest import FILE, Entry
 from lazycaf.core.manifestindex import ManifestIndex
 from lazycaf.host.client import FetcherClient
 from lazycaf.host.paths import CacheLayout
+from lazycaf.mount.importcrawl import ImportCrawler
 from lazycaf.traces.crowd import CrowdFile, plan_crowd
 from lazycaf.traces.trace import HotFile, Profile, Trace, TraceRecorder, plan_prefetch
 
@@ -108,9 +109,12 @@ class MountProfile:
         record: bool = True,
         profile: Profile | None = None,
         crowd: bool = True,
+        import_graph: bool = True,
     ) -> None:
         """``profile``: the one ``load_profile`` found for ``name`` (None: none yet);
-        ``crowd``: without one, prefetch what other executables' profiles say is hot."""
+        ``crowd``: without one, prefetch what other executables' profiles say is hot;
+        ``import_graph``: without one, prefetch what the modules read import
+        (``lazycaf.mount.importcrawl``)."""
         self.client = client
         self.manifest = manifest
         self.cache = cache
@@ -132,6 +136,8 @@ class MountProfile:
         self.prefetched: set[Digest] = set()  # blobs this mount queued for prefetch
         self._eager_at: int | None = None  # touched bytes that turn the run eager
         self._dir_prefetch = False  # no profile: a miss announces its directory
+        self.import_graph = import_graph
+        self.crawler: ImportCrawler | None = None  # no profile: set by run()
 
     # -- ReadObserver ----------------------------------------------------------------------
     def missed(self, entry: Entry) -> None:
@@ -152,6 +158,8 @@ class MountProfile:
         recorder = self.recorder
         source, digest = "", ""
         if not recorder.seen(inode):
+            if self.crawler is not None:
+                self.crawler.read(entry)
             prefetched = any(d in self.prefetched for d in blobs)
             source = "fetch" if fetched else "prefetch" if prefetched else "cache"
             digest = entry.digest.hex if entry.digest else ""
@@ -210,6 +218,11 @@ class MountProfile:
                 return
             if self.profile is None and self.crowd:
                 nursery.start_soon(self._queue_crowd)
+            if self.profile is None and self.import_graph:
+                self.crawler = ImportCrawler(
+                    self.manifest, self.cache, self._prefetch_quietly, self.prefetched
+                )
+                nursery.start_soon(self.crawler.run)
             self._total = await trio.to_thread.run_sync(self.manifest.blob_bytes)
             if 0 < self.eager_share < 1:
                 self._eager_at = int(self._total * self.eager_share)
@@ -275,6 +288,8 @@ class MountProfile:
         parent, _, name = entry.path.rpartition("/")
         if parent in self._dirs_seen or self._nursery is None:
             return
+        if name.endswith(".pyc") and self.crawler is not None and self.crawler.working:
+            return  # the import graph says which of them come next
         self._dirs_seen.add(parent)
         picked: list[Digest] = []
         total = 0
@@ -295,7 +310,7 @@ class MountProfile:
         try:
             await self.client.prefetch(digests)
         except LazyCafError as exc:
-            log.info("directory prefetch failed: %s", exc)
+            log.info("directory or import-graph prefetch failed: %s", exc)
 
     def _go_eager(self, after: list[Digest] | None = None) -> None:
         if self._nursery is None:

@@ -83,6 +83,7 @@ class MountConfig:
     profile: str | None = None  # default: the ref's name without its tag (or the digest)
     prefetch: bool = True
     crowd: bool = True  # no profile: prefetch the crowd's hot set (``lazycaf.traces.crowd``)
+    import_graph: bool = True  # no profile: prefetch by imports (``lazycaf.mount.importcrawl``)
     eager_share: float = DEFAULT_EAGER_SHARE
     offline: bool = False
     cache_size: int | None = None  # the byte budget of a daemon this mount starts
@@ -200,6 +201,7 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             record=config.record and not config.offline,
             profile=loaded[0] if loaded else None,
             crowd=config.crowd,
+            import_graph=config.import_graph,
         )
         reader = BlobReader(
             cache,
