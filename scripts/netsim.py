@@ -493,7 +493,8 @@ class _Direction:
         if eof:
             self.done = True
             if self.dst.can_write_eof():
-                self.dst.write_eof()
+                with contextlib.suppress(OSError):  # the other end already went away
+                    self.dst.write_eof()
             self.conn.check_done()
         self.schedule()
         self.update_reading()
