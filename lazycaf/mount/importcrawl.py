@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -34,10 +35,11 @@ import trio
 
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import LazyCafError
-from lazycaf.core.manifest import FILE, Entry
+from lazycaf.core.manifest import FILE, HARDLINK, SYMLINK, Entry
 from lazycaf.core.manifestindex import ManifestIndex
 from lazycaf.host.paths import CacheLayout
 from lazycaf.host.wire import LineReader
+from lazycaf.mount.elfdeps import Missing, elf_deps
 from lazycaf.mount.importscan import MAX_PYC
 
 __all__ = ["ImportCrawler"]
@@ -51,6 +53,9 @@ _FOREIGN: Final = 8  # another Python's .pyc files read, none of this one's: the
 _SCAN_TIMEOUT_S: Final = 10.0  # a worker slower than this on one .pyc is stopped
 _MAX_CRAWLED: Final = 20_000  # modules crawled at most (a bound for a crafted tree)
 _PYCACHE: Final = "/__pycache__/"
+_WAIT_S: Final = 30.0  # a prefetched file not cached by then is not waited for
+_ELF_STAGES: Final = 4  # times a library is read before its needs are known, at most
+_LINK_HOPS: Final = 8
 
 
 class ImportCrawler:
@@ -73,7 +78,12 @@ class ImportCrawler:
         self._claimed = claimed
         self._known: set[str] = set()  # module files seen: read, or queued by this crawl
         self._waiting: dict[str, Entry] = {}  # prefetched .pyc files not yet crawled
-        self._more = trio.Event()  # set when the crawl adds to _waiting
+        self._more = trio.Event()  # set when the crawl adds to _waiting or _elves
+        # ELF objects (extension modules, the libraries they need) waiting for chunks to land
+        # before the next look at them: path -> (entry, chunk indexes), and looks so far
+        self._elves: dict[str, tuple[Entry, tuple[int, ...]]] = {}
+        self._elf_looks: dict[str, int] = {}
+        self._since: dict[str, float] = {}  # when the poll first saw a path waiting
         self._ready_in: trio.MemorySendChannel[Entry]
         self._ready_out: trio.MemoryReceiveChannel[Entry]
         self._ready_in, self._ready_out = trio.open_memory_channel(math.inf)
@@ -92,7 +102,15 @@ class ImportCrawler:
         """A file's first read: a ``.pyc`` not crawled yet is crawled (it is cached now),
         unless another prefetch (the crowd's hot set) queued it: then so were its imports."""
         path = entry.path
-        if not self.working or not path.endswith(".pyc") or _PYCACHE not in "/" + path:
+        if not self.working:
+            return
+        if _is_library(path):
+            if path not in self._known and entry.digest is not None:
+                self._known.add(path)
+                self._elves[path] = (entry, (0,))
+                self._more.set()
+            return
+        if not path.endswith(".pyc") or _PYCACHE not in "/" + path:
             return
         if path in self._known:
             if self._waiting.pop(path, None) is not None:  # landed before the poll saw it
@@ -135,9 +153,12 @@ class ImportCrawler:
                 proc.kill()
                 await proc.wait()
             log.info(
-                "import-graph prefetch: %d modules crawled, %d blobs queued",
+                "import-graph prefetch: %d modules crawled, %d libraries read, %d blobs "
+                "queued; %d files still awaited",
                 self.crawled,
+                len(self._elf_looks),
                 self.queued,
+                len(self._waiting) + len(self._elves),
             )
 
     @staticmethod
@@ -179,12 +200,13 @@ class ImportCrawler:
                 log.warning("import-graph prefetch stopped: the scan worker %s", how)
                 return
             self.crawled += len(answers)
-            blobs, pycs = await trio.to_thread.run_sync(self._plan_batch, answers)
+            blobs, pycs, elves = await trio.to_thread.run_sync(self._plan_batch, answers)
             if blobs:
                 self.queued += len(blobs)
                 await self._prefetch(blobs)  # logs its own failure: the crawl goes on
-            if pycs:
+            if pycs or elves:
                 self._waiting.update(pycs)
+                self._elves.update(elves)
                 self._more.set()
             if self.crawled >= _MAX_CRAWLED:
                 return
@@ -217,31 +239,170 @@ class ImportCrawler:
 
     def _plan_batch(
         self, answers: list[tuple[str, list[list[object]]]]
-    ) -> tuple[list[Digest], dict[str, Entry]]:
+    ) -> tuple[list[Digest], dict[str, Entry], dict[str, tuple[Entry, tuple[int, ...]]]]:
         blobs: list[Digest] = []
         pycs: dict[str, Entry] = {}
         for path, found in answers:
             more, new = self._plan(path, found)
             blobs += more
             pycs.update(new)
-        return blobs, pycs
+        elves: dict[str, tuple[Entry, tuple[int, ...]]] = {
+            p: (e, (0,)) for p, e in pycs.items() if _is_library(p)
+        }
+        return blobs, {p: e for p, e in pycs.items() if p not in elves}, elves
 
     async def _poll_landed(self) -> None:
         """Hand each prefetched ``.pyc`` to the crawl once all its blobs are cached."""
         while True:
-            if not self._waiting:  # nothing to look for: sleep until the crawl queues more
+            if not self._waiting and not self._elves:  # sleep until the crawl queues more
                 self._more = trio.Event()
                 await self._more.wait()
             await trio.sleep(_POLL_S)
-            landed = await trio.to_thread.run_sync(self._landed, list(self._waiting.values()))
-            for entry in landed:
-                if self._waiting.pop(entry.path, None) is not None:
-                    self._ready_in.send_nowait(entry)
+            self._expire(trio.current_time())
+            if self._waiting:
+                waiting = list(self._waiting.values())
+                landed = await trio.to_thread.run_sync(self._landed, waiting)
+                for entry in landed:
+                    if self._waiting.pop(entry.path, None) is not None:
+                        self._ready_in.send_nowait(entry)
+            if self._elves:
+                elves, self._elves = self._elves, {}
+                blobs, again = await trio.to_thread.run_sync(self._look_at_elves, elves)
+                self._elves.update(again)
+                if blobs:
+                    self.queued += len(blobs)
+                    await self._prefetch(blobs)
+
+    def _expire(self, now: float) -> None:
+        """Forget what has waited ``_WAIT_S`` for its blobs (a prefetch that failed): the
+        run's own reads fetch it if it is needed."""
+        since = self._since
+        for path in [*self._waiting, *self._elves]:
+            first = since.setdefault(path, now)
+            if now - first > _WAIT_S:
+                self._waiting.pop(path, None)
+                self._elves.pop(path, None)
 
     def _landed(self, entries: list[Entry]) -> list[Entry]:
         exists = os.path.exists
         blob = self.cache.blob
         return [e for e in entries if all(exists(blob(d)) for d in e.blob_digests())]
+
+    # -- shared libraries (worker threads) -----------------------------------------------
+    def _look_at_elves(
+        self, elves: dict[str, tuple[Entry, tuple[int, ...]]]
+    ) -> tuple[list[Digest], dict[str, tuple[Entry, tuple[int, ...]]]]:
+        """Look at each ELF object whose chunks have landed (``lazycaf.mount.elfdeps``): the
+        blobs to prefetch (what the loader reads of a large one, the libraries it needs) and
+        what to look at again once more chunks land (itself, or a library found)."""
+        exists = os.path.exists
+        blob = self.cache.blob
+        blobs: list[Digest] = []
+        again: dict[str, tuple[Entry, tuple[int, ...]]] = {}
+        for path, (entry, chunks) in elves.items():
+            digests = entry.blob_digests()
+            if not all(exists(blob(digests[k])) for k in chunks if k < len(digests)):
+                again[path] = (entry, chunks)
+                continue
+            looks = self._elf_looks.get(path, 0) + 1
+            self._elf_looks[path] = looks
+            try:
+                deps = elf_deps(self._chunk_reader(entry), entry.size)
+            except Missing as missing:
+                blobs += self._claim(self._chunks_of(entry, missing.loader + missing.wanted))
+                if looks < _ELF_STAGES:
+                    again[path] = (entry, tuple(self._indexes(entry, missing.wanted)))
+                continue
+            if deps is None:
+                continue
+            blobs += self._claim(self._chunks_of(entry, list(deps.loader)))
+            for name in deps.needed:
+                lib = self._library(path, name, deps.search)
+                if lib is None or lib.path in self._known or lib.digest is None:
+                    continue
+                self._known.add(lib.path)
+                whole = lib.size <= _MAX_FILE
+                blobs += self._claim(list(lib.blob_digests()) if whole else [])
+                blobs += self._claim(list(lib.blob_digests()[:1]))
+                again[lib.path] = (lib, (0,))
+        return blobs, again
+
+    def _claim(self, digests: list[Digest]) -> list[Digest]:
+        out = [d for d in dict.fromkeys(digests) if d not in self._claimed]
+        self._claimed.update(out)
+        return out
+
+    def _indexes(self, entry: Entry, ranges: list[tuple[int, int]]) -> list[int]:
+        """The chunks of ``entry`` that ``ranges`` (offset, length) touch, in order."""
+        cs = self.manifest.chunk_size
+        out: list[int] = []
+        for off, n in ranges:
+            if n > 0 and off < entry.size:
+                out += range(off // cs, (min(off + n, entry.size) - 1) // cs + 1)
+        return list(dict.fromkeys(out))
+
+    def _chunks_of(self, entry: Entry, ranges: list[tuple[int, int]]) -> list[Digest]:
+        digests = entry.blob_digests()
+        return [digests[k] for k in self._indexes(entry, ranges) if k < len(digests)]
+
+    def _chunk_reader(self, entry: Entry) -> Callable[[int, int], bytes]:
+        """``read(offset, n)`` over the cached chunks of ``entry``; ``Missing`` names the
+        chunks not cached yet."""
+        digests = entry.blob_digests()
+        cs = self.manifest.chunk_size
+        blob = self.cache.blob
+
+        def read(off: int, n: int) -> bytes:
+            if off < 0 or n <= 0 or off + n > entry.size:
+                raise ValueError("outside the file")
+            first, last = off // cs, (off + n - 1) // cs
+            parts = []
+            lacking = []
+            for k in range(first, last + 1):
+                try:
+                    with open(blob(digests[k]), "rb") as f:
+                        parts.append(f.read())
+                except OSError:
+                    lacking.append((k * cs, cs))
+            if lacking:
+                raise Missing(lacking, [])
+            data = b"".join(parts)
+            start = off - first * cs
+            return data[start : start + n]
+
+        return read
+
+    def _library(self, origin: str, name: str, search: tuple[str, ...]) -> Entry | None:
+        """The tree's file the loader would find for ``name`` needed by ``origin``: on its
+        search path (``$ORIGIN``: its directory; paths outside the tree do not count)."""
+        if not name or "/" in name:
+            return None
+        here = origin.rpartition("/")[0]
+        for entry in search:
+            folder = entry.replace("${ORIGIN}", "$ORIGIN").replace("$ORIGIN", "/" + here)
+            if not folder.startswith("/") or "$" in folder:
+                continue  # the host's, or another token
+            found = self._follow(posixpath.normpath(f"{folder}/{name}").lstrip("/"))
+            if found is not None:
+                return found
+        return None
+
+    def _follow(self, path: str) -> Entry | None:
+        """The file at ``path``, following the tree's symlinks (relative ones, within it)."""
+        for _ in range(_LINK_HOPS):
+            i = self.manifest.find(path) if path and not path.startswith("..") else None
+            if i is None:
+                return None
+            kind = self.manifest.kind(i)
+            if kind in (FILE, HARDLINK):
+                return self.manifest.entry(i)
+            if kind != SYMLINK:
+                return None
+            target = self.manifest.entry(i).target or ""
+            if target.startswith("/"):
+                return None
+            path = posixpath.normpath(f"{path.rpartition('/')[0]}/{target}").lstrip("/")
+        return None
 
     # -- resolving imports in the tree (worker threads) -------------------------------------
     def _plan(self, path: str, found: list[list[object]]) -> tuple[list[Digest], dict[str, Entry]]:
@@ -265,14 +426,17 @@ class ImportCrawler:
                 if entry.path in self._known:
                     continue
                 self._known.add(entry.path)
-                if entry.digest is None or entry.size > _MAX_FILE:
+                if entry.digest is None:
                     continue
-                for d in entry.blob_digests():
-                    if d not in self._claimed:
-                        self._claimed.add(d)
-                        blobs.append(d)
-                if entry.path.endswith(".pyc"):
-                    pycs[entry.path] = entry
+                library = _is_library(entry.path)
+                if entry.size <= _MAX_FILE:
+                    blobs += self._claim(list(entry.blob_digests()))
+                elif library:  # its headers first: then what the loader reads of it
+                    blobs += self._claim(list(entry.blob_digests()[:1]))
+                else:
+                    continue
+                if library or entry.path.endswith(".pyc"):
+                    pycs[entry.path] = entry  # (an extension module: its libraries next)
         return blobs, pycs
 
     def _targets(
@@ -355,7 +519,7 @@ class ImportCrawler:
 
     def _file(self, path: str) -> Entry | None:
         i = self.manifest.find(path)
-        if i is None or self.manifest.kind(i) != FILE:
+        if i is None or self.manifest.kind(i) not in (FILE, HARDLINK):
             return None
         return self.manifest.entry(i)
 
@@ -368,7 +532,7 @@ class ImportCrawler:
             if at is not None or not folder:
                 for i in self.manifest.children_of(at):
                     name = self.manifest.name(i).decode(errors="replace")
-                    if not name.endswith(".so") or self.manifest.kind(i) != FILE:
+                    if not name.endswith(".so") or self.manifest.kind(i) not in (FILE, HARDLINK):
                         continue
                     stem, _, middle = name[:-3].partition(".")
                     tagged = self._tag is not None and middle.startswith(self._tag)
@@ -376,3 +540,10 @@ class ImportCrawler:
                         found.setdefault(stem, name)
             self._extensions[folder] = found
         return self._extensions[folder]
+
+
+def _is_library(path: str) -> bool:
+    """A name a shared object has: ``x.so``, ``x.cpython-311-x86_64-linux-gnu.so``,
+    ``libx.so.1.2``."""
+    name = path.rpartition("/")[2]
+    return name.endswith(".so") or ".so." in name

@@ -14,8 +14,10 @@ from pathlib import Path
 from lazycaf.core.digest import Digest
 from lazycaf.mount.root import mount_pid
 from tests.conftest import Host
+from tests.elfmaker import make_elf
 from tests.helpers import pack, wait_for
 
+MIB = 1 << 20
 SITE = "lib/python3.11/site-packages"
 EXT = "_speed.cpython-311-x86_64-linux-gnu.so"
 MODULES = {
@@ -74,8 +76,7 @@ def pyc(tree: Path, rel: str) -> Path:
 
 
 def cached(host: Host, path: Path) -> bool:
-    hexdigest = Digest.of(path.read_bytes()).hex
-    return (host.cache / "blobs" / hexdigest[:2] / hexdigest).exists()
+    return holds(host, path.read_bytes())
 
 
 def mount_and_read_app(host: Host, tree: Path, tmp_path: Path, *extra: str) -> None:
@@ -143,3 +144,36 @@ def test_a_damaged_pyc_or_a_dead_worker_costs_the_run_nothing(host: Host, tmp_pa
 def mount_log(host: Host, mnt: Path) -> str:
     logs = host.cache / "logs"
     return "".join(p.read_text(errors="replace") for p in logs.glob("mount*.log"))
+
+
+def test_an_extension_module_brings_the_libraries_it_links(host: Host, tmp_path: Path) -> None:
+    tree = make_site(tmp_path)
+    app = tree / SITE / "app"
+    ext = make_elf(32 << 10, needed=("libdep.so", "libc.so.6"), runpath="$ORIGIN/../app.libs")
+    (app / EXT).write_bytes(ext)
+    libs = tree / SITE / "app.libs"
+    libs.mkdir()
+    dep = make_elf(64 << 10, needed=("libbig.so",), runpath="$ORIGIN")
+    (libs / "libdep.so.1").write_bytes(dep)
+    (libs / "libdep.so").symlink_to("libdep.so.1")
+    big = make_elf(17 * MIB, tables_at=5 * MIB + 10)  # too big to prefetch whole
+    (libs / "libbig.so").write_bytes(big)
+    unused = make_elf(64 << 10)
+    (libs / "libunused.so").write_bytes(unused)
+    mount_and_read_app(host, tree, tmp_path)
+
+    def chunk(k: int) -> bytes:
+        return big[k * MIB : (k + 1) * MIB]
+
+    # the module, the library it needs (through a symlink), and what the loader reads of
+    # the big one it needs: its headers, its tables, its writable segment
+    wanted = [ext, dep, chunk(0), chunk(5), chunk(16)]
+    wait_for(lambda: all(holds(host, b) for b in wanted), "the libraries to be prefetched")
+    wait_for(lambda: host.stats()["prefetch_queued"] == 0, "the prefetch queue to drain")
+    assert not holds(host, chunk(8))  # its code: left to the run's reads
+    assert not holds(host, unused)
+
+
+def holds(host: Host, data: bytes) -> bool:
+    hexdigest = Digest.of(data).hex
+    return (host.cache / "blobs" / hexdigest[:2] / hexdigest).exists()
