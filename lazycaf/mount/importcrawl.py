@@ -8,8 +8,9 @@ system would find it: relative imports in the module's package, absolute ones on
 *root* seen so far (the directory above a module's outermost package: ``lib/python3.11``,
 its ``lib-dynload``, ``site-packages``), every package on the way (``import a.b.c`` runs
 ``a`` and ``a.b`` too) and every name of a ``from`` list that is a submodule. A module is
-its ``.pyc`` in ``__pycache__`` for the interpreter's tag (the tag of the ``.pyc`` files
-read), else its source, or an extension module (``name.*.so``). What the tree holds is
+a package's ``__init__``, else an extension module (``name.*.so``), else its source (in the
+import system's order); of a source, its ``.pyc`` in ``__pycache__`` for the interpreter's
+tag (the tag of the ``.pyc`` files read) is fetched when the tree has it. What the tree holds is
 prefetched in the order the code imports it, below the run's own reads; new ``.pyc``
 files are crawled in turn once they land.
 
@@ -40,7 +41,7 @@ from lazycaf.core.manifestindex import ManifestIndex
 from lazycaf.host.paths import CacheLayout
 from lazycaf.host.wire import LineReader
 from lazycaf.mount.elfdeps import Missing, elf_deps
-from lazycaf.mount.importscan import MAX_PYC
+from lazycaf.mount.importscan import MAX_FROMLIST, MAX_IMPORTS, MAX_PYC, valid_name
 
 __all__ = ["ImportCrawler"]
 
@@ -50,7 +51,9 @@ _MAX_FILE: Final = 16 << 20  # a larger module file is left to the run's reads (
 _POLL_S: Final = 0.05  # how often prefetched .pyc files are looked for in the cache
 _BATCH: Final = 64  # .pyc files crawled together
 _FOREIGN: Final = 8  # another Python's .pyc files read, none of this one's: the crawl stops
-_SCAN_TIMEOUT_S: Final = 10.0  # a worker slower than this on one .pyc is stopped
+_SCAN_TIMEOUT_S: Final = 10.0  # a worker slower than this on a batch (plus below) is stopped
+_SCAN_PER_PYC_S: Final = 0.1
+_MAX_ANSWER: Final = 1 << 20  # a longer answer line is not believed
 _MAX_CRAWLED: Final = 20_000  # modules crawled at most (a bound for a crafted tree)
 _PYCACHE: Final = "/__pycache__/"
 _WAIT_S: Final = 30.0  # a prefetched file not cached by then is not waited for
@@ -152,6 +155,9 @@ class ImportCrawler:
             with trio.CancelScope(shield=True):
                 proc.kill()
                 await proc.wait()
+                for pipe in (proc.stdin, proc.stdout):
+                    if pipe is not None:
+                        await pipe.aclose()
             log.info(
                 "import-graph prefetch: %d modules crawled, %d libraries read, %d blobs "
                 "queued; %d files still awaited",
@@ -171,6 +177,7 @@ class ImportCrawler:
         """Crawl the ``.pyc`` files ready, in batches (one thread hop, one write to the
         worker and one prefetch request a batch, not a file)."""
         assert proc.stdin is not None and proc.stdout is not None
+        stdin = proc.stdin
         lines = LineReader(proc.stdout)
         async for first in self._ready_out:
             batch = [first]
@@ -179,28 +186,35 @@ class ImportCrawler:
                     batch.append(self._ready_out.receive_nowait())
                 except trio.WouldBlock:
                     break
-            read = await trio.to_thread.run_sync(self._read_batch, batch)
+            read, partial = await trio.to_thread.run_sync(self._read_batch, batch)
+            if partial:  # a .pyc of several chunks read before all of them landed
+                self._waiting.update((e.path, e) for e in partial)
+                self._more.set()
+            if not self.crawled and self._foreign >= _FOREIGN:
+                log.info("no import-graph prefetch: the .pyc files read are another Python's")
+                return
             if not read:
                 continue
-            answers: list[tuple[str, list[list[object]]]] = []
-            line: bytes | None = b""
-            with trio.move_on_after(_SCAN_TIMEOUT_S) as waited:
-                await proc.stdin.send_all(
-                    b"".join(len(data).to_bytes(4, "little") + data for _, data in read)
-                )
-                for path, _ in read:
-                    line = await lines.readline()
-                    if line is None:
-                        break
-                    found = json.loads(line)
-                    if isinstance(found, list):
-                        answers.append((path, found))
-            if waited.cancelled_caught or line is None:
+            raw: list[tuple[str, bytes]] = []
+            ended = False
+
+            with trio.move_on_after(_SCAN_TIMEOUT_S + len(read) * _SCAN_PER_PYC_S) as waited:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_send, stdin, read)  # while answers are read
+                    for path, _ in read:
+                        line = await lines.readline()
+                        if line is None:
+                            ended = True
+                            break
+                        if len(line) <= _MAX_ANSWER:
+                            raw.append((path, line))
+                    nursery.cancel_scope.cancel()
+            if waited.cancelled_caught or ended:
                 how = "stalled" if waited.cancelled_caught else "exited"
                 log.warning("import-graph prefetch stopped: the scan worker %s", how)
                 return
-            self.crawled += len(answers)
-            blobs, pycs, elves = await trio.to_thread.run_sync(self._plan_batch, answers)
+            blobs, pycs, elves, crawled = await trio.to_thread.run_sync(self._plan_batch, raw)
+            self.crawled += crawled
             if blobs:
                 self.queued += len(blobs)
                 await self._prefetch(blobs)  # logs its own failure: the crawl goes on
@@ -210,14 +224,12 @@ class ImportCrawler:
                 self._more.set()
             if self.crawled >= _MAX_CRAWLED:
                 return
-            if not self.crawled and self._foreign >= _FOREIGN:
-                log.info("no import-graph prefetch: the .pyc files read are another Python's")
-                return
 
-    def _read_batch(self, batch: list[Entry]) -> list[tuple[str, bytes]]:
+    def _read_batch(self, batch: list[Entry]) -> tuple[list[tuple[str, bytes]], list[Entry]]:
         """(path, bytes) of each ``.pyc`` of this interpreter's version in ``batch`` whose
-        blobs are still cached (an evicted one is not worth a fetch of its own)."""
+        blobs are cached, and the entries some of whose blobs are not (yet)."""
         out = []
+        partial = []
         for entry in batch:
             if entry.size > MAX_PYC:
                 continue
@@ -227,6 +239,7 @@ class ImportCrawler:
                     with open(self.cache.blob(d), "rb") as f:
                         parts.append(f.read())
             except OSError:
+                partial.append(entry)
                 continue
             data = b"".join(parts)
             if len(data) != entry.size:
@@ -235,21 +248,31 @@ class ImportCrawler:
                 self._foreign += 1
                 continue
             out.append((entry.path, data))
-        return out
+        return out, partial
 
     def _plan_batch(
-        self, answers: list[tuple[str, list[list[object]]]]
-    ) -> tuple[list[Digest], dict[str, Entry], dict[str, tuple[Entry, tuple[int, ...]]]]:
+        self, answers: list[tuple[str, bytes]]
+    ) -> tuple[list[Digest], dict[str, Entry], dict[str, tuple[Entry, tuple[int, ...]]], int]:
+        """Parse the worker's answers (untrusted: a crafted .pyc may have taken it over) and
+        plan them; the last value is how many .pyc files it could read."""
         blobs: list[Digest] = []
         pycs: dict[str, Entry] = {}
-        for path, found in answers:
-            more, new = self._plan(path, found)
+        crawled = 0
+        for path, line in answers:
+            try:
+                found = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(found, list):
+                continue
+            crawled += 1
+            more, new = self._plan(path, found[:MAX_IMPORTS])
             blobs += more
             pycs.update(new)
         elves: dict[str, tuple[Entry, tuple[int, ...]]] = {
             p: (e, (0,)) for p, e in pycs.items() if _is_library(p)
         }
-        return blobs, {p: e for p, e in pycs.items() if p not in elves}, elves
+        return blobs, {p: e for p, e in pycs.items() if p not in elves}, elves, crawled
 
     async def _poll_landed(self) -> None:
         """Hand each prefetched ``.pyc`` to the crawl once all its blobs are cached."""
@@ -418,10 +441,13 @@ class ImportCrawler:
             if not (isinstance(item, list) and len(item) == 3):
                 continue
             name, fromlist, level = item
-            if not isinstance(name, str) or not isinstance(level, int):
+            if not isinstance(name, str) or not (name == "" or valid_name(name)):
                 continue
-            if not isinstance(fromlist, list):
+            if not isinstance(level, int):
                 continue
+            if not isinstance(fromlist, list) or level < 0:
+                continue
+            fromlist = [x for x in fromlist[:MAX_FROMLIST] if valid_name(x)]
             for entry in self._targets(root, package, name, fromlist, level):
                 if entry.path in self._known:
                     continue
@@ -444,7 +470,7 @@ class ImportCrawler:
     ) -> list[Entry]:
         if level:
             base = package.split(".") if package else []
-            if level - 1 > len(base):
+            if level > len(base):  # beyond the top-level package: an ImportError
                 return []
             base = base[: len(base) - (level - 1)]
             full = ".".join([*base, name] if name else base)
@@ -509,13 +535,15 @@ class ImportCrawler:
         base = f"{root}/{rel}" if root else rel
         head, _, tail = base.rpartition("/")
         get = self._file
-        if get(f"{base}/__init__.py") is not None:
+        if get(f"{base}/__init__.py") is not None:  # the import system's order: a package,
             return get(f"{base}/__pycache__/__init__.{self._tag}.pyc") or get(f"{base}/__init__.py")
+        so = self._extensions_in(head).get(tail)  # an extension module, then source
+        if so:
+            return get(f"{head}/{so}" if head else so)
         if get(f"{base}.py") is not None:
             cached = f"{head}/__pycache__/{tail}.{self._tag}.pyc" if head else ""
             return (get(cached) if cached else None) or get(f"{base}.py")
-        so = self._extensions_in(head).get(tail)
-        return get(f"{head}/{so}" if head else so) if so else None
+        return None
 
     def _file(self, path: str) -> Entry | None:
         i = self.manifest.find(path)
@@ -547,3 +575,9 @@ def _is_library(path: str) -> bool:
     ``libx.so.1.2``."""
     name = path.rpartition("/")[2]
     return name.endswith(".so") or ".so." in name
+
+
+async def _send(stdin: trio.abc.SendStream, pycs: list[tuple[str, bytes]]) -> None:
+    """Each ``.pyc`` to the scan worker: a little-endian u32 length, then its bytes."""
+    for _, data in pycs:
+        await stdin.send_all(len(data).to_bytes(4, "little") + data)

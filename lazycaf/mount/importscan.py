@@ -10,9 +10,11 @@ for ``import torch`` from 2,535 to 1,061 with the same 1,019 of the 1,031 it loa
 Only a ``.pyc`` of this interpreter's version is read (its magic number): bytecode and
 ``marshal`` change between versions. ``marshal`` is not safe against crafted input, and a
 ``.pyc`` is the executable's, so untrusted: the mount unmarshals nothing itself. It runs
-this module as a worker process (``python -m lazycaf.mount.importscan``) that drops root
-(to ``nobody``) and caps its memory before it reads any input; a bad ``.pyc`` can at worst
-crash or stall the worker, and the mount then stops crawling (``lazycaf.mount.importcrawl``).
+this module as a worker process (``python -m lazycaf.mount.importscan``) that gives up root
+(to ``nobody``) and new privileges and caps its memory, CPU, files and processes before it
+reads any input; a bad ``.pyc`` gets no answer, and one that crashes or stalls the worker
+ends the crawl (``lazycaf.mount.importcrawl``). Answers are bounded (``MAX_NAME``,
+``MAX_PARTS``, ``MAX_FROMLIST``, ``MAX_IMPORTS``) and each code object is walked once.
 
 Worker protocol, on stdin/stdout: each request is a little-endian u32 length and that many
 bytes of a ``.pyc``; each answer one JSON line, ``null`` (not this version's, or unreadable)
@@ -33,9 +35,15 @@ from typing import Final
 __all__ = ["MAX_PYC", "Import", "module_imports"]
 
 MAX_PYC: Final = 8 << 20  # a larger .pyc is not sent to the worker
+MAX_NAME: Final = 256  # a longer module name is not an import anyone resolves
+MAX_PARTS: Final = 32  # nor one of more dotted parts
+MAX_FROMLIST: Final = 256
+MAX_IMPORTS: Final = 4096  # per .pyc
+_MAX_CODES: Final = 10_000  # code objects walked per .pyc (marshal shares them: walk each once)
 _HEADER: Final = 16  # magic, flags, and the source's mtime and size (or hash)
 _CO_OPTIMIZED: Final = 0x1  # a function's code; a module's or class body's has it clear
 _MEMORY: Final = 1 << 30  # the worker's address-space cap
+_CPU_S: Final = 300  # the worker's CPU-seconds cap (a run's crawl takes well under 1)
 
 Import = tuple[str, tuple[str, ...], int]  # (name, fromlist, level) as IMPORT_NAME gets them
 
@@ -67,11 +75,25 @@ def module_imports(pyc: bytes) -> list[Import] | None:
     if not isinstance(code, types.CodeType):
         return None
     out: list[Import] = []
-    _walk(code, out, depth=0)
-    return out
+    _walk(code, out, depth=0, seen=set())
+    return out[:MAX_IMPORTS]
 
 
-def _walk(code: types.CodeType, out: list[Import], *, depth: int) -> None:
+def valid_name(name: object) -> bool:
+    """A module name worth resolving: a string, not too long, of few parts, encodable."""
+    if not isinstance(name, str) or len(name) > MAX_NAME or name.count(".") >= MAX_PARTS:
+        return False
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no file is named so
+        return False
+    return True
+
+
+def _walk(code: types.CodeType, out: list[Import], *, depth: int, seen: set[int]) -> None:
+    if id(code) in seen or len(seen) >= _MAX_CODES or len(out) >= MAX_IMPORTS:
+        return
+    seen.add(id(code))
     raw = code.co_code
     names, consts = code.co_names, code.co_consts
     ext = 0
@@ -101,13 +123,14 @@ def _walk(code: types.CodeType, out: list[Import], *, depth: int) -> None:
                 lv, fl = _const(consts, prev[0][1]), _const(consts, prev[1][1])
                 level = lv if isinstance(lv, int) and 0 <= lv < 64 else 0
                 if isinstance(fl, tuple):
-                    fromlist = tuple(x for x in fl if isinstance(x, str))
-            out.append((names[arg], fromlist, level))
+                    fromlist = tuple(x for x in fl[:MAX_FROMLIST] if valid_name(x))
+            if valid_name(names[arg]):
+                out.append((names[arg], fromlist, level))
         prev = [*prev[-1:], (op, arg)]
     if depth < 8:
         for c in consts:
             if isinstance(c, types.CodeType) and not c.co_flags & _CO_OPTIMIZED:
-                _walk(c, out, depth=depth + 1)  # a class body: it runs at import
+                _walk(c, out, depth=depth + 1, seen=seen)  # a class body: runs at import
 
 
 def _const(consts: tuple[object, ...], k: int) -> object:
@@ -127,9 +150,12 @@ def _is_type_checking(code: types.CodeType, op: int, arg: int) -> bool:
 # -- the worker process --------------------------------------------------------------------
 def _confine() -> None:
     """Give up what a crafted .pyc could abuse before reading any: root (to ``nobody``),
-    memory beyond ``_MEMORY``, the right to write files."""
+    memory beyond ``_MEMORY``, CPU beyond ``_CPU_S``, new processes and privileges, more
+    files, the right to write them."""
+    import ctypes
     import resource
 
+    ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
     if os.geteuid() == 0:
         import pwd
 
@@ -139,6 +165,9 @@ def _confine() -> None:
         os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
     resource.setrlimit(resource.RLIMIT_AS, (_MEMORY, _MEMORY))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CPU, (_CPU_S, _CPU_S))
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
 
 
 def serve(inp: object, out: object) -> None:
@@ -156,12 +185,13 @@ def serve(inp: object, out: object) -> None:
         data = read(n)
         if len(data) < n:
             return
-        try:
+        try:  # anything a crafted .pyc makes marshal or the walk raise: no answer
             found = module_imports(data)
-        except (ValueError, EOFError, TypeError, MemoryError, RecursionError, IndexError):
-            found = None
-        answer = None if found is None else [[name, list(fl), lv] for name, fl, lv in found]
-        write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+            answer = None if found is None else [[nm, list(fl), lv] for nm, fl, lv in found]
+            line = json.dumps(answer, separators=(",", ":")).encode()
+        except Exception:  # SystemError, MemoryError, ...: no answer for this one
+            line = b"null"
+        write(line + b"\n")
         flush()
 
 

@@ -38,7 +38,8 @@ MODULES = {
     "app/pkg/__init__.py": "",
     "app/pkg/mod.py": "",
     "helper/__init__.py": "",
-    "helper/core.py": "from .. import deep\nimport deep\n",  # a level too far: ignored
+    "helper/core.py": "from .. import deep\nfrom . import inner\n",  # "..": too far
+    "helper/inner.py": "",
     "deep.py": "",
     "heavy/__init__.py": "",
     "lazy.py": "",
@@ -53,10 +54,10 @@ IMPORTED = [
     "app/sub.py",
     "helper/__init__.py",
     "helper/core.py",
-    "deep.py",  # imported by helper.core: found once that .pyc landed
+    "helper/inner.py",  # imported by helper.core: found once that .pyc landed
     "inclass.py",
 ]
-NOT_IMPORTED = ["app/unused.py", "heavy/__init__.py", "lazy.py", "extra/b.py"]
+NOT_IMPORTED = ["app/unused.py", "heavy/__init__.py", "lazy.py", "extra/b.py", "deep.py"]
 
 
 def make_site(tmp_path: Path) -> Path:
@@ -107,7 +108,7 @@ def test_without_the_import_graph(host: Host, tmp_path: Path) -> None:
     # directory prefetch alone: the read's directory, not the packages it imports
     assert cached(host, pyc(tree, "app/unused.py"))
     assert not cached(host, pyc(tree, "helper/core.py"))
-    assert not cached(host, pyc(tree, "deep.py"))
+    assert not cached(host, pyc(tree, "helper/inner.py"))
 
 
 def test_a_damaged_pyc_or_a_dead_worker_costs_the_run_nothing(host: Host, tmp_path: Path) -> None:
@@ -177,3 +178,19 @@ def test_an_extension_module_brings_the_libraries_it_links(host: Host, tmp_path:
 def holds(host: Host, data: bytes) -> bool:
     hexdigest = Digest.of(data).hex
     return (host.cache / "blobs" / hexdigest[:2] / hexdigest).exists()
+
+
+def test_another_pythons_pyc_files_turn_it_off(host: Host, tmp_path: Path) -> None:
+    tree = make_site(tmp_path)
+    for path in tree.rglob("*.pyc"):  # another interpreter's magic number
+        path.write_bytes(b"\x00\x00\r\n" + path.read_bytes()[4:])
+    cas = tmp_path / "cas"
+    pack(tree, cas, "--tag", "app:v1")
+    mnt = host.mountpoint()
+    host.cli("mount", "app:v1", mnt, "--cas", cas, "--no-crowd", "--no-record")
+    for rel in [*IMPORTED, "app/__init__.py"][:8]:
+        (mnt / pyc(tree, rel).relative_to(tree)).read_bytes()
+    wait_for(lambda: "another Python's" in mount_log(host, mnt), "the crawl to give up")
+    a, b = pyc(tree, "extra/a.py"), pyc(tree, "extra/b.py")
+    assert (mnt / a.relative_to(tree)).read_bytes() == a.read_bytes()
+    wait_for(lambda: cached(host, b), "directory prefetch of extra/'s other modules")

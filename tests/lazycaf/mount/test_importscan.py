@@ -94,3 +94,21 @@ def test_the_worker_answers_each_pyc_and_survives_garbage() -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_shared_code_objects_are_walked_once() -> None:
+    # marshal stores an object met again as a reference: 50 x 50 x ... copies of one class
+    # body cost nothing to send and must cost nothing to walk
+    code = compile("import x\n", "mod.py", "exec")
+    for _ in range(6):
+        code = code.replace(co_consts=(code,) * 50)
+    source_size = 0
+    pyc = importlib._bootstrap_external._code_to_timestamp_pyc(code, 0, source_size)  # type: ignore[attr-defined]
+    assert len(pyc) < 10_000
+    assert module_imports(pyc) == [("x", (), 0)] * 7  # one per distinct code object
+
+
+def test_names_no_one_could_import_are_left_out() -> None:
+    long_name = ".".join(["a"] * 40)
+    found = module_imports(pyc_of(f"import {long_name}\nimport ok\nfrom b import {'c' * 300}, d\n"))
+    assert found == [("ok", (), 0), ("b", ("d",), 0)]
