@@ -233,15 +233,11 @@ class ImportCrawler:
         for entry in batch:
             if entry.size > MAX_PYC:
                 continue
-            parts = []
-            try:
-                for d in entry.blob_digests():
-                    with open(self.cache.blob(d), "rb") as f:
-                        parts.append(f.read())
-            except OSError:
+            parts = [self._cached(d) for d in entry.blob_digests()]
+            if any(part is None for part in parts):
                 partial.append(entry)
                 continue
-            data = b"".join(parts)
+            data = b"".join(part for part in parts if part is not None)
             if len(data) != entry.size:
                 continue
             if data[:4] != MAGIC_NUMBER:
@@ -373,27 +369,31 @@ class ImportCrawler:
         chunks not cached yet."""
         digests = entry.blob_digests()
         cs = self.manifest.chunk_size
-        blob = self.cache.blob
+        chunks: dict[int, bytes | None] = {}  # each chunk file read once a look
 
         def read(off: int, n: int) -> bytes:
             if off < 0 or n <= 0 or off + n > entry.size:
                 raise ValueError("outside the file")
             first, last = off // cs, (off + n - 1) // cs
-            parts = []
-            lacking = []
             for k in range(first, last + 1):
-                try:
-                    with open(blob(digests[k]), "rb") as f:
-                        parts.append(f.read())
-                except OSError:
-                    lacking.append((k * cs, cs))
+                if k not in chunks:
+                    chunks[k] = self._cached(digests[k])
+            lacking = [(k * cs, cs) for k in range(first, last + 1) if chunks[k] is None]
             if lacking:
                 raise Missing(lacking, [])
-            data = b"".join(parts)
+            data = b"".join(chunks[k] or b"" for k in range(first, last + 1))
             start = off - first * cs
             return data[start : start + n]
 
         return read
+
+    def _cached(self, digest: Digest) -> bytes | None:
+        """A blob's bytes from the host cache, or None when it is not (or no longer) there."""
+        try:
+            with open(self.cache.blob(digest), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
 
     def _library(self, origin: str, name: str, search: tuple[str, ...]) -> Entry | None:
         """The tree's file the loader would find for ``name`` needed by ``origin``: on its
@@ -405,13 +405,14 @@ class ImportCrawler:
             folder = entry.replace("${ORIGIN}", "$ORIGIN").replace("$ORIGIN", "/" + here)
             if not folder.startswith("/") or "$" in folder:
                 continue  # the host's, or another token
-            found = self._follow(posixpath.normpath(f"{folder}/{name}").lstrip("/"))
+            found = self._file(posixpath.normpath(f"{folder}/{name}").lstrip("/"))
             if found is not None:
                 return found
         return None
 
-    def _follow(self, path: str) -> Entry | None:
-        """The file at ``path``, following the tree's symlinks (relative ones, within it)."""
+    def _file(self, path: str) -> Entry | None:
+        """The file at ``path``, following the tree's symlinks (relative ones, within it),
+        as the loader and the import system do."""
         for _ in range(_LINK_HOPS):
             i = self.manifest.find(path) if path and not path.startswith("..") else None
             if i is None:
@@ -544,12 +545,6 @@ class ImportCrawler:
             cached = f"{head}/__pycache__/{tail}.{self._tag}.pyc" if head else ""
             return (get(cached) if cached else None) or get(f"{base}.py")
         return None
-
-    def _file(self, path: str) -> Entry | None:
-        i = self.manifest.find(path)
-        if i is None or self.manifest.kind(i) not in (FILE, HARDLINK):
-            return None
-        return self.manifest.entry(i)
 
     def _extensions_in(self, folder: str) -> dict[str, str]:
         """Module name -> extension module file in ``folder`` (``m.cpython-311-*.so``,
