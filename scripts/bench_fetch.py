@@ -5,8 +5,11 @@ Prints figures and asserts nothing. Isolates what ``bench_prefetch`` measures in
 start (its "daemon / CAS server CPU per blob" rows): no mount, no workload, no shaped link,
 only ``prefetch <hot set>`` sent to a fresh daemon over loopback and timed until every blob
 is in the cache. Variant "this, bundle": the same code, the hot set sent as a mount sends it
-when its profile has a bundle (``prefetch_bundle``: one request for the bundle blob, which
-the recording run's save built), against "this": blob by blob (``blobs:get`` groups).
+when its profile has a bundle (``prefetch_bundle``: one request a part of the bundle, which
+the recording run's save built), against "this": blob by blob (``blobs:get`` groups), and
+"this, bundle, parts as stored": the same bundle rewritten here in the older part form (the
+blobs as the store keeps them, ``scripts/plainparts.py``) where its parts compress them
+together.
 
 Setup: the sample (``--sample``; default the torch sample of ``bench_prefetch --workload
 torch``, ``build/sample-torch``) is packed into a local-dir CAS; one cold run of the workload
@@ -32,6 +35,7 @@ Btrfs loop image; the mount that records the profile).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -72,6 +76,7 @@ from scripts.harness import (
     wait_daemon_ready,
     wait_for_line,
 )
+from scripts.plainparts import as_stored
 
 TITLE: Final = "Fetch path: a profile's hot set into an empty host cache, CPU per blob"
 PROFILE: Final = "bench-fetch"
@@ -90,7 +95,7 @@ class Variant:
     src: Path
     cas_url: str = ""
     cas_pid: int = 0
-    bundle: bool = False  # the hot set through the profile's bundle (one request)
+    bundle: Bundle | None = None  # the hot set through this bundle (one request a part)
 
 
 @dataclass
@@ -133,7 +138,7 @@ def start_cas(made: Made, lz: Lazycaf, v: Variant) -> Variant:
         )
     made.servers.append(proc)
     port = wait_for_line(proc, log, r"serving .*http://127\.0\.0\.1:(\d+)", f"cas {v.name}")
-    return Variant(v.name, v.src, f"http://127.0.0.1:{port}", proc.pid, v.bundle)
+    return dataclasses.replace(v, cas_url=f"http://127.0.0.1:{port}", cas_pid=proc.pid)
 
 
 def hot_set(cas_dir: Path, manifest_hex: str) -> tuple[list[Digest], int, Bundle | None]:
@@ -194,9 +199,7 @@ def verify_floor(cas_dir: Path, digests: list[Digest]) -> float:
     return 1000 * (time.process_time() - t0) / len(digests)
 
 
-def one_run(
-    made: Made, lz: Lazycaf, v: Variant, digests: list[Digest], bundle: Bundle | None, k: int
-) -> Sample:
+def one_run(made: Made, lz: Lazycaf, v: Variant, digests: list[Digest], k: int) -> Sample:
     cache = made.cache(lz, f"cache-{v.name}-{k}")
     log = made.log(f"fetcher-{v.name}-{k}.log")
     cmd = [str(lz.python), "-m", "lazycaf", "fetcher", "serve", "--cache", str(cache)]
@@ -214,7 +217,7 @@ def one_run(
         time.sleep(0.3)  # its start-up work (reconcile, zygote) out of the window
         d0, c0 = cpu_seconds(proc.pid), cpu_seconds(v.cas_pid)
         sock = cache / "fetcher.sock"
-        secs, blobs, nbytes = trio.run(prefetch_all, sock, digests, bundle if v.bundle else None)
+        secs, blobs, nbytes = trio.run(prefetch_all, sock, digests, v.bundle)
         d1, c1 = cpu_seconds(proc.pid), cpu_seconds(v.cas_pid)
     finally:
         stop_process(proc)
@@ -316,18 +319,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         digests, nbytes, bundle = hot_set(lz.cas, manifest)
         variants = [Variant("this", REPO)]
         if bundle is not None:
-            variants.append(Variant("this, bundle", REPO, bundle=True))
+            plain = as_stored(CasDir(lz.cas), bundle)
+            variants.append(Variant("this, bundle, parts as stored", REPO, bundle=plain))
+            variants.append(Variant("this, bundle", REPO, bundle=bundle))
+            say(
+                f"bundle: {len(bundle.parts)} parts, {bundle.size / 1e6:.1f} MB compressed "
+                f"together, {plain.size / 1e6:.1f} MB as stored"
+            )
         else:
-            say("the profile has no bundle: its variant is left out")
+            say("the profile has no bundle: its variants are left out")
         if args.baseline is not None:
             variants.insert(0, Variant("baseline", args.baseline.resolve()))
         variants = [start_cas(made, lz, v) for v in variants]
         res = Results(len(digests), nbytes, verify_floor(lz.cas, digests))
         res.runs = {v.name: [] for v in variants}
-        one_run(made, lz, variants[-1], digests, bundle, 0)  # untimed: the store into memory
+        one_run(made, lz, variants[-1], digests, 0)  # untimed: the store into memory
         for k in range(1, args.runs + 1):
             for v in variants:
-                s = one_run(made, lz, v, digests, bundle, k)
+                s = one_run(made, lz, v, digests, k)
                 say(
                     f"{v.name} run {k}: {s.seconds:.2f} s, daemon {s.daemon_cpu:.2f} CPU-s, "
                     f"CAS {s.cas_cpu:.2f} CPU-s, {s.blobs} blobs"

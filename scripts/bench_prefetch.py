@@ -26,6 +26,9 @@ rate limit; the CAS server and the squashfs HTTP server run in the root namespac
    once beforehand (``lazycaf profile record`` on its own cold cache, over the first link);
    its ref is reset to that recording before every run, so each run sees the same profile
    (mounts merge their run into the profile on umount);
+2a. lazycaf cold, with profile, bundle parts as stored: the same profile with its hot-set
+   bundle rewritten here in the older part form (the blobs as the store keeps them, one batch
+   record each: ``lazycaf.cas.bundlepart``), against 2's parts compressed together;
 3. lazycaf warm: the python run again in the same mounts (page cache warm), once the
    daemon's background fetching has settled. Diagnostics after each with-profile run: the
    same cache (every blob now local) is mounted again with the profile after ``drop_caches``
@@ -93,6 +96,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from lazycaf.cas.casdir import CasDir
+from lazycaf.core.digest import Digest
 from lazycaf.host.indexlock import forget_lock
 from lazycaf.host.paths import CacheLayout
 from lazycaf.mount.root import mount_pid
@@ -129,6 +134,7 @@ from scripts.harness import (
     wait_daemon_ready,
     wait_for_line,
 )
+from scripts.plainparts import profile_as_stored
 
 REF: Final = "sample:v1"
 #: Another executable: the sample plus one file of its own, never run before (crowd variant).
@@ -213,6 +219,7 @@ class Env:
     http_port: int
     image: Path  # the squashfs image, served by the HTTP server as /<name>
     profile_digest: str = ""
+    plain_profile_digest: str = ""  # the same profile, its bundle's parts as stored (2a)
     code: str = IMPORT_CODE  # the workload: python -c CODE
     workload: str = "numpy"
     tarball: Path | None = None  # the tar.zst of the tree, served beside the image
@@ -479,13 +486,15 @@ def lazycaf_cold(
     again: bool,
     crowd: bool = False,
     import_graph: bool = True,
+    plain_parts: bool = False,
 ) -> LazyRun:
     """One cold start from a fresh cache and daemon, then warm runs in the same mount;
     ``again``: unmount, drop caches, and time a cold start from the now full host cache.
     ``crowd`` (with ``profile`` False): mount ``REF_B``, an executable with no profile of its
     own, so only the crowd hot set (the sample's profiles, by digest) prefetches; its runs are
     not recorded (a second crowd run must not learn from the first). ``import_graph``
-    False: without the import-graph prefetch (the code before it, for comparison)."""
+    False: without the import-graph prefetch (the code before it, for comparison).
+    ``plain_parts`` (with ``profile``): the profile whose bundle's parts are as stored."""
     cache = env.new_cache(f"cache-{tag}")
     mnt = env.made.mountpoint("mnt-lazycaf")
     # no profile: a profile name no run has recorded, so the mount fetches on demand plus
@@ -499,7 +508,8 @@ def lazycaf_cold(
     with daemon_in(net, env, cache) as daemon:
         if profile:  # every run starts from the profile recorded beforehand
             url = f"http://127.0.0.1:{env.cas_port}/v1/refs/profiles/{PROFILE}"
-            http_put(url, env.profile_digest.encode())
+            digest = env.plain_profile_digest if plain_parts else env.profile_digest
+            http_put(url, digest.encode())
         zygote = frozenset(children_matching(daemon.pid, "zygote"))  # "lazycaf zygote SOCK"
         if not zygote:
             say("WARNING: the daemon's mount zygote not found: its CPU counts as the daemon's")
@@ -671,7 +681,22 @@ def record_profile(net: Net, env: Env) -> list[str]:
     wanted = ("profile ", "hot set", "hot-set bundle", "blocked")
     lines = [ln for ln in show.splitlines() if ln.startswith(wanted)]
     first = f"profile recorded over the {net.name} link in {secs:.2f} s (cold, mount to umount)"
-    return [first, *lines]
+    env.plain_profile_digest, plain = plain_parts_profile(env.lz.cas, env.profile_digest)
+    return [first, *lines, plain]
+
+
+def plain_parts_profile(cas_dir: Path, profile_hex: str) -> tuple[str, str]:
+    """Store a copy of the profile whose bundle's parts are in the older form (a plain batch
+    of the blobs as the store keeps them); its digest, and a line saying both sizes."""
+    try:
+        digest, before, after = profile_as_stored(CasDir(cas_dir), Digest.parse(profile_hex))
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    line = (
+        f"bundle parts: {fmt_mb(before.size)} compressed together, "
+        f"{fmt_mb(after.size)} as stored (variant 2a)"
+    )
+    return digest.hex, line
 
 
 # -- one network profile -------------------------------------------------------------------
@@ -683,6 +708,7 @@ class ProfileResult:
     noimp: list[LazyRun] = field(default_factory=list)  # no profile, no import graph
     crowd: list[LazyRun] = field(default_factory=list)
     prof: list[LazyRun] = field(default_factory=list)
+    plain: list[LazyRun] = field(default_factory=list)  # profile, bundle parts as stored
     native_cold: list[float] = field(default_factory=list)
     native_warm: list[float] = field(default_factory=list)
     squash: list[SquashRun] = field(default_factory=list)
@@ -757,6 +783,12 @@ def run_once(
         res.prof.append(r)
         say(f"{name} run {i}: profile: mount {r.mount:.3f} s, run {r.run:.3f} s")
 
+    def plain() -> None:
+        tag = f"{name}-plain-{i}"
+        r = lazycaf_cold(net, env, profile=True, tag=tag, again=False, plain_parts=True)
+        res.plain.append(r)
+        say(f"{name} run {i}: profile, bundle parts as stored: run {r.run:.3f} s")
+
     def native() -> None:
         drop_caches()
         res.native_cold.append(time_python(env.sample, env.code))
@@ -775,7 +807,7 @@ def run_once(
         res.tar.append(r)
         say(f"{name} run {i}: tarball download+extract {r.fetch:.3f} s, total {r.total:.3f} s")
 
-    steps = [noprof, noimp, crowd, prof] + ([native, squash] if squash_url else [])
+    steps = [noprof, noimp, crowd, prof, plain] + ([native, squash] if squash_url else [])
     steps += [tar] if tar_url else []
     k = i % len(steps)
     for step in steps[k:] + steps[:k]:
@@ -821,6 +853,7 @@ def table(res: ProfileResult, image_bytes: int, tar_bytes: int = 0) -> list[str]
         lazy_row("lazycaf cold, no profile, no import graph", res.noimp, None, ""),
         lazy_row("lazycaf cold, no own profile, crowd hot set", res.crowd, None, ""),
         lazy_row("lazycaf cold, with profile", res.prof, target, ""),
+        lazy_row("lazycaf cold, with profile, bundle parts as stored", res.plain, None, ""),
         md_row("lazycaf warm (same mounts)", "-", *[fmt_s(median(warm))] * 2, warm_wire, "-", "-"),
     ]
     if cached:
@@ -871,6 +904,7 @@ def lazy_variants(res: ProfileResult) -> list[tuple[str, list[LazyRun]]]:
         ("no profile, no import graph", res.noimp),
         ("no own profile, crowd", res.crowd),
         ("with profile", res.prof),
+        ("with profile, bundle parts as stored", res.plain),
     ]
 
 
@@ -944,6 +978,7 @@ def ratio_rows(res: ProfileResult) -> list[tuple[str, float, float, float | None
         ("cold, no profile / squashfs image", res.noprof, RATIO_TARGETS["noprof"]),
         ("cold, no profile, no import graph / squashfs image", res.noimp, None),
         ("cold, crowd hot set / squashfs image", res.crowd, RATIO_TARGETS["crowd"]),
+        ("cold, with profile, bundle parts as stored / squashfs image", res.plain, None),
     ]
     for what, rs, target in lazy:
         t = target if isinstance(target, float) else None
@@ -1004,6 +1039,7 @@ def run_notes(res: ProfileResult) -> list[str]:
         ("no import graph", res.noimp),
         ("crowd", res.crowd),
         ("profile", res.prof),
+        ("profile, parts as stored", res.plain),
     )
     for label, rs in labelled:
         for i, r in enumerate(rs):
@@ -1126,12 +1162,21 @@ def figures(res: ProfileResult) -> list[Figure]:
             "lazycaf cold, no own profile, crowd hot set, total", [r.total for r in res.crowd]
         ),
         vs_squash("lazycaf cold, with profile, total", [r.total for r in res.prof]),
+        vs_squash(
+            "lazycaf cold, with profile, bundle parts as stored, total",
+            [r.total for r in res.plain],
+        ),
         Figure(f"{name}: lazycaf cold, no profile, mount", "s", tuple(r.mount for r in res.noprof)),
         Figure(f"{name}: lazycaf cold, with profile, mount", "s", tuple(r.mount for r in res.prof)),
         Figure(
             f"{name}: lazycaf cold, with profile, bytes over the link",
             "bytes",
             tuple(float(r.wire) for r in res.prof),
+        ),
+        Figure(
+            f"{name}: lazycaf cold, with profile, bundle parts as stored, bytes over the link",
+            "bytes",
+            tuple(float(r.wire) for r in res.plain),
         ),
         Figure(
             f"{name}: lazycaf warm",

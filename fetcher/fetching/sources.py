@@ -28,7 +28,8 @@ from fetcher.fetching.peersource import HomeCouldNotFetch, PeerIsSelf, PeerSourc
 from fetcher.fetching.source import Arrived, BlobSource, Fetched, Outcome
 from fetcher.peers.peerset import PeerSet
 from lazycaf.cas.api import CAS
-from lazycaf.cas.batch import Record, unpack_batch
+from lazycaf.cas.batch import Record
+from lazycaf.cas.bundlepart import unpack_part
 from lazycaf.cas.http import HttpCAS
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
@@ -124,7 +125,7 @@ class CasSource:
 
 
 def _records(encoding: str, payload: bytes) -> list[Record]:
-    return unpack_batch(framing.decode(encoding, payload, what="bundle part"))
+    return unpack_part(framing.decode(encoding, payload, what="bundle part"))
 
 
 class TieredSource:

@@ -1,15 +1,15 @@
 """Hot-set bundles: a profile's prefetch plan stored as a few blobs, each sent with one request.
 
-A bundle is a list of *parts*, each an ordinary blob whose bytes are ``lazycaf.cas.batch``
-records: the plan's blobs as the store keeps them (zstd frames or raw), in plan order, each
-once, cut into parts of 1 MiB, then 2, 4 and 8 MiB (the first blobs land early, and a part
-whose blobs a run already fetched on its own is not sent at all: a single blob for the whole
-hot set would send them twice where the link is slower than the run). A daemon streams each
-part with one GET and stores each record as it arrives (``fetcher.fetching.service``),
-where the blob-by-blob path costs a request per few blobs on both ends; the store sends one
-file (a directory) or one object (a bucket) a part. Each record is verified on its own
-when it is stored, so a part's own digest is never needed to trust its contents: it only
-names it.
+A bundle is a list of *parts*, each an ordinary blob holding the plan's blobs in plan order,
+each once, decoded and compressed together (``lazycaf.cas.bundlepart``: small files share a
+zstd frame where the store keeps a frame each), cut into parts of 1 MiB, then 2, 4 and 8 MiB
+of the blobs as stored (the first blobs land early, and a part whose blobs a run already
+fetched on its own is not sent at all: a single blob for the whole hot set would send them
+twice where the link is slower than the run). A daemon streams each part with one GET and
+stores each record as it arrives (``fetcher.fetching.service``), where the blob-by-blob path
+costs a request per few blobs on both ends; the store sends one file (a directory) or one
+object (a bucket) a part. Each record is verified on its own when it is stored, so a part's
+own digest is never needed to trust its contents: it only names it.
 
 ``make_bundle`` builds one where the blobs are: the CAS server builds it from its own store
 (``POST /v1/bundles``, ``HttpCAS.build_bundle``); a local directory or a bucket reached
@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from lazycaf.cas.batch import Record, pack_batch
+from lazycaf.cas.batch import Record
+from lazycaf.cas.bundlepart import pack_part
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import UsageError
 
@@ -135,8 +136,10 @@ async def assemble(
             continue
         break
     full = [p for p in parts if p]
-    bodies = await trio.to_thread.run_sync(lambda: [pack_batch(p) for p in full])
-    return [(body, [r[0] for r in p]) for body, p in zip(bodies, full, strict=True)]
+    built = await trio.to_thread.run_sync(
+        lambda: [pack_part(p, first=i == 0) for i, p in enumerate(full)]
+    )
+    return [(body, blobs) for body, blobs in built if blobs]
 
 
 async def store_parts(

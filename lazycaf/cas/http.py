@@ -20,6 +20,7 @@ import trio
 
 from lazycaf.cas.batch import BatchReader, Record, pack_batch, unpack_batch
 from lazycaf.cas.bundle import MAX_BUNDLE_BLOBS, Bundle
+from lazycaf.cas.bundlepart import PartReader
 from lazycaf.cas.casdir import check_ref_name
 from lazycaf.cas.gc import StoredBlob
 from lazycaf.cas.refs import ANY, Expected
@@ -293,7 +294,7 @@ class HttpCAS:
         ``STREAM_RUN_BYTES``); the records are not verified here, each is on its own where
         it is stored. ``BlobNotFound`` if the store lacks the part."""
         path = f"/v1/blobs/{digest.hex}"
-        try:  # the records are zstd already: ask for the bundle's bytes as they are
+        try:  # compressed already: ask for the part's bytes as they are
             async with self._client.stream(
                 "GET", path, headers={"accept-encoding": "identity"}
             ) as r:
@@ -303,7 +304,7 @@ class HttpCAS:
                     await r.aread()
                     self._check_status(r, "GET", path)
                     self._expect(r, f"GET {path}")
-                await _hand_over(r, arrived, first=_FIRST_RUN)
+                await _hand_over(r, arrived, first=_FIRST_RUN, part=True)
         except httpx.TransportError as exc:
             raise self._unavailable(exc) from exc
         except UsageError as exc:  # the bundle did not parse
@@ -423,17 +424,32 @@ def _decode_verify(digest: Digest, encoding: str, payload: bytes) -> bytes:
     return verify_blob(digest, encoding, payload).data
 
 
-async def _hand_over(response: httpx.Response, arrived: Arrived, *, first: int = 0) -> None:
-    """Parse a ``blobs:get`` answer (or a bundle's part) as it arrives; hand records over in
-    runs of ``STREAM_RUN_BYTES``, the first ones smaller when ``first`` says so (from
-    ``first`` bytes, doubling): a run's first blob waits for the whole run."""
-    reader = BatchReader(max_record=framing.MAX_DECODED + (1 << 20))
+async def _hand_over(
+    response: httpx.Response, arrived: Arrived, *, first: int = 0, part: bool = False
+) -> None:
+    """Parse a ``blobs:get`` answer (or, ``part``, a bundle's part: ``lazycaf.cas.bundlepart``,
+    its frames decompressed in a worker thread) as it arrives; hand records over in runs of
+    ``STREAM_RUN_BYTES``, the first ones smaller when ``first`` says so (from ``first``
+    bytes, doubling): a run's first blob waits for the whole run."""
+    batch = BatchReader(max_record=framing.MAX_DECODED + (1 << 20))
+    reader = PartReader() if part else None
     run: list[Record] = []
     size = 0
     limit = first or STREAM_RUN_BYTES
+
+    async def parsed(chunk: bytes) -> list[Record]:
+        if reader is None:
+            return batch.feed(chunk)
+        reader.feed(chunk)
+        if not reader.ready:
+            return []
+        if reader.compressed:
+            return await trio.to_thread.run_sync(reader.records)
+        return reader.records()
+
     try:
         async for chunk in response.aiter_raw():
-            for record in reader.feed(chunk):
+            for record in await parsed(chunk):
                 run.append(record)
                 size += len(record[2])
                 if size >= limit:
@@ -444,6 +460,6 @@ async def _hand_over(response: httpx.Response, arrived: Arrived, *, first: int =
         if run:  # the whole records that arrived before the connection dropped are kept
             await arrived(run)
         raise
-    reader.finish()
+    (batch if reader is None else reader).finish()
     if run:
         await arrived(run)

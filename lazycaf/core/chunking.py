@@ -12,6 +12,7 @@ from typing import Final
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "MAX_CHUNK",
     "chunk_count",
     "chunk_spans",
     "chunks_touched",
@@ -20,12 +21,12 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE: Final = 1 << 20
 _MIN_CHUNK: Final = 64 << 10
-_MAX_CHUNK: Final = 64 << 20
+MAX_CHUNK: Final = 64 << 20  # a blob of a file is at most this long
 
 
 def validate_chunk_size(chunk_size: int) -> int:
     """Return ``chunk_size`` if it is a 4 KiB multiple in [64 KiB, 64 MiB], else raise."""
-    if not (_MIN_CHUNK <= chunk_size <= _MAX_CHUNK) or chunk_size % 4096:
+    if not (_MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size % 4096:
         raise ValueError(
             f"chunk size must be a multiple of 4 KiB in [64 KiB, 64 MiB]: {chunk_size}"
         )

@@ -35,6 +35,7 @@ from fetcher.web.asgi import bind_socket, serve_app
 from lazycaf.cas import casdir
 from lazycaf.cas.batch import unpack_batch
 from lazycaf.cas.bundle import MAX_BUNDLE_BLOBS
+from lazycaf.cas.bundlepart import unpack_part
 from lazycaf.cas.casdir import CasDir, Staged
 from lazycaf.cas.http import MISSING_BATCH
 from lazycaf.core import framing
@@ -541,7 +542,8 @@ def test_missing_answers_the_missing_ones(server: CasServer, client: httpx.Clien
 def test_bundles_are_built_here_need_the_write_token_and_bound_their_list(
     server: CasServer, client: httpx.Client
 ) -> None:
-    blobs = [put(client, server, compressible(100_000)), put(client, server, unique("raw"))]
+    data = [compressible(100_000), unique("raw")]
+    blobs = [put(client, server, x) for x in data]
     absent = Digest.of(unique("absent"))
     body = {"digests": [d.hex for d in (blobs[1], absent, blobs[0])]}
     assert client.post("/v1/bundles", json=body).status_code == 401
@@ -553,7 +555,9 @@ def test_bundles_are_built_here_need_the_write_token_and_bound_their_list(
     assert part["blobs"] == [blobs[1].hex, blobs[0].hex]  # the store lacks the other
     _, raw = get_raw(client, f"/v1/blobs/{part['digest']}", **{"accept-encoding": "identity"})
     assert len(raw) == part["bytes"] and Digest.of(raw).hex == part["digest"]
-    assert [r[0] for r in unpack_batch(raw)] == [blobs[1], blobs[0]]
+    records = unpack_part(raw)  # compressed together, each record its blob's own bytes
+    assert [(d, enc) for d, enc, _ in records] == [(blobs[1], "identity"), (blobs[0], "identity")]
+    assert records[0][2] == data[1] and records[1][2] == data[0]
     # the same list again: the bundle built lately, not a second build
     again = client.post("/v1/bundles", json=body, headers=auth(server))
     assert again.json() == answer
@@ -890,7 +894,6 @@ def test_batch_needs_the_token_and_a_wellformed_body(
 
 
 def test_get_many_in_one_response(server: CasServer, client: httpx.Client) -> None:
-    from lazycaf.cas.batch import unpack_batch
 
     blobs = [unique(f"getmany-{i}", repeat=100) for i in range(4)]
     digests = [put(client, server, b) for b in blobs]

@@ -23,6 +23,7 @@ from fetcher.fetching.prefetch import PrefetchQueue
 from fetcher.fetching.service import FetchService
 from fetcher.fetching.sources import CasSource, TieredSource
 from lazycaf.cas.batch import pack_batch
+from lazycaf.cas.bundlepart import pack_part
 from lazycaf.cas.casdir import CasDir
 from lazycaf.cas.local import LocalCAS
 from lazycaf.core.digest import Digest
@@ -227,11 +228,14 @@ async def test_a_bundle_the_store_lost_leaves_its_blobs_to_the_blob_by_blob_path
         assert stats["bundle_parts_fetched"] == 0 and stats["prefetched"] == 4
 
 
-async def test_a_tampered_bundle_never_puts_bad_bytes_in_the_cache(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["compressed", "plain batch"])
+async def test_a_tampered_bundle_never_puts_bad_bytes_in_the_cache(
+    tmp_path: Path, form: str
+) -> None:
     async with daemon(tmp_path) as d:
         records = [(DIGESTS[0], "identity", BLOBS[0]), (DIGESTS[1], "identity", b"evil\n" * 50)]
         records.append((DIGESTS[2], "identity", BLOBS[2]))
-        body = pack_batch(records)
+        body = pack_part(records)[0] if form == "compressed" else pack_batch(records)
         bundle = Digest.of(body)
         d.store.write(bundle, body)
         await d.client.prefetch_bundle([(bundle, DIGESTS[:3])])
