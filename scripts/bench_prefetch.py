@@ -26,6 +26,10 @@ rate limit; the CAS server and the squashfs HTTP server run in the root namespac
    once beforehand (``lazycaf profile record`` on its own cold cache, over the first link);
    its ref is reset to that recording before every run, so each run sees the same profile
    (mounts merge their run into the profile on umount);
+2b. lazycaf cold, with profile, cache compressed as written: the same as 2 with the daemon's
+   cache compressing each blob as it is written (``LAZYCAF_DEFER_COMPRESSION=0``: Btrfs at
+   writeback, in the window), where by default it writes them plain and compresses them once
+   fetching has gone quiet;
 2a. lazycaf cold, with profile, bundle parts as stored: the same profile with its hot-set
    bundle rewritten here in the older part form (the blobs as the store keeps them, one batch
    record each: ``lazycaf.cas.bundlepart``), against 2's parts compressed together;
@@ -48,7 +52,9 @@ the fetcher daemon (its mount zygote apart), the mount process (plus the zygote'
 the ``lazycaf mount`` client), the CAS server, the delay-line relay in front of it, and the
 workload's python, each process with its live descendants and reaped children, read from
 ``/proc`` before and after the window; the daemon's and the CAS server's are also given per
-blob the daemon fetched in the window. Per-opcode FUSE request counts come from the mount's
+blob the daemon fetched in the window; and the whole machine's busy time in the window
+(``/proc/stat``: kernel threads too, such as the writeback that compresses what the daemon
+wrote into the Btrfs cache). Per-opcode FUSE request counts come from the mount's
 log (the mount logs them on its way out): over the first mount's life (the cold run and the
 warm runs) and, with a profile, of the remount from the full cache (one cold run alone).
 With ``--workload torch`` a table also sets the figures against issue 17's ratio targets
@@ -111,6 +117,7 @@ from scripts.harness import (
     Record,
     btrfs_image,
     build_sample,
+    busy_seconds,
     cleanup,
     cleanup_mounts,
     default_json,
@@ -262,9 +269,12 @@ class Net:
 
 
 @contextlib.contextmanager
-def daemon_in(net: Net, env: Env, cache: Path) -> Iterator[subprocess.Popen[Any]]:
+def daemon_in(
+    net: Net, env: Env, cache: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[Any]]:
     """A fresh fetcher daemon for ``cache`` on ``net`` (yielded: its process, the daemon
-    itself since ``nsenter`` execs); stopped and its cache removed after."""
+    itself since ``nsenter`` execs), ``extra_env`` in its environment; stopped and its cache
+    removed after."""
     log = env.made.log(f"fetcher-{cache.name}.log")
     cmd = [str(env.lz.python), "-m", "lazycaf", "fetcher", "serve", "--cache", str(cache)]
     with open(log, "ab") as out:
@@ -274,6 +284,7 @@ def daemon_in(net: Net, env: Env, cache: Path) -> Iterator[subprocess.Popen[Any]
             stdout=out,
             stderr=out,
             cwd=str(REPO),
+            env={**os.environ, **(extra_env or {})},
         )
     try:
         wait_daemon_ready(proc, cache, log)
@@ -487,6 +498,7 @@ def lazycaf_cold(
     crowd: bool = False,
     import_graph: bool = True,
     plain_parts: bool = False,
+    compress_at_write: bool = False,
 ) -> LazyRun:
     """One cold start from a fresh cache and daemon, then warm runs in the same mount;
     ``again``: unmount, drop caches, and time a cold start from the now full host cache.
@@ -494,7 +506,9 @@ def lazycaf_cold(
     own, so only the crowd hot set (the sample's profiles, by digest) prefetches; its runs are
     not recorded (a second crowd run must not learn from the first). ``import_graph``
     False: without the import-graph prefetch (the code before it, for comparison).
-    ``plain_parts`` (with ``profile``): the profile whose bundle's parts are as stored."""
+    ``plain_parts`` (with ``profile``): the profile whose bundle's parts are as stored.
+    ``compress_at_write``: the daemon's cache compresses blobs as it writes them (Btrfs at
+    writeback), not once fetching is quiet (``LAZYCAF_DEFER_COMPRESSION=0``)."""
     cache = env.new_cache(f"cache-{tag}")
     mnt = env.made.mountpoint("mnt-lazycaf")
     # no profile: a profile name no run has recorded, so the mount fetches on demand plus
@@ -505,7 +519,8 @@ def lazycaf_cold(
     scratch += [] if import_graph else ["--no-import-graph"]
     ref = REF_B if crowd else REF
     log = mount_log(cache, mnt)
-    with daemon_in(net, env, cache) as daemon:
+    extra = {"LAZYCAF_DEFER_COMPRESSION": "0"} if compress_at_write else None
+    with daemon_in(net, env, cache, extra) as daemon:
         if profile:  # every run starts from the profile recorded beforehand
             url = f"http://127.0.0.1:{env.cas_port}/v1/refs/profiles/{PROFILE}"
             digest = env.plain_profile_digest if plain_parts else env.profile_digest
@@ -517,11 +532,12 @@ def lazycaf_cold(
         drop_caches()
         offset = log_size(log)
         wire0 = env.cas_bytes_sent()
-        ticks0, cli0 = probe.ticks(), children_cpu_s()
+        ticks0, cli0, busy0 = probe.ticks(), children_cpu_s(), busy_seconds()
         t_mount = env.lz.mount(ref, mnt, cache, *([] if profile else scratch))
         cli1 = children_cpu_s()
         t_run = time_python(mnt, env.code)
         cpu = cpu_seconds(ticks0, probe.ticks())
+        cpu["machine"] = busy_seconds() - busy0  # every process and kernel thread
         cpu["workload"] = children_cpu_s() - cli1
         cpu["mount_cli"] = cli1 - cli0
         pid = mount_pid(mnt)
@@ -709,6 +725,7 @@ class ProfileResult:
     crowd: list[LazyRun] = field(default_factory=list)
     prof: list[LazyRun] = field(default_factory=list)
     plain: list[LazyRun] = field(default_factory=list)  # profile, bundle parts as stored
+    atwrite: list[LazyRun] = field(default_factory=list)  # profile, compressed as written
     native_cold: list[float] = field(default_factory=list)
     native_warm: list[float] = field(default_factory=list)
     squash: list[SquashRun] = field(default_factory=list)
@@ -789,6 +806,12 @@ def run_once(
         res.plain.append(r)
         say(f"{name} run {i}: profile, bundle parts as stored: run {r.run:.3f} s")
 
+    def atwrite() -> None:
+        tag = f"{name}-atwrite-{i}"
+        r = lazycaf_cold(net, env, profile=True, tag=tag, again=False, compress_at_write=True)
+        res.atwrite.append(r)
+        say(f"{name} run {i}: profile, cache compressed as written: run {r.run:.3f} s")
+
     def native() -> None:
         drop_caches()
         res.native_cold.append(time_python(env.sample, env.code))
@@ -807,7 +830,8 @@ def run_once(
         res.tar.append(r)
         say(f"{name} run {i}: tarball download+extract {r.fetch:.3f} s, total {r.total:.3f} s")
 
-    steps = [noprof, noimp, crowd, prof, plain] + ([native, squash] if squash_url else [])
+    steps = [noprof, noimp, crowd, prof, plain, atwrite]
+    steps += [native, squash] if squash_url else []
     steps += [tar] if tar_url else []
     k = i % len(steps)
     for step in steps[k:] + steps[:k]:
@@ -854,6 +878,7 @@ def table(res: ProfileResult, image_bytes: int, tar_bytes: int = 0) -> list[str]
         lazy_row("lazycaf cold, no own profile, crowd hot set", res.crowd, None, ""),
         lazy_row("lazycaf cold, with profile", res.prof, target, ""),
         lazy_row("lazycaf cold, with profile, bundle parts as stored", res.plain, None, ""),
+        lazy_row("lazycaf cold, with profile, cache compressed as written", res.atwrite, None, ""),
         md_row("lazycaf warm (same mounts)", "-", *[fmt_s(median(warm))] * 2, warm_wire, "-", "-"),
     ]
     if cached:
@@ -905,15 +930,18 @@ def lazy_variants(res: ProfileResult) -> list[tuple[str, list[LazyRun]]]:
         ("no own profile, crowd", res.crowd),
         ("with profile", res.prof),
         ("with profile, bundle parts as stored", res.plain),
+        ("with profile, cache compressed as written", res.atwrite),
     ]
 
 
 def cpu_table(res: ProfileResult) -> list[str]:
-    """Where the CPU went in the cold starts' timed window (mount + run), medians."""
+    """Where the CPU went in the cold starts' timed window (mount + run), medians; "machine":
+    the whole machine's busy time in the window (kernel threads too: writeback, the loop
+    device), of two cores."""
     rows = [
         "| cold start | blobs fetched | daemon s | mount s | CAS server s | relay s "
-        "| python s | daemon ms/blob | CAS ms/blob |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| python s | machine s | daemon ms/blob | CAS ms/blob |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, rs in lazy_variants(res):
         if not rs:
@@ -932,6 +960,7 @@ def cpu_table(res: ProfileResult) -> list[str]:
                 m("cas"),
                 m("relay"),
                 m("workload"),
+                m("machine"),
                 f"{median([r.cpu_per_blob_ms('daemon') for r in rs]):.3f}",
                 f"{median([r.cpu_per_blob_ms('cas') for r in rs]):.3f}",
             )
@@ -979,6 +1008,7 @@ def ratio_rows(res: ProfileResult) -> list[tuple[str, float, float, float | None
         ("cold, no profile, no import graph / squashfs image", res.noimp, None),
         ("cold, crowd hot set / squashfs image", res.crowd, RATIO_TARGETS["crowd"]),
         ("cold, with profile, bundle parts as stored / squashfs image", res.plain, None),
+        ("cold, with profile, cache compressed as written / squashfs image", res.atwrite, None),
     ]
     for what, rs, target in lazy:
         t = target if isinstance(target, float) else None
@@ -1040,6 +1070,7 @@ def run_notes(res: ProfileResult) -> list[str]:
         ("crowd", res.crowd),
         ("profile", res.prof),
         ("profile, parts as stored", res.plain),
+        ("profile, compressed as written", res.atwrite),
     )
     for label, rs in labelled:
         for i, r in enumerate(rs):
@@ -1059,13 +1090,20 @@ def run_notes(res: ProfileResult) -> list[str]:
             fuse = json.dumps(r.fuse, separators=(",", ":")) if r.fuse else "?"
             if r.cached_fuse:
                 fuse += f"; full-cache remount {json.dumps(r.cached_fuse, separators=(',', ':'))}"
+            bundled = ""
+            if s.get("blobs_from_bundles"):
+                bundled = (
+                    f", {s['blobs_from_bundles']:.0f} blobs from the bundle's "
+                    f"{s.get('bundle_parts_fetched', 0):.0f} parts, "
+                    f"{fmt_mb(s.get('bundle_bytes_unused', 0))} of its records unused"
+                )
             notes.append(
                 f"{label} run {i}: mount {r.mount:.3f} + run {r.run:.3f} = {r.total:.3f} s; "
                 f"{wire}; daemon: {s.get('fetches', 0):.0f} fetches "
                 f"({fmt_mb(s.get('bytes_fetched', 0))}), {s.get('prefetched', 0):.0f} "
                 f"prefetched ({fmt_mb(s.get('bytes_prefetched', 0))}), {misses:.0f} misses, "
                 f"{s.get('hits', 0):.0f} hits, wait {s.get('wait_seconds', 0):.3f} s summed"
-                f"{serial}; {r.trace}; once settled: {e.get('fetches', 0):.0f} fetches, "
+                f"{serial}{bundled}; {r.trace}; once settled: {e.get('fetches', 0):.0f} fetches, "
                 f"{fmt_mb(e.get('bytes_fetched', 0))}{cached}; CPU s in the window: {cpu}; "
                 f"FUSE requests: {fuse}"
             )
@@ -1165,6 +1203,10 @@ def figures(res: ProfileResult) -> list[Figure]:
         vs_squash(
             "lazycaf cold, with profile, bundle parts as stored, total",
             [r.total for r in res.plain],
+        ),
+        vs_squash(
+            "lazycaf cold, with profile, cache compressed as written, total",
+            [r.total for r in res.atwrite],
         ),
         Figure(f"{name}: lazycaf cold, no profile, mount", "s", tuple(r.mount for r in res.noprof)),
         Figure(f"{name}: lazycaf cold, with profile, mount", "s", tuple(r.mount for r in res.prof)),

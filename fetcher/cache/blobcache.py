@@ -26,6 +26,14 @@ trying. ``scripts/bench_cache.py`` measures both ways. Off by default: an encode
 nothing in the page cache, so the read that follows an on-demand fetch becomes a cold read.
 ``$LAZYCAF_ENCODED_WRITES=1`` turns it on for a cache opened without an explicit choice (the
 daemon's).
+
+Compression deferred (on by default on Btrfs; ``defer_compression=False`` or
+``$LAZYCAF_DEFER_COMPRESSION=0`` turns it off): ``tmp/`` is set to write without compression
+(``lazycaf.disk.btrfs_compress``), so a blob fetched on a cold start costs the kernel no zstd
+at writeback while the job waits; the index marks it ``plain``, and ``compress`` rewrites it
+compressed later (the daemon's ``fetcher.cache.compactor``, once fetching has gone quiet).
+``take_plain`` hands over the blobs published plain since the last call, and after
+``reconcile`` every plain blob the index holds (a daemon stopped before compressing them).
 """
 
 from __future__ import annotations
@@ -41,17 +49,20 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest, Hasher
 from lazycaf.core.errors import CacheFull
 from lazycaf.core.verified import Verified, verify_blob
+from lazycaf.disk.btrfs_compress import compress_file, write_uncompressed
 from lazycaf.disk.btrfs_encoded import frames_of, write_frames
 from lazycaf.disk.syncfs import syncfs
 from lazycaf.host.index import BlobRecord, Index
 from lazycaf.host.paths import CacheLayout
 
 __all__ = [
+    "DEFER_COMPRESSION_ENV",
     "ENCODED_WRITES_ENV",
     "BlobCache",
     "Reconciled",
@@ -65,6 +76,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENCODED_WRITES_ENV = "LAZYCAF_ENCODED_WRITES"
+DEFER_COMPRESSION_ENV = "LAZYCAF_DEFER_COMPRESSION"
+_COMPRESSION_XATTR: Final = "btrfs.compression"
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _BUILD_AGE_S = 3600.0  # a manifest index build's temp file older than this was abandoned
 
@@ -107,7 +120,13 @@ class BlobCache:
     under one lock, so GC never races a new copy of the blob it deletes.
     """
 
-    def __init__(self, root: Path, *, encoded_writes: bool | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        encoded_writes: bool | None = None,
+        defer_compression: bool | None = None,
+    ) -> None:
         self.root = root
         self.layout = layout = CacheLayout(root)
         for sub in (layout.blobs, layout.tmp):
@@ -117,6 +136,7 @@ class BlobCache:
         self._lock = threading.Lock()
         try:
             self._set_up(layout, encoded_writes)
+            self._set_up_compression(layout, defer_compression)
         except BaseException:  # an Index left open would keep this process from reopening it
             self.index.close()
             raise
@@ -135,6 +155,60 @@ class BlobCache:
         self._pid = os.getpid()
         self._seq = itertools.count()  # next() is atomic under the GIL: threads share it
         self._shards: set[str] = set()  # blobs/<2 hex> directories known to exist
+
+    def _set_up_compression(self, layout: CacheLayout, defer: bool | None) -> None:
+        if defer is None:
+            defer = os.environ.get(DEFER_COMPRESSION_ENV) != "0"
+        # only where the filesystem compresses what is written into the cache in the first
+        # place, and not with encoded writes (their extents are compressed already)
+        self._plain = (
+            defer
+            and not self._encoded
+            and _compressed_dir(layout.blobs)
+            and write_uncompressed(layout.tmp)
+        )
+        if not self._plain and _compressed_dir(layout.blobs):  # set by an earlier daemon
+            with contextlib.suppress(OSError):
+                os.setxattr(layout.tmp, _COMPRESSION_XATTR, b"zstd")
+        self._plain_landed: list[tuple[Digest, int]] = []  # published plain, not handed over
+        self._compressed = [0, 0]  # blobs, bytes rewritten compressed
+
+    @property
+    def writes_plain(self) -> bool:
+        """Whether blobs are written plain now, to be compressed later."""
+        return self._plain
+
+    def take_plain(self) -> list[tuple[Digest, int]]:
+        """The blobs (digest, size) published plain since the last call."""
+        with self._lock:
+            out, self._plain_landed = self._plain_landed, []
+        return out
+
+    def compress(self, blobs: Sequence[tuple[Digest, int]]) -> int:
+        """Rewrite these plain blobs' files compressed and mark them so in the index; the
+        bytes done. A file gone meanwhile (evicted) is skipped; one the filesystem refuses
+        to compress is marked too (it stays as it is: not tried again)."""
+        done, nbytes = [], 0
+        for digest, size in blobs:
+            try:
+                compress_file(Path(self._blob_path(digest)))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("blob %s not compressed: %s", digest, exc)
+            else:
+                nbytes += size
+            done.append(digest)
+        self.index.mark_compressed(done)
+        with self._written_lock:
+            self._compressed[0] += len(done)
+            self._compressed[1] += nbytes
+        return nbytes
+
+    def compression_statistics(self) -> tuple[int, int]:
+        """Blobs and bytes rewritten compressed since this cache was opened."""
+        with self._written_lock:
+            return self._compressed[0], self._compressed[1]
 
     def write_statistics(self) -> WriteStatistics:
         with self._written_lock:
@@ -261,7 +335,7 @@ class BlobCache:
                         out.append(_disk_error(exc, s.digest))
                         continue
                     pins = 0 if rec is None else rec.pins
-                    moved.append((s, BlobRecord(s.size, now, pins, False)))
+                    moved.append((s, BlobRecord(s.size, now, pins, False, self._plain)))
                     usage += added
                     out.append(True)
             finally:
@@ -275,6 +349,8 @@ class BlobCache:
                         raise
                     self.usage = usage
                     self._pending.extend(s.digest for s, _ in moved)
+                    if self._plain:
+                        self._plain_landed.extend((s.digest, s.size) for s, _ in moved)
         return out
 
     def _blob_path(self, digest: Digest) -> str:
@@ -412,13 +488,18 @@ class BlobCache:
             (
                 d,
                 BlobRecord(
-                    on_disk[d].stat().st_size, indexed[d].last_access_ns if d in indexed else 0
+                    on_disk[d].stat().st_size,
+                    indexed[d].last_access_ns if d in indexed else 0,
+                    plain=indexed[d].plain if d in indexed else self._plain,
                 ),
             )
             for d in doubtful
             if d in on_disk
         ]
         self.index.put_many(fixed)
+        records = {**{d: r for d, r in indexed.items() if d in on_disk}, **dict(fixed)}
+        with self._lock:
+            self._plain_landed = [(d, r.size) for d, r in records.items() if r.plain]
         self.index.sync()
         with self._lock:
             self.usage = self.index.total_bytes()
@@ -468,6 +549,16 @@ def _verifies(digest: Digest, path: Path) -> bool:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.digest() == digest
+
+
+def _compressed_dir(path: Path) -> bool:
+    """Whether Btrfs compresses the files created in ``path`` (its compression property, as
+    ``init_cache_dir`` sets it)."""
+    try:
+        value = os.getxattr(path, _COMPRESSION_XATTR)
+    except OSError:
+        return False
+    return value not in (b"", b"none", b"no")
 
 
 def filesystem_type(path: Path) -> str:

@@ -36,10 +36,13 @@ _SOURCES = (
 def daemon_stats(
     service: FetchService, gc: GarbageCollector | None, peers: PeerSet | None
 ) -> dict[str, Any]:
-    """The ``stats`` reply: fetch statistics, GC's (``budget``, ``usage``, ``gc_*``) and,
+    """The ``stats`` reply: fetch statistics, the blobs written plain and compressed since
+    (``compressed_later_*``), GC's (``budget``, ``usage``, ``gc_*``) and,
     with peers, ``peers`` (members, this daemon included) and ``peers_up`` (the others not
     backed off)."""
     stats: dict[str, Any] = asdict(service.statistics())
+    blobs, nbytes = service.cache.compression_statistics()
+    stats |= {"compressed_later_blobs": blobs, "compressed_later_bytes": nbytes}
     if gc is not None:
         stats |= gc.statistics()
     if peers is not None:
@@ -115,6 +118,16 @@ class DaemonCollector(Collector):
             "lazycaf_prefetch_bundled_blobs",
             "Blobs prefetched from hot-set bundles",
             s["blobs_from_bundles"],
+        )
+        yield _counter(
+            "lazycaf_cache_compressed_later_bytes",
+            "Bytes of blobs written plain on a fetch and compressed once fetching went quiet",
+            s["compressed_later_bytes"],
+        )
+        yield _counter(
+            "lazycaf_prefetch_bundle_unused_bytes",
+            "Bytes of hot-set bundle records not stored (cached, or fetched on their own first)",
+            s["bundle_bytes_unused"],
         )
         yield _gauge(
             "lazycaf_prefetch_queued", "Blobs waiting in the prefetch queue", s["prefetch_queued"]

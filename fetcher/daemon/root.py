@@ -2,9 +2,11 @@
 
 Holds ``<cache>/fetcher.lock`` for its lifetime (a second daemon for the same cache exits at
 once), reconciles the cache, then serves mounts on ``<cache>/fetcher.sock`` until SIGTERM,
-with GC as a background service. With ``PeerOptions`` it also serves its cache to other
-hosts' daemons over HTTP (``fetcher.daemon.peerapp``) and fetches its misses from theirs
-(``fetcher.fetching.sources``), re-reading the peer list file every second.
+with GC and the compactor (what was written plain, compressed once fetching goes quiet:
+``fetcher.cache.compactor``) as background services. With ``PeerOptions`` it also serves
+its cache to other hosts' daemons over HTTP (``fetcher.daemon.peerapp``) and fetches its
+misses from theirs (``fetcher.fetching.sources``), re-reading the peer list file every
+second.
 Beside it runs the host's mount zygote (``fetcher.daemon.zygote_keeper``). With
 ``metrics_listen`` it serves its Prometheus metrics (``fetcher.daemon.metrics``) on
 ``GET /metrics`` at that address; the peer listener serves them too.
@@ -34,6 +36,7 @@ import trio
 
 from fetcher.cache.blobcache import BlobCache
 from fetcher.cache.collector import GarbageCollector, GcResult, collect_once, resolve_policy
+from fetcher.cache.compactor import Compactor
 from fetcher.cache.policy import GcPolicy
 from fetcher.cache.scrub import Scrubbed, scrub
 from fetcher.daemon.metrics import daemon_registry
@@ -207,6 +210,7 @@ async def run_daemon(
                 await nursery.start(service.run)
                 await nursery.start(prefetch.run)
                 await nursery.start(gc.run)
+                await nursery.start(Compactor(cache, service.busy).run)
                 await nursery.start(api[0].serve, sock)
                 nursery.start_soon(_flush_periodically, service)
                 if zygote and not zygote_disabled():

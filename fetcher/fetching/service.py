@@ -106,6 +106,7 @@ class FetchStatistics:
     prefetch_wasted_bytes: int  # prefetched bytes no read has asked for (yet)
     bundle_parts_fetched: int  # parts of hot-set bundles streamed to their end
     blobs_from_bundles: int  # blobs stored from them
+    bundle_bytes_unused: int  # bytes of their records not stored: here or fetched already
 
 
 class _Flight:
@@ -188,7 +189,7 @@ class FetchService:
         self._unread: dict[Digest, int] = {}  # prefetched for this host, not read yet
         self._unread_bytes = 0
         self._prefetch_hits = 0
-        self._bundled = [0, 0]  # blobs stored from bundles, bundle parts streamed whole
+        self._bundled = [0, 0, 0]  # blobs stored from bundles, parts streamed, bytes unused
         self.queued = 0  # set by the prefetch queue
 
     @property
@@ -228,6 +229,7 @@ class FetchService:
             prefetch_wasted_bytes=self._unread_bytes,
             bundle_parts_fetched=self._bundled[1],
             blobs_from_bundles=self._bundled[0],
+            bundle_bytes_unused=self._bundled[2],
         )
 
     def _reads_waiting(self) -> tuple[int, int]:
@@ -246,6 +248,10 @@ class FetchService:
     def note_served_to_peer(self, blobs: int, size: int) -> None:
         self._to_peers[0] += blobs
         self._to_peers[1] += size
+
+    def busy(self) -> bool:
+        """Whether any fetch is in flight (the compactor waits for quiet)."""
+        return bool(self._flights)
 
     def is_cached(self, digest: Digest) -> bool:
         return self._cached_size(digest) is not None
@@ -457,6 +463,7 @@ class FetchService:
             }
             for flight in mine.values():
                 flight.started = True  # its bytes are here: a read waits for them
+            self._bundled[2] += sum(len(f.payload) for d, f in batch.items() if d not in mine)
             await self._store_and_land(batch, mine, PREFETCH)
             if not pending():
                 raise _PartDone

@@ -2,7 +2,8 @@
 
 Tables of one environment:
 
-- the main table: blob digest (32 bytes) -> ``BlobRecord`` (size, last access, synced);
+- the main table: blob digest (32 bytes) -> ``BlobRecord`` (size, last access, synced,
+  plain);
 - ``executables``: manifest digest -> ``ExecutableRecord`` (pin count, last mount): the
   executables this cache has mounted or pinned, for pins, GC and ``cache status``;
 - ``refs``: ref name -> the manifest digest it last resolved to (``mount --offline``);
@@ -42,19 +43,34 @@ from lazycaf.host.indexlock import LOCK_NAME, prepare_lock
 
 __all__ = ["BlobRecord", "ExecutableRecord", "Index"]
 
-_VALUE: Final = struct.Struct("<QQIB")  # size, last access (ns), pins, synced
+_VALUE: Final = struct.Struct("<QQIB")  # size, last access (ns), pins, flags
+_SYNCED: Final = 1
+_PLAIN: Final = 2
 _EXE: Final = struct.Struct("<IQ")  # pins, last mounted (ns)
 _MAP_SIZE: Final = 1 << 34  # 16 GiB of address space; the file grows as needed
 _TABLES: Final = (b"executables", b"refs", b"meta")
 
 
 class BlobRecord(NamedTuple):
-    """``synced`` is False until the blob file's bytes are known to be on disk (syncfs)."""
+    """``synced`` is False until the blob file's bytes are known to be on disk (syncfs);
+    ``plain``: written without the filesystem's compression, to be compressed later
+    (``BlobCache.compress``)."""
 
     size: int
     last_access_ns: int
     pins: int = 0
     synced: bool = True
+    plain: bool = False
+
+
+def _pack(rec: BlobRecord) -> bytes:
+    flags = (_SYNCED if rec.synced else 0) | (_PLAIN if rec.plain else 0)
+    return _VALUE.pack(rec.size, rec.last_access_ns, rec.pins, flags)
+
+
+def _unpack(value: bytes) -> BlobRecord:
+    size, last, pins, flags = _VALUE.unpack(value)
+    return BlobRecord(size, last, pins, bool(flags & _SYNCED), bool(flags & _PLAIN))
 
 
 class ExecutableRecord(NamedTuple):
@@ -182,7 +198,7 @@ class Index:
     def get(self, digest: Digest) -> BlobRecord | None:
         with self._env.begin(buffers=False) as txn:
             value = txn.get(digest.raw)
-        return None if value is None else BlobRecord(*_VALUE.unpack(value))
+        return None if value is None else _unpack(value)
 
     def __contains__(self, digest: Digest) -> bool:
         with self._env.begin() as txn:
@@ -191,13 +207,16 @@ class Index:
     def put_many(self, records: Iterable[tuple[Digest, BlobRecord]]) -> None:
         with _mapped("put"), self._env.begin(write=True) as txn:
             for digest, rec in records:
-                txn.put(digest.raw, _VALUE.pack(*rec))
+                txn.put(digest.raw, _pack(rec))
 
     def put(self, digest: Digest, size: int, *, synced: bool = True) -> None:
         self.put_many([(digest, BlobRecord(size, time.time_ns(), 0, synced))])
 
     def mark_synced(self, digests: Iterable[Digest]) -> None:
         self._update("mark synced", digests, lambda r: r._replace(synced=True))
+
+    def mark_compressed(self, digests: Iterable[Digest]) -> None:
+        self._update("mark compressed", digests, lambda r: r._replace(plain=False))
 
     def touch_many(self, digests: Iterable[Digest]) -> None:
         now = time.time_ns()
@@ -211,8 +230,7 @@ class Index:
             for d in digests:
                 value = txn.get(d.raw)
                 if value is not None:
-                    rec = change(BlobRecord(*_VALUE.unpack(value)))
-                    txn.put(d.raw, _VALUE.pack(*rec))
+                    txn.put(d.raw, _pack(change(_unpack(value))))
 
     def delete_many(self, digests: Iterable[Digest]) -> None:
         with _mapped("delete"), self._env.begin(write=True) as txn:
@@ -223,7 +241,7 @@ class Index:
         with self._env.begin() as txn:
             for key, value in txn.cursor():
                 if len(key) == 32:  # not the name of a named table
-                    yield Digest(bytes(key)), BlobRecord(*_VALUE.unpack(value))
+                    yield Digest(bytes(key)), _unpack(value)
 
     def total_bytes(self) -> int:
         return sum(rec.size for _, rec in self.items())

@@ -212,9 +212,27 @@ async def test_a_saved_run_gets_a_bundle_and_prefetch_fetches_through_it(tmp_pat
         stats = await d.client.stats()
         assert stats["bundle_parts_fetched"] == 1 and stats["blobs_from_bundles"] == 4
         assert stats["prefetched"] == 4 and stats["misses"] == 0
+        assert stats["bundle_bytes_unused"] == 0  # every record it sent was stored
         # cached already: nothing to fetch, no second stream
         assert await d.client.prefetch_bundle([(part.digest, members)]) == 0
         assert (await d.client.stats())["bundle_parts_fetched"] == 1
+
+
+async def test_a_bundle_record_of_a_blob_read_first_is_counted_unused(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as d:
+        await _recorded(d)
+        members = [DIGESTS[2], DIGESTS[0], DIGESTS[1], DIGESTS[3]]
+        made = await d.client.bundle("app", d.manifest, members)
+        assert made["built"] and made["parts"] == 1
+        profile = await load_profile(LocalCAS(d.store.root), "app")
+        assert profile is not None and profile.bundle is not None
+        await d.client.ensure(DIGESTS[2])  # a read got there first
+        (part,) = profile.bundle.parts
+        assert await d.client.prefetch_bundle([(part.digest, members)]) == 3
+        await wait_for_async(lambda: all(d.cache.has(x) for x in members), "the bundle's blobs")
+        stats = await d.client.stats()
+        assert stats["blobs_from_bundles"] == 3
+        assert stats["bundle_bytes_unused"] == len(BLOBS[2])  # sent, not needed
 
 
 async def test_a_bundle_the_store_lost_leaves_its_blobs_to_the_blob_by_blob_path(

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from tests.conftest import CasServer, Host, run_cli, stop
-from tests.helpers import make_tree
+from tests.helpers import make_tree, wait_for
 
 MiB = 1 << 20
 
@@ -83,6 +83,8 @@ def test_offline_mount_works_when_everything_is_cached(
     assert os.readlink(mnt / "bin/tool-link") == "tool"
     stats = host.stats()
     assert stats["fetches"] == 0 and stats["fetch_failures"] == 0
+    # the pin's daemon stopped before compressing what it wrote; this one does it
+    wait_for(lambda: host.stats()["compressed_later_blobs"] > 0, "the compactor", timeout=30)
     host.cli("umount", mnt)
 
     st = json.loads(host.cli("cache", "status", "--json").stdout)

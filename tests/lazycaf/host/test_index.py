@@ -334,3 +334,31 @@ def test_another_users_index_keeps_its_lock_file_on_disk(
     index.close()
     lock = path / "lock.mdb"
     assert lock.is_file() and not lock.is_symlink()
+
+
+def test_a_record_keeps_its_synced_and_plain_flags_and_older_records_read(tmp_path: Path) -> None:
+    import lmdb
+
+    from lazycaf.core.digest import Digest
+    from lazycaf.host.index import BlobRecord, Index
+
+    a, b, old = (Digest.of(x) for x in (b"a", b"b", b"written by an older version"))
+    index = Index(tmp_path / "index")
+    try:
+        index.put_many([(a, BlobRecord(10, 1, 0, False, True)), (b, BlobRecord(20, 2))])
+        assert index.get(a) == BlobRecord(10, 1, 0, False, True)
+        assert index.get(b) == BlobRecord(20, 2, 0, True, False)
+        index.mark_synced([a])
+        index.mark_compressed([a, b])
+        assert index.get(a) == BlobRecord(10, 1, 0, True, False)
+    finally:
+        index.close()
+    env = lmdb.open(str(tmp_path / "index"), max_dbs=8, subdir=True)
+    with env.begin(write=True) as txn:  # size, last access, pins, synced as 0 or 1
+        txn.put(old.raw, (30).to_bytes(8, "little") + (3).to_bytes(8, "little") + bytes(4) + b"\1")
+    env.close()
+    index = Index(tmp_path / "index")
+    try:
+        assert index.get(old) == BlobRecord(30, 3, 0, True, False)
+    finally:
+        index.close()

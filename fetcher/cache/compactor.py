@@ -1,0 +1,75 @@
+"""Compressing, once fetching has gone quiet, the blobs the cache wrote plain.
+
+The host cache writes fetched blobs without Btrfs compression (``BlobCache``: compression
+deferred), so a cold start does not pay zstd in the kernel's writeback threads while the job
+waits. The compactor is the other half: a daemon task that, after ``IDLE_S`` seconds with no
+fetch in flight, hands the plain blobs to ``BlobCache.compress`` in batches of about
+``BATCH_BYTES`` (each in a worker thread), at most ``RATE`` bytes a second on average, so a
+job that computes after its start-up shares a core with it for a while at most. A fetch
+that starts stops it at the next batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from fetcher.cache.blobcache import BlobCache
+from lazycaf.core.digest import Digest
+
+__all__ = ["BATCH_BYTES", "IDLE_S", "RATE", "Compactor"]
+
+log = logging.getLogger(__name__)
+
+IDLE_S: Final = 3.0  # seconds with no fetch in flight before compressing starts
+BATCH_BYTES: Final = 16 << 20
+RATE: Final = 64 << 20  # bytes a second, averaged over batches (zstd ~1 CPU-s per ~200 MB)
+_POLL_S: Final = 0.5
+
+
+class Compactor:
+    def __init__(
+        self, cache: BlobCache, busy: Callable[[], bool], *, idle_s: float = IDLE_S
+    ) -> None:
+        self.cache = cache
+        self.busy = busy
+        self.idle_s = idle_s
+        self._queue: collections.deque[tuple[Digest, int]] = collections.deque()
+
+    @property
+    def pending(self) -> int:
+        """Plain blobs known and not yet compressed."""
+        return len(self._queue)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        if not self.cache.writes_plain and not self._take():
+            return  # nothing written plain, and nothing will be
+        quiet_since: float | None = None
+        while True:
+            await trio.sleep(_POLL_S)
+            self._take()
+            now = trio.current_time()
+            if not self._queue or self.busy():
+                quiet_since = None
+                continue
+            if quiet_since is None:
+                quiet_since = now
+            if now - quiet_since < self.idle_s:
+                continue
+            batch, size = [], 0
+            while self._queue and size < BATCH_BYTES:
+                batch.append(self._queue.popleft())
+                size += batch[-1][1]
+            done = await trio.to_thread.run_sync(self.cache.compress, batch)
+            log.debug("compressed %d blobs, %d bytes; %d to go", len(batch), done, self.pending)
+            await trio.sleep(done / RATE)
+
+    def _take(self) -> int:
+        landed = self.cache.take_plain()
+        self._queue.extend(landed)
+        return len(landed)
