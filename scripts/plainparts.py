@@ -22,7 +22,7 @@ def as_stored(store: CasDir, bundle: Bundle) -> Bundle:
         body = pack_batch([(d, *store.read_encoded(d)) for d in part.blobs])
         digest = Digest.of(body)
         store.write(digest, body)
-        parts.append(Part(digest, part.blobs, len(body)))
+        parts.append(Part(digest, part.blobs, len(body), len(body)))
     return Bundle(tuple(parts))
 
 

@@ -160,17 +160,20 @@ class BlobCache:
         if defer is None:
             defer = os.environ.get(DEFER_COMPRESSION_ENV) != "0"
         # only where the filesystem compresses what is written into the cache in the first
-        # place, and not with encoded writes (their extents are compressed already)
+        # place, not with encoded writes (their extents are compressed already), and only
+        # where this process can compress a read-only file later (root: CAP_SYS_ADMIN)
         self._plain = (
             defer
             and not self._encoded
             and _compressed_dir(layout.blobs)
             and write_uncompressed(layout.tmp)
+            and _can_compress(layout.tmp)
         )
         if not self._plain and _compressed_dir(layout.blobs):  # set by an earlier daemon
             with contextlib.suppress(OSError):
                 os.setxattr(layout.tmp, _COMPRESSION_XATTR, b"zstd")
         self._plain_landed: list[tuple[Digest, int]] = []  # published plain, not handed over
+        self._plain_lock = threading.Lock()  # not _lock: the event loop takes it, GC holds that
         self._compressed = [0, 0]  # blobs, bytes rewritten compressed
 
     @property
@@ -180,15 +183,17 @@ class BlobCache:
 
     def take_plain(self) -> list[tuple[Digest, int]]:
         """The blobs (digest, size) published plain since the last call."""
-        with self._lock:
+        with self._plain_lock:
             out, self._plain_landed = self._plain_landed, []
         return out
 
     def compress(self, blobs: Sequence[tuple[Digest, int]]) -> int:
         """Rewrite these plain blobs' files compressed and mark them so in the index; the
         bytes done. A file gone meanwhile (evicted) is skipped; one the filesystem refuses
-        to compress is marked too (it stays as it is: not tried again)."""
-        done, nbytes = [], 0
+        to compress for good is marked too (it stays as it is); one it could not compress
+        now (no space, interrupted, an I/O error) stays plain in the index, for the next
+        daemon's start. Index errors (``CacheFull``, ``Unavailable``) are raised."""
+        done, ok, nbytes = [], 0, 0
         for digest, size in blobs:
             try:
                 compress_file(Path(self._blob_path(digest)))
@@ -196,12 +201,15 @@ class BlobCache:
                 continue
             except OSError as exc:
                 log.warning("blob %s not compressed: %s", digest, exc)
+                if exc.errno in _TRANSIENT:
+                    continue
             else:
+                ok += 1
                 nbytes += size
             done.append(digest)
         self.index.mark_compressed(done)
         with self._written_lock:
-            self._compressed[0] += len(done)
+            self._compressed[0] += ok
             self._compressed[1] += nbytes
         return nbytes
 
@@ -350,7 +358,8 @@ class BlobCache:
                     self.usage = usage
                     self._pending.extend(s.digest for s, _ in moved)
                     if self._plain:
-                        self._plain_landed.extend((s.digest, s.size) for s, _ in moved)
+                        with self._plain_lock:
+                            self._plain_landed.extend((s.digest, s.size) for s, _ in moved)
         return out
 
     def _blob_path(self, digest: Digest) -> str:
@@ -498,7 +507,7 @@ class BlobCache:
         ]
         self.index.put_many(fixed)
         records = {**{d: r for d, r in indexed.items() if d in on_disk}, **dict(fixed)}
-        with self._lock:
+        with self._plain_lock:
             self._plain_landed = [(d, r.size) for d, r in records.items() if r.plain]
         self.index.sync()
         with self._lock:
@@ -549,6 +558,28 @@ def _verifies(digest: Digest, path: Path) -> bool:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.digest() == digest
+
+
+_TRANSIENT: Final = frozenset({errno.ENOSPC, errno.EINTR, errno.EAGAIN, errno.EIO})
+
+
+def _can_compress(tmp: Path) -> bool:
+    """Whether ``compress_file`` works on a read-only file here (it needs CAP_SYS_ADMIN or
+    write access): tried on a probe file."""
+    probe = tmp / f".compress-probe.{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
+        try:
+            os.write(fd, b"probe\n" * 1024)
+        finally:
+            os.close(fd)
+        compress_file(probe)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return True
 
 
 def _compressed_dir(path: Path) -> bool:

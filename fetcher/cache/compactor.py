@@ -6,7 +6,8 @@ waits. The compactor is the other half: a daemon task that, after ``IDLE_S`` sec
 fetch in flight, hands the plain blobs to ``BlobCache.compress`` in batches of about
 ``BATCH_BYTES`` (each in a worker thread), at most ``RATE`` bytes a second on average, so a
 job that computes after its start-up shares a core with it for a while at most. A fetch
-that starts stops it at the next batch.
+that starts stops it at the next batch (quiet is sampled every 0.5 s). An index error (a
+full disk) puts the batch back and waits 30 s: the compactor never stops the daemon.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import trio
 
 from fetcher.cache.blobcache import BlobCache
 from lazycaf.core.digest import Digest
+from lazycaf.core.errors import LazyCafError
 
 __all__ = ["BATCH_BYTES", "IDLE_S", "RATE", "Compactor"]
 
@@ -29,6 +31,7 @@ IDLE_S: Final = 3.0  # seconds with no fetch in flight before compressing starts
 BATCH_BYTES: Final = 16 << 20
 RATE: Final = 64 << 20  # bytes a second, averaged over batches (zstd ~1 CPU-s per ~200 MB)
 _POLL_S: Final = 0.5
+_BACKOFF_S: Final = 30.0  # after an index error (a full disk)
 
 
 class Compactor:
@@ -65,7 +68,15 @@ class Compactor:
             while self._queue and size < BATCH_BYTES:
                 batch.append(self._queue.popleft())
                 size += batch[-1][1]
-            done = await trio.to_thread.run_sync(self.cache.compress, batch)
+            try:
+                done = await trio.to_thread.run_sync(self.cache.compress, batch)
+            except (LazyCafError, OSError) as exc:  # the index could not be written (full disk)
+                log.warning(
+                    "compressing %d blobs: %s; trying again in %g s", len(batch), exc, _BACKOFF_S
+                )
+                self._queue.extendleft(reversed(batch))
+                await trio.sleep(_BACKOFF_S)
+                continue
             log.debug("compressed %d blobs, %d bytes; %d to go", len(batch), done, self.pending)
             await trio.sleep(done / RATE)
 

@@ -65,22 +65,32 @@ class BatchReader:
         self._max = max_record
 
     def feed(self, data: bytes) -> list[Record]:
-        buf = self._buf
-        buf += data
+        # Parsed in place: a record wholly in ``data`` is copied once (out of it), and only
+        # what is left past the last whole record is kept (a body fed in megabyte pieces,
+        # such as a bundle part's decoded frames, is not copied into a buffer first).
+        src: bytes | bytearray = data
+        if self._buf:
+            self._buf += data
+            src = self._buf
         out: list[Record] = []
         at = 0
-        while len(buf) - at >= _HEAD.size:
-            raw, code, length = _HEAD.unpack_from(buf, at)
-            if code not in _NAMES or length > self._max:
-                raise UsageError(f"batch record at byte {self._pos + at} is malformed")
-            end = at + _HEAD.size + length
-            if end > len(buf):
-                break
-            out.append((Digest(bytes(raw)), _NAMES[code], bytes(buf[at + _HEAD.size : end])))
-            at = end
-        if at:
-            del buf[:at]
-            self._pos += at
+        with memoryview(src) as view:
+            while len(src) - at >= _HEAD.size:
+                raw, code, length = _HEAD.unpack_from(src, at)
+                if code not in _NAMES or length > self._max:
+                    raise UsageError(f"batch record at byte {self._pos + at} is malformed")
+                end = at + _HEAD.size + length
+                if end > len(src):
+                    break
+                out.append((Digest(raw), _NAMES[code], bytes(view[at + _HEAD.size : end])))
+                at = end
+            if at == 0:  # inside one record still: keep (or start) the buffer as it is
+                if src is data:
+                    self._buf = bytearray(data)
+                return out
+            rest = bytearray(view[at:])
+        self._buf = rest
+        self._pos += at
         return out
 
     def finish(self) -> None:

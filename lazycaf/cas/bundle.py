@@ -60,21 +60,31 @@ class Part:
     digest: Digest
     blobs: tuple[Digest, ...]  # what it holds, in order
     size: int  # bytes of the part's blob
+    stored: int = -1  # bytes of its blobs as the store keeps them (-1: as ``size``)
+
+    @property
+    def stored_bytes(self) -> int:
+        """What the part's blobs take as stored: what ``MAX_BUNDLE_BYTES`` and the parts'
+        cuts count (a compressed part is smaller; the older form is the same)."""
+        return self.size if self.stored < 0 else self.stored
 
     def to_json(self) -> dict[str, Any]:
-        return {"digest": self.digest.hex, "blobs": [d.hex for d in self.blobs], "bytes": self.size}
+        out = {"digest": self.digest.hex, "blobs": [d.hex for d in self.blobs], "bytes": self.size}
+        return out if self.stored < 0 else {**out, "stored": self.stored}
 
     @classmethod
     def from_json(cls, obj: Any) -> Part:
         if not isinstance(obj, dict) or not isinstance(obj.get("blobs"), list):
             raise ValueError(f"bad bundle part {obj!r:.100}")
         size = obj.get("bytes")
-        if not isinstance(size, int) or size < 0:
+        stored = obj.get("stored", -1)
+        if not isinstance(size, int) or size < 0 or not isinstance(stored, int):
             raise ValueError(f"bad bundle part {obj!r:.100}")
         return cls(
             Digest.parse(str(obj.get("digest"))),
             tuple(Digest.parse(str(h)) for h in obj["blobs"]),
             size,
+            max(stored, -1),
         )
 
 
@@ -89,6 +99,11 @@ class Bundle:
     @functools.cached_property
     def size(self) -> int:
         return sum(p.size for p in self.parts)
+
+    @functools.cached_property
+    def stored(self) -> int:
+        """Bytes of its blobs as stored (what ``MAX_BUNDLE_BYTES`` bounds)."""
+        return sum(p.stored_bytes for p in self.parts)
 
     @property
     def digest(self) -> Digest:
@@ -114,10 +129,10 @@ class Bundle:
 
 async def assemble(
     read_many: ReadMany, digests: Sequence[Digest]
-) -> list[tuple[bytes, list[Digest]]]:
-    """The parts of the bundle of ``digests`` (each part's bytes, and the blobs it holds in
-    order), read from a store with ``read_many`` (stored records of the blobs present, in the
-    order asked)."""
+) -> list[tuple[bytes, list[Digest], int]]:
+    """The parts of the bundle of ``digests`` (each part's bytes, the blobs it holds in
+    order, and their bytes as stored), read from a store with ``read_many`` (stored records
+    of the blobs present, in the order asked)."""
     wanted = list(dict.fromkeys(digests))[:MAX_BUNDLE_BLOBS]
     parts: list[list[Record]] = [[]]
     cap, part_bytes, total = FIRST_PART, 0, 0
@@ -139,19 +154,20 @@ async def assemble(
     built = await trio.to_thread.run_sync(
         lambda: [pack_part(p, first=i == 0) for i, p in enumerate(full)]
     )
-    return [(body, blobs) for body, blobs in built if blobs]
+    stored = [sum(len(r[2]) + _HEAD for r in p) for p in full]
+    return [(body, blobs, n) for (body, blobs), n in zip(built, stored, strict=True) if blobs]
 
 
 async def store_parts(
-    parts: list[tuple[bytes, list[Digest]]],
+    parts: list[tuple[bytes, list[Digest], int]],
     put: Callable[[Digest, bytes], Awaitable[object]],
 ) -> Bundle:
     """Store each part with ``put`` (digest, bytes); the ``Bundle`` they make."""
     out = []
-    for body, blobs in parts:
+    for body, blobs, stored in parts:
         digest = await trio.to_thread.run_sync(Digest.of, body)
         await put(digest, body)
-        out.append(Part(digest, tuple(blobs), len(body)))
+        out.append(Part(digest, tuple(blobs), len(body), stored))
     return Bundle(tuple(out))
 
 

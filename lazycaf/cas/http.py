@@ -48,6 +48,7 @@ __all__ = ["MISSING_BATCH", "STREAM_RUN_BYTES", "Arrived", "HttpCAS"]
 Arrived = Callable[[list[Record]], Awaitable[None]]
 STREAM_RUN_BYTES: Final = 1 << 20  # hand records over once this much of them arrived
 _FIRST_RUN: Final = 64 << 10  # a bundle part's first run (the first blobs a run waits for)
+_DECODED_RUN: Final = 4 << 20  # runs of a compressed part, whose records are decoded bytes
 
 MISSING_BATCH: Final = 4096
 
@@ -429,8 +430,10 @@ async def _hand_over(
 ) -> None:
     """Parse a ``blobs:get`` answer (or, ``part``, a bundle's part: ``lazycaf.cas.bundlepart``,
     its frames decompressed in a worker thread) as it arrives; hand records over in runs of
-    ``STREAM_RUN_BYTES``, the first ones smaller when ``first`` says so (from ``first``
-    bytes, doubling): a run's first blob waits for the whole run."""
+    ``STREAM_RUN_BYTES`` (a compressed part's, of decoded bytes, in runs of 4 MiB: about as
+    many blobs a run, so as many stored with one thread hop), the first ones smaller when
+    ``first`` says so (from ``first`` bytes, doubling): a run's first blob waits for the
+    whole run."""
     batch = BatchReader(max_record=framing.MAX_DECODED + (1 << 20))
     reader = PartReader() if part else None
     run: list[Record] = []
@@ -455,7 +458,12 @@ async def _hand_over(
                 if size >= limit:
                     await arrived(run)
                     run, size = [], 0
-                    limit = min(2 * limit, STREAM_RUN_BYTES)
+                    cap = (
+                        _DECODED_RUN
+                        if reader is not None and reader.compressed
+                        else STREAM_RUN_BYTES
+                    )
+                    limit = min(2 * limit, cap)
     except httpx.TransportError:
         if run:  # the whole records that arrived before the connection dropped are kept
             await arrived(run)

@@ -112,7 +112,7 @@ def bundle_fits(profile: Profile, executable: Digest, plan: list[Digest]) -> boo
     n = len(bundle.blobs)
     if len(set(plan[:n]).intersection(bundle.blobs)) < _BUNDLE_FITS * n:
         return False
-    full = n >= MAX_BUNDLE_BLOBS or bundle.size >= _BUNDLE_FITS * MAX_BUNDLE_BYTES
+    full = n >= MAX_BUNDLE_BLOBS or bundle.stored >= _BUNDLE_FITS * MAX_BUNDLE_BYTES
     return full or len(plan) * _BUNDLE_FITS <= n
 
 

@@ -128,3 +128,24 @@ def test_a_bundle_this_version_cannot_read_costs_the_bundle_not_the_profile() ->
     body["bundle"] = {"parts": [{"digest": "not hex", "blobs": [], "bytes": 1}]}
     decoded = Profile.decode(json.dumps(body).encode())
     assert decoded.bundle is None and len(decoded.runs) == 1
+
+
+def test_a_bundle_is_full_by_its_blobs_as_stored_not_by_its_compressed_parts() -> None:
+    """A hot set past the byte cap is cut at the cap as stored; its compressed parts are
+    smaller, and must not make every later save rebuild it."""
+    from lazycaf.cas.bundle import MAX_BUNDLE_BYTES, Bundle, Part
+    from lazycaf.traces.profiles import bundle_fits
+
+    blobs = [Digest.of(str(i).encode()) for i in range(100)]
+    exe = Digest.of(b"exe")
+    profile = Profile("trainer", [])
+    profile.bundle_for = exe.hex
+    part = Part(Digest.of(b"part"), tuple(blobs[:50]), MAX_BUNDLE_BYTES // 2, MAX_BUNDLE_BYTES)
+    profile.bundle = Bundle((part,))
+    assert bundle_fits(profile, exe, blobs)  # a plan twice as long: the bundle is full
+    profile.bundle = Bundle((Part(part.digest, part.blobs, 1000, 1000),))
+    assert not bundle_fits(profile, exe, blobs)  # not full: rebuilt for the longer plan
+    again = Bundle.from_json(json.loads(json.dumps(Bundle((part,)).to_json())))
+    assert again.parts[0].stored_bytes == MAX_BUNDLE_BYTES
+    older = {"parts": [{"digest": part.digest.hex, "blobs": [blobs[0].hex], "bytes": 77}]}
+    assert Bundle.from_json(older).stored == 77  # written before "stored": as its bytes
