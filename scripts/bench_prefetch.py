@@ -97,7 +97,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -779,38 +779,32 @@ def run_once(
     """One run of every variant, in an order that rotates with ``i``."""
     name, net = res.name, res.net
 
-    def noprof() -> None:
-        r = lazycaf_cold(net, env, profile=False, tag=f"{name}-noprof-{i}", again=False)
-        res.noprof.append(r)
-        say(f"{name} run {i}: no profile: mount {r.mount:.3f} s, run {r.run:.3f} s")
+    def lazy(kind: str, what: str, **options: Any) -> Callable[[], None]:
+        """The step of one lazycaf variant: its runs go to ``res.<kind>``."""
 
-    def noimp() -> None:
-        tag = f"{name}-noimp-{i}"
-        r = lazycaf_cold(net, env, profile=False, tag=tag, again=False, import_graph=False)
-        res.noimp.append(r)
-        say(f"{name} run {i}: no profile, no import graph: run {r.run:.3f} s")
+        def step() -> None:
+            r = lazycaf_cold(net, env, tag=f"{name}-{kind}-{i}", **options)
+            getattr(res, kind).append(r)
+            say(f"{name} run {i}: {what}: mount {r.mount:.3f} s, run {r.run:.3f} s")
 
-    def crowd() -> None:
-        r = lazycaf_cold(net, env, profile=False, tag=f"{name}-crowd-{i}", again=False, crowd=True)
-        res.crowd.append(r)
-        say(f"{name} run {i}: no own profile, crowd: mount {r.mount:.3f} s, run {r.run:.3f} s")
+        return step
 
-    def prof() -> None:
-        r = lazycaf_cold(net, env, profile=True, tag=f"{name}-prof-{i}", again=True)
-        res.prof.append(r)
-        say(f"{name} run {i}: profile: mount {r.mount:.3f} s, run {r.run:.3f} s")
-
-    def plain() -> None:
-        tag = f"{name}-plain-{i}"
-        r = lazycaf_cold(net, env, profile=True, tag=tag, again=False, plain_parts=True)
-        res.plain.append(r)
-        say(f"{name} run {i}: profile, bundle parts as stored: run {r.run:.3f} s")
-
-    def atwrite() -> None:
-        tag = f"{name}-atwrite-{i}"
-        r = lazycaf_cold(net, env, profile=True, tag=tag, again=False, compress_at_write=True)
-        res.atwrite.append(r)
-        say(f"{name} run {i}: profile, cache compressed as written: run {r.run:.3f} s")
+    noprof = lazy("noprof", "no profile", profile=False, again=False)
+    noimp = lazy(
+        "noimp", "no profile, no import graph", profile=False, again=False, import_graph=False
+    )
+    crowd = lazy("crowd", "no own profile, crowd", profile=False, again=False, crowd=True)
+    prof = lazy("prof", "profile", profile=True, again=True)
+    plain = lazy(
+        "plain", "profile, bundle parts as stored", profile=True, again=False, plain_parts=True
+    )
+    atwrite = lazy(
+        "atwrite",
+        "profile, cache compressed as written",
+        profile=True,
+        again=False,
+        compress_at_write=True,
+    )
 
     def native() -> None:
         drop_caches()

@@ -162,14 +162,15 @@ class BlobCache:
         # only where the filesystem compresses what is written into the cache in the first
         # place, not with encoded writes (their extents are compressed already), and only
         # where this process can compress a read-only file later (root: CAP_SYS_ADMIN)
+        compressed = _compressed_dir(layout.blobs)
         self._plain = (
             defer
             and not self._encoded
-            and _compressed_dir(layout.blobs)
+            and compressed
             and write_uncompressed(layout.tmp)
             and _can_compress(layout.tmp)
         )
-        if not self._plain and _compressed_dir(layout.blobs):  # set by an earlier daemon
+        if compressed and not self._plain:  # tmp/ may have been set so by an earlier daemon
             with contextlib.suppress(OSError):
                 os.setxattr(layout.tmp, _COMPRESSION_XATTR, b"zstd")
         self._plain_landed: list[tuple[Digest, int]] = []  # published plain, not handed over
@@ -506,9 +507,13 @@ class BlobCache:
             if d in on_disk
         ]
         self.index.put_many(fixed)
-        records = {**{d: r for d, r in indexed.items() if d in on_disk}, **dict(fixed)}
+        refixed = {d for d, _ in fixed}
+        plain = [(d, r.size) for d, r in fixed if r.plain]
+        plain += [
+            (d, r.size) for d, r in indexed.items() if r.plain and d in on_disk and d not in refixed
+        ]
         with self._plain_lock:
-            self._plain_landed = [(d, r.size) for d, r in records.items() if r.plain]
+            self._plain_landed = plain
         self.index.sync()
         with self._lock:
             self.usage = self.index.total_bytes()

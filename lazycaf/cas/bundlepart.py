@@ -145,20 +145,21 @@ class PartReader:
             return self._batch.feed(data)
         out: list[Record] = []
         buf, at = self._buf, 0
-        while len(buf) - at >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(buf, at)
-            if length > _MAX_FRAME:
-                raise UsageError(f"bundle part frame at byte {self._at + at} is too long")
-            end = at + _LENGTH.size + length
-            if end > len(buf):
-                break
-            out += self._batch.feed(self._decode(bytes(buf[at + _LENGTH.size : end]), at))
-            at = end
+        with memoryview(buf) as view:  # frames decoded where they lie, not copied out first
+            while len(buf) - at >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(buf, at)
+                if length > _MAX_FRAME:
+                    raise UsageError(f"bundle part frame at byte {self._at + at} is too long")
+                end = at + _LENGTH.size + length
+                if end > len(buf):
+                    break
+                out += self._batch.feed(self._decode(view[at + _LENGTH.size : end], at))
+                at = end
         del buf[:at]
         self._at += at
         return out
 
-    def _decode(self, frame: bytes, at: int) -> bytes:
+    def _decode(self, frame: memoryview, at: int) -> bytes:
         where = f"bundle part frame at byte {self._at + at}"
         try:
             size = zstandard.frame_content_size(frame)
