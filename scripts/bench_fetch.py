@@ -105,6 +105,8 @@ class Sample:
     cas_cpu: float
     blobs: int
     nbytes: int
+    daemon_system: float = 0.0  # of ``daemon_cpu``: in the kernel
+    daemon_faults: int = 0  # minor page faults (memory the kernel had to map and zero)
 
 
 @dataclass
@@ -115,9 +117,15 @@ class Results:
     runs: dict[str, list[Sample]] = field(default_factory=dict)
 
 
-def cpu_seconds(pid: int) -> float:
+def usage(pid: int) -> tuple[float, float, int]:
+    """CPU seconds (user + system), of them system, and minor page faults of ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    user, system = int(fields[11]) / TICK, int(fields[12]) / TICK
+    return user + system, system, int(fields[7])
+
+
+def cpu_seconds(pid: int) -> float:
+    return usage(pid)[0]
 
 
 def variant_env(v: Variant) -> dict[str, str]:
@@ -215,16 +223,17 @@ def one_run(made: Made, lz: Lazycaf, v: Variant, digests: list[Digest], k: int) 
     try:
         wait_daemon_ready(proc, cache, log)
         time.sleep(0.3)  # its start-up work (reconcile, zygote) out of the window
-        d0, c0 = cpu_seconds(proc.pid), cpu_seconds(v.cas_pid)
+        d0, c0 = usage(proc.pid), cpu_seconds(v.cas_pid)
         sock = cache / "fetcher.sock"
         secs, blobs, nbytes = trio.run(prefetch_all, sock, digests, v.bundle)
-        d1, c1 = cpu_seconds(proc.pid), cpu_seconds(v.cas_pid)
+        d1, c1 = usage(proc.pid), cpu_seconds(v.cas_pid)
     finally:
         stop_process(proc)
         made.caches.remove(cache)
         forget_lock(CacheLayout(cache).index)
         subprocess.run(["rm", "-rf", str(cache)], check=False)
-    return Sample(secs, d1 - d0, c1 - c0, blobs, nbytes)
+    daemon = [b - a for a, b in zip(d0, d1, strict=True)]
+    return Sample(secs, daemon[0], c1 - c0, blobs, nbytes, daemon[1], int(daemon[2]))
 
 
 def record_profile(made: Made, lz: Lazycaf, sample: Path, code: str) -> str:
@@ -245,8 +254,17 @@ def report(res: Results, variants: list[Variant]) -> tuple[list[str], list[Figur
         f"hot set: {res.plan_blobs} blobs, {res.plan_bytes / 1e6:.1f} MB decoded; decoding "
         f"and verifying them alone (one thread, in process): {res.floor_ms:.2f} ms CPU a blob",
         "",
-        md_row("variant", "wall s", "MB/s", "daemon CPU ms/blob", "CAS CPU ms/blob", "runs"),
-        md_row("---", "---:", "---:", "---:", "---:", "---:"),
+        md_row(
+            "variant",
+            "wall s",
+            "MB/s",
+            "daemon CPU ms/blob",
+            "of it system",
+            "daemon page faults/blob",
+            "CAS CPU ms/blob",
+            "runs",
+        ),
+        md_row("---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"),
     ]
     figures: list[Figure] = []
     for v in variants:
@@ -260,6 +278,8 @@ def report(res: Results, variants: list[Variant]) -> tuple[list[str], list[Figur
                 f"{median(wall):.2f}",
                 f"{res.plan_bytes / 1e6 / median(wall):.0f}",
                 f"{median(dms):.2f}",
+                f"{median([1000 * r.daemon_system / r.blobs for r in rs]):.2f}",
+                f"{median([r.daemon_faults / r.blobs for r in rs]):.0f}",
                 f"{median(cms):.2f}",
                 str(len(rs)),
             )

@@ -161,6 +161,8 @@ TAR_ZSTD_LEVEL: Final = 3  # zstd's default: what `tar --zstd` and image layers 
 FUSE_LOG_PREFIX: Final = "FUSE requests by opcode: "
 MB: Final = 1e6
 NAN: Final = float("nan")
+# the steps of a run (``--variants`` picks some): lazycaf's variants, then the references
+STEPS: Final = ("noprof", "noimp", "crowd", "prof", "plain", "atwrite", "native", "squash", "tar")
 QUICK: Final[dict[str, Any]] = {"runs": 3, "profiles": "1gbit", "no_loopback": True}
 TITLE: Final = "Cold start over a shaped link"
 
@@ -738,7 +740,9 @@ class ProfileResult:
         return self.net.name
 
 
-def bench_shaped(env: Env, name: str, runs: int, *, record: bool) -> ProfileResult:
+def bench_shaped(
+    env: Env, name: str, runs: int, *, record: bool, variants: frozenset[str] = frozenset()
+) -> ProfileResult:
     rate, rtt = netsim.PROFILES[name]
     with netsim.shaped_link(f"bp{os.getpid() % 100000}", rate_mbit=rate, rtt_ms=rtt) as link:
         try:
@@ -758,25 +762,32 @@ def bench_shaped(env: Env, name: str, runs: int, *, record: bool) -> ProfileResu
             image_url = f"{base}/{env.image.name}"
             tar_url = f"{base}/{env.tarball.name}" if env.tarball else None
             for i in range(runs):
-                run_once(env, res, i, squash_url=image_url, tar_url=tar_url)
+                run_once(env, res, i, squash_url=image_url, tar_url=tar_url, only=variants)
         finally:
             for warning in cleanup_mounts(env.made, env.lz):
                 say(f"WARNING: {warning}")
     return res
 
 
-def bench_loopback(env: Env, runs: int) -> ProfileResult:
+def bench_loopback(env: Env, runs: int, variants: frozenset[str] = frozenset()) -> ProfileResult:
     """The same lazycaf cold starts with the daemon on the CAS's host: no shaping, no delay."""
     res = ProfileResult(Net("loopback", f"http://127.0.0.1:{env.cas_port}"), workload=env.workload)
     for i in range(runs):
-        run_once(env, res, i, squash_url=None)
+        run_once(env, res, i, squash_url=None, only=variants)
     return res
 
 
 def run_once(
-    env: Env, res: ProfileResult, i: int, *, squash_url: str | None, tar_url: str | None = None
+    env: Env,
+    res: ProfileResult,
+    i: int,
+    *,
+    squash_url: str | None,
+    tar_url: str | None = None,
+    only: frozenset[str] = frozenset(),
 ) -> None:
-    """One run of every variant, in an order that rotates with ``i``."""
+    """One run of every variant (of ``only``'s, if any: ``STEPS``' names), in an order that
+    rotates with ``i``."""
     name, net = res.name, res.net
 
     def lazy(kind: str, what: str, **options: Any) -> Callable[[], None]:
@@ -824,9 +835,12 @@ def run_once(
         res.tar.append(r)
         say(f"{name} run {i}: tarball download+extract {r.fetch:.3f} s, total {r.total:.3f} s")
 
-    steps = [noprof, noimp, crowd, prof, plain, atwrite]
-    steps += [native, squash] if squash_url else []
-    steps += [tar] if tar_url else []
+    named = {"noprof": noprof, "noimp": noimp, "crowd": crowd, "prof": prof, "plain": plain}
+    named["atwrite"] = atwrite
+    named |= {"native": native, "squash": squash} if squash_url else {}
+    named |= {"tar": tar} if tar_url else {}
+    assert set(named) <= set(STEPS)
+    steps = [step for key, step in named.items() if not only or key in only]
     k = i % len(steps)
     for step in steps[k:] + steps[:k]:
         step()
@@ -1346,6 +1360,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(explicit options still win)",
     )
     ap.add_argument("--runs", type=int, help="runs per variant (default 3)")
+    ap.add_argument(
+        "--variants",
+        default="",
+        help=f"run only these steps, comma-separated, of: {','.join(STEPS)} (default all)",
+    )
     ap.add_argument("--profiles", help="netsim profiles, in order (default 1gbit,100mbit)")
     ap.add_argument(
         "--no-loopback", action="store_true", default=None, help="skip the unshaped reference"
@@ -1379,6 +1398,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error(f"--profiles: choose from {sorted(PROFILE_TARGET_S)}")
     if args.runs < 1:
         ap.error("--runs must be at least 1")
+    args.variant_names = frozenset(v for v in args.variants.split(",") if v)
+    if args.variant_names - set(STEPS):
+        ap.error(f"--variants: choose from {','.join(STEPS)}")
     if args.sample is not None and not (args.sample / "bin" / "python3").exists():
         ap.error(f"--sample {args.sample} has no bin/python3")
     return args
@@ -1394,10 +1416,11 @@ def bench(args: argparse.Namespace, record: Record, made: Made, lz: Lazycaf) -> 
     results = []
     for k, name in enumerate(args.profile_names):
         say(f"profile {name} ...")
-        results.append(bench_shaped(env, name, args.runs, record=k == 0))
+        shaped = bench_shaped(env, name, args.runs, record=k == 0, variants=args.variant_names)
+        results.append(shaped)
     if not args.no_loopback:
         say("reference: loopback ...")
-        results.append(bench_loopback(env, args.runs))
+        results.append(bench_loopback(env, args.runs, args.variant_names))
     cli_cold, cli_warm = cli_floor(env.lz)
     record.facts = [
         f"CLI start-up floor, `lazycaf --version`: cold (drop_caches) {cli_cold:.3f} s, "

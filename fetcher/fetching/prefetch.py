@@ -13,8 +13,9 @@ Blobs of a hot set that are cached already are read into the page cache in the s
 (the sample's cold start from a full cache: run 0.55 -> 0.35 s).
 
 A hot set that comes with a bundle (``add_bundle``) is fetched with one request a part of
-the bundle, streamed and stored as it arrives; a read that needs one of its blobs before its
-part arrived fetches that blob on its own.
+the bundle, one part after the other, streamed and stored as it arrives; a read that needs
+one of its blobs waits for the part if it is on its way, else fetches that blob on its own
+(``FetchService.fetch_bundle``).
 
 Order matters more than width: a run asks for the hot set's first blobs within tens of
 milliseconds of the mount. So few workers (3) take groups that start small when the queue

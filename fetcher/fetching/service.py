@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -71,7 +71,7 @@ _STORE_SLICE: Final = 16  # blobs of a group stored with one thread hop ...
 _STORE_SLICE_BYTES: Final = 8 << 20  # ... or this many bytes as sent, whichever comes first
 _AFTER_BUNDLE: Final = 64  # blobs a bundle did not bring: fetched in groups this large
 _PART_DEADLINE: Final = 300.0  # longest one part of a bundle may take (then blob by blob)
-_BUNDLE_STREAMS: Final = 2  # parts of a bundle in flight at once (one hides the next RTT)
+_PART_STALL: Final = 1.0  # a read waits for a bundle part on its way while it brings records
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,26 @@ class FetchStatistics:
     bundle_bytes_unused: int  # bytes of their records not stored: here or fetched already
 
 
+class _PartStream:
+    """A bundle part whose request is on its way: its flights' reads wait for it."""
+
+    __slots__ = ("changed", "ended")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.changed = trio.Event()  # set (and replaced) when records arrive or it ends
+
+    def tick(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
 class _Flight:
     __slots__ = (
         "done",
         "error",
         "for_peer",
+        "part",
         "priority",
         "size",
         "started",
@@ -132,6 +147,7 @@ class _Flight:
         self.priority = priority
         self.for_peer = for_peer  # a peer asked: own slots, never forwarded
         self.via_peer = via_peer  # the route: the blob's home peer first (else the CAS)
+        self.part: _PartStream | None = None  # the bundle part on its way with its bytes
 
 
 class FetchService:
@@ -330,10 +346,14 @@ class FetchService:
             flight = self._new_flight(digest, priority, for_peer)
             self._nursery.start_soon(self._download, digest, flight)
         elif priority == DEMAND and flight.priority == PREFETCH and not flight.started:
-            # queued in a prefetch group still waiting for a slot: a read must not wait for
-            # the batches ahead of it, so it fetches the blob now (the group skips it)
-            flight.taken, flight.priority = True, DEMAND
-            self._nursery.start_soon(self._download, digest, flight)
+            if flight.part is not None:
+                await _wait_for_part(flight, flight.part)
+            if flight.priority == PREFETCH and not flight.started:
+                # queued in a prefetch group still waiting for a slot (or in a bundle part
+                # not on its way, or stalled): a read must not wait for the batches ahead
+                # of it, so it fetches the blob now (the group skips it)
+                flight.taken, flight.priority = True, DEMAND
+                self._nursery.start_soon(self._download, digest, flight)
         await flight.done.wait()
         if flight.error is not None:
             raise flight.error
@@ -413,24 +433,26 @@ class FetchService:
     async def _fetch_bundle(
         self, parts: list[tuple[Digest, list[Digest]]], flights: dict[Digest, _Flight]
     ) -> None:
-        """Stream a bundle's parts (``_BUNDLE_STREAMS`` at a time, in order) and store the
-        blobs of ``flights`` they hold. The flights stay "not started" until their bytes
-        are here, so a read of a blob no stream has reached fetches it at once
-        (``_join_or_start``), as it would take over a queued group's; a part none of whose
-        blobs is still wanted when its turn comes is not fetched at all. What the parts did
-        not bring (the store lacked one, or a stream failed) is fetched in groups as a
-        prefetch would."""
-        todo = iter(parts)
-
-        async def stream_parts() -> None:
-            for part, blobs in todo:
-                if any(not flights[d].taken and not flights[d].done.is_set() for d in blobs):
-                    await self._fetch_part(part, blobs, flights)
-
+        """Stream a bundle's parts in order and store the blobs of ``flights`` they hold.
+        One part at a time: the next is asked for once this one's rest is about a round
+        trip away (its ``near_end``), so the link brings the blobs in the order the run
+        reads them (two parts at once shared it: the run waited on the first one's blobs
+        while the second's came in, then fetched them on its own and had them sent twice).
+        A read of a blob whose part is on its way waits for it while the part brings records
+        (``_wait_for_part``); of a blob in a part not asked for yet, it fetches the blob at
+        once (``_join_or_start``), as it would take over a queued group's. A part none of
+        whose blobs is still wanted when its turn comes is not fetched at all. What the
+        parts did not bring (the store lacked one, or a stream failed) is fetched in groups
+        as a prefetch would."""
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(_BUNDLE_STREAMS):
-                    nursery.start_soon(stream_parts)
+                turn = trio.Event()
+                turn.set()
+                for part, blobs in parts:
+                    await turn.wait()
+                    if any(not flights[d].taken and not flights[d].done.is_set() for d in blobs):
+                        turn = trio.Event()
+                        nursery.start_soon(self._fetch_part, part, blobs, flights, turn.set)
             left = [d for d, f in flights.items() if not f.taken and not f.done.is_set()]
             for start in range(0, len(left), _AFTER_BUNDLE):
                 part_flights = {d: flights[d] for d in left[start : start + _AFTER_BUNDLE]}
@@ -441,13 +463,22 @@ class FetchService:
                     self._land(d, flight)
 
     async def _fetch_part(
-        self, part: Digest, blobs: list[Digest], flights: dict[Digest, _Flight]
+        self,
+        part: Digest,
+        blobs: list[Digest],
+        flights: dict[Digest, _Flight],
+        near_end: Callable[[], None],
     ) -> None:
         """Stream one part of a bundle (which should hold ``blobs``) and store the blobs of
         ``flights`` it brings. The stream stops once none of ``blobs`` is still wanted (a
         part that sends more than it should, or forever, holds nothing up), and after
         ``_PART_DEADLINE``; a part that fails is logged. What it did not bring is left to
-        ``_fetch_bundle``."""
+        ``_fetch_bundle``. ``near_end`` is called when the rest of the part is about to
+        arrive, or (at the latest) when its stream ends."""
+        stream = _PartStream()
+        for d in blobs:
+            if (flight := flights.get(d)) is not None and not flight.done.is_set():
+                flight.part = stream
 
         def pending() -> bool:
             return any(not flights[d].taken and not flights[d].done.is_set() for d in blobs)
@@ -464,6 +495,7 @@ class FetchService:
             for flight in mine.values():
                 flight.started = True  # its bytes are here: a read waits for them
             self._bundled[2] += sum(len(f.payload) for d, f in batch.items() if d not in mine)
+            stream.tick()  # the reads waiting for these wait on their flights now
             await self._store_and_land(batch, mine, PREFETCH)
             if not pending():
                 raise _PartDone
@@ -471,7 +503,7 @@ class FetchService:
         try:
             with trio.move_on_after(_PART_DEADLINE) as deadline:
                 async with self._slots[PREFETCH, False]:
-                    await self.source.cas.stream_bundle(part, PREFETCH, store)
+                    await self.source.cas.stream_bundle(part, PREFETCH, store, near_end)
             if deadline.cancelled_caught:
                 log.info(
                     "bundle part %s: not done in %g s; its blobs go without it",
@@ -485,6 +517,10 @@ class FetchService:
         except Exception as exc:  # its blobs go blob by blob, whatever went wrong
             error = exc if isinstance(exc, LazyCafError) else _internal(exc)
             log.info("bundle part %s: %s; its blobs are fetched without it", part, error)
+        finally:
+            stream.ended = True
+            stream.tick()  # its waiting reads fetch what it did not bring
+            near_end()
 
     async def _fetch_group(
         self, flights: dict[Digest, _Flight], priority: Priority, for_peer: bool, to_cas: bool
@@ -762,6 +798,19 @@ class FetchService:
             raise
         if gc is not None:
             gc.notice_commit()
+
+
+async def _wait_for_part(flight: _Flight, part: _PartStream) -> None:
+    """A read of a blob whose bundle part is on its way: wait until its bytes are here
+    (the flight started: the part's store has them), the part ended, or no records came
+    for ``_PART_STALL`` (a stalled stream; the read then fetches the blob on its own).
+    Waiting beats fetching alone: the part brings the blobs in the order the run reads
+    them, and a blob fetched alone shares the link with it, then comes twice."""
+    while not (flight.started or flight.done.is_set() or part.ended):
+        with trio.move_on_after(_PART_STALL) as waited:
+            await part.changed.wait()
+        if waited.cancelled_caught:
+            return
 
 
 class _PartDone(Exception):

@@ -19,7 +19,7 @@ verify (``peer_failed``): sources never verify, the service does.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import trio
 
@@ -92,10 +92,17 @@ class CasSource:
             d: Fetched(encoding, payload, "cas") for d, (encoding, payload) in got.items()
         }, None
 
-    async def stream_bundle(self, bundle: Digest, priority: Priority, arrived: Arrived) -> None:
+    async def stream_bundle(
+        self,
+        bundle: Digest,
+        priority: Priority,
+        arrived: Arrived,
+        near_end: Callable[[], None] | None = None,
+    ) -> None:
         """The records of bundle part ``bundle`` (``lazycaf.cas.bundle``), handed to
         ``arrived`` as they come in (an HTTP CAS streams it; other stores read it whole
-        first), each tagged with the part it came in."""
+        first), each tagged with the part it came in. ``near_end`` is called once the rest
+        of the part is about a round trip away (``HttpCAS.stream_bundle``), or read."""
         cas = self._cas[priority]
         part = bundle.hex
 
@@ -104,10 +111,12 @@ class CasSource:
 
         async def stream() -> None:
             if isinstance(cas, HttpCAS):
-                await cas.stream_bundle(bundle, wrap)
+                await cas.stream_bundle(bundle, wrap, near_end)
                 return
             # as stored, not verified whole: each record is verified where it is stored
             encoding, payload = await cas.get_encoded(bundle)
+            if near_end is not None:
+                near_end()
             try:
                 records = await trio.to_thread.run_sync(_records, encoding, payload)
             except UsageError as exc:

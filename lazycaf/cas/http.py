@@ -49,6 +49,10 @@ Arrived = Callable[[list[Record]], Awaitable[None]]
 STREAM_RUN_BYTES: Final = 1 << 20  # hand records over once this much of them arrived
 _FIRST_RUN: Final = 64 << 10  # a bundle part's first run (the first blobs a run waits for)
 _DECODED_RUN: Final = 4 << 20  # runs of a compressed part, whose records are decoded bytes
+# a part's stream is "near its end" (``stream_bundle``'s ``near_end``) once this much of it is
+# left to come: about a round trip of bytes at 1-10 Gbit/s, so the next part's request can
+# follow without sharing the link for long
+NEAR_END_BYTES: Final = 512 << 10
 
 MISSING_BATCH: Final = 4096
 
@@ -290,10 +294,14 @@ class HttpCAS:
                 self.where, f"POST /v1/bundles: a malformed answer ({exc})"
             ) from None
 
-    async def stream_bundle(self, digest: Digest, arrived: Arrived) -> None:
+    async def stream_bundle(
+        self, digest: Digest, arrived: Arrived, near_end: Callable[[], None] | None = None
+    ) -> None:
         """GET a bundle's part and hand its records to ``arrived`` as they come in (in runs of
         ``STREAM_RUN_BYTES``); the records are not verified here, each is on its own where
-        it is stored. ``BlobNotFound`` if the store lacks the part."""
+        it is stored. ``near_end`` is called once ``NEAR_END_BYTES`` or less of the part
+        are left to arrive (by its Content-Length; without one, never). ``BlobNotFound``
+        if the store lacks the part."""
         path = f"/v1/blobs/{digest.hex}"
         try:  # compressed already: ask for the part's bytes as they are
             async with self._client.stream(
@@ -305,7 +313,7 @@ class HttpCAS:
                     await r.aread()
                     self._check_status(r, "GET", path)
                     self._expect(r, f"GET {path}")
-                await _hand_over(r, arrived, first=_FIRST_RUN, part=True)
+                await _hand_over(r, arrived, first=_FIRST_RUN, part=True, near_end=near_end)
         except httpx.TransportError as exc:
             raise self._unavailable(exc) from exc
         except UsageError as exc:  # the bundle did not parse
@@ -426,15 +434,21 @@ def _decode_verify(digest: Digest, encoding: str, payload: bytes) -> bytes:
 
 
 async def _hand_over(
-    response: httpx.Response, arrived: Arrived, *, first: int = 0, part: bool = False
+    response: httpx.Response,
+    arrived: Arrived,
+    *,
+    first: int = 0,
+    part: bool = False,
+    near_end: Callable[[], None] | None = None,
 ) -> None:
     """Parse a ``blobs:get`` answer (or, ``part``, a bundle's part: ``lazycaf.cas.bundlepart``,
     its frames decompressed in a worker thread) as it arrives; hand records over in runs of
     ``STREAM_RUN_BYTES`` (a compressed part's, of decoded bytes, in runs of 4 MiB: about as
     many blobs a run, so as many stored with one thread hop), the first ones smaller when
     ``first`` says so (from ``first`` bytes, doubling): a run's first blob waits for the
-    whole run."""
+    whole run. ``near_end``: see ``HttpCAS.stream_bundle``."""
     batch = BatchReader(max_record=framing.MAX_DECODED + (1 << 20))
+    left = _content_length(response) if near_end is not None else None
     reader = PartReader() if part else None
     run: list[Record] = []
     size = 0
@@ -452,6 +466,11 @@ async def _hand_over(
 
     try:
         async for chunk in response.aiter_raw():
+            if left is not None:
+                left -= len(chunk)
+                if left <= NEAR_END_BYTES and near_end is not None:
+                    near_end()
+                    left = None
             for record in await parsed(chunk):
                 run.append(record)
                 size += len(record[2])
@@ -471,3 +490,9 @@ async def _hand_over(
     (batch if reader is None else reader).finish()
     if run:
         await arrived(run)
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    """The body's length as the server declared it (None: not declared or not a number)."""
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None

@@ -49,6 +49,12 @@ class AccessRecord:
     wait: float = 0.0
     digest: str = ""
     chunks: set[int] = field(default_factory=set)  # chunk indices read (chunked files)
+    # when each chunk was first read (s since mount); older traces have none (``chunk_at``)
+    chunk_t: dict[int, float] = field(default_factory=dict, compare=False)
+
+    def chunk_at(self, chunk: int) -> float:
+        """When ``chunk`` was first read: its own time if recorded, else the file's."""
+        return self.chunk_t.get(chunk, self.t)
 
     def to_json(self) -> list[object]:
         return [
@@ -87,10 +93,18 @@ class Trace:
         return sum(r.wait for r in self.records)
 
     def to_json(self) -> dict[str, object]:
+        """The rows, and beside them (a key older readers skip) the first-read time of each
+        chunk of the files read in several, by row: ``{"<row>": [chunk, t, chunk, t...]}``."""
+        chunk_t = {
+            str(i): [x for c, t in r.chunk_t.items() for x in (c, round(t, 4))]
+            for i, r in enumerate(self.records)
+            if len(r.chunk_t) > 1
+        }
         return {
             "executable": self.executable,
             "started": self.started,
             "records": [r.to_json() for r in self.records],
+            **({"chunk_t": chunk_t} if chunk_t else {}),
         }
 
     @classmethod
@@ -98,10 +112,22 @@ class Trace:
         rows = obj["records"]
         if not isinstance(rows, list):
             raise ValueError("records is not a list")
+        records = [AccessRecord.from_json(r) for r in rows]
+        chunk_t = obj.get("chunk_t", {})
+        if not isinstance(chunk_t, dict):
+            raise ValueError("chunk_t is not an object")
+        for key, flat in chunk_t.items():
+            i = int(key) if isinstance(key, str) and key.isdigit() else -1
+            if not 0 <= i < len(records) or not isinstance(flat, list) or len(flat) % 2:
+                raise ValueError(f"bad chunk_t entry {key!r:.20}")
+            pairs = zip(flat[::2], flat[1::2], strict=True)
+            if not all(isinstance(c, int) and isinstance(t, int | float) for c, t in pairs):
+                raise ValueError(f"bad chunk_t entry {key!r:.20}")
+            records[i].chunk_t = {c: float(t) for c, t in zip(flat[::2], flat[1::2], strict=True)}
         return cls(
             str(obj["executable"]),
             float(obj["started"]),  # type: ignore[arg-type]
-            [AccessRecord.from_json(r) for r in rows],
+            records,
         )
 
 
@@ -112,6 +138,8 @@ class HotFile:
     share: float  # weighted share of runs that touched it
     bytes_read: int
     chunks: frozenset[int]  # chunks any run read (chunked files; empty: the whole file)
+    # typical first-read time of each chunk where runs recorded one (``plan_prefetch``)
+    chunk_t: Mapping[int, float] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -137,16 +165,22 @@ class Profile:
         total = sum(weights)
         seen: dict[str, list[tuple[float, float, int]]] = {}
         chunks: dict[str, set[int]] = {}
+        chunk_obs: dict[str, dict[int, list[tuple[float, float, int]]]] = {}
         for w, run in zip(weights, self.runs, strict=True):
             for r in run.records:
                 seen.setdefault(r.path, []).append((r.t, w, r.bytes_read))
                 chunks.setdefault(r.path, set()).update(r.chunks)
+                if r.chunk_t:
+                    by_chunk = chunk_obs.setdefault(r.path, {})
+                    for c in r.chunks:
+                        by_chunk.setdefault(c, []).append((r.chunk_at(c), w, 0))
         hot = []
         for path, obs in seen.items():
             share = sum(w for _, w, _ in obs) / total
             t = _weighted_median(obs)
             most = max(b for _, _, b in obs)
-            hot.append(HotFile(path, t, share, most, frozenset(chunks[path])))
+            chunk_t = {c: _weighted_median(o) for c, o in chunk_obs.get(path, {}).items()}
+            hot.append(HotFile(path, t, share, most, frozenset(chunks[path]), chunk_t))
         hot.sort(key=lambda h: (h.share < _COMMON, h.t, h.path))
         return hot
 
@@ -221,11 +255,13 @@ class TraceRecorder:
             self._by_inode[inode] = rec
             self.records.append(rec)
             rec.chunks.update(chunks)
+            rec.chunk_t.update(dict.fromkeys(chunks, rec.t))
             self.touched_bytes += new_blob_bytes(rec.chunks)
         elif not rec.chunks.issuperset(chunks):
-            before = set(rec.chunks)
-            rec.chunks.update(chunks)
-            self.touched_bytes += new_blob_bytes(rec.chunks - before)
+            new = set(chunks) - rec.chunks
+            rec.chunks.update(new)
+            rec.chunk_t.update(dict.fromkeys(sorted(new), self._clock() - self._t0))
+            self.touched_bytes += new_blob_bytes(new)
         rec.bytes_read += nbytes
         rec.wait += wait
 
@@ -243,18 +279,27 @@ def plan_prefetch(
 
     Paths carry over between versions: a file whose content changed is planned under its new
     digest. Chunked files contribute only the chunks some run read (all of them if none was
-    recorded); paths the tree no longer has are skipped.
+    recorded); paths the tree no longer has are skipped. A chunk whose first read was
+    recorded goes where that time falls among the files of its group (``hot`` is in groups
+    of rising time), not with its file's first read: a large mmapped library is read a
+    page here and there while the run goes on, and its chunks in index order at the
+    file's first access put the ones read first behind those read seconds later.
     """
-    out: dict[Digest, None] = {}
-    for h in hot:
+    keyed: list[tuple[int, float, int, int, Digest]] = []
+    group, last = 0, float("-inf")
+    for k, h in enumerate(hot):
+        if h.t < last:  # the next group (the files fewer runs read) starts over in time
+            group += 1
+        last = h.t
         e = entries.get(h.path)
         if e is None or e.digest is None:
             continue
         blobs = e.blob_digests()
         if e.chunks and h.chunks:
-            picked = [blobs[i] for i in sorted(h.chunks) if i < len(blobs)]
+            picked = [(i, blobs[i]) for i in sorted(h.chunks) if i < len(blobs)]
         else:
-            picked = list(blobs)
-        for d in picked:
-            out.setdefault(d, None)
-    return list(out)
+            picked = list(enumerate(blobs))
+        for i, d in picked:
+            keyed.append((group, max(h.chunk_t.get(i, h.t), h.t), k, i, d))
+    keyed.sort(key=lambda item: item[:4])
+    return list(dict.fromkeys(d for *_, d in keyed))

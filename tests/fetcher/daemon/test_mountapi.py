@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import trio
 
 from fetcher.cache.blobcache import BlobCache
 from fetcher.daemon.mountapi import MountApi
+from fetcher.fetching import service as service_module
 from fetcher.fetching.prefetch import PrefetchQueue
 from fetcher.fetching.service import FetchService
 from fetcher.fetching.sources import CasSource, TieredSource
@@ -26,6 +27,7 @@ from lazycaf.cas.batch import pack_batch
 from lazycaf.cas.bundlepart import pack_part
 from lazycaf.cas.casdir import CasDir
 from lazycaf.cas.local import LocalCAS
+from lazycaf.core import framing
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import BlobNotFound, NotFound, UsageError
 from lazycaf.core.manifest import DIR, FILE, Entry, Manifest
@@ -46,6 +48,23 @@ class Daemon:
     cache: BlobCache
     store: CasDir
     manifest: Digest
+    cas: LocalCAS
+
+
+class _GatedCAS(LocalCAS):
+    """A local CAS that notes what it is asked for and holds back a blob (a bundle part)
+    whose gate is shut: a part on its way, as long as the test wants."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.asked: list[Digest] = []
+        self.gates: dict[Digest, trio.Event] = {}
+
+    async def get_encoded(self, digest: Digest) -> tuple[framing.Encoding, bytes]:
+        self.asked.append(digest)
+        if (gate := self.gates.get(digest)) is not None:
+            await gate.wait()
+        return await super().get_encoded(digest)
 
 
 def _manifest() -> Manifest:
@@ -58,7 +77,9 @@ def _manifest() -> Manifest:
 
 
 @asynccontextmanager
-async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+async def daemon(
+    tmp_path: Path, cas: Callable[[Path], LocalCAS] = LocalCAS
+) -> AsyncIterator[Daemon]:
     store = CasDir(tmp_path / "cas")
     for d, b in zip(DIGESTS[:4], BLOBS[:4], strict=True):  # the last two are not in the CAS
         store.write(d, b)
@@ -67,7 +88,8 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
     store.write(mdigest, manifest)
     store.write_ref("app:v1", mdigest)
     cache = BlobCache(tmp_path / "cache")
-    service = FetchService(cache, TieredSource(CasSource(LocalCAS(store.root))))
+    local = cas(store.root)
+    service = FetchService(cache, TieredSource(CasSource(local)))
     path = tmp_path / "fetcher.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
@@ -79,7 +101,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
             prefetch = PrefetchQueue(service)
             await nursery.start(prefetch.run)
             await nursery.start(MountApi(service, prefetch).serve, sock)
-            yield Daemon(client, cache, store, mdigest)
+            yield Daemon(client, cache, store, mdigest, local)
             nursery.cancel_scope.cancel()
     finally:
         await client.aclose()
@@ -293,3 +315,73 @@ async def test_a_bundle_mostly_cached_already_is_not_streamed(tmp_path: Path) ->
         stats = await d.client.stats()
         assert stats["bundle_parts_fetched"] == 0 and stats["blobs_from_bundles"] == 0
         assert stats["prefetched"] == 1
+
+
+def _part(d: Daemon, members: list[int]) -> Digest:
+    """A bundle part of the CAS's blobs ``members`` (by index), stored; its digest."""
+    body, _ = pack_part([(DIGESTS[i], framing.IDENTITY, BLOBS[i]) for i in members])
+    part = Digest.of(body)
+    d.store.write(part, body)
+    return part
+
+
+async def _missed(d: Daemon, n: int) -> None:
+    """Wait until ``n`` reads missed (each then waits, or fetched on its own), and a little."""
+
+    async def misses() -> int:
+        return int((await d.client.stats())["misses"])
+
+    for _ in range(1000):
+        if await misses() >= n:
+            break
+        await trio.sleep(0.01)
+    await trio.sleep(0.2)  # a read that fetched on its own has asked the CAS by now
+
+
+async def test_a_read_waits_for_the_bundle_part_on_its_way_and_parts_come_one_at_a_time(
+    tmp_path: Path,
+) -> None:
+    async with daemon(tmp_path, _GatedCAS) as d:
+        assert isinstance(d.cas, _GatedCAS)
+        first, second = _part(d, [0, 1]), _part(d, [2, 3])
+        d.cas.gates[first] = trio.Event()
+        parts = [(first, DIGESTS[:2]), (second, DIGESTS[2:4])]
+        assert await d.client.prefetch_bundle(parts) == 4
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(d.client.ensure, DIGESTS[1])  # its part is on its way
+            await _missed(d, 1)
+            # neither a fetch of its own (it would come twice), nor the second part (it
+            # would share the link with the first, whose blobs the run reads first)
+            assert d.cas.asked == [first]
+            d.cas.gates[first].set()
+        await wait_for_async(lambda: all(d.cache.has(x) for x in DIGESTS[:4]), "the blobs")
+        assert d.cas.asked == [first, second]
+        assert d.cache.path(DIGESTS[1]).read_bytes() == BLOBS[1]
+        stats = await d.client.stats()
+        assert stats["misses"] == 1 and stats["blobs_from_bundles"] == 4
+        assert stats["bundle_parts_fetched"] == 2 and stats["bundle_bytes_unused"] == 0
+
+
+async def test_a_read_does_not_wait_for_a_stalled_part_nor_for_one_not_asked_for_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "_PART_STALL", 0.2)
+    async with daemon(tmp_path, _GatedCAS) as d:
+        assert isinstance(d.cas, _GatedCAS)
+        first, second = _part(d, [0, 1]), _part(d, [2, 3])
+        d.cas.gates[first] = trio.Event()  # on its way, and nothing comes
+        parts = [(first, DIGESTS[:2]), (second, DIGESTS[2:4])]
+        assert await d.client.prefetch_bundle(parts) == 4
+        with trio.fail_after(10):
+            assert await d.client.ensure(DIGESTS[1]) == len(BLOBS[1])  # after the stall
+            assert await d.client.ensure(DIGESTS[3]) == len(BLOBS[3])  # its part not asked
+        assert d.cas.asked == [first, DIGESTS[1], DIGESTS[3]]
+        d.cas.gates[first].set()
+        await wait_for_async(lambda: all(d.cache.has(x) for x in DIGESTS[:4]), "the blobs")
+        await wait_for_async(lambda: second in d.cas.asked, "the second part")
+        for x in DIGESTS[:4]:
+            assert d.cache.path(x).read_bytes() == BLOBS[DIGESTS.index(x)]
+        stats = await d.client.stats()
+        assert stats["misses"] == 2 and stats["fetch_failures"] == 0
+        assert stats["blobs_from_bundles"] == 2  # DIGESTS[0] and [2]: the reads had the others
+        assert stats["bundle_bytes_unused"] == len(BLOBS[1]) + len(BLOBS[3])

@@ -11,6 +11,7 @@ tiered source does: a failing home peer is backed off and the CAS answers.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -25,12 +26,13 @@ from fetcher.casserver.served import ServedDir
 from fetcher.daemon.peerapp import PeerApp
 from fetcher.fetching.peersource import PeerSources
 from fetcher.fetching.service import FetchService
-from fetcher.fetching.source import BlobSource
+from fetcher.fetching.source import BlobSource, Fetched
 from fetcher.fetching.sources import CasSource, TieredSource
 from fetcher.peers.peerset import PeerSet
 from fetcher.web.asgi import bind_socket, serve_app
+from lazycaf.cas.bundlepart import pack_part
 from lazycaf.cas.casdir import CasDir
-from lazycaf.cas.http import HttpCAS
+from lazycaf.cas.http import NEAR_END_BYTES, HttpCAS
 from lazycaf.cas.local import LocalCAS
 from lazycaf.core import framing
 from lazycaf.core.digest import Digest
@@ -207,3 +209,33 @@ async def test_a_home_that_fails_is_backed_off_and_the_cas_answers(tmp_path: Pat
         assert {f.origin for f in got.values()} == {"cas"}
     finally:
         await source.aclose()
+
+
+@pytest.mark.parametrize("kind", ["cas-local", "cas-http"])
+async def test_a_bundle_part_streams_its_records_and_says_once_that_its_end_is_near(
+    kind: str, tmp_path: Path
+) -> None:
+    """A part larger than ``NEAR_END_BYTES`` (records that do not compress): its records in
+    order, and ``near_end`` once; over HTTP before the last records are handed over (the
+    daemon asks for the next part then), from a directory once the part is read."""
+    rng = random.Random(7)
+    datas = [rng.randbytes(300_000) for _ in range(8)]
+    records = [(Digest.of(b), framing.IDENTITY, b) for b in datas]
+    body, _ = pack_part(records)
+    assert len(body) > 2 * NEAR_END_BYTES
+    part = Digest.of(body)
+    events: list[str] = []
+    got: list[Digest] = []
+
+    async def arrived(batch: dict[Digest, Fetched]) -> None:
+        assert {f.bundle for f in batch.values()} == {part.hex}
+        got.extend(batch)
+        events.append("records")
+
+    async with opened(kind, tmp_path) as (source, _):
+        CasDir(tmp_path / "cas").write(part, body)
+        assert isinstance(source, CasSource)
+        await source.stream_bundle(part, Priority.PREFETCH, arrived, lambda: events.append("near"))
+    assert got == [d for d, _, _ in records]
+    assert events.count("near") == 1
+    assert events[-1] == "records"

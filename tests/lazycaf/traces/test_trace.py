@@ -85,6 +85,34 @@ def test_trace_round_trips_through_json() -> None:
     assert back.wait_seconds() == 0.25
 
 
+def test_chunk_first_read_times_round_trip_beside_rows_older_readers_still_read() -> None:
+    lib = rec("lib", 0.5, 10, {0, 1, 5})
+    lib.chunk_t = {0: 0.5, 1: 0.5, 5: 2.25}
+    t = Trace("trainer", 0.0, [rec("a", 0.0), lib])
+    obj = json.loads(json.dumps(t.to_json()))
+    assert obj["chunk_t"] == {"1": [0, 0.5, 1, 0.5, 5, 2.25]}
+    assert all(len(row) == 7 for row in obj["records"])  # the rows as before
+    back = Trace.from_json(obj)
+    assert back.records[1].chunk_t == lib.chunk_t and back.records[1].chunk_at(5) == 2.25
+    del obj["chunk_t"]  # a trace written before chunk times: each chunk at its file's time
+    assert Trace.from_json(obj).records[1].chunk_at(5) == 0.5
+
+
+@pytest.mark.parametrize(
+    "chunk_t",
+    [[], {"2": [0, 1.0]}, {"x": [0, 1.0]}, {"1": [0]}, {"1": ["0", 1.0]}, {"1": [0, "1"]}],
+)
+def test_profile_with_bad_chunk_times_is_an_integrity_error(chunk_t: object) -> None:
+    rows = [["a", 0.0, 1, "cache", 0.0, "", []], ["b", 0.0, 1, "cache", 0.0, "", [0, 1]]]
+    body = {
+        "version": 1,
+        "name": "trainer",
+        "runs": [{"executable": "x", "started": 0.0, "records": rows, "chunk_t": chunk_t}],
+    }
+    with pytest.raises(IntegrityError):
+        Profile.decode(json.dumps(body).encode())
+
+
 def test_profile_encoding_round_trips_and_is_canonical() -> None:
     p = profile(run(rec("a", 0.0)), run(rec("b", 2.0, 5, {1}), rec("a", 3.0), started=9.0))
     data = p.encode()
@@ -279,6 +307,39 @@ def test_plan_picks_recorded_chunks_or_all_of_them() -> None:
     ]
 
 
+def test_plan_puts_a_chunk_where_its_first_read_falls_within_its_group() -> None:
+    m = Manifest([f("lib", 4 * CS), f("a"), f("b"), f("rare"), f("old", 2 * CS)], chunk_size=CS)
+    lib = HotFile("lib", 0.1, 1.0, 1, frozenset({0, 1, 3}), {0: 0.1, 3: 0.1, 1: 2.5})
+    hs = [
+        lib,
+        HotFile("a", 1.0, 1.0, 1, frozenset()),
+        HotFile("old", 1.5, 1.0, 1, frozenset({1, 0})),  # no chunk times: index order
+        HotFile("b", 3.0, 1.0, 1, frozenset()),
+        HotFile("rare", 0.5, 0.2, 1, frozenset()),  # the next group: after all of the first
+    ]
+    assert plan_prefetch(hs, m.by_path, CS) == [
+        D("lib#0"),
+        D("lib#3"),
+        D("a"),
+        D("old#0"),
+        D("old#1"),
+        D("lib#1"),  # read 2.4 s after the library's first read, between old and b
+        D("b"),
+        D("rare"),
+    ]
+
+
+def test_hot_set_takes_each_chunks_typical_first_read_time() -> None:
+    older = rec("lib", 0.5, 10, {0, 1})
+    older.chunk_t = {0: 0.5, 1: 2.0}
+    newer = rec("lib", 0.4, 10, {0, 1, 2})
+    newer.chunk_t = {0: 0.4, 1: 4.0, 2: 1.0}
+    (h,) = profile(run(older), run(newer)).hot_set()
+    assert h.chunks == {0, 1, 2}
+    assert h.chunk_t == {0: 0.4, 1: 4.0, 2: 1.0}  # the newest run weighs most
+    assert profile(run(rec("lib", 0.5, 10, {0, 1}))).hot_set()[0].chunk_t == {}  # none kept
+
+
 def test_plan_lists_each_blob_once_in_hot_order() -> None:
     a = f("a", tag="shared")
     m = Manifest(
@@ -343,6 +404,23 @@ def test_recorder_first_access_makes_one_record_per_inode() -> None:
     assert (b.path, b.t, b.source, b.bytes_read, b.wait) == ("b", 1.5, "cache", 5, 0.0)
     assert sizes.calls == [{0}, {0}]  # once per inode, not on repeat reads
     assert r.touched_bytes == 200
+
+
+def test_recorder_notes_when_each_chunk_was_first_read() -> None:
+    clock = FakeClock()
+    r = TraceRecorder("trainer", clock=clock)
+    sizes = BlobSizes()
+    clock.now += 0.5
+    r.read(7, "lib", D("lib").hex, 10, source="fetch", wait=0.0, new_blob_bytes=sizes,
+           chunks=range(0, 2))  # fmt: skip
+    clock.now += 1.5
+    r.read(7, "lib", "", 10, source="", wait=0.0, new_blob_bytes=sizes, chunks=range(1, 6))
+    clock.now += 1.0
+    r.read(7, "lib", "", 10, source="", wait=0.0, new_blob_bytes=sizes, chunks=range(3, 4))
+    (lib,) = r.records
+    assert lib.chunks == {0, 1, 2, 3, 4, 5}
+    assert lib.chunk_t == {0: 0.5, 1: 0.5, 2: 2.0, 3: 2.0, 4: 2.0, 5: 2.0}
+    assert sizes.calls == [{0, 1}, {2, 3, 4, 5}]
 
 
 def test_recorder_chunk_sets_grow_and_new_blobs_count_once() -> None:
