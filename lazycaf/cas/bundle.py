@@ -14,13 +14,18 @@ own digest is never needed to trust its contents: it only names it.
 ``make_bundle`` builds one where the blobs are: the CAS server builds it from its own store
 (``POST /v1/bundles``, ``HttpCAS.build_bundle``); a local directory or a bucket reached
 directly is read and written by the caller. Blobs the store lacks are left out, and so is
-everything past ``MAX_BUNDLE_BLOBS`` blobs or ``MAX_BUNDLE_BYTES`` bytes (the rest of the
-plan is prefetched blob by blob). ``Bundle.blobs`` lists what it holds, in order.
+everything past ``MAX_BUNDLE_BLOBS`` blobs, ``MAX_BUNDLE_BYTES`` bytes as stored or
+``MAX_BUNDLE_DECODED`` decoded (the rest of the plan is prefetched blob by blob). A part also
+ends before ``PART_DECODED`` decoded bytes: blobs that compress to almost nothing (a file of
+zeros) must not make the builder decode gigabytes for an 8 MiB part, nor build a part its
+readers refuse (``bundlepart.MAX_PART_DECODED``). ``Bundle.blobs`` lists what it holds, in
+order.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -29,8 +34,9 @@ import trio
 
 from lazycaf.cas.batch import Record
 from lazycaf.cas.bundlepart import pack_part
+from lazycaf.core import framing
 from lazycaf.core.digest import Digest
-from lazycaf.core.errors import UsageError
+from lazycaf.core.errors import IntegrityError, UsageError
 
 if TYPE_CHECKING:
     from lazycaf.cas.api import CAS
@@ -38,6 +44,8 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_BUNDLE_BLOBS",
     "MAX_BUNDLE_BYTES",
+    "MAX_BUNDLE_DECODED",
+    "PART_DECODED",
     "Bundle",
     "Part",
     "assemble",
@@ -49,10 +57,14 @@ MAX_BUNDLE_BLOBS: Final = 8192
 MAX_BUNDLE_BYTES: Final = 256 << 20  # bytes of records in all parts
 FIRST_PART: Final = 1 << 20  # bytes of records in the first part, doubling up to ...
 PART: Final = 8 << 20  # ... this (a record larger than a part is a part of its own)
+PART_DECODED: Final = 64 << 20  # decoded bytes of a part (a larger record: a part of its own)
+MAX_BUNDLE_DECODED: Final = 1 << 30  # decoded bytes of all parts
 _READ_GROUP: Final = 512  # blobs read from the store per request while assembling
 _HEAD: Final = 37  # a batch record's header
 
 ReadMany = Callable[[list[Digest]], Awaitable[list[Record]]]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,17 +148,25 @@ async def assemble(
     wanted = list(dict.fromkeys(digests))[:MAX_BUNDLE_BLOBS]
     parts: list[list[Record]] = [[]]
     cap, part_bytes, total = FIRST_PART, 0, 0
+    part_decoded = total_decoded = 0
     for start in range(0, len(wanted), _READ_GROUP):
         for record in await read_many(wanted[start : start + _READ_GROUP]):
             size = len(record[2]) + _HEAD
+            try:
+                decoded = framing.decoded_size(record[1], record[2], what=f"blob {record[0]}")
+            except IntegrityError as exc:  # damaged in the store: its readers fetch it alone
+                log.warning("bundle: %s; left out", exc)
+                continue
             total += size
-            if total > MAX_BUNDLE_BYTES:
+            total_decoded += decoded
+            if total > MAX_BUNDLE_BYTES or total_decoded > MAX_BUNDLE_DECODED:
                 break
-            if parts[-1] and part_bytes + size > cap:
+            if parts[-1] and (part_bytes + size > cap or part_decoded + decoded > PART_DECODED):
                 parts.append([])
-                cap, part_bytes = min(2 * cap, PART), 0
+                cap, part_bytes, part_decoded = min(2 * cap, PART), 0, 0
             parts[-1].append(record)
             part_bytes += size
+            part_decoded += decoded
         else:
             continue
         break

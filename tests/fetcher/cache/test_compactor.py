@@ -116,6 +116,25 @@ async def test_the_compactor_waits_for_quiet(btrfs_cache: Path) -> None:
         cache.index.close()
 
 
+async def test_a_host_that_never_goes_quiet_still_compresses_past_the_backlog(
+    btrfs_cache: Path,
+) -> None:
+    cache = BlobCache(btrfs_cache, defer_compression=True)
+    compactor = Compactor(cache, lambda: True, idle_s=0.5, backlog_bytes=3 << 20)
+    try:
+        for i in range(5):
+            put(cache, text(1 << 20, seed=i))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(compactor.run)
+            await wait_for_async(
+                lambda: cache.compression_statistics()[0] > 0, "the backlog's batch", timeout=10
+            )
+            nursery.cancel_scope.cancel()
+        assert compactor.pending < 5  # it took a batch while the host was busy
+    finally:
+        cache.index.close()
+
+
 def test_the_daemon_compresses_what_a_mount_fetched(host: Host, tmp_path: Path) -> None:
     """Through the doors a user has: a mount reads files, the daemon fetched them plain, and
     once fetching is quiet they are compressed (``stats``, ``cache status``)."""

@@ -17,6 +17,7 @@ from lazycaf.cas.bundle import make_bundle
 from lazycaf.cas.http import HttpCAS
 from lazycaf.cas.local import LocalCAS
 from lazycaf.core import framing
+from lazycaf.core.chunking import MAX_CHUNK
 from lazycaf.core.digest import Digest
 from lazycaf.traces.profiles import add_run, load_profile, profile_blobs, refresh_bundle
 from lazycaf.traces.trace import AccessRecord, Profile, Trace
@@ -93,6 +94,30 @@ async def test_a_bundle_stops_at_its_byte_cap(
     bundle = await make_bundle(cas, list(blobs))
     assert 0 < len(bundle.blobs) < 6 and bundle.size <= 50_000 + 37 * len(bundle.parts)
     assert list(bundle.blobs) == list(blobs)[: len(bundle.blobs)]
+
+
+async def test_parts_are_cut_by_decoded_bytes_too_so_zeros_never_decode_without_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blobs of zeros are a few hundred bytes as stored: by stored bytes alone the whole hot
+    set would be one part that decodes to gigabytes (readers refuse a part decoding past
+    ``MAX_PART_DECODED``), so a part also ends at ``PART_DECODED`` and the bundle at
+    ``MAX_BUNDLE_DECODED``."""
+    cas = LocalCAS(tmp_path / "cas")
+    zeros = {Digest.of(data): data for data in (bytes(300_000 + i) for i in range(8))}
+    await cas.put_many(list(zeros.items()))
+    stored = [len((await cas.get_encoded(d))[1]) for d in zeros]
+    assert sum(stored) < 10_000  # as stored
+    monkeypatch.setattr(bundle_module, "PART_DECODED", 700_000)
+    monkeypatch.setattr(bundle_module, "MAX_BUNDLE_DECODED", 2_000_000)
+    bundle = await make_bundle(cas, list(zeros))
+    assert list(bundle.blobs) == list(zeros)[:6]  # 6 x ~300 kB: the bundle's decoded cap
+    decoded = [sum(len(r[2]) for r in bundlepart.unpack_part(await cas.get(p.digest)))
+               for p in bundle.parts]  # fmt: skip
+    assert len(decoded) == 3 and all(n <= 700_000 for n in decoded)
+    # what a reader accepts covers what a builder writes: a part's cap plus one whole record
+    assert bundle_module.PART_DECODED + MAX_CHUNK <= bundlepart.MAX_PART_DECODED
+    await cas.aclose()
 
 
 async def test_refresh_bundle_builds_once_per_plan_and_executable(cas: CAS) -> None:
