@@ -93,15 +93,15 @@ def _pack_state_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(scope="session", autouse=True)
 def _no_index_locks_left() -> Iterator[None]:
     """The lock files of the session's cache indexes (``lazycaf.host.indexlock``, in
-    /run/lazycaf/index-locks) go with the session; one a process still uses is another's
-    (a benchmark's daemon that started meanwhile) and stays."""
-    from lazycaf.host.indexlock import LOCK_DIR, _in_use
+    /run/lazycaf/index-locks) go with the session, those this process still has open too;
+    one another process uses (a benchmark's daemon that started meanwhile) stays."""
+    from lazycaf.host.indexlock import LOCK_DIR, _in_use, _open_here
 
     before = set(LOCK_DIR.iterdir()) if LOCK_DIR.is_dir() else set()
     yield
     if LOCK_DIR.is_dir():
         for path in set(LOCK_DIR.iterdir()) - before:
-            if not _in_use(str(path)):
+            if _open_here(str(path)) or not _in_use(str(path)):
                 path.unlink(missing_ok=True)
 
 
