@@ -71,9 +71,13 @@ async def _http(root: Path, nursery: trio.Nursery) -> BlobSource:
     return CasSource(HttpCAS(f"http://{address}"), HttpCAS(f"http://{address}"))
 
 
+_PEER_CACHES: list[BlobCache] = []  # closed by ``opened`` once the peers' nursery is done
+
+
 async def _peer_daemon(root: Path, nursery: trio.Nursery) -> str:
     """A peer: its own cache, pulling from the CAS at ``root``, its peer API on a port."""
     cache = BlobCache(root.parent / f"peer-cache-{root.name}")
+    _PEER_CACHES.append(cache)
     service = FetchService(cache, TieredSource(CasSource(LocalCAS(root))))
     await nursery.start(service.run)
     return await _serve(nursery, PeerApp(service, PeerSet(), instance="peer"))
@@ -126,13 +130,17 @@ async def opened(kind: str, tmp_path: Path) -> AsyncIterator[tuple[BlobSource, l
     root = tmp_path / "cas"
     digests = _store(root)
     CasDir(tmp_path / "elsewhere")
-    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-        source = await MAKERS[kind](root, nursery)
-        stack.push_async_callback(source.aclose)
-        try:
-            yield source, digests
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            source = await MAKERS[kind](root, nursery)
+            stack.push_async_callback(source.aclose)
+            try:
+                yield source, digests
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        while _PEER_CACHES:  # its service has stopped: no thread uses its index now
+            _PEER_CACHES.pop().close()
 
 
 @pytest.fixture(params=sorted(MAKERS))
