@@ -55,7 +55,7 @@ from lazycaf.core import framing
 from lazycaf.core.digest import Digest, Hasher
 from lazycaf.core.errors import CacheFull
 from lazycaf.core.verified import Verified, verify_blob
-from lazycaf.disk.btrfs_compress import compress_file, write_uncompressed
+from lazycaf.disk.btrfs_compress import can_compress, compress_file, compresses, set_compression
 from lazycaf.disk.btrfs_encoded import frames_of, write_frames
 from lazycaf.disk.syncfs import syncfs
 from lazycaf.host.index import BlobRecord, Index
@@ -77,7 +77,6 @@ log = logging.getLogger(__name__)
 
 ENCODED_WRITES_ENV = "LAZYCAF_ENCODED_WRITES"
 DEFER_COMPRESSION_ENV = "LAZYCAF_DEFER_COMPRESSION"
-_COMPRESSION_XATTR: Final = "btrfs.compression"
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _BUILD_AGE_S = 3600.0  # a manifest index build's temp file older than this was abandoned
 
@@ -162,17 +161,15 @@ class BlobCache:
         # only where the filesystem compresses what is written into the cache in the first
         # place, not with encoded writes (their extents are compressed already), and only
         # where this process can compress a read-only file later (root: CAP_SYS_ADMIN)
-        compressed = _compressed_dir(layout.blobs)
-        self._plain = (
-            defer
-            and not self._encoded
-            and compressed
-            and write_uncompressed(layout.tmp)
-            and _can_compress(layout.tmp)
-        )
+        compressed = compresses(layout.blobs)
+        self._plain = False
+        if defer and not self._encoded and compressed:
+            with contextlib.suppress(OSError):
+                set_compression(layout.tmp, "none")
+                self._plain = can_compress(layout.tmp)
         if compressed and not self._plain:  # tmp/ may have been set so by an earlier daemon
             with contextlib.suppress(OSError):
-                os.setxattr(layout.tmp, _COMPRESSION_XATTR, b"zstd")
+                set_compression(layout.tmp, "zstd")
         self._plain_landed: list[tuple[Digest, int]] = []  # published plain, not handed over
         self._plain_lock = threading.Lock()  # not _lock: the event loop takes it, GC holds that
         self._compressed = [0, 0]  # blobs, bytes rewritten compressed
@@ -568,35 +565,6 @@ def _verifies(digest: Digest, path: Path) -> bool:
 _TRANSIENT: Final = frozenset({errno.ENOSPC, errno.EINTR, errno.EAGAIN, errno.EIO})
 
 
-def _can_compress(tmp: Path) -> bool:
-    """Whether ``compress_file`` works on a read-only file here (it needs CAP_SYS_ADMIN or
-    write access): tried on a probe file."""
-    probe = tmp / f".compress-probe.{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
-        try:
-            os.write(fd, b"probe\n" * 1024)
-        finally:
-            os.close(fd)
-        compress_file(probe)
-    except OSError:
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
-    return True
-
-
-def _compressed_dir(path: Path) -> bool:
-    """Whether Btrfs compresses the files created in ``path`` (its compression property, as
-    ``init_cache_dir`` sets it)."""
-    try:
-        value = os.getxattr(path, _COMPRESSION_XATTR)
-    except OSError:
-        return False
-    return value not in (b"", b"none", b"no")
-
-
 def filesystem_type(path: Path) -> str:
     """The filesystem type name of ``path`` (``btrfs``, ``ext2/ext3``, ``tmpfs``, ...)."""
     out = subprocess.run(
@@ -617,9 +585,5 @@ def init_cache_dir(path: Path) -> tuple[str, bool]:
     if fs != "btrfs":
         return fs, False
     for target in (path, layout.blobs, layout.tmp):
-        subprocess.run(
-            ["btrfs", "property", "set", str(target), "compression", "zstd"],
-            check=True,
-            capture_output=True,
-        )
+        set_compression(target, "zstd")
     return fs, True

@@ -73,6 +73,7 @@ class Part:
     blobs: tuple[Digest, ...]  # what it holds, in order
     size: int  # bytes of the part's blob
     stored: int = -1  # bytes of its blobs as the store keeps them (-1: as ``size``)
+    decoded: int = -1  # bytes of its blobs decoded (-1: not recorded, an older part)
 
     @property
     def stored_bytes(self) -> int:
@@ -82,21 +83,27 @@ class Part:
 
     def to_json(self) -> dict[str, Any]:
         out = {"digest": self.digest.hex, "blobs": [d.hex for d in self.blobs], "bytes": self.size}
-        return out if self.stored < 0 else {**out, "stored": self.stored}
+        for key, value in (("stored", self.stored), ("decoded", self.decoded)):
+            if value >= 0:
+                out[key] = value
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> Part:
         if not isinstance(obj, dict) or not isinstance(obj.get("blobs"), list):
             raise ValueError(f"bad bundle part {obj!r:.100}")
         size = obj.get("bytes")
-        stored = obj.get("stored", -1)
+        stored, decoded = obj.get("stored", -1), obj.get("decoded", -1)
         if not isinstance(size, int) or size < 0 or not isinstance(stored, int):
+            raise ValueError(f"bad bundle part {obj!r:.100}")
+        if not isinstance(decoded, int):
             raise ValueError(f"bad bundle part {obj!r:.100}")
         return cls(
             Digest.parse(str(obj.get("digest"))),
             tuple(Digest.parse(str(h)) for h in obj["blobs"]),
             size,
             max(stored, -1),
+            max(decoded, -1),
         )
 
 
@@ -116,6 +123,12 @@ class Bundle:
     def stored(self) -> int:
         """Bytes of its blobs as stored (what ``MAX_BUNDLE_BYTES`` bounds)."""
         return sum(p.stored_bytes for p in self.parts)
+
+    @functools.cached_property
+    def decoded(self) -> int:
+        """Bytes of its blobs decoded (what ``MAX_BUNDLE_DECODED`` bounds; parts that did
+        not record it count 0)."""
+        return sum(max(p.decoded, 0) for p in self.parts)
 
     @property
     def digest(self) -> Digest:
@@ -141,14 +154,15 @@ class Bundle:
 
 async def assemble(
     read_many: ReadMany, digests: Sequence[Digest]
-) -> list[tuple[bytes, list[Digest], int]]:
+) -> list[tuple[bytes, list[Digest], int, int]]:
     """The parts of the bundle of ``digests`` (each part's bytes, the blobs it holds in
-    order, and their bytes as stored), read from a store with ``read_many`` (stored records
-    of the blobs present, in the order asked)."""
+    order, and their bytes as stored and decoded), read from a store with ``read_many``
+    (stored records of the blobs present, in the order asked)."""
     wanted = list(dict.fromkeys(digests))[:MAX_BUNDLE_BLOBS]
     parts: list[list[Record]] = [[]]
+    decoded_of: list[int] = [0]  # each part's decoded bytes
     cap, part_bytes, total = FIRST_PART, 0, 0
-    part_decoded = total_decoded = 0
+    total_decoded = 0
     for start in range(0, len(wanted), _READ_GROUP):
         for record in await read_many(wanted[start : start + _READ_GROUP]):
             size = len(record[2]) + _HEAD
@@ -161,33 +175,37 @@ async def assemble(
             total_decoded += decoded
             if total > MAX_BUNDLE_BYTES or total_decoded > MAX_BUNDLE_DECODED:
                 break
-            if parts[-1] and (part_bytes + size > cap or part_decoded + decoded > PART_DECODED):
+            if parts[-1] and (part_bytes + size > cap or decoded_of[-1] + decoded > PART_DECODED):
                 parts.append([])
-                cap, part_bytes, part_decoded = min(2 * cap, PART), 0, 0
+                decoded_of.append(0)
+                cap, part_bytes = min(2 * cap, PART), 0
             parts[-1].append(record)
             part_bytes += size
-            part_decoded += decoded
+            decoded_of[-1] += decoded
         else:
             continue
         break
-    full = [p for p in parts if p]
+    full = [(p, n) for p, n in zip(parts, decoded_of, strict=True) if p]
     built = await trio.to_thread.run_sync(
-        lambda: [pack_part(p, first=i == 0) for i, p in enumerate(full)]
+        lambda: [pack_part(p, first=i == 0) for i, (p, _) in enumerate(full)]
     )
-    stored = [sum(len(r[2]) + _HEAD for r in p) for p in full]
-    return [(body, blobs, n) for (body, blobs), n in zip(built, stored, strict=True) if blobs]
+    return [
+        (body, blobs, sum(len(r[2]) + _HEAD for r in p), n)
+        for (body, blobs), (p, n) in zip(built, full, strict=True)
+        if blobs
+    ]
 
 
 async def store_parts(
-    parts: list[tuple[bytes, list[Digest], int]],
+    parts: list[tuple[bytes, list[Digest], int, int]],
     put: Callable[[Digest, bytes], Awaitable[object]],
 ) -> Bundle:
     """Store each part with ``put`` (digest, bytes); the ``Bundle`` they make."""
     out = []
-    for body, blobs, stored in parts:
+    for body, blobs, stored, decoded in parts:
         digest = await trio.to_thread.run_sync(Digest.of, body)
         await put(digest, body)
-        out.append(Part(digest, tuple(blobs), len(body), stored))
+        out.append(Part(digest, tuple(blobs), len(body), stored, decoded))
     return Bundle(tuple(out))
 
 

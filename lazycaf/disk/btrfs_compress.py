@@ -1,5 +1,6 @@
-"""Btrfs compression deferred: a directory whose new files are written without it, and a
-file compressed after the fact.
+"""Btrfs compression: a directory's property (what ``btrfs property set DIR compression``
+sets, and what the files created in it inherit), and compression deferred: a directory whose
+new files are written without it, and a file compressed after the fact.
 
 A file written into a directory whose ``btrfs.compression`` property is ``none`` inherits the
 ``NOCOMPRESS`` flag: writeback stores its bytes as they are, where a compressed directory's
@@ -14,13 +15,14 @@ needs the file open for writing or ``CAP_SYS_ADMIN``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
 from pathlib import Path
 from typing import Final
 
-__all__ = ["compress_file", "write_uncompressed"]
+__all__ = ["can_compress", "compress_file", "compresses", "set_compression"]
 
 # _IOW(0x94, 16, struct btrfs_ioctl_defrag_range_args): start, len, flags, extent_thresh,
 # compress_type, unused[4]
@@ -32,13 +34,38 @@ _ZSTD: Final = 3
 _PROPERTY: Final = "btrfs.compression"
 
 
-def write_uncompressed(directory: Path) -> bool:
-    """Have files created in ``directory`` from now on written without compression; False
-    where that cannot be (not Btrfs, no permission)."""
+def set_compression(path: Path, algorithm: str) -> None:
+    """Set ``path``'s compression property (``zstd``; ``none``: files created in a directory
+    from then on are written uncompressed); ``OSError`` where that cannot be (not Btrfs, no
+    permission)."""
+    os.setxattr(path, _PROPERTY, algorithm.encode())
+
+
+def compresses(path: Path) -> bool:
+    """Whether Btrfs compresses the files created in ``path`` (its compression property)."""
     try:
-        os.setxattr(directory, _PROPERTY, b"none")
+        value = os.getxattr(path, _PROPERTY)
     except OSError:
         return False
+    return value not in (b"", b"none", b"no")
+
+
+def can_compress(directory: Path) -> bool:
+    """Whether ``compress_file`` works on a read-only file in ``directory`` (it needs
+    CAP_SYS_ADMIN or write access): tried on a probe file."""
+    probe = directory / f".compress-probe.{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
+        try:
+            os.write(fd, b"probe\n" * 1024)
+        finally:
+            os.close(fd)
+        compress_file(probe)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
     return True
 
 

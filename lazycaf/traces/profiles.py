@@ -17,7 +17,13 @@ from typing import Final
 import trio
 
 from lazycaf.cas.api import CAS
-from lazycaf.cas.bundle import MAX_BUNDLE_BLOBS, MAX_BUNDLE_BYTES, Bundle, make_bundle
+from lazycaf.cas.bundle import (
+    MAX_BUNDLE_BLOBS,
+    MAX_BUNDLE_BYTES,
+    MAX_BUNDLE_DECODED,
+    Bundle,
+    make_bundle,
+)
 from lazycaf.cas.refs import profile_ref
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import RefMoved, RefNotFound
@@ -112,7 +118,11 @@ def bundle_fits(profile: Profile, executable: Digest, plan: list[Digest]) -> boo
     n = len(bundle.blobs)
     if len(set(plan[:n]).intersection(bundle.blobs)) < _BUNDLE_FITS * n:
         return False
-    full = n >= MAX_BUNDLE_BLOBS or bundle.stored >= _BUNDLE_FITS * MAX_BUNDLE_BYTES
+    full = (
+        n >= MAX_BUNDLE_BLOBS
+        or bundle.stored >= _BUNDLE_FITS * MAX_BUNDLE_BYTES
+        or bundle.decoded >= _BUNDLE_FITS * MAX_BUNDLE_DECODED
+    )
     return full or len(plan) * _BUNDLE_FITS <= n
 
 

@@ -347,6 +347,7 @@ async def test_a_read_waits_for_the_bundle_part_on_its_way_and_parts_come_one_at
         d.cas.gates[first] = trio.Event()
         parts = [(first, DIGESTS[:2]), (second, DIGESTS[2:4])]
         assert await d.client.prefetch_bundle(parts) == 4
+        await wait_for_async(lambda: first in d.cas.asked, "the first part on its way")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(d.client.ensure, DIGESTS[1])  # its part is on its way
             await _missed(d, 1)
@@ -372,6 +373,7 @@ async def test_a_read_does_not_wait_for_a_stalled_part_nor_for_one_not_asked_for
         d.cas.gates[first] = trio.Event()  # on its way, and nothing comes
         parts = [(first, DIGESTS[:2]), (second, DIGESTS[2:4])]
         assert await d.client.prefetch_bundle(parts) == 4
+        await wait_for_async(lambda: first in d.cas.asked, "the first part on its way")
         with trio.fail_after(10):
             assert await d.client.ensure(DIGESTS[1]) == len(BLOBS[1])  # after the stall
             assert await d.client.ensure(DIGESTS[3]) == len(BLOBS[3])  # its part not asked

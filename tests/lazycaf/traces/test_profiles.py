@@ -13,7 +13,7 @@ import trio
 from lazycaf.cas import bundle as bundle_module
 from lazycaf.cas import bundlepart
 from lazycaf.cas.api import CAS
-from lazycaf.cas.bundle import make_bundle
+from lazycaf.cas.bundle import Bundle, Part, make_bundle
 from lazycaf.cas.http import HttpCAS
 from lazycaf.cas.local import LocalCAS
 from lazycaf.core import framing
@@ -115,6 +115,9 @@ async def test_parts_are_cut_by_decoded_bytes_too_so_zeros_never_decode_without_
     decoded = [sum(len(r[2]) for r in bundlepart.unpack_part(await cas.get(p.digest)))
                for p in bundle.parts]  # fmt: skip
     assert len(decoded) == 3 and all(n <= 700_000 for n in decoded)
+    assert [p.decoded for p in bundle.parts] == decoded  # recorded, for ``bundle_fits``
+    again = Bundle.from_json(json.loads(json.dumps(bundle.to_json())))
+    assert again.decoded == sum(decoded)
     # what a reader accepts covers what a builder writes: a part's cap plus one whole record
     assert bundle_module.PART_DECODED + MAX_CHUNK <= bundlepart.MAX_PART_DECODED
     await cas.aclose()
@@ -153,6 +156,23 @@ def test_a_bundle_this_version_cannot_read_costs_the_bundle_not_the_profile() ->
     body["bundle"] = {"parts": [{"digest": "not hex", "blobs": [], "bytes": 1}]}
     decoded = Profile.decode(json.dumps(body).encode())
     assert decoded.bundle is None and len(decoded.runs) == 1
+
+
+def test_a_bundle_cut_at_its_decoded_cap_is_full() -> None:
+    """A hot set of blobs that are almost nothing as stored stops at the decoded cap: it
+    must not look like a bundle short of its plan, rebuilt at every save."""
+    from lazycaf.cas.bundle import MAX_BUNDLE_DECODED
+    from lazycaf.traces.profiles import bundle_fits
+
+    blobs = [Digest.of(str(i).encode()) for i in range(100)]
+    exe = Digest.of(b"exe")
+    profile = Profile("trainer", [])
+    profile.bundle_for = exe.hex
+    part = Part(Digest.of(b"part"), tuple(blobs[:50]), 1000, 1000, MAX_BUNDLE_DECODED)
+    profile.bundle = Bundle((part,))
+    assert bundle_fits(profile, exe, blobs)
+    profile.bundle = Bundle((Part(part.digest, part.blobs, 1000, 1000, 1_000_000),))
+    assert not bundle_fits(profile, exe, blobs)
 
 
 def test_a_bundle_is_full_by_its_blobs_as_stored_not_by_its_compressed_parts() -> None:
