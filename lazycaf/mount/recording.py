@@ -30,7 +30,7 @@ from lazycaf.mount.importcrawl import ImportCrawler
 from lazycaf.traces.crowd import CrowdFile, plan_crowd
 from lazycaf.traces.trace import HotFile, Profile, Trace, TraceRecorder, plan_prefetch
 
-__all__ = ["DEFAULT_EAGER_SHARE", "MountProfile", "load_profile"]
+__all__ = ["DEFAULT_EAGER_SHARE", "MountProfile", "load_profile", "prefetch_own_bundle"]
 
 _DIR_FILES: Final = 256
 _DIR_BYTES: Final = 8 << 20
@@ -88,6 +88,26 @@ async def load_profile(client: FetcherClient, cache: CacheLayout, name: str) -> 
         return None
 
 
+async def prefetch_own_bundle(
+    client: FetcherClient, profile: Profile | None, executable: Digest
+) -> int | None:
+    """Ask the daemon for the blobs of the profile's bundle when it was planned on this very
+    tree (``Profile.bundle_for``): its blobs are the hot set's plan as of the profile's
+    last save, so the request need not wait for the manifest index and the plan (80 ms of
+    a cold mount of ``import torch``'s tree, during which the bundle's first part now
+    crosses the link). Returns how many blobs were queued; None when not asked (no such
+    bundle, or a daemon that refused: the plan then goes as ``queue_hot_set`` sends it)."""
+    bundle = profile.bundle if profile is not None else None
+    if profile is None or bundle is None or profile.bundle_for != executable.hex:
+        return None
+    parts = [(p.digest, list(p.blobs)) for p in bundle.parts]
+    try:
+        return await client.prefetch_bundle(parts)
+    except LazyCafError as exc:
+        log.info("hot set not fetched through its bundle: %s", exc)
+        return None
+
+
 class MountProfile:
     """The mount's ``ReadObserver``: records the run's trace, prefetches what the profile (or,
     without one, a read's directory) says comes next, and turns eager once the run has read
@@ -110,11 +130,13 @@ class MountProfile:
         profile: Profile | None = None,
         crowd: bool = True,
         import_graph: bool = True,
+        bundle_queued: int | None = None,
     ) -> None:
         """``profile``: the one ``load_profile`` found for ``name`` (None: none yet);
         ``crowd``: without one, prefetch what other executables' profiles say is hot;
         ``import_graph``: without one, prefetch what the modules read import
-        (``lazycaf.mount.importcrawl``)."""
+        (``lazycaf.mount.importcrawl``); ``bundle_queued``: the blobs
+        ``prefetch_own_bundle`` queued (None: it did not ask for the bundle)."""
         self.client = client
         self.manifest = manifest
         self.cache = cache
@@ -133,6 +155,7 @@ class MountProfile:
         self._hot: list[HotFile] = []  # the profile's hot set, as queue_hot_set planned it
         self._plan: list[Digest] = []
         self._queued = 0
+        self._bundle_queued = bundle_queued
         self.prefetched: set[Digest] = set()  # blobs this mount queued for prefetch
         self._eager_at: int | None = None  # touched bytes that turn the run eager
         self._dir_prefetch = False  # no profile: a miss announces its directory
@@ -186,7 +209,9 @@ class MountProfile:
         self._hot = self.profile.hot_set()
         self._plan = plan_prefetch(self._hot, self.manifest.by_path, self.manifest.chunk_size)
         self.prefetched.update(self._plan)
-        if (parts := self._bundled(self._plan)) is not None:
+        if self._bundle_queued is not None:  # asked for already, the plan's blobs in order
+            self._queued = self._bundle_queued
+        elif (parts := self._bundled(self._plan)) is not None:
             try:
                 self._queued = await self.client.prefetch_bundle(parts)
             except LazyCafError as exc:  # a daemon that predates bundles: blob by blob

@@ -51,7 +51,12 @@ from lazycaf.host.paths import CacheLayout
 from lazycaf.mount.blobreader import BlobReader
 from lazycaf.mount.indexfile import open_index
 from lazycaf.mount.inodes import InodeTable
-from lazycaf.mount.recording import DEFAULT_EAGER_SHARE, MountProfile, load_profile
+from lazycaf.mount.recording import (
+    DEFAULT_EAGER_SHARE,
+    MountProfile,
+    load_profile,
+    prefetch_own_bundle,
+)
 from lazycaf.traces.trace import Profile
 
 __all__ = [
@@ -169,15 +174,16 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
     try:
         prefetch = config.prefetch and not config.offline
         profile_name = config.profile or profile_name_for(config.ref)
-        loaded: list[Profile | None] = []
+        loaded = _Loaded()
         async with trio.open_nursery() as nursery:
             if prefetch and profile_name:  # the profile travels beside the manifest
-                nursery.start_soon(_load_into, loaded, client, cache, profile_name)
+                nursery.start_soon(loaded.load, client, cache, profile_name)
             digest = await client.resolve(config.ref, cached=config.offline)
             if config.offline:
                 await _check_all_cached(client, digest, config.ref)
             else:
                 await client.ensure(digest)
+            loaded.manifest_here(digest)  # its bundle may go now: the manifest crossed
             await client.mounted(digest)
             name = f"manifest {digest}"
             name += f" (ref {config.ref!r})" if config.ref != digest.hex else ""
@@ -186,7 +192,8 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
         if not profile_name:  # a bare digest: its profile is named by it
             profile_name = digest.hex
             if prefetch:
-                loaded.append(await load_profile(client, cache, profile_name))
+                loaded.profile = await load_profile(client, cache, profile_name)
+                loaded.bundle_queued = await prefetch_own_bundle(client, loaded.profile, digest)
         table = InodeTable(manifest)
         # off the loop: opening it may wait for a daemon opening it too (``indexlock``)
         index = await trio.to_thread.run_sync(functools.partial(Index, cache.index, readonly=True))
@@ -199,9 +206,10 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             prefetch=prefetch,
             eager_share=config.eager_share,
             record=config.record and not config.offline,
-            profile=loaded[0] if loaded else None,
+            profile=loaded.profile,
             crowd=config.crowd,
             import_graph=config.import_graph,
+            bundle_queued=loaded.bundle_queued,
         )
         reader = BlobReader(
             cache,
@@ -322,10 +330,28 @@ async def _stop_when_exited(pid: int, stop: Callable[[], None]) -> None:
     stop()
 
 
-async def _load_into(
-    out: list[Profile | None], client: FetcherClient, cache: CacheLayout, name: str
-) -> None:
-    out.append(await load_profile(client, cache, name))
+class _Loaded:
+    """The profile a mount loads beside its manifest, and the blobs of the profile's own
+    bundle asked for once both are here (``prefetch_own_bundle``)."""
+
+    def __init__(self) -> None:
+        self.profile: Profile | None = None
+        self.bundle_queued: int | None = None
+        self._executable: Digest | None = None
+        self._manifest = trio.Event()
+
+    def manifest_here(self, digest: Digest) -> None:
+        self._executable = digest
+        self._manifest.set()
+
+    async def load(self, client: FetcherClient, cache: CacheLayout, name: str) -> None:
+        """Load the profile; once the manifest is in the cache too (the bundle must not
+        share the link with it), ask for the profile's bundle if it was planned on this
+        tree."""
+        self.profile = await load_profile(client, cache, name)
+        await self._manifest.wait()
+        assert self._executable is not None
+        self.bundle_queued = await prefetch_own_bundle(client, self.profile, self._executable)
 
 
 async def _check_all_cached(client: FetcherClient, digest: Digest, ref: str) -> None:

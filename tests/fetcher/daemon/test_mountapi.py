@@ -34,6 +34,7 @@ from lazycaf.core.manifest import DIR, FILE, Entry, Manifest
 from lazycaf.core.priority import Priority
 from lazycaf.host import client as client_module
 from lazycaf.host.client import FetcherClient
+from lazycaf.mount.recording import prefetch_own_bundle
 from lazycaf.traces.profiles import load_profile
 from lazycaf.traces.trace import AccessRecord, Trace
 from tests.helpers import wait_for_async
@@ -238,6 +239,26 @@ async def test_a_saved_run_gets_a_bundle_and_prefetch_fetches_through_it(tmp_pat
         # cached already: nothing to fetch, no second stream
         assert await d.client.prefetch_bundle([(part.digest, members)]) == 0
         assert (await d.client.stats())["bundle_parts_fetched"] == 1
+
+
+async def test_a_mount_asks_for_its_own_bundle_before_its_plan_and_never_for_anothers(
+    tmp_path: Path,
+) -> None:
+    async with daemon(tmp_path) as d:
+        await _recorded(d)
+        members = [DIGESTS[2], DIGESTS[0], DIGESTS[1], DIGESTS[3]]
+        assert (await d.client.bundle("app", d.manifest, members))["built"]
+        profile = await load_profile(LocalCAS(d.store.root), "app")
+        assert profile is not None and profile.bundle is not None
+        # planned on another tree (the next version): left to the plan, nothing asked
+        assert await prefetch_own_bundle(d.client, profile, Digest.of(b"v2")) is None
+        assert await prefetch_own_bundle(d.client, None, d.manifest) is None
+        assert (await d.client.stats())["prefetched"] == 0
+        # planned on this one: all its blobs, through the bundle, with no plan made
+        assert await prefetch_own_bundle(d.client, profile, d.manifest) == 4
+        await wait_for_async(lambda: all(d.cache.has(x) for x in members), "the bundle's blobs")
+        stats = await d.client.stats()
+        assert stats["bundle_parts_fetched"] == 1 and stats["blobs_from_bundles"] == 4
 
 
 async def test_a_bundle_record_of_a_blob_read_first_is_counted_unused(tmp_path: Path) -> None:
