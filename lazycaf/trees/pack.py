@@ -14,6 +14,7 @@ returned (its blobs durable), so a manifest in the CAS is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
@@ -46,6 +47,7 @@ _UPLOAD_BATCH_BYTES: Final = 16 << 20
 _UPLOAD_BATCH_BLOBS: Final = 2048  # small blobs: one syncfs per 2048 (98 vs 125 us a blob at 256)
 _COUNTING: Final = threading.Lock()
 _MAX_BATCHES_IN_FLIGHT: Final = 4  # each holds up to ~16 MiB (plus its compressed copy)
+_READ_AHEAD_FILES: Final = 32  # files of a hash job opened and advised ahead of the one read
 
 
 @dataclass
@@ -252,10 +254,48 @@ def _read(fd: int, length: int, where: str, *, last: bool = False) -> bytes:
     return data
 
 
-def hash_small(root: str, rel: str, size: int) -> tuple[Hashes, Blob]:
-    """Read and hash a file of at most one chunk: its digest and its one blob, bytes held."""
+def _advise(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading ``length`` bytes at ``offset`` into the page cache
+    (``POSIX_FADV_WILLNEED``: it queues the reads and returns). Advice only: ignored where
+    the filesystem refuses it."""
+    if length > 0:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
+class ReadAhead:
+    """The files of a hash job, opened ``_READ_AHEAD_FILES`` ahead of the one being read,
+    each with its bytes asked for (``_advise``). A tree not in the page cache (a fresh
+    build, a publish) was read one file at a time per hashing thread, so the disk had two
+    reads in flight and the cores waited on it; now it has the window's. ``take(k)`` hands
+    over file ``k``'s descriptor (taken in order; the caller closes it); ``close`` closes
+    those not taken."""
+
+    def __init__(self, root: str, files: list[Scanned]) -> None:
+        self._root, self._files = root, files
+        self._fds: dict[int, int] = {}
+        self._opened = 0  # files opened so far (in order)
+
+    def take(self, k: int) -> int:
+        while self._opened < len(self._files) and self._opened <= k + _READ_AHEAD_FILES:
+            s = self._files[self._opened]
+            fd = _open(f"{self._root}/{s.path}")
+            self._fds[self._opened] = fd
+            self._opened += 1
+            _advise(fd, 0, s.size)
+        return self._fds.pop(k)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def hash_small(root: str, rel: str, size: int, fd: int | None = None) -> tuple[Hashes, Blob]:
+    """Read and hash a file of at most one chunk: its digest and its one blob, bytes held.
+    ``fd``: the file opened already (closed here)."""
     where = f"{root}/{rel}"
-    fd = _open(where)
+    fd = _open(where) if fd is None else fd
     try:
         data = _read(fd, size, where, last=True)
     finally:
@@ -269,13 +309,16 @@ class ChunkedFile:
     chunk's digest and bytes, a few chunks per ``read`` (so a big file is never all in
     memory). Sync code for a worker thread; ``close`` always."""
 
-    def __init__(self, root: str, rel: str, size: int, chunk_size: int) -> None:
+    def __init__(
+        self, root: str, rel: str, size: int, chunk_size: int, fd: int | None = None
+    ) -> None:
+        """``fd``: the file opened already (``close`` closes it)."""
         self.rel, self.where = rel, f"{root}/{rel}"
         self._spans = chunk_spans(size, chunk_size)
         self._next = 0
         self._whole = Hasher()
         self._chunks: list[Digest] = []
-        self._fd = _open(self.where)
+        self._fd = _open(self.where) if fd is None else fd
 
     @property
     def done(self) -> bool:
@@ -285,6 +328,9 @@ class ChunkedFile:
         """The next ``max_chunks`` chunks (all: None); the last one checks that the file
         ends there."""
         n = len(self._spans) if max_chunks is None else max(1, max_chunks)
+        if n < len(self._spans) - self._next:  # the next call's chunks: read in meanwhile
+            after = self._spans[self._next + n : self._next + 2 * n]
+            _advise(self._fd, after[0][0], sum(length for _, length in after))
         out = []
         for off, length in self._spans[self._next : self._next + n]:
             self._next += 1
@@ -304,12 +350,18 @@ class ChunkedFile:
 
 
 def hash_pyc(
-    root: str, s: Scanned, source: Scanned, chunk_size: int, progress: PackProgress
+    root: str,
+    s: Scanned,
+    source: Scanned,
+    chunk_size: int,
+    progress: PackProgress,
+    fd: int | None = None,
 ) -> tuple[Hashes, Blob]:
     """``hash_small`` of a ``.pyc`` under ``--normalize``: when it is a timestamp-based
     ``.pyc`` valid for ``source``, rewritten unchecked hash-based with ``co_filename`` the
-    source's path in the tree (else its bytes as they are)."""
-    (_, _), blob = hash_small(root, s.path, s.size)
+    source's path in the tree (else its bytes as they are). ``fd``: the ``.pyc`` opened
+    already (closed here)."""
+    (_, _), blob = hash_small(root, s.path, s.size, fd)
     assert blob.data is not None
     where = f"{root}/{source.path}"
     fd = _open(where)
@@ -343,22 +395,27 @@ def hash_batch(
     """Hash a batch of files (one thread hop for the batch): each file's digests and blobs,
     bytes held. ``pyc_sources`` (``--normalize``): ``.pyc`` paths and their sources."""
     out: list[tuple[Hashes, list[Blob]]] = []
-    for s in batch:
-        if pyc_sources and s.path in pyc_sources:
-            assert progress is not None
-            hashes, blob = hash_pyc(root, s, pyc_sources[s.path], chunk_size, progress)
-            out.append((hashes, [blob]))
-            continue
-        if s.size <= chunk_size:
-            hashes, blob = hash_small(root, s.path, s.size)
-            out.append((hashes, [blob]))
-            continue
-        f = ChunkedFile(root, s.path, s.size, chunk_size)
-        try:
-            blobs = f.read()
-        finally:
-            f.close()
-        out.append((f.hashes(), blobs))
+    ahead = ReadAhead(root, batch)
+    try:
+        for k, s in enumerate(batch):
+            fd = ahead.take(k)
+            if pyc_sources and s.path in pyc_sources:
+                assert progress is not None
+                pyc = hash_pyc(root, s, pyc_sources[s.path], chunk_size, progress, fd)
+                out.append((pyc[0], [pyc[1]]))
+                continue
+            if s.size <= chunk_size:
+                hashes, blob = hash_small(root, s.path, s.size, fd)
+                out.append((hashes, [blob]))
+                continue
+            f = ChunkedFile(root, s.path, s.size, chunk_size, fd)
+            try:
+                blobs = f.read()
+            finally:
+                f.close()
+            out.append((f.hashes(), blobs))
+    finally:
+        ahead.close()
     return out
 
 

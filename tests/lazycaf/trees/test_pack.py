@@ -299,14 +299,39 @@ async def test_a_file_that_changes_size_is_a_pack_error(tmp_path: Path, grow: bo
     assert list((tmp_path / "cas" / "refs").iterdir()) == []
 
 
+async def test_a_file_gone_while_read_ahead_fails_the_pack_and_leaves_no_descriptor_open(
+    tmp_path: Path,
+) -> None:
+    """A hash job opens its files ahead of the one it reads (``ReadAhead``): one removed
+    after the walk fails the pack with its path, and every file opened ahead is closed."""
+    tree = tmp_path / "t"
+    tree.mkdir()
+    for i in range(60):
+        (tree / f"m{i:02d}.py").write_bytes(b"x = %d\n" % i * 50)
+    original = packmod.scan_tree
+
+    def scan_then_remove(root: Path, *, keep_setid: bool = False) -> object:
+        out = original(root, keep_setid=keep_setid)
+        (tree / "m40.py").unlink()
+        return out
+
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packmod, "scan_tree", scan_then_remove)
+        message = await pack_error(tree, LocalCAS(tmp_path / "cas"))
+    assert "m40.py" in message and "cannot read" in message
+    assert set(os.listdir("/proc/self/fd")) <= before
+    assert list((tmp_path / "cas" / "refs").iterdir()) == []
+
+
 async def test_hashing_runs_in_threads_not_on_the_event_loop(tmp_path: Path) -> None:
     tree = big_tree(tmp_path / "tree")
     seen: list[str] = []
     original = packmod.hash_small
 
-    def spy(root: str, rel: str, size: int) -> object:
+    def spy(root: str, rel: str, size: int, fd: int | None = None) -> object:
         seen.append(threading.current_thread().name)
-        return original(root, rel, size)
+        return original(root, rel, size, fd)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(packmod, "hash_small", spy)
