@@ -265,9 +265,9 @@ def _advise(fd: int, offset: int, length: int) -> None:
 
 class ReadAhead:
     """The files of a hash job, opened ``_READ_AHEAD_FILES`` ahead of the one being read,
-    each with its bytes asked for (``_advise``). A tree not in the page cache (a fresh
-    build, a publish) was read one file at a time per hashing thread, so the disk had two
-    reads in flight and the cores waited on it; now it has the window's. ``take(k)`` hands
+    each with its bytes asked for (``_advise``). A tree not in the page cache (written a
+    while ago, or larger than memory) was read one file at a time per hashing thread, so
+    the disk had two reads in flight and the cores waited on it; now it has the window's. ``take(k)`` hands
     over file ``k``'s descriptor (taken in order; the caller closes it); ``close`` closes
     those not taken."""
 
