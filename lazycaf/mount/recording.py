@@ -92,10 +92,11 @@ async def prefetch_own_bundle(
     client: FetcherClient, profile: Profile | None, executable: Digest
 ) -> int | None:
     """Ask the daemon for the blobs of the profile's bundle when it was planned on this very
-    tree (``Profile.bundle_for``): its blobs are the hot set's plan as of the profile's
-    last save, so the request need not wait for the manifest index and the plan (80 ms of
-    a cold mount of ``import torch``'s tree, during which the bundle's first part now
-    crosses the link). Returns how many blobs were queued; None when not asked (no such
+    tree (``Profile.bundle_for``): its blobs are the hot set's plan on this tree (as of
+    the save that built it; a later save keeps it only while 90 % of it is still the
+    plan's head, ``bundle_fits``), so the request need not wait for the manifest index and
+    the plan (80 ms of a cold mount of ``import torch``'s tree, during which the bundle's
+    first part now crosses the link). Returns how many blobs were queued; None when not asked (no such
     bundle, or a daemon that refused: the plan then goes as ``queue_hot_set`` sends it)."""
     bundle = profile.bundle if profile is not None else None
     if profile is None or bundle is None or profile.bundle_for != executable.hex:
