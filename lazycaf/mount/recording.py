@@ -96,8 +96,9 @@ async def prefetch_own_bundle(
     the save that built it; a later save keeps it only while 90 % of it is still the
     plan's head, ``bundle_fits``), so the request need not wait for the manifest index and
     the plan (80 ms of a cold mount of ``import torch``'s tree, during which the bundle's
-    first part now crosses the link). Returns how many blobs were queued; None when not asked (no such
-    bundle, or a daemon that refused: the plan then goes as ``queue_hot_set`` sends it)."""
+    first part now crosses the link). Returns how many blobs were queued; None when not
+    asked (no such bundle, or a daemon that refused: the plan then goes as
+    ``queue_hot_set`` sends it)."""
     bundle = profile.bundle if profile is not None else None
     if profile is None or bundle is None or profile.bundle_for != executable.hex:
         return None

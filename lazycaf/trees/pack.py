@@ -267,9 +267,9 @@ class ReadAhead:
     """The files of a hash job, opened ``_READ_AHEAD_FILES`` ahead of the one being read,
     each with its bytes asked for (``_advise``). A tree not in the page cache (written a
     while ago, or larger than memory) was read one file at a time per hashing thread, so
-    the disk had two reads in flight and the cores waited on it; now it has the window's. ``take(k)`` hands
-    over file ``k``'s descriptor (taken in order; the caller closes it); ``close`` closes
-    those not taken."""
+    the disk had two reads in flight and the cores waited on it; now it has the window's.
+    ``take(k)`` hands over file ``k``'s descriptor (taken in order; the caller closes it);
+    ``close`` closes those not taken."""
 
     def __init__(self, root: str, files: list[Scanned]) -> None:
         self._root, self._files = root, files
