@@ -57,6 +57,7 @@ from lazycaf.core.errors import CacheFull
 from lazycaf.core.verified import Verified, verify_blob
 from lazycaf.disk.btrfs_compress import can_compress, compress_file, compresses, set_compression
 from lazycaf.disk.btrfs_encoded import frames_of, write_frames
+from lazycaf.disk.readahead import will_need
 from lazycaf.disk.syncfs import syncfs
 from lazycaf.host.index import BlobRecord, Index
 from lazycaf.host.paths import CacheLayout
@@ -237,9 +238,7 @@ class BlobCache:
             except OSError:
                 continue
             try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
+                will_need(fd)
             finally:
                 os.close(fd)
 

@@ -8,5 +8,5 @@ profile, prefetch by the import graph), ``importscan`` (what a ``.pyc`` imports:
 unprivileged worker), ``elfdeps`` (what the dynamic loader reads of a library),
 ``root`` (the composition root).
 
-May import: lazycaf.core, lazycaf.cas, lazycaf.host, lazycaf.traces.
+May import: lazycaf.core, lazycaf.disk, lazycaf.cas, lazycaf.host, lazycaf.traces.
 """

@@ -18,7 +18,6 @@ misses fetches again.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -39,6 +38,7 @@ from lazycaf.core.errors import (
     UsageError,
 )
 from lazycaf.core.manifest import Entry
+from lazycaf.disk.readahead import will_need
 from lazycaf.host.client import DaemonUnreachable, FetcherClient
 from lazycaf.host.defaults import FETCH_TIMEOUT
 from lazycaf.host.index import Index
@@ -302,8 +302,7 @@ class BlobReader:
             got = 0
         if got == length or length == 0:
             if ahead and offset == 0:  # a file read in order enters this blob: keep the
-                with contextlib.suppress(OSError):  # window ``_AHEAD`` blobs ahead
-                    os.posix_fadvise(ahead[-1], 0, 0, os.POSIX_FADV_WILLNEED)
+                will_need(ahead[-1])  # window ``_AHEAD`` blobs ahead
             return buf
         fds = (fd, *ahead)
         for f in fds:
@@ -325,8 +324,7 @@ def _read_cold(fd: int, length: int, offset: int, ahead: tuple[int, ...]) -> byt
     """A read the page cache could not answer (a worker thread): the kernel is asked for the
     rest of this blob and the blobs ``ahead`` first, then the read waits for its bytes."""
     for f, start in ((fd, offset + length), *((a, 0) for a in ahead)):
-        with contextlib.suppress(OSError):  # advice only
-            os.posix_fadvise(f, start, 0, os.POSIX_FADV_WILLNEED)
+        will_need(f, start)
     return os.pread(fd, length, offset)
 
 

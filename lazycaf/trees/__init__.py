@@ -4,5 +4,5 @@
 the last pack learned, so the next hashes only what changed), ``materialize`` (a full
 ordinary tree from a manifest, reflinked from the host cache).
 
-May import: lazycaf.core, lazycaf.cas, lazycaf.host, lazycaf.builds.
+May import: lazycaf.core, lazycaf.disk, lazycaf.cas, lazycaf.host, lazycaf.builds.
 """

@@ -14,7 +14,6 @@ returned (its blobs durable), so a manifest in the CAS is always complete.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import stat
@@ -34,6 +33,7 @@ from lazycaf.core.digest import Digest, Hasher
 from lazycaf.core.errors import LazyCafError, PackError
 from lazycaf.core.manifest import DIR, FILE, HARDLINK, PATH_MAX, SYMLINK, Entry, Manifest
 from lazycaf.core.nogc import paused_gc
+from lazycaf.disk.readahead import will_need
 from lazycaf.trees.statcache import StatCache, StatKey
 
 __all__ = ["Normalize", "PackProgress", "PackResult", "pack", "scan_tree"]
@@ -254,18 +254,9 @@ def _read(fd: int, length: int, where: str, *, last: bool = False) -> bytes:
     return data
 
 
-def _advise(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start reading ``length`` bytes at ``offset`` into the page cache
-    (``POSIX_FADV_WILLNEED``: it queues the reads and returns). Advice only: ignored where
-    the filesystem refuses it."""
-    if length > 0:
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-
-
 class ReadAhead:
     """The files of a hash job, opened ``_READ_AHEAD_FILES`` ahead of the one being read,
-    each with its bytes asked for (``_advise``). A tree not in the page cache (written a
+    each with its bytes asked for (``will_need``). A tree not in the page cache (written a
     while ago, or larger than memory) was read one file at a time per hashing thread, so
     the disk had two reads in flight and the cores waited on it; now it has the window's.
     ``take(k)`` hands over file ``k``'s descriptor (taken in order; the caller closes it);
@@ -282,7 +273,7 @@ class ReadAhead:
             fd = _open(f"{self._root}/{s.path}")
             self._fds[self._opened] = fd
             self._opened += 1
-            _advise(fd, 0, s.size)
+            will_need(fd)
         return self._fds.pop(k)
 
     def close(self) -> None:
@@ -330,7 +321,7 @@ class ChunkedFile:
         n = len(self._spans) if max_chunks is None else max(1, max_chunks)
         if n < len(self._spans) - self._next:  # the next call's chunks: read in meanwhile
             after = self._spans[self._next + n : self._next + 2 * n]
-            _advise(self._fd, after[0][0], sum(length for _, length in after))
+            will_need(self._fd, after[0][0], sum(length for _, length in after))
         out = []
         for off, length in self._spans[self._next : self._next + n]:
             self._next += 1
