@@ -59,6 +59,7 @@ __all__ = [
     "ManifestColumns",
     "check_path",
     "decode_columns",
+    "encode_columns",
 ]
 
 MAGIC: Final = b"LZCAFMAN"
@@ -228,22 +229,20 @@ class Manifest:
     # -- canonical bytes -------------------------------------------------------------------
     def encode(self) -> bytes:
         es = self.entries
-        n = len(es)
-        header = _HEADER.pack(
-            MAGIC, VERSION, 0, self.chunk_size, self.root_mode, self.root_mtime_ns, n
-        )
         linkish = (SYMLINK, HARDLINK)
-        columns = [
-            "".join(e.kind for e in es).encode(),
-            struct.pack(f"<{n}H", *(0 if e.kind in linkish else e.mode for e in es)),
-            struct.pack(f"<{n}q", *(0 if e.kind == HARDLINK else e.mtime_ns for e in es)),
-            struct.pack(f"<{n}Q", *(e.size if e.kind in (FILE, SYMLINK) else 0 for e in es)),
-            "\0".join(e.path for e in es).encode(),
-            "\0".join(e.target or "" for e in es if e.kind in linkish).encode(),
+        return encode_columns(
+            self.chunk_size,
+            self.root_mode,
+            self.root_mtime_ns,
+            "".join(e.kind for e in es),
+            array("H", (0 if e.kind in linkish else e.mode for e in es)),
+            array("q", (0 if e.kind == HARDLINK else e.mtime_ns for e in es)),
+            array("Q", (e.size if e.kind in (FILE, SYMLINK) else 0 for e in es)),
+            [e.path for e in es],
+            [e.target or "" for e in es if e.kind in linkish],
             b"".join(e.digest.raw for e in es if e.kind == FILE and e.digest),
             b"".join(c.raw for e in es if e.kind == FILE for c in e.chunks),
-        ]
-        return header + b"".join(_U64.pack(len(c)) + c for c in columns)
+        )
 
     @property
     def digest(self) -> Digest:
@@ -263,6 +262,46 @@ class Manifest:
         )
         m.entries = entries
         return m
+
+
+def encode_columns(
+    chunk_size: int,
+    root_mode: int,
+    root_mtime_ns: int,
+    kinds: str,
+    modes: array[int],
+    mtimes: array[int],
+    sizes: array[int],
+    paths: list[str],
+    targets: list[str],
+    digests: bytes,
+    chunks: bytes,
+) -> bytes:
+    """The canonical bytes of a manifest given as its columns, as stored (0 where the format
+    fixes 0; ``targets``: one per link entry). Checks nothing: ``Manifest`` validates its
+    entries before, a packer's columns go through ``decode_columns`` after."""
+    n = len(kinds)
+    header = _HEADER.pack(MAGIC, VERSION, 0, chunk_size, root_mode, root_mtime_ns, n)
+    columns = [
+        kinds.encode(),
+        _little(modes),
+        _little(mtimes),
+        _little(sizes),
+        "\0".join(paths).encode(),
+        "\0".join(targets).encode(),
+        digests,
+        chunks,
+    ]
+    return header + b"".join(_U64.pack(len(c)) + c for c in columns)
+
+
+def _little(numbers: array[int]) -> bytes:
+    """An array's bytes little-endian, as the format stores numbers."""
+    if sys.byteorder == "little":
+        return numbers.tobytes()
+    swapped = array(numbers.typecode, numbers)
+    swapped.byteswap()
+    return swapped.tobytes()
 
 
 class ManifestColumns(NamedTuple):

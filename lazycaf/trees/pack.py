@@ -18,8 +18,10 @@ import functools
 import os
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Final, NamedTuple
@@ -29,12 +31,21 @@ import trio
 from lazycaf.builds.pyc import hash_based, source_path, with_filename
 from lazycaf.cas.api import CAS
 from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE, chunk_spans
-from lazycaf.core.digest import Digest, Hasher
+from lazycaf.core.digest import DIGEST_SIZE, Digest, Hasher
 from lazycaf.core.errors import LazyCafError, PackError
-from lazycaf.core.manifest import DIR, FILE, HARDLINK, PATH_MAX, SYMLINK, Entry, Manifest
+from lazycaf.core.manifest import (
+    DIR,
+    FILE,
+    HARDLINK,
+    PATH_MAX,
+    SYMLINK,
+    Manifest,
+    decode_columns,
+    encode_columns,
+)
 from lazycaf.core.nogc import paused_gc
 from lazycaf.disk.readahead import will_need
-from lazycaf.trees.statcache import StatCache, StatKey
+from lazycaf.trees.statcache import RawHashes, StatCache, StatKey
 
 __all__ = ["Normalize", "PackProgress", "PackResult", "pack", "scan_tree"]
 
@@ -82,16 +93,24 @@ class Normalize:
 
 @dataclass(frozen=True)
 class PackResult:
+    """The packed manifest's digest and canonical bytes (``manifest``: decoded on first use;
+    the pack itself makes no object per entry for it)."""
+
     digest: Digest
-    manifest: Manifest
+    encoded: bytes = field(repr=False)
     progress: PackProgress = field(compare=False)
+
+    @cached_property
+    def manifest(self) -> Manifest:
+        return Manifest.decode(self.encoded)
 
 
 Upload = tuple[Digest, tuple[str, int, int]]  # a blob and where it is: (path, offset, length)
 
 
 class Scanned(NamedTuple):
-    """One path as the walk saw it; ``inode`` groups hard links."""
+    """One path as the walk saw it; ``inode`` groups hard links; ``key``: a file's stat key,
+    None once the walk found its digests in the stat cache."""
 
     path: str
     kind: str
@@ -103,9 +122,16 @@ class Scanned(NamedTuple):
     key: StatKey | None = None
 
 
-def scan_tree(root: Path, *, keep_setid: bool = False) -> tuple[os.stat_result, list[Scanned]]:
+Lookup = Callable[[str, StatKey], RawHashes | None]  # a file's digests from its stat key
+
+
+def scan_tree(
+    root: Path, *, keep_setid: bool = False, lookup: Lookup | None = None
+) -> tuple[os.stat_result, list[Scanned], dict[str, RawHashes]]:
     """Walk ``root`` without following symlinks; refuse what a manifest cannot hold. The
-    paths come out sorted as the manifest sorts them."""
+    paths come out sorted as the manifest sorts them. ``lookup`` (the stat cache's): the
+    digests of each file it knows, found as the walk goes; such a file's ``key`` is None
+    (no stat key kept for it). Files with more than one link are not looked up here."""
     try:
         root_st = os.stat(root)
     except OSError as exc:
@@ -114,15 +140,22 @@ def scan_tree(root: Path, *, keep_setid: bool = False) -> tuple[os.stat_result, 
         raise PackError(f"cannot pack {root}: not a directory")
     mask = 0o7777 if keep_setid else 0o1777
     out: list[Scanned] = []
+    known: dict[str, RawHashes] = {}
     append, new = out.append, tuple.__new__  # ~0.4 us a namedtuple call, 300k times
     isdir, isreg, islnk, imode = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK, stat.S_IMODE
     for rel, st in _walk(root):
         m = st.st_mode
         if isreg(m):
-            size = st.st_size
-            inode = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
-            key = (size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-            append(new(Scanned, (rel, FILE, imode(m) & mask, key[1], size, None, inode, key)))
+            size, mtime = st.st_size, st.st_mtime_ns
+            key = (size, mtime, st.st_ctime_ns, st.st_ino, st.st_dev)
+            kept: StatKey | None = key
+            inode = None
+            if st.st_nlink > 1:
+                inode = (st.st_dev, st.st_ino)
+            elif lookup is not None and (found := lookup(rel, key)) is not None:
+                known[rel] = found
+                kept = None
+            append(new(Scanned, (rel, FILE, imode(m) & mask, mtime, size, None, inode, kept)))
         elif isdir(m):
             append(new(Scanned, (rel, DIR, imode(m) & mask, st.st_mtime_ns, 0, None, None, None)))
         elif islnk(m):
@@ -136,7 +169,7 @@ def scan_tree(root: Path, *, keep_setid: bool = False) -> tuple[os.stat_result, 
             kind = "device" if stat.S_ISBLK(m) or stat.S_ISCHR(m) else _odd_kind(m)
             raise PackError(f"cannot pack {root / rel}: a {kind} (only files, dirs and links)")
     out.sort(key=itemgetter(0))  # nearly sorted already: timsort's runs make it ~linear
-    return root_st, out
+    return root_st, out, known
 
 
 def _odd_kind(mode: int) -> str:
@@ -447,6 +480,26 @@ def _blob_digests(hashes: Hashes) -> tuple[Digest, ...]:
     return chunks or (digest,)
 
 
+def _raw_blobs(known: dict[str, RawHashes]) -> list[bytes]:
+    """Every blob of the files in ``known``, as raw digests (comprehensions: 300k files in
+    ~30 ms)."""
+    hashes = known.values()
+    out = [digest for digest, chunks in hashes if not chunks]
+    out += [c[i : i + DIGEST_SIZE] for _, c in hashes if c for i in range(0, len(c), DIGEST_SIZE)]
+    return out
+
+
+def _digests(raw: RawHashes) -> Hashes:
+    """Raw hashes (a stat-cache hit) as ``Digest`` objects."""
+    digest, chunks = raw
+    return Digest.trusted(digest), tuple(Digest.trusted_column(chunks)) if chunks else ()
+
+
+def _raw(hashes: Hashes) -> RawHashes:
+    digest, chunks = hashes
+    return digest.raw, b"".join(c.raw for c in chunks)
+
+
 def _jobs(files: list[Scanned], chunk_size: int) -> Iterator[list[Scanned]]:
     """Hash jobs: each file above ``_HASH_BATCH_BYTES`` alone (it is streamed), the biggest
     first, so no big file is left to hash on one core at the end; the small files in
@@ -496,43 +549,60 @@ def _cost(files: int, size: int) -> float:
 _SIZE: Final = attrgetter("size")
 
 
-def build_manifest(
+def encode_manifest(
     root_st: os.stat_result,
     scanned: list[Scanned],
-    hashes: dict[str, tuple[Digest, tuple[Digest, ...]]],
+    hashes: dict[str, RawHashes],
     chunk_size: int,
     *,
     keep_setid: bool = False,
     mtime_ns: int | None = None,
     sizes: dict[str, int] | None = None,
-) -> Manifest:
-    """The manifest of a scanned tree; ``mtime_ns``: every entry's mtime, ``sizes``: files
-    whose bytes were rewritten, and their new sizes (``--normalize``)."""
+) -> bytes:
+    """The manifest of a scanned tree as its canonical bytes, built a column at a time (no
+    object per entry); ``hashes``: every file's, the first path of each hard-linked inode's;
+    ``mtime_ns``: every entry's mtime, ``sizes``: files whose bytes were rewritten, and their
+    new sizes (``--normalize``). Unchecked: ``_build_and_encode`` validates the bytes."""
+    paths = [s.path for s in scanned]
+    kinds = [s.kind for s in scanned]
+    modes = array("H", [s.mode for s in scanned])
+    mtimes = array("q", [s.mtime_ns for s in scanned])
     if mtime_ns is not None:
-        scanned = [s._replace(mtime_ns=mtime_ns) for s in scanned]
-    entries: list[Entry] = []
-    append, new = entries.append, tuple.__new__  # no namedtuple call per entry
-    first_of_inode: dict[tuple[int, int], Entry] = {}
-    for s in scanned:  # sorted: the first path of an inode group is the file
-        if s.kind != FILE:
-            append(new(Entry, (s.path, s.kind, s.mode, s.mtime_ns, s.size, None, (), s.target)))
+        mtimes = array("q", [mtime_ns]) * len(paths)
+    lengths = array("Q", [s.size for s in scanned])
+    targets: list[str] = []
+    first_of_inode: dict[tuple[int, int], str] = {}
+    links = [i for i, s in enumerate(scanned) if s.inode is not None or s.kind == SYMLINK]
+    for i in links:  # sorted: the first path of an inode group is the file
+        s = scanned[i]
+        if s.kind == SYMLINK:
+            modes[i] = 0
+            assert s.target is not None
+            targets.append(s.target)
             continue
-        if s.inode is not None and s.inode in first_of_inode:
-            f = first_of_inode[s.inode]
-            append(f._replace(path=s.path, kind=HARDLINK, target=f.path))
-            continue
-        digest, chunks = hashes[s.path]
-        size = s.size if not sizes else sizes.get(s.path, s.size)
-        e = new(Entry, (s.path, FILE, s.mode, s.mtime_ns, size, digest, chunks, None))
-        append(e)
-        if s.inode is not None:
-            first_of_inode[s.inode] = e
+        assert s.inode is not None
+        first = first_of_inode.setdefault(s.inode, s.path)
+        if first != s.path:
+            kinds[i], modes[i], mtimes[i], lengths[i] = HARDLINK, 0, 0, 0
+            targets.append(first)
+    if sizes:
+        where = {p: i for i, p in enumerate(paths)}
+        for path, size in sizes.items():
+            lengths[where[path]] = size
+    files = [hashes[p] for p, k in zip(paths, kinds, strict=True) if k == FILE]
     mask = 0o7777 if keep_setid else 0o1777
-    return Manifest(
-        entries,
-        chunk_size=chunk_size,
-        root_mode=stat.S_IMODE(root_st.st_mode) & mask,
-        root_mtime_ns=root_st.st_mtime_ns if mtime_ns is None else mtime_ns,
+    return encode_columns(
+        chunk_size,
+        stat.S_IMODE(root_st.st_mode) & mask,
+        root_st.st_mtime_ns if mtime_ns is None else mtime_ns,
+        "".join(kinds),
+        modes,
+        mtimes,
+        lengths,
+        paths,
+        targets,
+        b"".join(h[0] for h in files),
+        b"".join(h[1] for h in files),
     )
 
 
@@ -557,21 +627,25 @@ class _Uploads:
             await self._queue_missing(blobs, missing)
 
     async def offer_known(
-        self, files: list[Scanned], hashes: dict[str, Hashes], chunk_size: int
+        self, files: list[Scanned], known: dict[str, RawHashes], chunk_size: int
     ) -> None:
         """``offer`` for files whose digests the stat cache knew: the digests are asked
         about first and a ``Blob`` is made only for the files holding one the CAS lacks (a
         re-pack asks about every blob of the tree and uploads a handful)."""
-        missing = await self._ask(d for s in files for d in _blob_digests(hashes[s.path]))
+        hashes = [_digests(known[s.path]) for s in files]
+        missing = await self._ask(d for h in hashes for d in _blob_digests(h))
         if missing:
-            blobs = [b for s in files for b in known_blobs(s, hashes[s.path], chunk_size)]
+            blobs = [
+                b for s, h in zip(files, hashes, strict=True) for b in known_blobs(s, h, chunk_size)
+            ]
             await self._queue_missing(blobs, missing)
 
-    def stored(self, digests: Iterable[Digest]) -> None:
-        """Digests known to be in the CAS (``_last_pack_still_named``): never asked about."""
+    def stored(self, raws: Iterable[bytes]) -> None:
+        """Raw digests known to be in the CAS (``_last_pack_still_named``): never asked
+        about."""
         asked = self._asked
         before = len(asked)
-        asked.update(d.raw for d in digests)
+        asked.update(raws)
         self._progress.blobs += len(asked) - before
 
     async def _ask(self, digests: Iterable[Digest]) -> set[Digest]:
@@ -647,7 +721,7 @@ async def pack(
             normalize=normalize is not None,
         )
     )
-    hashes = plan.hashes
+    hashes: dict[str, Hashes] = {}  # the files hashed by this pack
     resized: dict[str, int] = {}  # --normalize: .pyc files whose size changed
     upload = functools.partial(
         _hash_and_upload,
@@ -661,13 +735,14 @@ async def pack(
         resized=resized,
     )
     known_stored = await _last_pack_still_named(cas, plan.statcache)
-    await upload(plan.todo, plan.known, known_stored=known_stored)
+    await upload(plan.todo, plan.known, plan.known_hashes, known_stored=known_stored)
     epoch_ns = None if normalize is None else normalize.epoch * 1_000_000_000
-    manifest, encoded = await trio.to_thread.run_sync(
+    encoded = await trio.to_thread.run_sync(
         functools.partial(
             _build_and_encode,
             plan.root_st,
             plan.scanned,
+            plan.known_hashes,
             hashes,
             chunk_size,
             keep_setid,
@@ -680,7 +755,7 @@ async def pack(
         # the ref moved while this pack ran: its root no longer vouches for the known
         # blobs, so ask about them now (a directory store refreshes them for its GC)
         counted = progress.blobs
-        await upload([], plan.known, known_stored=False)
+        await upload([], plan.known, plan.known_hashes, known_stored=False)
         progress.blobs = counted
     await cas.put(digest, encoded)  # after every blob it names is durable
     if tag:
@@ -691,7 +766,7 @@ async def pack(
         recorded = [s for s in plan.todo if s.path not in plan.pyc_sources]
         await trio.to_thread.run_sync(_save_stat_cache, plan.statcache, recorded, hashes)
     progress.phase = "done"
-    return PackResult(digest, manifest, progress)
+    return PackResult(digest, encoded, progress)
 
 
 async def _last_pack_still_named(cas: CAS, statcache: StatCache | None) -> bool:
@@ -715,13 +790,13 @@ async def _last_pack_still_named(cas: CAS, statcache: StatCache | None) -> bool:
 
 class _Plan(NamedTuple):
     """What the walk found and the stat cache knew: the files to hash (``todo``) and those
-    whose digests are known (``known``, in ``hashes``)."""
+    whose digests are known (``known``, raw in ``known_hashes``)."""
 
     root_st: os.stat_result
     scanned: list[Scanned]
     todo: list[Scanned]
     known: list[Scanned]
-    hashes: dict[str, Hashes]
+    known_hashes: dict[str, RawHashes]
     statcache: StatCache | None
     pyc_sources: dict[str, Scanned]  # --normalize: .pyc files to rewrite, and their sources
 
@@ -739,32 +814,35 @@ def _plan(
     ``normalize``, the ``.pyc`` files to rewrite are hashed every time: their bytes depend on
     their source's, which the stat cache does not key them by."""
     with paused_gc(freeze=True):  # ~1M objects kept for the whole pack, no cycles
-        root_st, scanned = scan_tree(root, keep_setid=keep_setid)
+        statcache = None
+        if stat_cache_dir is not None:
+            variant = "normalize" if normalize else ""
+            statcache = StatCache.for_tree(stat_cache_dir, root, chunk_size, variant=variant)
+        lookup = statcache.lookup if statcache is not None else None
+        root_st, scanned, hashes = scan_tree(root, keep_setid=keep_setid, lookup=lookup)
         files = [s for s in scanned if s.kind == FILE]
         progress.files = len(files)
         progress.bytes_total = sum(s.size for s in files)
         progress.phase = "hashing"
         unique = _first_of_each_inode(files)
         pyc_sources = _pyc_sources(unique, chunk_size) if normalize else {}
-        statcache = None
-        if stat_cache_dir is not None:
-            variant = "normalize" if normalize else ""
-            statcache = StatCache.for_tree(stat_cache_dir, root, chunk_size, variant=variant)
-        hashes: dict[str, Hashes] = {}
         todo: list[Scanned] = []
         known: list[Scanned] = []
-        lookup = statcache.lookup if statcache is not None else None
         for s in unique:  # one pass: 300k files
-            if lookup is not None and s.path not in pyc_sources:
-                assert s.key is not None
+            if s.path in pyc_sources:  # hashed again, whatever the walk found
+                hashes.pop(s.path, None)
+            elif s.key is None:  # the walk found its digests
+                known.append(s)
+                continue
+            elif lookup is not None and s.inode is not None:  # hard links: looked up here
                 found = lookup(s.path, s.key)
                 if found is not None:
                     hashes[s.path] = found
                     known.append(s)
-                    progress.bytes_hashed += s.size
                     continue
             todo.append(s)
         progress.files_hashed = len(known)
+        progress.bytes_hashed = sum(s.size for s in known)
     return _Plan(root_st, scanned, todo, known, hashes, statcache, pyc_sources)
 
 
@@ -783,14 +861,18 @@ def _pyc_sources(files: list[Scanned], chunk_size: int) -> dict[str, Scanned]:
 def _build_and_encode(
     root_st: os.stat_result,
     scanned: list[Scanned],
-    hashes: dict[str, Hashes],
+    known: dict[str, RawHashes],
+    hashed: dict[str, Hashes],
     chunk_size: int,
     keep_setid: bool,
     mtime_ns: int | None,
     sizes: dict[str, int],
-) -> tuple[Manifest, bytes]:
-    with paused_gc(freeze=True):  # the manifest is the pack's result
-        manifest = build_manifest(
+) -> bytes:
+    """The manifest's bytes, validated as any manifest from a store is (the checks a
+    ``Manifest`` makes of its entries, a column at a time)."""
+    with paused_gc():
+        hashes = known | {path: _raw(h) for path, h in hashed.items()}
+        encoded = encode_manifest(
             root_st,
             scanned,
             hashes,
@@ -799,7 +881,8 @@ def _build_and_encode(
             mtime_ns=mtime_ns,
             sizes=sizes,
         )
-        return manifest, manifest.encode()
+        decode_columns(encoded, name="packed manifest")
+        return encoded
 
 
 def _save_stat_cache(
@@ -829,6 +912,7 @@ async def _hash_and_upload(
     cas: CAS,
     todo: list[Scanned],
     known: list[Scanned],
+    known_hashes: dict[str, RawHashes],
     hashes: dict[str, Hashes],
     chunk_size: int,
     concurrency: int,
@@ -838,8 +922,9 @@ async def _hash_and_upload(
     *,
     known_stored: bool = False,
 ) -> None:
-    """Hash ``todo`` (into ``hashes``) and upload every blob of ``todo`` and ``known`` that
-    the CAS lacks (``known_stored``: ``known``'s blobs are in the CAS, not asked about), all
+    """Hash ``todo`` (into ``hashes``) and upload every blob of ``todo`` and ``known`` (their
+    digests in ``known_hashes``) that the CAS lacks (``known_stored``: ``known``'s blobs are
+    in the CAS, not asked about), all
     at once: hash jobs on two worker threads; after each job, one
     ``find_missing`` for its new digests, BEFORE anything is compressed; the blobs missing
     go to upload batches with the bytes just read (read once, hashed once by the pack);
@@ -895,17 +980,17 @@ async def _hash_and_upload(
 
     async def offer_known() -> None:
         if known_stored:
-            uploads.stored(d for s in known for d in _blob_digests(hashes[s.path]))
+            uploads.stored(_raw_blobs(known_hashes))
             return
         files: list[Scanned] = []
         count = 0
         for s in known:
             files.append(s)
-            count += len(_blob_digests(hashes[s.path]))
+            count += max(1, len(known_hashes[s.path][1]) // DIGEST_SIZE)
             if count >= _KNOWN_BATCH_BLOBS:
-                await uploads.offer_known(files, hashes, chunk_size)
+                await uploads.offer_known(files, known_hashes, chunk_size)
                 files, count = [], 0
-        await uploads.offer_known(files, hashes, chunk_size)
+        await uploads.offer_known(files, known_hashes, chunk_size)
 
     async with trio.open_nursery() as nursery:
         async with receive_up:

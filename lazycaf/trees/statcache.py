@@ -32,9 +32,10 @@ from typing import Final
 
 from lazycaf.core.digest import DIGEST_SIZE, Digest
 
-__all__ = ["StatCache", "StatKey", "default_stat_cache_dir"]
+__all__ = ["RawHashes", "StatCache", "StatKey", "default_stat_cache_dir"]
 
 StatKey = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, ino, dev
+RawHashes = tuple[bytes, bytes]  # raw digest, raw chunk digests joined (b"": one blob)
 Record = tuple[StatKey, bytes, bytes]  # stat key, raw digest, raw chunk digests
 LastPack = tuple[str, str, Digest]  # store (``CAS.where``), ref, manifest digest
 _RACY_NS: Final = 2_000_000_000
@@ -79,22 +80,23 @@ class StatCache:
         name = Digest.of(key.encode()).hex[:32]
         return cls(cache_dir / f"{name}.stat")
 
-    def lookup(self, rel: str, key: StatKey) -> tuple[Digest, tuple[Digest, ...]] | None:
+    def lookup(self, rel: str, key: StatKey) -> RawHashes | None:
+        """The file's digests as raw bytes, if its stat key is as recorded and not racy: no
+        ``Digest`` object per hit (a re-pack's manifest is built from the raw bytes)."""
         rec = self._old.get(rel)
         if rec is None or key[1] >= self._trusted_before:
             return None
         try:
             old_key, raw, chunks = rec
-            if old_key != key or type(raw) is not bytes or type(chunks) is not bytes:
-                return None
-            if len(raw) != DIGEST_SIZE:
-                return None
-            hashes = Digest.trusted(raw), tuple(Digest.trusted_column(chunks)) if chunks else ()
         except (TypeError, ValueError):  # a damaged record only costs a re-hash
+            return None
+        if old_key != key or type(raw) is not bytes or type(chunks) is not bytes:
+            return None
+        if len(raw) != DIGEST_SIZE or len(chunks) % DIGEST_SIZE:
             return None
         self.hits += 1
         self._new[rel] = rec
-        return hashes
+        return raw, chunks
 
     def record(self, rel: str, key: StatKey, digest: Digest, chunks: tuple[Digest, ...]) -> None:
         self._new[rel] = (key, digest.raw, b"".join(c.raw for c in chunks))

@@ -287,8 +287,8 @@ async def test_a_file_that_changes_size_is_a_pack_error(tmp_path: Path, grow: bo
     (tree / "f").write_bytes(b"x" * 100)
     original = packmod.scan_tree
 
-    def scan_then_change(root: Path, *, keep_setid: bool = False) -> object:
-        out = original(root, keep_setid=keep_setid)
+    def scan_then_change(root: Path, **kw: object) -> object:
+        out = original(root, **kw)  # type: ignore[arg-type]
         (tree / "f").write_bytes(b"x" * (150 if grow else 50))
         return out
 
@@ -310,8 +310,8 @@ async def test_a_file_gone_while_read_ahead_fails_the_pack_and_leaves_no_descrip
         (tree / f"m{i:02d}.py").write_bytes(b"x = %d\n" % i * 50)
     original = packmod.scan_tree
 
-    def scan_then_remove(root: Path, *, keep_setid: bool = False) -> object:
-        out = original(root, keep_setid=keep_setid)
+    def scan_then_remove(root: Path, **kw: object) -> object:
+        out = original(root, **kw)  # type: ignore[arg-type]
         (tree / "m40.py").unlink()
         return out
 
