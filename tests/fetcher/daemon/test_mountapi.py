@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -232,7 +233,7 @@ async def test_a_saved_run_gets_a_bundle_and_prefetch_fetches_through_it(tmp_pat
         await wait_for_async(lambda: all(d.cache.has(x) for x in members), "the bundle's blobs")
         for x in members:
             assert d.cache.path(x).read_bytes() == BLOBS[DIGESTS.index(x)]
-        stats = await d.client.stats()
+        stats = await _counted(d, 4)
         assert stats["bundle_parts_fetched"] == 1 and stats["blobs_from_bundles"] == 4
         assert stats["prefetched"] == 4 and stats["misses"] == 0
         assert stats["bundle_bytes_unused"] == 0  # every record it sent was stored
@@ -257,7 +258,7 @@ async def test_a_mount_asks_for_its_own_bundle_before_its_plan_and_never_for_ano
         # planned on this one: all its blobs, through the bundle, with no plan made
         assert await prefetch_own_bundle(d.client, profile, d.manifest) == 4
         await wait_for_async(lambda: all(d.cache.has(x) for x in members), "the bundle's blobs")
-        stats = await d.client.stats()
+        stats = await _counted(d, 4)
         assert stats["bundle_parts_fetched"] == 1 and stats["blobs_from_bundles"] == 4
 
 
@@ -273,7 +274,7 @@ async def test_a_bundle_record_of_a_blob_read_first_is_counted_unused(tmp_path: 
         (part,) = profile.bundle.parts
         assert await d.client.prefetch_bundle([(part.digest, members)]) == 3
         await wait_for_async(lambda: all(d.cache.has(x) for x in members), "the bundle's blobs")
-        stats = await d.client.stats()
+        stats = await _counted(d, 4)
         assert stats["blobs_from_bundles"] == 3
         assert stats["bundle_bytes_unused"] == len(BLOBS[2])  # sent, not needed
 
@@ -304,7 +305,7 @@ async def test_a_tampered_bundle_never_puts_bad_bytes_in_the_cache(
         await wait_for_async(lambda: all(d.cache.has(x) for x in DIGESTS[:3]), "the blobs")
         for x in DIGESTS[:3]:
             assert d.cache.path(x).read_bytes() == BLOBS[DIGESTS.index(x)]
-        stats = await d.client.stats()
+        stats = await _counted(d, 3)
         assert stats["fetch_failures"] == 0 and stats["blobs_from_bundles"] == 2, stats
         assert stats["fetches"] == 3 and stats["misses"] == 0
 
@@ -346,6 +347,18 @@ def _part(d: Daemon, members: list[int]) -> Digest:
     return part
 
 
+async def _counted(d: Daemon, fetches: int) -> dict[str, Any]:
+    """The daemon's stats once it has counted ``fetches`` blobs stored: it counts each just
+    after the blob lands in the cache, so ``cache.has`` can be true a moment before."""
+    stats = await d.client.stats()
+    for _ in range(3000):  # 15 s
+        if stats["fetches"] >= fetches:
+            break
+        await trio.sleep(0.005)
+        stats = await d.client.stats()
+    return stats
+
+
 async def _missed(d: Daemon, n: int) -> None:
     """Wait until ``n`` reads missed (each then waits, or fetched on its own), and a little."""
 
@@ -379,7 +392,7 @@ async def test_a_read_waits_for_the_bundle_part_on_its_way_and_parts_come_one_at
         await wait_for_async(lambda: all(d.cache.has(x) for x in DIGESTS[:4]), "the blobs")
         assert d.cas.asked == [first, second]
         assert d.cache.path(DIGESTS[1]).read_bytes() == BLOBS[1]
-        stats = await d.client.stats()
+        stats = await _counted(d, 4)
         assert stats["misses"] == 1 and stats["blobs_from_bundles"] == 4
         assert stats["bundle_parts_fetched"] == 2 and stats["bundle_bytes_unused"] == 0
 
@@ -404,7 +417,7 @@ async def test_a_read_does_not_wait_for_a_stalled_part_nor_for_one_not_asked_for
         await wait_for_async(lambda: second in d.cas.asked, "the second part")
         for x in DIGESTS[:4]:
             assert d.cache.path(x).read_bytes() == BLOBS[DIGESTS.index(x)]
-        stats = await d.client.stats()
+        stats = await _counted(d, 4)
         assert stats["misses"] == 2 and stats["fetch_failures"] == 0
         assert stats["blobs_from_bundles"] == 2  # DIGESTS[0] and [2]: the reads had the others
         assert stats["bundle_bytes_unused"] == len(BLOBS[1]) + len(BLOBS[3])
