@@ -11,13 +11,18 @@ It also remembers the pack that wrote it: the store, the ref it set and the mani
 store holds and a root keeps from its GC, so the next pack need not ask about them
 (``lazycaf.trees.pack``).
 
-Format: ``_MAGIC`` then ``marshal`` of ``(saved_ns, {path: (stat key, digest, chunks)},
-last_pack)`` with the digest as 32 raw bytes and the chunk digests as one string of 32-byte
-digests; ``last_pack`` is ``(store, ref, raw manifest digest)`` or None. At
-300,000 files it loads in ~0.2 s and saves in ~0.1 s (JSON with hex digests: 2 s and 1.8 s).
-``marshal`` is Python's own format; a file another Python version cannot read, like any
-damaged one, is an empty cache. Lookups check every field's type, so a record of the wrong
-shape misses instead of failing the pack.
+Format: ``_MAGIC`` then ``marshal`` of ``(saved_ns, paths, keys, digests, chunk_lengths,
+chunks, last_pack)``, one record per file in columns: ``paths`` joined by NUL, ``keys`` 40
+bytes a file (``_KEY``: size, mtime, ctime, inode, device), ``digests`` 32 raw bytes a
+file, ``chunk_lengths`` a u64 a file (the bytes of its chunk digests in ``chunks``, 0 for a
+file of one blob), ``chunks`` the chunk digests joined; ``last_pack`` is ``(store, ref, raw
+manifest digest)`` or None. The records are saved in the order the last pack's walk looked
+them up, so the next walk finds each at the next position, not through a dict of every
+path. At 300,000 files it loads in ~25 ms (a dict of a tuple per file, the format before:
+~0.25 s, and 100 MB more). ``marshal`` is Python's own format; a file another Python
+version cannot read, like any damaged one, is an empty cache; a file of the format before
+(``_MAGIC_V3``, ``_MAGIC_V2``) is read into columns, its records of the wrong shape left
+out.
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ from __future__ import annotations
 import contextlib
 import marshal
 import os
+import struct
+import sys
 import tempfile
 import time
+from array import array
+from itertools import accumulate
 from pathlib import Path
 from typing import Final
 
@@ -36,15 +45,72 @@ __all__ = ["RawHashes", "StatCache", "StatKey", "default_stat_cache_dir"]
 
 StatKey = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, ino, dev
 RawHashes = tuple[bytes, bytes]  # raw digest, raw chunk digests joined (b"": one blob)
-Record = tuple[StatKey, bytes, bytes]  # stat key, raw digest, raw chunk digests
 LastPack = tuple[str, str, Digest]  # store (``CAS.where``), ref, manifest digest
+_KEY: Final = struct.Struct("<QqqQQ")
 _RACY_NS: Final = 2_000_000_000
-_MAGIC: Final = b"LZCAFSTAT3\n"
-_MAGIC_V2: Final = b"LZCAFSTAT2\n"  # no last_pack
+_MAGIC: Final = b"LZCAFSTAT4\n"
+_MAGIC_V3: Final = b"LZCAFSTAT3\n"  # {path: (key, digest, chunks)} and last_pack
+_MAGIC_V2: Final = b"LZCAFSTAT2\n"  # the same without last_pack
 
 
 def default_stat_cache_dir() -> Path:
     return Path(os.environ.get("LAZYCAF_STATE") or Path.home() / ".cache" / "lazycaf" / "pack-stat")
+
+
+class _Columns:
+    """Records as columns (see the module's docstring); ``ends[i]``: where record ``i``'s
+    chunk digests end in ``chunks``."""
+
+    __slots__ = ("chunks", "digests", "ends", "keys", "lengths", "paths")
+
+    def __init__(
+        self, paths: list[str], keys: bytes, digests: bytes, lengths: array[int], chunks: bytes
+    ) -> None:
+        n = len(paths)
+        if len(keys) != _KEY.size * n or len(digests) != DIGEST_SIZE * n or len(lengths) != n:
+            raise ValueError("column lengths disagree")
+        self.paths, self.keys, self.digests, self.lengths, self.chunks = (
+            paths,
+            keys,
+            digests,
+            lengths,
+            chunks,
+        )
+        self.ends = array("Q", accumulate(lengths))
+        if (self.ends[-1] if n else 0) != len(chunks):
+            raise ValueError("chunk lengths disagree")
+
+    @classmethod
+    def empty(cls) -> _Columns:
+        return cls([], b"", b"", array("Q"), b"")
+
+    @classmethod
+    def of_records(cls, files: dict[object, object]) -> _Columns:
+        """The format before's ``{path: (key, digest, chunks)}``; records of the wrong shape
+        are left out (a re-hash of those files)."""
+        paths: list[str] = []
+        keys: list[bytes] = []
+        digests: list[bytes] = []
+        chunks: list[bytes] = []
+        lengths = array("Q")
+        for path, rec in files.items():
+            if type(path) is not str or type(rec) is not tuple or len(rec) != 3:
+                continue
+            key, raw, chunk_raws = rec
+            if type(raw) is not bytes or len(raw) != DIGEST_SIZE:
+                continue
+            if type(chunk_raws) is not bytes or len(chunk_raws) % DIGEST_SIZE:
+                continue
+            try:
+                packed = _KEY.pack(*key)
+            except (TypeError, struct.error):
+                continue
+            paths.append(path)
+            keys.append(packed)
+            digests.append(raw)
+            lengths.append(len(chunk_raws))
+            chunks.append(chunk_raws)
+        return cls(paths, b"".join(keys), b"".join(digests), lengths, b"".join(chunks))
 
 
 class StatCache:
@@ -52,23 +118,46 @@ class StatCache:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._old: dict[str, Record] = {}
-        self._new: dict[str, Record] = {}
+        self._old = _Columns.empty()
+        self._index: dict[str, int] | None = None  # path -> record, built on the first jump
+        self._next = 0  # where the next lookup looks first
+        self._order: list[list[int] | str] = []  # the runs and the missed paths, in order
+        self._new: dict[str, tuple[bytes, bytes, bytes]] = {}  # recorded: key, digest, chunks
         self._trusted_before = 0
         self.hits = 0
         self.last_pack: LastPack | None = None  # the pack that wrote the file
         self._this_pack: LastPack | None = None
         with contextlib.suppress(OSError, ValueError, EOFError, TypeError):
-            data = path.read_bytes()
-            saved_ns, files, last = None, None, None
-            if data.startswith(_MAGIC):
-                saved_ns, files, last = marshal.loads(memoryview(data)[len(_MAGIC) :])
-            elif data.startswith(_MAGIC_V2):
-                saved_ns, files = marshal.loads(memoryview(data)[len(_MAGIC_V2) :])
-            if isinstance(saved_ns, int) and isinstance(files, dict):
-                self._old = files
-                self._trusted_before = saved_ns - _RACY_NS
-                self.last_pack = _last_pack(last)
+            self._load(path.read_bytes())
+
+    def _load(self, data: bytes) -> None:
+        saved_ns, last = None, None
+        if data.startswith(_MAGIC):
+            saved_ns, paths, keys, digests, lengths_b, chunks, last = marshal.loads(
+                memoryview(data)[len(_MAGIC) :]
+            )
+            if not isinstance(paths, str) or not all(
+                type(b) is bytes for b in (keys, digests, lengths_b, chunks)
+            ):
+                return
+            lengths = array("Q")
+            lengths.frombytes(lengths_b)
+            if sys.byteorder != "little":
+                lengths.byteswap()
+            columns = _Columns(paths.split("\0") if paths else [], keys, digests, lengths, chunks)
+        elif data.startswith(_MAGIC_V3) or data.startswith(_MAGIC_V2):
+            body = marshal.loads(memoryview(data)[len(_MAGIC_V3) :])
+            saved_ns, files = body[0], body[1]
+            last = body[2] if data.startswith(_MAGIC_V3) else None
+            if not isinstance(files, dict):
+                return
+            columns = _Columns.of_records(files)
+        else:
+            return
+        if isinstance(saved_ns, int):
+            self._old = columns
+            self._trusted_before = saved_ns - _RACY_NS
+            self.last_pack = _last_pack(last)
 
     @classmethod
     def for_tree(
@@ -81,36 +170,52 @@ class StatCache:
         return cls(cache_dir / f"{name}.stat")
 
     def lookup(self, rel: str, key: StatKey) -> RawHashes | None:
-        """The file's digests as raw bytes, if its stat key is as recorded and not racy: no
-        ``Digest`` object per hit (a re-pack's manifest is built from the raw bytes)."""
-        rec = self._old.get(rel)
-        if rec is None or key[1] >= self._trusted_before:
-            return None
+        """The file's digests as raw bytes, if its stat key is as recorded and not racy (no
+        ``Digest`` object per hit: a re-pack builds its manifest from the raw bytes). A
+        missed file is saved by ``record``, in this lookup's place."""
+        old = self._old
+        i = self._next
+        if i >= len(old.paths) or old.paths[i] != rel:
+            if self._index is None:
+                self._index = {p: k for k, p in enumerate(old.paths)}
+            found = self._index.get(rel)
+            if found is None:
+                self._order.append(rel)
+                return None
+            i = found
+        self._next = i + 1
+        at = _KEY.size * i
         try:
-            old_key, raw, chunks = rec
-        except (TypeError, ValueError):  # a damaged record only costs a re-hash
+            same = old.keys[at : at + _KEY.size] == _KEY.pack(*key)
+        except struct.error:  # no stat gives such a key: a miss
+            same = False
+        if not same or key[1] >= self._trusted_before:
+            self._order.append(rel)
             return None
-        if old_key != key or type(raw) is not bytes or type(chunks) is not bytes:
-            return None
-        if len(raw) != DIGEST_SIZE or len(chunks) % DIGEST_SIZE:
-            return None
+        run = self._order[-1] if self._order else None
+        if isinstance(run, list) and run[1] == i:
+            run[1] = i + 1
+        else:
+            self._order.append([i, i + 1])
         self.hits += 1
-        self._new[rel] = rec
-        return raw, chunks
+        start = old.ends[i] - old.lengths[i]
+        return old.digests[DIGEST_SIZE * i : DIGEST_SIZE * (i + 1)], old.chunks[start : old.ends[i]]
 
     def record(self, rel: str, key: StatKey, digest: Digest, chunks: tuple[Digest, ...]) -> None:
-        self._new[rel] = (key, digest.raw, b"".join(c.raw for c in chunks))
+        self._new[rel] = (_KEY.pack(*key), digest.raw, b"".join(c.raw for c in chunks))
 
     def remember_pack(self, store: str, ref: str, manifest: Digest) -> None:
         """What ``save`` records as ``last_pack``: this pack set ``ref`` in ``store``."""
         self._this_pack = (store, ref, manifest)
 
     def save(self) -> None:
-        """Atomically replace the file with what this pack saw (files gone are dropped)."""
+        """Atomically replace the file with what this pack saw (files gone are dropped): the
+        hits and the recorded files in the order they were looked up, then any recorded
+        without a lookup."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         last = self._this_pack
         saved = None if last is None else (last[0], last[1], last[2].raw)
-        body = _MAGIC + marshal.dumps((time.time_ns(), self._new, saved))
+        body = _MAGIC + marshal.dumps((time.time_ns(), *self._columns(), saved))
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -124,6 +229,43 @@ class StatCache:
             raise
         with contextlib.suppress(OSError):  # the JSON file of earlier versions
             self.path.with_suffix(".json").unlink()
+
+    def _columns(self) -> tuple[str, bytes, bytes, bytes, bytes]:
+        old, new = self._old, dict(self._new)
+        paths: list[str] = []
+        keys, digests, chunks = [], [], []
+        lengths = array("Q")
+        for item in self._order:
+            if isinstance(item, list):  # a run of hits: slices of the old columns
+                start, stop = item
+                paths += old.paths[start:stop]
+                keys.append(old.keys[_KEY.size * start : _KEY.size * stop])
+                digests.append(old.digests[DIGEST_SIZE * start : DIGEST_SIZE * stop])
+                lengths += old.lengths[start:stop]
+                chunks.append(old.chunks[old.ends[start] - old.lengths[start] : old.ends[stop - 1]])
+                continue
+            rec = new.pop(item, None)
+            if rec is not None:
+                paths.append(item)
+                keys.append(rec[0])
+                digests.append(rec[1])
+                lengths.append(len(rec[2]))
+                chunks.append(rec[2])
+        for path, (key, raw, chunk_raws) in new.items():
+            paths.append(path)
+            keys.append(key)
+            digests.append(raw)
+            lengths.append(len(chunk_raws))
+            chunks.append(chunk_raws)
+        if sys.byteorder != "little":
+            lengths.byteswap()
+        return (
+            "\0".join(paths),
+            b"".join(keys),
+            b"".join(digests),
+            lengths.tobytes(),
+            b"".join(chunks),
+        )
 
 
 def _last_pack(value: object) -> LastPack | None:

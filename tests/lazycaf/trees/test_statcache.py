@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import marshal
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -145,17 +146,33 @@ def test_missing_file_gives_an_empty_cache(tree: Path, cache_dir: Path) -> None:
     assert cache.hits == 0
 
 
-MAGIC = b"LZCAFSTAT3\n"
+MAGIC = b"LZCAFSTAT4\n"
+MAGIC_V3 = b"LZCAFSTAT3\n"  # the format before: a dict of records, read into columns
+KEY = struct.Struct("<QqqQQ")
 
 
 def body(saved_ns: object, files: object, last: object = None) -> bytes:
-    return MAGIC + marshal.dumps((saved_ns, files, last))
+    """A file of the format before (``{path: (key, digest, chunks)}``)."""
+    return MAGIC_V3 + marshal.dumps((saved_ns, files, last))
 
 
-def saved(path: Path) -> tuple[int, dict[str, object]]:
+def columns(saved_ns: object, *cols: object, last: object = None) -> bytes:
+    return MAGIC + marshal.dumps((saved_ns, *cols, last))
+
+
+def saved(path: Path) -> tuple[int, dict[str, tuple[StatKey, bytes, bytes]]]:
+    """The saved records, read from their columns, in the file's order."""
     data = path.read_bytes()
     assert data.startswith(MAGIC)
-    saved_ns, files, _ = marshal.loads(data[len(MAGIC) :])
+    saved_ns, paths, keys, digests, lengths_b, chunks, _ = marshal.loads(data[len(MAGIC) :])
+    lengths = struct.unpack(f"<{len(lengths_b) // 8}Q", lengths_b)
+    files: dict[str, tuple[StatKey, bytes, bytes]] = {}
+    at = 0
+    for i, p in enumerate(paths.split("\0") if paths else []):
+        key = KEY.unpack_from(keys, 40 * i)
+        files[p] = (key, digests[32 * i : 32 * i + 32], chunks[at : at + lengths[i]])
+        at += lengths[i]
+    assert len(files) == len(lengths) and at == len(chunks)
     return saved_ns, files
 
 
@@ -172,8 +189,12 @@ def test_the_last_pack_is_remembered_and_a_previous_versions_file_still_read(
     assert again.last_pack == ("/store", "app:1", D("manifest"))
     assert again.lookup("f", synthetic()) == (D("f").raw, b"")
     saved_ns, files = saved(cache.path)
+    cache.path.write_bytes(body(saved_ns, files, ("/store", "app:1", D("manifest").raw)))
+    v3 = StatCache.for_tree(cache_dir, tree, CS)  # the format before: a dict of records
+    assert v3.lookup("f", synthetic()) == (D("f").raw, b"")
+    assert v3.last_pack == ("/store", "app:1", D("manifest"))
     cache.path.write_bytes(b"LZCAFSTAT2\n" + marshal.dumps((saved_ns, files)))
-    v2 = StatCache.for_tree(cache_dir, tree, CS)  # the format before: files, no last pack
+    v2 = StatCache.for_tree(cache_dir, tree, CS)  # the one before: no last pack
     assert v2.lookup("f", synthetic()) == (D("f").raw, b"") and v2.last_pack is None
     for last in [("/store", "app:1", b"short"), ("/store", 1, D("m").raw), "x", (1, 2)]:
         cache.path.write_bytes(body(saved_ns, files, last))
@@ -194,6 +215,13 @@ def test_the_last_pack_is_remembered_and_a_previous_versions_file_still_read(
         MAGIC + marshal.dumps((1, 2, 3)),
         body("soon", {}),
         body(time.time_ns(), [1, 2]),
+        MAGIC_V3 + marshal.dumps(None),
+        columns(time.time_ns(), "f", KEY.pack(*synthetic()), D("f").raw, b"\0" * 8, b"x"),
+        columns(time.time_ns(), "f", KEY.pack(*synthetic()), b"short", b"\0" * 8, b""),
+        columns(time.time_ns(), "f\0g", KEY.pack(*synthetic()), D("f").raw, b"\0" * 8, b""),
+        columns(time.time_ns(), "f", KEY.pack(*synthetic()), D("f").raw, b"\0" * 7, b""),
+        columns(time.time_ns(), b"f", KEY.pack(*synthetic()), D("f").raw, b"\0" * 8, b""),
+        columns(time.time_ns(), "f", KEY.pack(*synthetic()), D("f").raw, b"\0" * 8),
     ],
 )
 def test_corrupt_file_gives_an_empty_cache(tree: Path, cache_dir: Path, data: bytes) -> None:
@@ -282,3 +310,37 @@ def test_files_not_seen_by_the_latest_pack_are_dropped(tree: Path, cache_dir: Pa
     assert third.lookup("c", c) == (D("c").raw, b"")
     assert third.lookup("b", b) is None
     assert set(saved(third.path)[1]) == {"a", "c"}
+
+
+def test_records_are_saved_in_lookup_order_and_found_out_of_it(tree: Path, cache_dir: Path) -> None:
+    """A walk finds each record where the last one left it; a record elsewhere (a file moved,
+    one recorded after the walk) is still found, and the save follows the lookups."""
+    names = [f"m{i:02d}" for i in range(20)]
+    first = StatCache.for_tree(cache_dir, tree, CS)
+    for name in reversed(names):  # recorded in another order than the walk's
+        first.record(name, synthetic(), D(name), (D(name + "#0"),) if name == "m07" else ())
+    first.save()
+
+    second = StatCache.for_tree(cache_dir, tree, CS)
+    order = [*names[10:], *names[:10]]  # a walk of another order
+    for name in order:
+        if name == "m03":  # changed since: hashed again and recorded
+            assert second.lookup(name, synthetic(size=99)) is None
+            second.record(name, synthetic(size=99), D("m03 new"), ())
+            continue
+        chunks = D(name + "#0").raw if name == "m07" else b""
+        assert second.lookup(name, synthetic()) == (D(name).raw, chunks), name
+    second.record("zz", synthetic(), D("zz"), ())  # never looked up: saved last
+    second.save()
+    _, files = saved(second.path)
+    assert list(files) == [*order, "zz"]
+    assert files["m03"] == (synthetic(size=99), D("m03 new").raw, b"")
+    assert files["m07"] == (synthetic(), D("m07").raw, D("m07#0").raw)
+
+    third = StatCache.for_tree(cache_dir, tree, CS)
+    assert [third.lookup(n, synthetic()) for n in ["m12", "zz"]] == [
+        (D("m12").raw, b""),
+        (D("zz").raw, b""),
+    ]
+    assert third.lookup("m03", synthetic(size=99)) == (D("m03 new").raw, b"")
+    assert third.lookup("m03", synthetic()) is None and third.hits == 3
