@@ -72,3 +72,29 @@ def test_a_tiny_run_with_materialize_times_it_and_cleans_up() -> None:
         assert [p.name for p in tmp.iterdir()] == ["r.json"]
     finally:
         shutil.rmtree(tmp)
+
+
+def test_the_edits_of_a_repack_run_are_spread_and_distinct() -> None:
+    picks = bench_smallfiles.edited(3000, 100)
+    assert len(picks) == bench_smallfiles.EDITS == len(set(picks))
+    assert picks[0] == (0, 0) and picks[-1][0] >= 2500
+    assert len(bench_smallfiles.edited(2, 3)) == 6  # a tiny tree: every module at most once
+
+
+@pytest.mark.slow
+def test_a_tiny_repack_run_with_a_baseline_times_both_and_restores_the_tree(
+    tmp_path: Path,
+) -> None:
+    lazycaf = Path(sys.executable).parent / "lazycaf"
+    out, tree = tmp_path / "r.json", tmp_path / "tree"
+    argv = ["--packages", "3", "--files", "5", "--runs", "2", "--tmpdir", str(tmp_path)]
+    argv += ["--repack", "--tree", str(tree), "--baseline", str(lazycaf), "--json", str(out)]
+    assert bench_smallfiles.main(argv) == 0
+    (fig,) = json.loads(out.read_text())["figures"]
+    assert fig["name"] == "re-pack in place after 10 edits"
+    assert len(fig["samples"]) == 2 and len(fig["baseline"]["samples"]) == 2
+    for p in range(3):
+        for m in range(5):
+            data = (tree / f"pkg{p:04d}" / f"mod{m:03d}.py").read_bytes()
+            assert data == bench_smallfiles.file_bytes(p, m)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "tree"]
