@@ -57,6 +57,7 @@ from scripts.harness import (
 )
 
 TITLE: Final = "Many small files: first pack into an empty CAS"
+REPACK_TITLE: Final = "Many small files: re-pack in place after 10 edits"
 TARGET_S: Final = 20.0  # issue 16: 200,000 small files packed in <= 20 s
 REPACK_TARGET_S: Final = 2.0  # issue 16: a re-pack in place after 10 edits, at 300k
 EDITS: Final = 10
@@ -288,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.baseline is not None and not os.access(args.baseline, os.X_OK):
         print(f"bench_smallfiles: error: {args.baseline} is not executable", file=sys.stderr)
         return 2
-    record = Record.begin("bench_smallfiles", TITLE, argv, args)
+    title = REPACK_TITLE if args.repack else TITLE
+    record = Record.begin("bench_smallfiles", title, argv, args)
 
     def body(made: Made, _: Lazycaf | None) -> None:
         bench(args, record, made, exe)
