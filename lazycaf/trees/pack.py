@@ -15,6 +15,7 @@ returned (its blobs durable), so a manifest in the CAS is always complete.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import stat
 import threading
@@ -48,6 +49,8 @@ from lazycaf.disk.readahead import will_need
 from lazycaf.trees.statcache import RawHashes, StatCache, StatKey
 
 __all__ = ["Normalize", "PackProgress", "PackResult", "pack", "scan_tree"]
+
+log = logging.getLogger(__name__)
 
 _HASH_THREADS: Final = 2  # both cores; blake3 and the reads release the GIL
 _HASH_WORKERS: Final = 4  # tasks: one waits on find_missing while another hashes
@@ -764,7 +767,15 @@ async def pack(
         if tag:
             plan.statcache.remember_pack(cas.where, tag, digest)
         recorded = [s for s in plan.todo if s.path not in plan.pyc_sources]
-        await trio.to_thread.run_sync(_save_stat_cache, plan.statcache, recorded, hashes)
+        try:
+            await trio.to_thread.run_sync(_save_stat_cache, plan.statcache, recorded, hashes)
+        except OSError as exc:  # the pack stands: the next one hashes every file again
+            log.warning(
+                "could not save the stat cache %s (%s): the next pack of %s hashes every file",
+                plan.statcache.path,
+                exc.strerror or exc,
+                root,
+            )
     progress.phase = "done"
     return PackResult(digest, encoded, progress)
 

@@ -274,3 +274,20 @@ def test_a_repack_leaves_the_blobs_the_last_packs_ref_holds_alone(tmp_path: Path
     run_cli("pack", tree, "--cas", cas, "--tag", "app:3", env=env)
     untouched = [p for p in before if p.stat().st_mtime_ns == old]
     assert len(untouched) == 2  # the manifests of app:1 and app:2, which the tree lacks
+
+
+def test_a_stat_cache_that_cannot_be_saved_is_a_warning_not_a_failed_pack(tmp_path: Path) -> None:
+    """The manifest and its ref are stored before the stat cache is saved: a state directory
+    that cannot be written (here a path below a regular file) costs the next pack a re-hash,
+    said in one line, and the pack still succeeds with its digest."""
+    tree = make_tree(tmp_path / "tree")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    cas = tmp_path / "cas"
+    env = {"LAZYCAF_STATE": str(blocker / "state")}
+    proc = run_cli("pack", tree, "--cas", cas, "--tag", "app:1", env=env)
+    digest = proc.stdout.decode().strip()
+    assert run_cli("ref", "ls", "--cas", cas).stdout.decode().split() == [digest, "app:1"]
+    lines = [ln for ln in proc.stderr.decode().splitlines() if "stat cache" in ln]
+    assert len(lines) == 1 and str(blocker / "state") in lines[0]
+    assert "hashes every file" in lines[0] and "Traceback" not in proc.stderr.decode()
