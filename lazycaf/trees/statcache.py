@@ -146,9 +146,12 @@ class StatCache:
                 lengths.byteswap()
             columns = _Columns(paths.split("\0") if paths else [], keys, digests, lengths, chunks)
         elif data.startswith(_MAGIC_V3) or data.startswith(_MAGIC_V2):
-            body = marshal.loads(memoryview(data)[len(_MAGIC_V3) :])
+            v3 = data.startswith(_MAGIC_V3)
+            body = marshal.loads(memoryview(data)[len(_MAGIC_V3 if v3 else _MAGIC_V2) :])
+            if not isinstance(body, tuple) or len(body) != (3 if v3 else 2):
+                return
             saved_ns, files = body[0], body[1]
-            last = body[2] if data.startswith(_MAGIC_V3) else None
+            last = body[2] if v3 else None
             if not isinstance(files, dict):
                 return
             columns = _Columns.of_records(files)

@@ -216,6 +216,8 @@ def test_the_last_pack_is_remembered_and_a_previous_versions_file_still_read(
         body("soon", {}),
         body(time.time_ns(), [1, 2]),
         MAGIC_V3 + marshal.dumps(None),
+        MAGIC_V3 + marshal.dumps((1,)),
+        b"LZCAFSTAT2\n" + marshal.dumps((1, 2, 3)),
         columns(time.time_ns(), "f", KEY.pack(*synthetic()), D("f").raw, b"\0" * 8, b"x"),
         columns(time.time_ns(), "f", KEY.pack(*synthetic()), b"short", b"\0" * 8, b""),
         columns(time.time_ns(), "f\0g", KEY.pack(*synthetic()), D("f").raw, b"\0" * 8, b""),
