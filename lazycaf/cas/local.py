@@ -9,7 +9,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import trio
 
@@ -29,7 +29,14 @@ T = TypeVar("T")
 
 
 class LocalCAS:
-    """The embedded CAS: a ``CasDir`` reached through worker threads (no server needed)."""
+    """The embedded CAS: a ``CasDir`` reached through worker threads (no server needed).
+
+    ``upload_batches``: how many ``put_many`` batches a pack keeps in flight. One: a batch's
+    writes are Python and short system calls, so a second thread writing beside it only
+    trades the GIL (a first pack of 50,000 small files: 4.1 s with one, 7.3 s with four on
+    tmpfs, half the system time in futex calls)."""
+
+    upload_batches: Final = 1
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         try:

@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-setid", action="store_true", help="keep setuid/setgid bits")
     sp.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
     sp.add_argument(
-        "--jobs", type=int, default=4, help="upload batches in flight (default and max 4)"
+        "--jobs",
+        type=int,
+        default=4,
+        help="upload batches in flight (default and max 4; a local CAS takes one at a time)",
     )
     sp.add_argument(
         "--rehash",

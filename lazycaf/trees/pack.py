@@ -939,7 +939,8 @@ async def _hash_and_upload(
     at once: hash jobs on two worker threads; after each job, one
     ``find_missing`` for its new digests, BEFORE anything is compressed; the blobs missing
     go to upload batches with the bytes just read (read once, hashed once by the pack);
-    ``concurrency`` upload batches (at most 4) in flight. Returns once every batch's
+    ``concurrency`` upload batches (at most 4, at most the CAS's ``upload_batches`` where it
+    says) in flight. Returns once every batch's
     ``put_many`` has returned: the blobs are durable before the manifest goes."""
     where = str(root)
     send_up, receive_up = trio.open_memory_channel[list[Blob]](0)
@@ -1005,7 +1006,8 @@ async def _hash_and_upload(
 
     async with trio.open_nursery() as nursery:
         async with receive_up:
-            for _ in range(max(1, min(concurrency, _MAX_BATCHES_IN_FLIGHT))):
+            batches = getattr(cas, "upload_batches", _MAX_BATCHES_IN_FLIGHT)
+            for _ in range(max(1, min(concurrency, batches, _MAX_BATCHES_IN_FLIGHT))):
                 nursery.start_soon(upload_worker, receive_up.clone())
         async with send_up:
             send_jobs, receive_jobs = trio.open_memory_channel[list[Scanned]](0)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import trio
 
 from lazycaf.cas.local import LocalCAS
 from lazycaf.core.chunking import chunk_spans
@@ -379,3 +380,40 @@ def test_hash_jobs_hold_every_file_once_big_ones_biggest_first_among_the_small()
     small = [s.path for job in jobs if job[0].size <= cap for s in job]
     assert small == sorted(small) and all(len(job) <= 7 for job in jobs)
     assert big[0] < len(jobs) // 4 and big[-1] > len(jobs) * 3 // 4  # spread, not bunched
+
+
+class _CountingCAS(LocalCAS):
+    """A local CAS that counts the ``put_many`` batches in flight at once."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.in_flight = self.most = 0
+
+    async def put_many(self, items: Sequence[tuple[Digest, bytes]]) -> int:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await trio.sleep(0.02)  # room for another batch to start, were it allowed
+            return await super().put_many(items)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize(("batches", "most"), [(None, 1), (4, 4)])
+async def test_a_local_store_takes_one_upload_batch_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batches: int | None, most: int
+) -> None:
+    """A local store's writes are Python and short system calls: batches written by threads
+    side by side only trade the GIL, so a pack keeps one in flight (``upload_batches``);
+    a store that allows more gets up to four."""
+    monkeypatch.setattr(packmod, "_UPLOAD_BATCH_BLOBS", 4)
+    tree = tmp_path / "t"
+    tree.mkdir()
+    for i in range(64):
+        (tree / f"m{i:02d}.py").write_bytes(b"x = %d\n" % i)
+    cas = _CountingCAS(tmp_path / "cas")
+    if batches is not None:
+        monkeypatch.setattr(cas, "upload_batches", batches, raising=False)
+    await pack(tree, cas, chunk_size=CS)
+    assert cas.most == most
+    assert len([p for p in (tmp_path / "cas" / "blobs").rglob("*") if p.is_file()]) == 65
