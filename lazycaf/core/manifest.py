@@ -34,7 +34,6 @@ from __future__ import annotations
 import re
 import stat
 import struct
-import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
@@ -45,6 +44,7 @@ from typing import Final, NamedTuple
 from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE, chunk_count, chunk_spans, validate_chunk_size
 from lazycaf.core.digest import DIGEST_SIZE, Digest
 from lazycaf.core.errors import ManifestError
+from lazycaf.core.lenumbers import from_le, to_le
 from lazycaf.core.nogc import paused_gc
 
 __all__ = [
@@ -284,24 +284,15 @@ def encode_columns(
     header = _HEADER.pack(MAGIC, VERSION, 0, chunk_size, root_mode, root_mtime_ns, n)
     columns = [
         kinds.encode(),
-        _little(modes),
-        _little(mtimes),
-        _little(sizes),
+        to_le(modes),
+        to_le(mtimes),
+        to_le(sizes),
         "\0".join(paths).encode(),
         "\0".join(targets).encode(),
         digests,
         chunks,
     ]
     return header + b"".join(_U64.pack(len(c)) + c for c in columns)
-
-
-def _little(numbers: array[int]) -> bytes:
-    """An array's bytes little-endian, as the format stores numbers."""
-    if sys.byteorder == "little":
-        return numbers.tobytes()
-    swapped = array(numbers.typecode, numbers)
-    swapped.byteswap()
-    return swapped.tobytes()
 
 
 class ManifestColumns(NamedTuple):
@@ -354,7 +345,7 @@ def _decode(data: bytes) -> ManifestColumns:
     if len(sizes_b) != 8 * n:
         raise ManifestError("column lengths disagree with the entry count")
     kinds = kinds_b.decode("ascii")
-    modes, mtimes, sizes = _numbers("H", modes_b), _numbers("q", mtimes_b), _numbers("Q", sizes_b)
+    modes, mtimes, sizes = from_le("H", modes_b), from_le("q", mtimes_b), from_le("Q", sizes_b)
     paths = paths_b.decode("utf-8").split("\0") if n else []
     links = [m.start() for m in _LINK_RE.finditer(kinds)]
     targets = targets_b.decode("utf-8").split("\0") if links else []
@@ -386,15 +377,6 @@ def _decode(data: bytes) -> ManifestColumns:
         bounds,
         hard_link_files,
     )
-
-
-def _numbers(fmt: str, column: bytes) -> array[int]:
-    """A little-endian column of numbers as a compact array (no object per number)."""
-    out = array(fmt)
-    out.frombytes(column)
-    if sys.byteorder != "little":
-        out.byteswap()
-    return out
 
 
 def _columns(data: bytes) -> list[bytes]:

@@ -31,7 +31,6 @@ import contextlib
 import marshal
 import os
 import struct
-import sys
 import tempfile
 import time
 from array import array
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Final
 
 from lazycaf.core.digest import DIGEST_SIZE, Digest
+from lazycaf.core.lenumbers import from_le, to_le
 
 __all__ = ["RawHashes", "StatCache", "StatKey", "default_stat_cache_dir"]
 
@@ -140,10 +140,7 @@ class StatCache:
                 type(b) is bytes for b in (keys, digests, lengths_b, chunks)
             ):
                 return
-            lengths = array("Q")
-            lengths.frombytes(lengths_b)
-            if sys.byteorder != "little":
-                lengths.byteswap()
+            lengths = from_le("Q", lengths_b)
             columns = _Columns(paths.split("\0") if paths else [], keys, digests, lengths, chunks)
         elif data.startswith(_MAGIC_V3) or data.startswith(_MAGIC_V2):
             v3 = data.startswith(_MAGIC_V3)
@@ -260,13 +257,11 @@ class StatCache:
             digests.append(raw)
             lengths.append(len(chunk_raws))
             chunks.append(chunk_raws)
-        if sys.byteorder != "little":
-            lengths.byteswap()
         return (
             "\0".join(paths),
             b"".join(keys),
             b"".join(digests),
-            lengths.tobytes(),
+            to_le(lengths),
             b"".join(chunks),
         )
 
