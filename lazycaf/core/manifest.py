@@ -642,10 +642,10 @@ def _paths_ok(paths: list[str], dirs: set[str]) -> bool:
     """
     if not paths:
         return True
-    if any(map(str.startswith, paths, repeat("/"))) or any(
-        map(str.__contains__, paths, repeat("\0"))
-    ):
+    joined = "\0".join(paths)  # one C pass for a NUL inside a path and a leading "/"
+    if joined.count("\0") != len(paths) - 1 or joined.startswith("/") or "\0/" in joined:
         return False
+    del joined
     # two streaming passes: no list of split paths for the whole tree
     names = set(map(itemgetter(2), map(str.rpartition, paths, repeat("/"))))
     return (
@@ -660,6 +660,8 @@ def _all_fit(texts: Iterable[str], limit: int) -> bool:
     """Whether each text's UTF-8 form has at most ``limit`` bytes. A code point takes at most
     4 bytes, so only texts longer than ``limit // 4`` characters are encoded."""
     short = limit // 4
+    if max(map(len, texts), default=0) <= short:  # a C pass: none needs encoding
+        return True
     return all(len(t.encode("utf-8", "surrogatepass")) <= limit for t in texts if len(t) > short)
 
 

@@ -20,12 +20,12 @@ import os
 import stat
 import threading
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, NoReturn
 
 import trio
 
@@ -35,20 +35,17 @@ from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE, chunk_spans
 from lazycaf.core.digest import DIGEST_SIZE, Digest, Hasher
 from lazycaf.core.errors import LazyCafError, PackError
 from lazycaf.core.manifest import (
-    DIR,
-    FILE,
     HARDLINK,
-    PATH_MAX,
-    SYMLINK,
     Manifest,
     decode_columns,
     encode_columns,
 )
 from lazycaf.core.nogc import paused_gc
 from lazycaf.disk.readahead import will_need
-from lazycaf.trees.statcache import RawHashes, StatCache, StatKey
+from lazycaf.trees.statcache import RawHashes, StatCache
+from lazycaf.trees.walk import Scanned, Walked, walk_tree
 
-__all__ = ["Normalize", "PackProgress", "PackResult", "pack", "scan_tree"]
+__all__ = ["Normalize", "PackProgress", "PackResult", "pack"]
 
 log = logging.getLogger(__name__)
 
@@ -106,148 +103,6 @@ class PackResult:
     @cached_property
     def manifest(self) -> Manifest:
         return Manifest.decode(self.encoded)
-
-
-Upload = tuple[Digest, tuple[str, int, int]]  # a blob and where it is: (path, offset, length)
-
-
-class Scanned(NamedTuple):
-    """One path as the walk saw it; ``inode`` groups hard links; ``key``: a file's stat key,
-    None once the walk found its digests in the stat cache."""
-
-    path: str
-    kind: str
-    mode: int
-    mtime_ns: int
-    size: int
-    target: str | None = None
-    inode: tuple[int, int] | None = None
-    key: StatKey | None = None
-
-
-Lookup = Callable[[str, StatKey], RawHashes | None]  # a file's digests from its stat key
-
-
-def scan_tree(
-    root: Path, *, keep_setid: bool = False, lookup: Lookup | None = None
-) -> tuple[os.stat_result, list[Scanned], dict[str, RawHashes]]:
-    """Walk ``root`` without following symlinks; refuse what a manifest cannot hold. The
-    paths come out sorted as the manifest sorts them. ``lookup`` (the stat cache's): the
-    digests of each file it knows, found as the walk goes; such a file's ``key`` is None
-    (no stat key kept for it). Files with more than one link are not looked up here."""
-    try:
-        root_st = os.stat(root)
-    except OSError as exc:
-        raise PackError(f"cannot pack {root}: {exc.strerror}") from exc
-    if not stat.S_ISDIR(root_st.st_mode):
-        raise PackError(f"cannot pack {root}: not a directory")
-    mask = 0o7777 if keep_setid else 0o1777
-    out: list[Scanned] = []
-    known: dict[str, RawHashes] = {}
-    append, new = out.append, tuple.__new__  # ~0.4 us a namedtuple call, 300k times
-    isdir, isreg, islnk, imode = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK, stat.S_IMODE
-    for rel, st in _walk(root):
-        m = st.st_mode
-        if isreg(m):
-            size, mtime = st.st_size, st.st_mtime_ns
-            key = (size, mtime, st.st_ctime_ns, st.st_ino, st.st_dev)
-            kept: StatKey | None = key
-            inode = None
-            if st.st_nlink > 1:
-                inode = (st.st_dev, st.st_ino)
-            elif lookup is not None and (found := lookup(rel, key)) is not None:
-                known[rel] = found
-                kept = None
-            append(new(Scanned, (rel, FILE, imode(m) & mask, mtime, size, None, inode, kept)))
-        elif isdir(m):
-            append(new(Scanned, (rel, DIR, imode(m) & mask, st.st_mtime_ns, 0, None, None, None)))
-        elif islnk(m):
-            try:
-                target = os.readlink(root / rel)
-            except OSError as exc:
-                raise PackError(f"cannot read link {_shown(root, rel)}: {exc.strerror}") from exc
-            _check_utf8(target, f"{rel} (symlink target)")
-            append(Scanned(rel, SYMLINK, 0o777, st.st_mtime_ns, len(target.encode()), target))
-        else:
-            kind = "device" if stat.S_ISBLK(m) or stat.S_ISCHR(m) else _odd_kind(m)
-            raise PackError(f"cannot pack {root / rel}: a {kind} (only files, dirs and links)")
-    out.sort(key=itemgetter(0))  # nearly sorted already: timsort's runs make it ~linear
-    return root_st, out, known
-
-
-def _odd_kind(mode: int) -> str:
-    return "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "special file"
-
-
-_NOT_UTF8: Final = "name is not valid UTF-8"
-
-
-def _check_utf8(name: str, where: str) -> None:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise PackError(f"cannot pack {where!r}: {_NOT_UTF8}") from None
-
-
-def _shown(root: Path, rel: str, *, keep: int = 100) -> str:
-    """``root/rel`` for a one-line message, its middle cut when it is long (a path deeper
-    than PATH_MAX would fill a screen)."""
-    path = str(root / rel) if rel else str(root)
-    if len(path) <= 2 * keep:
-        return path
-    return f"{path[:keep]}...{path[-keep:]} ({len(path.encode())} bytes)"
-
-
-def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """Every path below ``root`` and its lstat, depth first with each directory's names in
-    order: the paths come out in the manifest's order except where a name sorts below "/"
-    (``a.py`` after ``a/``). Any OSError (ENAMETOOLONG, EACCES, a file removed meanwhile)
-    and any path a manifest could not hold end the walk as a one-line ``PackError`` naming
-    the path."""
-    top = str(root)
-    prefix = "" if top == "." else f"{top}/"  # as pathlib joins: "." adds no bytes
-    stack = [("", _entries(root, top, ""))]
-    while stack:
-        rel_dir, entries = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
-            stack.pop()
-            continue
-        rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-        if not rel.isascii() or len(rel) > PATH_MAX:  # else valid UTF-8 of len(rel) bytes
-            _check_path_bytes(root, rel)
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError as exc:
-            raise PackError(f"cannot stat {_shown(root, rel)}: {exc.strerror}") from exc
-        yield rel, st
-        if stat.S_ISDIR(st.st_mode):
-            stack.append((rel, _entries(root, f"{prefix}{rel}", rel)))
-
-
-def _entries(root: Path, where: str, rel: str) -> Iterator[os.DirEntry[str]]:
-    """A directory's entries by name (read whole, so no directory stays open)."""
-    try:
-        with os.scandir(where) as it:
-            entries = sorted(it, key=_NAME)
-    except OSError as exc:
-        raise PackError(f"cannot read directory {_shown(root, rel)}: {exc.strerror}") from exc
-    return iter(entries)
-
-
-_NAME: Final = attrgetter("name")
-
-
-def _check_path_bytes(root: Path, rel: str) -> None:
-    try:
-        size = len(rel.encode())
-    except UnicodeEncodeError:
-        raise PackError(f"cannot pack {_shown(root, rel)!r}: {_NOT_UTF8}") from None
-    if size > PATH_MAX:
-        raise PackError(
-            f"cannot pack {_shown(root, rel)}: its path below {root} is "
-            f"{size} bytes long (a manifest holds at most {PATH_MAX})"
-        )
 
 
 Hashes = tuple[Digest, tuple[Digest, ...]]  # a file's digest and its chunks' (none: one blob)
@@ -483,16 +338,6 @@ def _blob_digests(hashes: Hashes) -> tuple[Digest, ...]:
     return chunks or (digest,)
 
 
-def _raw_blobs(known: dict[str, RawHashes]) -> set[bytes]:
-    """Every blob of the files in ``known``, as raw digests (a worker thread: ~50 ms at 300k
-    files)."""
-    hashes = known.values()
-    out = {digest for digest, chunks in hashes if not chunks}
-    size = DIGEST_SIZE
-    out.update(c[i : i + size] for _, c in hashes if c for i in range(0, len(c), size))
-    return out
-
-
 def _digests(raw: RawHashes) -> Hashes:
     """Raw hashes (a stat-cache hit) as ``Digest`` objects."""
     digest, chunks = raw
@@ -554,60 +399,78 @@ _SIZE: Final = attrgetter("size")
 
 
 def encode_manifest(
-    root_st: os.stat_result,
-    scanned: list[Scanned],
-    hashes: dict[str, RawHashes],
+    walked: Walked,
+    statcache: StatCache | None,
+    hashed: dict[str, RawHashes],
     chunk_size: int,
     *,
     keep_setid: bool = False,
     mtime_ns: int | None = None,
     sizes: dict[str, int] | None = None,
 ) -> bytes:
-    """The manifest of a scanned tree as its canonical bytes, built a column at a time (no
-    object per entry); ``hashes``: every file's, the first path of each hard-linked inode's;
-    ``mtime_ns``: every entry's mtime, ``sizes``: files whose bytes were rewritten, and their
-    new sizes (``--normalize``). Unchecked: ``_build_and_encode`` validates the bytes."""
-    paths = [s.path for s in scanned]
-    kinds = [s.kind for s in scanned]
-    modes = array("H", [s.mode for s in scanned])
-    mtimes = array("q", [s.mtime_ns for s in scanned])
+    """The manifest of a walked tree as its canonical bytes, built a column at a time (no
+    object per entry); a file's digests from the stat cache's record (``walked.found``) or
+    from ``hashed``; ``mtime_ns``: every entry's mtime, ``sizes``: files whose bytes were
+    rewritten, and their new sizes (``--normalize``). Unchecked: ``_build_and_encode``
+    validates the bytes."""
+    paths, kinds, found = walked.paths, walked.kinds, walked.found
+    mtimes, lengths = walked.mtimes, walked.sizes
     if mtime_ns is not None:
-        mtimes = array("q", [mtime_ns]) * len(paths)
-    lengths = array("Q", [s.size for s in scanned])
-    targets: list[str] = []
-    first_of_inode: dict[tuple[int, int], str] = {}
-    links = [i for i, s in enumerate(scanned) if s.inode is not None or s.kind == SYMLINK]
-    for i in links:  # sorted: the first path of an inode group is the file
-        s = scanned[i]
-        if s.kind == SYMLINK:
-            modes[i] = 0
-            assert s.target is not None
-            targets.append(s.target)
-            continue
-        assert s.inode is not None
-        first = first_of_inode.setdefault(s.inode, s.path)
-        if first != s.path:
-            kinds[i], modes[i], mtimes[i], lengths[i] = HARDLINK, 0, 0, 0
-            targets.append(first)
+        mtimes = array("q", [0 if k == HARDLINK else mtime_ns for k in kinds])
     if sizes:
+        lengths = array("Q", lengths)
         where = {p: i for i, p in enumerate(paths)}
         for path, size in sizes.items():
             lengths[where[path]] = size
-    files = [hashes[p] for p, k in zip(paths, kinds, strict=True) if k == FILE]
+    files = walked.files()
+    column = b"" if statcache is None else statcache.digest_column
+    n = DIGEST_SIZE
+    digests = b"".join(
+        [column[n * j : n * j + n] if (j := found[i]) >= 0 else hashed[paths[i]][0] for i in files]
+    )
+    chunked = [i for i in files if lengths[i] > chunk_size]
+    raw = _no_record if statcache is None else statcache.raw
+    chunks = b"".join([raw(j)[1] if (j := found[i]) >= 0 else hashed[paths[i]][1] for i in chunked])
     mask = 0o7777 if keep_setid else 0o1777
+    root_st = walked.root_st
     return encode_columns(
         chunk_size,
         stat.S_IMODE(root_st.st_mode) & mask,
         root_st.st_mtime_ns if mtime_ns is None else mtime_ns,
         "".join(kinds),
-        modes,
+        walked.modes,
         mtimes,
         lengths,
         paths,
-        targets,
-        b"".join(h[0] for h in files),
-        b"".join(h[1] for h in files),
+        walked.targets,
+        digests,
+        chunks,
     )
+
+
+def _no_record(i: int) -> NoReturn:
+    raise AssertionError(f"stat-cache record {i} without a stat cache")
+
+
+class _Known:
+    """The files the stat cache vouched for: their records in ``statcache``."""
+
+    def __init__(self, walked: Walked, statcache: StatCache | None) -> None:
+        self._walked, self._statcache = walked, statcache
+
+    def blobs(self) -> set[bytes]:
+        """Every blob of theirs, as raw digests (a worker thread: ~60 ms at 300k files)."""
+        if self._statcache is None:
+            return set()
+        return self._statcache.blobs(j for j in self._walked.found if j >= 0)
+
+    def files(self) -> list[tuple[Scanned, RawHashes]]:
+        """Each file and its digests, in path order."""
+        walked, cache = self._walked, self._statcache
+        if cache is None:
+            return []
+        found = walked.found
+        return [(walked.scanned(i), cache.raw(found[i])) for i in walked.files() if found[i] >= 0]
 
 
 class _Uploads:
@@ -637,17 +500,17 @@ class _Uploads:
         if missing:
             await self._queue_missing(blobs, missing)
 
-    async def offer_known(
-        self, files: list[Scanned], known: dict[str, RawHashes], chunk_size: int
-    ) -> None:
+    async def offer_known(self, files: list[tuple[Scanned, RawHashes]], chunk_size: int) -> None:
         """``offer`` for files whose digests the stat cache knew: the digests are asked
         about first and a ``Blob`` is made only for the files holding one the CAS lacks (a
         re-pack asks about every blob of the tree and uploads a handful)."""
-        hashes = [_digests(known[s.path]) for s in files]
+        hashes = [_digests(raw) for _, raw in files]
         missing = await self._ask(d for h in hashes for d in _blob_digests(h))
         if missing:
             blobs = [
-                b for s, h in zip(files, hashes, strict=True) for b in known_blobs(s, h, chunk_size)
+                b
+                for (s, _), h in zip(files, hashes, strict=True)
+                for b in known_blobs(s, h, chunk_size)
             ]
             await self._queue_missing(blobs, missing)
 
@@ -738,14 +601,14 @@ async def pack(
         resized=resized,
     )
     known_stored = await _last_pack_still_named(cas, plan.statcache)
-    await upload(plan.todo, plan.known, plan.known_hashes, known_stored=known_stored)
+    known = _Known(plan.walked, plan.statcache)
+    await upload(plan.todo, known, known_stored=known_stored)
     epoch_ns = None if normalize is None else normalize.epoch * 1_000_000_000
     encoded = await trio.to_thread.run_sync(
         functools.partial(
             _build_and_encode,
-            plan.root_st,
-            plan.scanned,
-            plan.known_hashes,
+            plan.walked,
+            plan.statcache,
             hashes,
             chunk_size,
             keep_setid,
@@ -758,7 +621,7 @@ async def pack(
         # the ref moved while this pack ran: its root no longer vouches for the known
         # blobs, so ask about them now (a directory store refreshes them for its GC)
         counted = progress.blobs
-        await upload([], plan.known, plan.known_hashes, known_stored=False)
+        await upload([], known, known_stored=False)
         progress.blobs = counted
     await cas.put(digest, encoded)  # after every blob it names is durable
     if tag:
@@ -800,14 +663,11 @@ async def _last_pack_still_named(cas: CAS, statcache: StatCache | None) -> bool:
 
 
 class _Plan(NamedTuple):
-    """What the walk found and the stat cache knew: the files to hash (``todo``) and those
-    whose digests are known (``known``, raw in ``known_hashes``)."""
+    """What the walk found and the stat cache knew: the files to hash (``todo``); the
+    others' records are in ``walked.found``."""
 
-    root_st: os.stat_result
-    scanned: list[Scanned]
+    walked: Walked
     todo: list[Scanned]
-    known: list[Scanned]
-    known_hashes: dict[str, RawHashes]
     statcache: StatCache | None
     pyc_sources: dict[str, Scanned]  # --normalize: .pyc files to rewrite, and their sources
 
@@ -829,32 +689,26 @@ def _plan(
         if stat_cache_dir is not None:
             variant = "normalize" if normalize else ""
             statcache = StatCache.for_tree(stat_cache_dir, root, chunk_size, variant=variant)
-        lookup = statcache.lookup if statcache is not None else None
-        root_st, scanned, hashes = scan_tree(root, keep_setid=keep_setid, lookup=lookup)
-        files = [s for s in scanned if s.kind == FILE]
-        progress.files = len(files)
-        progress.bytes_total = sum(s.size for s in files)
+        walked = walk_tree(root, keep_setid=keep_setid, statcache=statcache)
+        files, sizes, found = walked.files(), walked.sizes, walked.found
+        progress.files = len(files) + walked.hard_links  # a hard link is a file, not hashed
+        progress.bytes_total = sum([sizes[i] for i in files]) + walked.hard_link_bytes
         progress.phase = "hashing"
-        unique = _first_of_each_inode(files)
-        pyc_sources = _pyc_sources(unique, chunk_size) if normalize else {}
-        todo: list[Scanned] = []
-        known: list[Scanned] = []
-        for s in unique:  # one pass: 300k files
-            if s.path in pyc_sources:  # hashed again, whatever the walk found
-                hashes.pop(s.path, None)
-            elif s.key is None:  # the walk found its digests
-                known.append(s)
-                continue
-            elif lookup is not None and s.inode is not None:  # hard links: looked up here
-                found = lookup(s.path, s.key)
-                if found is not None:
-                    hashes[s.path] = found
-                    known.append(s)
-                    continue
-            todo.append(s)
-        progress.files_hashed = len(known)
-        progress.bytes_hashed = sum(s.size for s in known)
-    return _Plan(root_st, scanned, todo, known, hashes, statcache, pyc_sources)
+        pyc_sources: dict[str, Scanned] = {}
+        if normalize:  # a .pyc to rewrite is hashed again, whatever the stat cache knew
+            scanned = [walked.scanned(i) for i in files]
+            pyc_sources = _pyc_sources(scanned, chunk_size)
+            for i, s in zip(files, scanned, strict=True):
+                if s.path in pyc_sources and found[i] >= 0:
+                    assert statcache is not None
+                    statcache.forget(found[i])
+                    found[i] = -1
+            todo = [s for i, s in zip(files, scanned, strict=True) if found[i] < 0]
+        else:
+            todo = [walked.scanned(i) for i in walked.unvouched]
+        progress.files_hashed = len(files) - len(todo)
+        progress.bytes_hashed = sum([sizes[i] for i in files]) - sum(s.size for s in todo)
+    return _Plan(walked, todo, statcache, pyc_sources)
 
 
 def _pyc_sources(files: list[Scanned], chunk_size: int) -> dict[str, Scanned]:
@@ -870,9 +724,8 @@ def _pyc_sources(files: list[Scanned], chunk_size: int) -> dict[str, Scanned]:
 
 
 def _build_and_encode(
-    root_st: os.stat_result,
-    scanned: list[Scanned],
-    known: dict[str, RawHashes],
+    walked: Walked,
+    statcache: StatCache | None,
     hashed: dict[str, Hashes],
     chunk_size: int,
     keep_setid: bool,
@@ -882,11 +735,10 @@ def _build_and_encode(
     """The manifest's bytes, validated as any manifest from a store is (the checks a
     ``Manifest`` makes of its entries, a column at a time)."""
     with paused_gc():
-        hashes = known | {path: _raw(h) for path, h in hashed.items()}
         encoded = encode_manifest(
-            root_st,
-            scanned,
-            hashes,
+            walked,
+            statcache,
+            {path: _raw(h) for path, h in hashed.items()},
             chunk_size,
             keep_setid=keep_setid,
             mtime_ns=mtime_ns,
@@ -906,24 +758,11 @@ def _save_stat_cache(
         statcache.save()
 
 
-def _first_of_each_inode(files: list[Scanned]) -> list[Scanned]:
-    """The files to hash: one path per hard-linked inode (the first, in path order)."""
-    seen: set[tuple[int, int]] = set()
-    unique = []
-    for s in files:
-        if s.inode is None or s.inode not in seen:
-            unique.append(s)
-            if s.inode is not None:
-                seen.add(s.inode)
-    return unique
-
-
 async def _hash_and_upload(
     root: Path,
     cas: CAS,
     todo: list[Scanned],
-    known: list[Scanned],
-    known_hashes: dict[str, RawHashes],
+    known: _Known,
     hashes: dict[str, Hashes],
     chunk_size: int,
     concurrency: int,
@@ -933,9 +772,8 @@ async def _hash_and_upload(
     *,
     known_stored: bool = False,
 ) -> None:
-    """Hash ``todo`` (into ``hashes``) and upload every blob of ``todo`` and ``known`` (their
-    digests in ``known_hashes``) that the CAS lacks (``known_stored``: ``known``'s blobs are
-    in the CAS, not asked about), all
+    """Hash ``todo`` (into ``hashes``) and upload every blob of ``todo`` and ``known`` that
+    the CAS lacks (``known_stored``: ``known``'s blobs are in the CAS, not asked about), all
     at once: hash jobs on two worker threads; after each job, one
     ``find_missing`` for its new digests, BEFORE anything is compressed; the blobs missing
     go to upload batches with the bytes just read (read once, hashed once by the pack);
@@ -944,7 +782,7 @@ async def _hash_and_upload(
     ``put_many`` has returned: the blobs are durable before the manifest goes."""
     where = str(root)
     send_up, receive_up = trio.open_memory_channel[list[Blob]](0)
-    stored = await trio.to_thread.run_sync(_raw_blobs, known_hashes) if known_stored else set()
+    stored = await trio.to_thread.run_sync(known.blobs) if known_stored else set()
     uploads = _Uploads(cas, send_up, progress, stored)
     hash_limiter = trio.CapacityLimiter(_HASH_THREADS)
 
@@ -994,15 +832,15 @@ async def _hash_and_upload(
     async def offer_known() -> None:
         if known_stored:  # in ``uploads`` as asked about already
             return
-        files: list[Scanned] = []
+        files: list[tuple[Scanned, RawHashes]] = []
         count = 0
-        for s in known:
-            files.append(s)
-            count += max(1, len(known_hashes[s.path][1]) // DIGEST_SIZE)
+        for file in await trio.to_thread.run_sync(known.files):
+            files.append(file)
+            count += max(1, len(file[1][1]) // DIGEST_SIZE)
             if count >= _KNOWN_BATCH_BLOBS:
-                await uploads.offer_known(files, known_hashes, chunk_size)
+                await uploads.offer_known(files, chunk_size)
                 files, count = [], 0
-        await uploads.offer_known(files, known_hashes, chunk_size)
+        await uploads.offer_known(files, chunk_size)
 
     async with trio.open_nursery() as nursery:
         async with receive_up:

@@ -34,6 +34,8 @@ import struct
 import tempfile
 import time
 from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from itertools import accumulate
 from pathlib import Path
 from typing import Final
@@ -122,6 +124,7 @@ class StatCache:
         self._index: dict[str, int] | None = None  # path -> record, built on the first jump
         self._next = 0  # where the next lookup looks first
         self._order: list[list[int] | str] = []  # the runs and the missed paths, in order
+        self._forgotten: set[int] = set()  # found, then not carried over (``forget``)
         self._new: dict[str, tuple[bytes, bytes, bytes]] = {}  # recorded: key, digest, chunks
         self._trusted_before = 0
         self.hits = 0
@@ -170,9 +173,13 @@ class StatCache:
         return cls(cache_dir / f"{name}.stat")
 
     def lookup(self, rel: str, key: StatKey) -> RawHashes | None:
-        """The file's digests as raw bytes, if its stat key is as recorded and not racy (no
-        ``Digest`` object per hit: a re-pack builds its manifest from the raw bytes). A
-        missed file is saved by ``record``, in this lookup's place."""
+        """The file's digests as raw bytes, if its stat key is as recorded and not racy."""
+        i = self.find(rel, key)
+        return None if i is None else self.raw(i)
+
+    def find(self, rel: str, key: StatKey) -> int | None:
+        """The file's record, if its stat key is as recorded and not racy (``raw``: its
+        digests). A missed file is saved by ``record``, in this lookup's place."""
         old = self._old
         i = self._next
         if i >= len(old.paths) or old.paths[i] != rel:
@@ -192,14 +199,79 @@ class StatCache:
         if not same or key[1] >= self._trusted_before:
             self._order.append(rel)
             return None
+        self._hit(i, i + 1)
+        return i
+
+    def find_run(self, paths: list[str], keys: bytes, newest_mtime_ns: int) -> int | None:
+        """The first of the records of ``paths`` (one directory's files, in the order the
+        last walk asked about them) when each is as recorded: the paths and their packed
+        stat keys (``keys``) equal to the saved run's, none racy. Else None, and nothing
+        noted (the walk then asks file by file)."""
+        old, n = self._old, len(paths)
+        i = self._next
+        if old.paths[i : i + n] != paths:
+            if self._index is None:
+                self._index = {p: k for k, p in enumerate(old.paths)}
+            found = self._index.get(paths[0]) if paths else None
+            if found is None or old.paths[found : found + n] != paths:
+                return None
+            i = found
+        if old.keys[_KEY.size * i : _KEY.size * (i + n)] != keys:
+            return None
+        if newest_mtime_ns >= self._trusted_before:
+            return None
+        self._next = i + n
+        self._hit(i, i + n)
+        return i
+
+    def _hit(self, start: int, stop: int) -> None:
         run = self._order[-1] if self._order else None
-        if isinstance(run, list) and run[1] == i:
-            run[1] = i + 1
+        if isinstance(run, list) and run[1] == start:
+            run[1] = stop
         else:
-            self._order.append([i, i + 1])
-        self.hits += 1
-        start = old.ends[i] - old.lengths[i]
-        return old.digests[DIGEST_SIZE * i : DIGEST_SIZE * (i + 1)], old.chunks[start : old.ends[i]]
+            self._order.append([start, stop])
+        self.hits += stop - start
+
+    def raw(self, i: int) -> RawHashes:
+        """Record ``i``'s digest and chunk digests, raw."""
+        old = self._old
+        end = old.ends[i]
+        return old.digests[DIGEST_SIZE * i : DIGEST_SIZE * (i + 1)], old.chunks[
+            end - old.lengths[i] : end
+        ]
+
+    def raw_digest(self, i: int) -> bytes:
+        """Record ``i``'s digest, raw."""
+        return self._old.digests[DIGEST_SIZE * i : DIGEST_SIZE * (i + 1)]
+
+    @property
+    def digest_column(self) -> bytes:
+        """Every record's raw digest, joined: record ``i``'s at ``DIGEST_SIZE * i`` (what a
+        loop over 300k records slices itself, without a call each)."""
+        return self._old.digests
+
+    def blobs(self, records: Iterable[int]) -> set[bytes]:
+        """The blobs of ``records``' files as raw digests: a file's own, or its chunks'."""
+        old, size = self._old, DIGEST_SIZE
+        d, lengths, ends, chunks = old.digests, old.lengths, old.ends, old.chunks
+        out = set()
+        chunked = []
+        for i in records:
+            if lengths[i]:
+                chunked.append(i)
+            else:
+                out.add(d[size * i : size * i + size])
+        for i in chunked:
+            start = ends[i] - lengths[i]
+            out.update(chunks[at : at + size] for at in range(start, ends[i], size))
+        return out
+
+    def forget(self, i: int) -> None:
+        """Record ``i``, found by this pack, is not saved again: its file was hashed anew
+        (a ``.pyc`` rewritten under ``--normalize``), so the manifest this pack stores does
+        not list the record's digest, and a record the last pack's manifest does not list
+        must not be vouched for (``lazycaf.trees.pack`` trusts them to be in the store)."""
+        self._forgotten.add(i)
 
     def record(self, rel: str, key: StatKey, digest: Digest, chunks: tuple[Digest, ...]) -> None:
         self._new[rel] = (_KEY.pack(*key), digest.raw, b"".join(c.raw for c in chunks))
@@ -230,12 +302,29 @@ class StatCache:
         with contextlib.suppress(OSError):  # the JSON file of earlier versions
             self.path.with_suffix(".json").unlink()
 
+    def _saved_order(self) -> Iterator[list[int] | str]:
+        """``_order`` with the forgotten records cut out of its runs."""
+        forgotten = sorted(self._forgotten)
+        for item in self._order:
+            if not forgotten or not isinstance(item, list):
+                yield item
+                continue
+            start, stop = item
+            at = bisect_left(forgotten, start)
+            while at < len(forgotten) and forgotten[at] < stop:
+                if start < forgotten[at]:
+                    yield [start, forgotten[at]]
+                start = forgotten[at] + 1
+                at += 1
+            if start < stop:
+                yield [start, stop]
+
     def _columns(self) -> tuple[str, bytes, bytes, bytes, bytes]:
         old, new = self._old, dict(self._new)
         paths: list[str] = []
         keys, digests, chunks = [], [], []
         lengths = array("Q")
-        for item in self._order:
+        for item in self._saved_order():
             if isinstance(item, list):  # a run of hits: slices of the old columns
                 start, stop = item
                 paths += old.paths[start:stop]

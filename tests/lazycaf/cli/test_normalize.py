@@ -155,3 +155,28 @@ def test_pyc_files_that_record_their_build_dir(tmp_path: Path) -> None:
     assert a["digest"] == b["digest"] and b["blobs_uploaded"] == 0
     pyc = run_cli("cat", a["digest"], "lib/app/__pycache__/core.cpython-311.pyc", "--cas", norm)
     assert marshal.loads(pyc.stdout[16:]).co_filename == "lib/app/core.py"
+
+
+def test_a_pyc_rewritten_once_is_not_vouched_for_by_the_stat_cache_later(tmp_path: Path) -> None:
+    """A ``.pyc`` packed as it is (its source missing), then rewritten (the source back):
+    the stat cache must not carry its first record over, since the manifest of the pack that
+    saved the cache lists the rewritten bytes, not those; a later pack that keeps the ``.pyc``
+    as it is again (source gone, the old blob collected meanwhile) must upload it, not trust
+    the store to hold it."""
+    cas = tmp_path / "cas"
+    env = {"SOURCE_DATE_EPOCH": "1600000000", "LAZYCAF_STATE": str(tmp_path / "state")}
+    tree = build(tmp_path / "build", 1_700_000_000)
+    source, away = tree / "lib/app/core.py", tmp_path / "core.py"
+    pyc = "lib/app/__pycache__/core.cpython-311.pyc"
+    source.rename(away)
+    first = pack_json(tree, cas, "--normalize", "--tag", "app", env=env)
+    assert first["pyc_rewritten"] == PYCS - 1  # the other two
+    away.rename(source)
+    second = pack_json(tree, cas, "--normalize", "--tag", "app", env=env)
+    assert second["pyc_rewritten"] == PYCS
+    run_cli("cas", "gc", "--grace", "0s", "--cas", cas)  # the first pack's .pyc blob goes
+    source.rename(away)
+    third = pack_json(tree, cas, "--normalize", "--tag", "app", env=env)
+    assert third["digest"] == first["digest"] and third["blobs_uploaded"] >= 1
+    data = run_cli("cat", third["digest"], pyc, "--cas", cas).stdout
+    assert data == (tree / pyc).read_bytes()

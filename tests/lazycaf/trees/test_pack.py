@@ -267,13 +267,14 @@ async def test_a_file_changed_since_the_stat_cache_is_refused_not_stored(tmp_pat
     st = target.stat()
     target.write_text("value = 5\n" * 5 + "value = 6\n")  # same size, mtime kept below
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    ctime_kept = StatCache.lookup
+    ctime_kept = StatCache.find
 
-    def lookup(self: StatCache, rel: str, key: StatKey) -> object:
+    def find(self: StatCache, rel: str, key: StatKey) -> object:
         return ctime_kept(self, rel, (key[0], key[1], st.st_ctime_ns, key[3], key[4]))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StatCache, "lookup", lookup)
+        mp.setattr(StatCache, "find_run", lambda *_: None)  # file by file
+        mp.setattr(StatCache, "find", find)
         cas2 = tmp_path / "cas2"
         message = await pack_error(tree, LocalCAS(cas2), stat_cache_dir=state)
     assert "m5.py changed while packing" in message
@@ -286,7 +287,7 @@ async def test_a_file_that_changes_size_is_a_pack_error(tmp_path: Path, grow: bo
     tree = tmp_path / "t"
     tree.mkdir()
     (tree / "f").write_bytes(b"x" * 100)
-    original = packmod.scan_tree
+    original = packmod.walk_tree
 
     def scan_then_change(root: Path, **kw: object) -> object:
         out = original(root, **kw)  # type: ignore[arg-type]
@@ -294,7 +295,7 @@ async def test_a_file_that_changes_size_is_a_pack_error(tmp_path: Path, grow: bo
         return out
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(packmod, "scan_tree", scan_then_change)
+        mp.setattr(packmod, "walk_tree", scan_then_change)
         message = await pack_error(tree, LocalCAS(tmp_path / "cas"))
     assert "changed size while packing" in message
     assert list((tmp_path / "cas" / "refs").iterdir()) == []
@@ -309,7 +310,7 @@ async def test_a_file_gone_while_read_ahead_fails_the_pack_and_leaves_no_descrip
     tree.mkdir()
     for i in range(60):
         (tree / f"m{i:02d}.py").write_bytes(b"x = %d\n" % i * 50)
-    original = packmod.scan_tree
+    original = packmod.walk_tree
 
     def scan_then_remove(root: Path, **kw: object) -> object:
         out = original(root, **kw)  # type: ignore[arg-type]
@@ -318,7 +319,7 @@ async def test_a_file_gone_while_read_ahead_fails_the_pack_and_leaves_no_descrip
 
     before = set(os.listdir("/proc/self/fd"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(packmod, "scan_tree", scan_then_remove)
+        mp.setattr(packmod, "walk_tree", scan_then_remove)
         message = await pack_error(tree, LocalCAS(tmp_path / "cas"))
     assert "m40.py" in message and "cannot read" in message
     assert set(os.listdir("/proc/self/fd")) <= before
@@ -341,16 +342,16 @@ async def test_hashing_runs_in_threads_not_on_the_event_loop(tmp_path: Path) -> 
 
 
 async def test_names_that_sort_below_a_slash_come_out_in_manifest_order(tmp_path: Path) -> None:
-    """The walk goes depth first with each directory's names in order, so ``a/x`` comes
-    before ``a.y`` there while the manifest sorts ``a.y`` ("." < "/") first; the first path
-    of a hard-link group in manifest order is the file, the others link to it."""
+    """A directory's contents come after its siblings that sort below ``name/`` (``a.y``
+    before ``a/x``: "." < "/"), and ``x.y``'s before ``x``'s though ``x`` sorts first; the
+    first path of a hard-link group in manifest order is the file, the others link to it."""
     tree = tmp_path / "t"
-    for rel in ("a/x", "a/b/c", "a-1/z", "a0", "b/a"):
+    for rel in ("a/x", "a/b/c", "a-1/z", "a0", "b/a", "x/1", "x.y/2", "x!/3", "x.y.z", "x/0/d/e"):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_text(rel)
     os.link(tree / "a/x", tree / "a.y")  # the walk meets a/x first, the manifest a.y
     os.symlink("a/x", tree / "a-l")
-    walked = [s.path for s in packmod.scan_tree(tree)[1]]
+    walked = packmod.walk_tree(tree).paths
     expected = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
     assert walked == expected and walked.index("a.y") < walked.index("a/x")
     result = await pack(tree, LocalCAS(tmp_path / "cas"), chunk_size=CS)

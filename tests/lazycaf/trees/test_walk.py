@@ -1,0 +1,142 @@
+"""Tests for lazycaf.trees.walk: a tree's entries as columns in manifest order, the stat
+cache asked a directory at a time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lazycaf.cas.local import LocalCAS
+from lazycaf.core.digest import Digest
+from lazycaf.core.errors import PackError
+from lazycaf.core.manifest import DIR, FILE, HARDLINK, SYMLINK
+from lazycaf.trees.pack import pack
+from lazycaf.trees.statcache import StatCache
+from lazycaf.trees.walk import walk_tree
+
+CS = 64 << 10
+OLD_NS = 1_600_000_000 * 10**9  # far from racy: the stat cache trusts these files
+
+
+def old_tree(root: Path, dirs: int = 3, files: int = 5) -> Path:
+    for d in range(dirs):
+        for f in range(files):
+            p = root / f"d{d}" / f"m{f}.py"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(f"# {d} {f}\n")
+            os.utime(p, ns=(OLD_NS, OLD_NS))
+    return root
+
+
+class Counting(StatCache):
+    """Counts the stat cache's answers: runs (a directory at once) and single files."""
+
+    runs = 0
+    singles = 0
+
+    def find_run(self, paths: list[str], keys: bytes, newest_mtime_ns: int) -> int | None:
+        found = super().find_run(paths, keys, newest_mtime_ns)
+        self.runs += found is not None
+        return found
+
+    def find(self, rel: str, key: tuple[int, int, int, int, int]) -> int | None:
+        self.singles += 1
+        return super().find(rel, key)
+
+
+def check_found(root: Path, walked_paths: list[str], found: list[int], cache: StatCache) -> None:
+    for path, at in zip(walked_paths, found, strict=True):
+        if at >= 0:
+            assert cache.raw_digest(at) == Digest.of((root / path).read_bytes()).raw, path
+
+
+async def test_an_unchanged_directory_is_one_run_an_edited_one_file_by_file(
+    tmp_path: Path,
+) -> None:
+    tree = old_tree(tmp_path / "t")
+    state = tmp_path / "state"
+    await pack(tree, LocalCAS(tmp_path / "cas"), chunk_size=CS, stat_cache_dir=state)
+    (tree / "d1" / "m2.py").write_text("# edited\n")
+    cache = Counting(StatCache.for_tree(state, tree, CS).path)
+    walked = walk_tree(tree, statcache=cache)
+    assert (cache.runs, cache.singles, cache.hits) == (2, 5, 14)
+    assert [walked.paths[i] for i in walked.unvouched] == ["d1/m2.py"]
+    check_found(tree, walked.paths, list(walked.found), cache)
+    # a file added: its directory's run no longer matches, the others' still do
+    (tree / "d2" / "m9.py").write_text("new\n")
+    cache = Counting(StatCache.for_tree(state, tree, CS).path)
+    walked = walk_tree(tree, statcache=cache)
+    assert (cache.runs, cache.hits) == (1, 5 + 4 + 5)  # d0 a run; d1 and d2 file by file
+    assert sorted(walked.paths[i] for i in walked.unvouched) == ["d1/m2.py", "d2/m9.py"]
+    check_found(tree, walked.paths, list(walked.found), cache)
+
+
+async def test_runs_are_saved_so_the_next_walk_finds_each_at_the_next_position(
+    tmp_path: Path,
+) -> None:
+    """After a re-pack that edited a file, the saved records are in the walk's order again:
+    the next walk matches every directory as a run without a dict of the paths."""
+    tree = old_tree(tmp_path / "t")
+    state = tmp_path / "state"
+    cas = LocalCAS(tmp_path / "cas")
+    await pack(tree, cas, chunk_size=CS, stat_cache_dir=state)
+    edited = tree / "d0" / "m4.py"
+    edited.write_text("# edited\n")
+    os.utime(edited, ns=(OLD_NS + 1, OLD_NS + 1))
+    await pack(tree, cas, chunk_size=CS, stat_cache_dir=state)
+    cache = Counting(StatCache.for_tree(state, tree, CS).path)
+    walked = walk_tree(tree, statcache=cache)
+    assert (cache.runs, cache.singles, cache.hits) == (3, 0, 15)
+    assert cache._index is None  # never jumped
+    check_found(tree, walked.paths, list(walked.found), cache)
+
+
+def test_columns_hold_each_kind_as_the_manifest_does(tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    (tree / "lib").mkdir(parents=True)
+    (tree / "lib" / "a.so").write_bytes(b"x" * 100)
+    os.link(tree / "lib" / "a.so", tree / "lib" / "b.so")
+    os.symlink("a.so", tree / "lib" / "c.so")
+    (tree / "run").write_text("#!/bin/sh\n")
+    (tree / "run").chmod(0o4755)  # setuid: dropped unless kept
+    (tree / "empty").mkdir()
+    walked = walk_tree(tree)
+    rows = list(zip(walked.paths, walked.kinds, walked.modes, walked.sizes, strict=True))
+    assert rows == [
+        ("empty", DIR, 0o755, 0),
+        ("lib", DIR, 0o755, 0),
+        ("lib/a.so", FILE, 0o644, 100),
+        ("lib/b.so", HARDLINK, 0, 0),
+        ("lib/c.so", SYMLINK, 0, 4),
+        ("run", FILE, 0o755, 10),
+    ]
+    assert walked.targets == ["lib/a.so", "a.so"]
+    assert walk_tree(tree, keep_setid=True).modes[-1] == 0o4755
+    assert walked.mtimes[3] == 0 and list(walked.found) == [-1] * 6
+
+
+def test_a_path_as_long_as_a_manifest_holds_walks_below_an_open_root(tmp_path: Path) -> None:
+    """Directories are opened relative to the root's descriptor: a path of 4,017 bytes
+    below a root whose own path is longer than the rest of PATH_MAX walks; one of 4,096
+    bytes is refused naming its length."""
+    tree = tmp_path / "t"
+    tree.mkdir()
+    name = "n" * 250
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(16):  # by descriptor: the whole path is past what a syscall takes
+            os.mkdir(name, dir_fd=fd)
+            fd, parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(parent)
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        walked = walk_tree(tree)
+        deep = "/".join([name] * 16)
+        assert walked.paths[-1] == f"{deep}/f" and len(walked.paths[-1]) == 4017
+        assert walked.kinds == [DIR] * 16 + [FILE]
+        os.close(os.open("x" * 80, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))  # 4,096 bytes
+        with pytest.raises(PackError, match=r"is 4096 bytes long \(a manifest holds at most 4095"):
+            walk_tree(tree)
+    finally:
+        os.close(fd)
