@@ -35,7 +35,7 @@ import tempfile
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import accumulate
 from pathlib import Path
 from typing import Final
@@ -250,20 +250,14 @@ class StatCache:
         loop over 300k records slices itself, without a call each)."""
         return self._old.digests
 
-    def blobs(self, records: Iterable[int]) -> set[bytes]:
+    def blobs(self, records: list[int]) -> set[bytes]:
         """The blobs of ``records``' files as raw digests: a file's own, or its chunks'."""
-        old, size = self._old, DIGEST_SIZE
+        old, n = self._old, DIGEST_SIZE
         d, lengths, ends, chunks = old.digests, old.lengths, old.ends, old.chunks
-        out = set()
-        chunked = []
-        for i in records:
-            if lengths[i]:
-                chunked.append(i)
-            else:
-                out.add(d[size * i : size * i + size])
-        for i in chunked:
-            start = ends[i] - lengths[i]
-            out.update(chunks[at : at + size] for at in range(start, ends[i], size))
+        out = {d[n * i : n * i + n] for i in records}
+        for i in [i for i in records if lengths[i]] if chunks else []:
+            out.discard(d[n * i : n * i + n])  # a chunked file's own digest is no blob
+            out.update(chunks[at : at + n] for at in range(ends[i] - lengths[i], ends[i], n))
         return out
 
     def forget(self, i: int) -> None:

@@ -1,7 +1,7 @@
 """The walk of a tree to pack: every entry as the manifest will hold it, one column per
 attribute, and the stat cache asked a directory at a time.
 
-A directory is read whole (``os.scandir`` on its descriptor, so each ``lstat`` names the
+A directory is read whole (``os.listdir`` on its descriptor, so each ``lstat`` names the
 entry relative to it), its entries made into columns with one comprehension per attribute,
 and its files looked up in the stat cache as one run (``StatCache.find_run``: the run of
 records the last walk saved for this directory, its paths and stat keys compared as two
@@ -31,10 +31,10 @@ from lazycaf.trees.statcache import StatCache, StatKey
 __all__ = ["Scanned", "Walked", "walk_tree"]
 
 _OPEN_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_KIND: Final[list[str | None]] = [None] * 16  # a mode's type bits (mode >> 12) -> its kind
+_KIND: Final = [""] * 16  # a mode's type bits (mode >> 12) -> its kind ("": refused)
 _KIND[stat.S_IFREG >> 12], _KIND[stat.S_IFDIR >> 12], _KIND[stat.S_IFLNK >> 12] = FILE, DIR, SYMLINK
 _KEY: Final = struct.Struct("<QqqQQ")  # the stat cache's packed key
-_NAME: Final = attrgetter("name")
+_REGULAR: Final = stat.S_IFREG >> 12
 _NLINK: Final = attrgetter("st_nlink")
 _NOT_UTF8: Final = "name is not valid UTF-8"
 
@@ -188,24 +188,23 @@ class _Reader:
             raise PackError(f"cannot read directory {self._shown(rel)}: {exc.strerror}") from exc
         try:
             try:
-                with os.scandir(fd) as it:
-                    entries = sorted(it, key=_NAME)
+                names = sorted(os.listdir(fd))
             except OSError as exc:
                 raise PackError(
                     f"cannot read directory {self._shown(rel)}: {exc.strerror}"
                 ) from exc
             prefix = f"{rel}/" if rel else ""
-            names = [e.name for e in entries]
             paths = [prefix + n for n in names]
             if names and (
                 not "".join(names).isascii() or len(prefix) + max(map(len, names)) > PATH_MAX
             ):
                 for p in paths:  # else each is valid UTF-8 of len(p) bytes
                     self._check_path(p)
+            lstat = os.stat
             try:
-                sts = [e.stat(follow_symlinks=False) for e in entries]
+                sts = [lstat(n, dir_fd=fd, follow_symlinks=False) for n in names]
             except OSError:
-                sts = [self._stat(e, p) for e, p in zip(entries, paths, strict=True)]
+                sts = [self._stat(fd, n, p) for n, p in zip(names, paths, strict=True)]
             return self._columns(fd, paths, names, sts)
         finally:
             os.close(fd)
@@ -214,15 +213,19 @@ class _Reader:
         self, fd: int, paths: list[str], names: list[str], sts: list[os.stat_result]
     ) -> _Dir:
         raw_modes = [st.st_mode for st in sts]
-        kinds = [_KIND[m >> 12] for m in raw_modes]
+        n = len(paths)
+        types = [m >> 12 for m in raw_modes]
+        if types.count(_REGULAR) == n:  # every entry a file (most directories of a big tree)
+            kinds, others = [FILE] * n, []
+        else:
+            kinds = [_KIND[t] for t in types]
+            others = [i for i, k in enumerate(kinds) if k != FILE]
         mask = self.mask
         modes = [m & mask for m in raw_modes]
         mtimes = [st.st_mtime_ns for st in sts]
         sizes = [st.st_size for st in sts]
-        n = len(paths)
         extra: list[_Extra] = [None] * n
         subdirs: list[int] = []
-        others = [i for i, k in enumerate(kinds) if k != FILE]
         for i in others:
             kind = kinds[i]
             if kind == DIR:
@@ -234,7 +237,7 @@ class _Reader:
             else:
                 self._refuse(paths[i], raw_modes[i])
         found = [-1] * n
-        if not others:  # every entry a file (most directories of a big tree)
+        if not others:
             if n:
                 found = self._lookup(paths, sts, mtimes, sizes, extra) or found
         elif files := [i for i, k in enumerate(kinds) if k == FILE]:
@@ -255,7 +258,7 @@ class _Reader:
             after = sorted((names[i] + "/", paths[i]) for i in subdirs)
             cuts = [(bisect_left(names, key), path) for key, path in after]
         cuts.append((n, None))
-        return _Dir(paths, kinds, modes, mtimes, sizes, found, extra, cuts)  # type: ignore[arg-type]
+        return _Dir(paths, kinds, modes, mtimes, sizes, found, extra, cuts)
 
     def _lookup(
         self,
@@ -297,9 +300,9 @@ class _Reader:
                 found[j] = at
         return found
 
-    def _stat(self, entry: os.DirEntry[str], rel: str) -> os.stat_result:
+    def _stat(self, fd: int, name: str, rel: str) -> os.stat_result:
         try:
-            return entry.stat(follow_symlinks=False)
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
         except OSError as exc:
             raise PackError(f"cannot stat {self._shown(rel)}: {exc.strerror}") from exc
 
