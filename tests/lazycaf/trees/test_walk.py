@@ -4,6 +4,7 @@ cache asked a directory at a time."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,25 @@ async def test_runs_are_saved_so_the_next_walk_finds_each_at_the_next_position(
     walked = walk_tree(tree, statcache=cache)
     assert (cache.runs, cache.singles, cache.hits) == (3, 0, 15)
     assert cache._index is None  # never jumped
+    check_found(tree, walked.paths, list(walked.found), cache)
+
+
+async def test_a_racy_file_is_hashed_again_its_directory_asked_file_by_file(
+    tmp_path: Path,
+) -> None:
+    """A file modified within the racy window of the cache's save may have changed in the
+    same timestamp tick: the run of its directory does not match, the file is not vouched
+    for, its siblings are."""
+    tree = old_tree(tmp_path / "t")
+    racy = tree / "d1" / "m3.py"
+    now = time.time_ns()
+    os.utime(racy, ns=(now, now))
+    state = tmp_path / "state"
+    await pack(tree, LocalCAS(tmp_path / "cas"), chunk_size=CS, stat_cache_dir=state)
+    cache = Counting(StatCache.for_tree(state, tree, CS).path)
+    walked = walk_tree(tree, statcache=cache)
+    assert (cache.runs, cache.singles, cache.hits) == (2, 5, 14)
+    assert [walked.paths[i] for i in walked.unvouched] == ["d1/m3.py"]
     check_found(tree, walked.paths, list(walked.found), cache)
 
 
