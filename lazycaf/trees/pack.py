@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from operator import attrgetter
 from pathlib import Path
-from typing import Final, NamedTuple, NoReturn
+from typing import Final, NamedTuple
 
 import trio
 
@@ -429,8 +429,14 @@ def encode_manifest(
         [column[n * j : n * j + n] if (j := found[i]) >= 0 else hashed[paths[i]][0] for i in files]
     )
     chunked = [i for i in files if lengths[i] > chunk_size]
-    raw = _no_record if statcache is None else statcache.raw
-    chunks = b"".join([raw(j)[1] if (j := found[i]) >= 0 else hashed[paths[i]][1] for i in chunked])
+
+    def recorded_chunks(j: int) -> bytes:
+        assert statcache is not None  # a record found only where a stat cache vouched
+        return statcache.raw(j)[1]
+
+    chunks = b"".join(
+        [recorded_chunks(j) if (j := found[i]) >= 0 else hashed[paths[i]][1] for i in chunked]
+    )
     mask = 0o7777 if keep_setid else 0o1777
     root_st = walked.root_st
     return encode_columns(
@@ -446,10 +452,6 @@ def encode_manifest(
         digests,
         chunks,
     )
-
-
-def _no_record(i: int) -> NoReturn:
-    raise AssertionError(f"stat-cache record {i} without a stat cache")
 
 
 class _Known:

@@ -43,7 +43,7 @@ from typing import Final
 from lazycaf.core.digest import DIGEST_SIZE, Digest
 from lazycaf.core.lenumbers import from_le, to_le
 
-__all__ = ["RawHashes", "StatCache", "StatKey", "default_stat_cache_dir"]
+__all__ = ["RawHashes", "StatCache", "StatKey", "default_stat_cache_dir", "pack_keys"]
 
 StatKey = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, ino, dev
 RawHashes = tuple[bytes, bytes]  # raw digest, raw chunk digests joined (b"": one blob)
@@ -53,6 +53,14 @@ _RACY_NS: Final = 2_000_000_000
 _MAGIC: Final = b"LZCAFSTAT4\n"
 _MAGIC_V3: Final = b"LZCAFSTAT3\n"  # {path: (key, digest, chunks)} and last_pack
 _MAGIC_V2: Final = b"LZCAFSTAT2\n"  # the same without last_pack
+
+
+def pack_keys(
+    sizes: list[int], mtimes: list[int], ctimes: list[int], inos: list[int], devs: list[int]
+) -> bytes:
+    """Stat keys given as columns, packed as the cache stores them (what ``find_run``
+    compares); ``struct.error`` for a value no key can hold."""
+    return b"".join(map(_KEY.pack, sizes, mtimes, ctimes, inos, devs))
 
 
 def default_stat_cache_dir() -> Path:
@@ -183,9 +191,7 @@ class StatCache:
         old = self._old
         i = self._next
         if i >= len(old.paths) or old.paths[i] != rel:
-            if self._index is None:
-                self._index = {p: k for k, p in enumerate(old.paths)}
-            found = self._index.get(rel)
+            found = self._position(rel)
             if found is None:
                 self._order.append(rel)
                 return None
@@ -210,9 +216,7 @@ class StatCache:
         old, n = self._old, len(paths)
         i = self._next
         if old.paths[i : i + n] != paths:
-            if self._index is None:
-                self._index = {p: k for k, p in enumerate(old.paths)}
-            found = self._index.get(paths[0]) if paths else None
+            found = self._position(paths[0]) if paths else None
             if found is None or old.paths[found : found + n] != paths:
                 return None
             i = found
@@ -223,6 +227,13 @@ class StatCache:
         self._next = i + n
         self._hit(i, i + n)
         return i
+
+    def _position(self, rel: str) -> int | None:
+        """Where ``rel``'s record is, when it is not at the next position (a dict of the
+        paths, built on the first such jump)."""
+        if self._index is None:
+            self._index = {p: k for k, p in enumerate(self._old.paths)}
+        return self._index.get(rel)
 
     def _hit(self, start: int, stop: int) -> None:
         run = self._order[-1] if self._order else None
@@ -236,9 +247,7 @@ class StatCache:
         """Record ``i``'s digest and chunk digests, raw."""
         old = self._old
         end = old.ends[i]
-        return old.digests[DIGEST_SIZE * i : DIGEST_SIZE * (i + 1)], old.chunks[
-            end - old.lengths[i] : end
-        ]
+        return self.raw_digest(i), old.chunks[end - old.lengths[i] : end]
 
     def raw_digest(self, i: int) -> bytes:
         """Record ``i``'s digest, raw."""

@@ -26,14 +26,13 @@ from typing import Final, NamedTuple
 
 from lazycaf.core.errors import PackError
 from lazycaf.core.manifest import DIR, FILE, HARDLINK, PATH_MAX, SYMLINK
-from lazycaf.trees.statcache import StatCache, StatKey
+from lazycaf.trees.statcache import StatCache, StatKey, pack_keys
 
 __all__ = ["Scanned", "Walked", "walk_tree"]
 
 _OPEN_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KIND: Final = [""] * 16  # a mode's type bits (mode >> 12) -> its kind ("": refused)
 _KIND[stat.S_IFREG >> 12], _KIND[stat.S_IFDIR >> 12], _KIND[stat.S_IFLNK >> 12] = FILE, DIR, SYMLINK
-_KEY: Final = struct.Struct("<QqqQQ")  # the stat cache's packed key
 _REGULAR: Final = stat.S_IFREG >> 12
 _NLINK: Final = attrgetter("st_nlink")
 _NOT_UTF8: Final = "name is not valid UTF-8"
@@ -279,7 +278,7 @@ class _Reader:
         multi = max(map(_NLINK, sts)) > 1
         if cache is not None and not multi:
             try:
-                packed = b"".join(map(_KEY.pack, sizes, mtimes, ctimes, inos, devs))
+                packed = pack_keys(sizes, mtimes, ctimes, inos, devs)
             except struct.error:  # no stat gives such a key: asked file by file, missed
                 packed = b""
             run = cache.find_run(paths, packed, max(mtimes)) if packed else None
