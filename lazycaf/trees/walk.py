@@ -34,6 +34,8 @@ _OPEN_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KIND: Final = [""] * 16  # a mode's type bits (mode >> 12) -> its kind ("": refused)
 _KIND[stat.S_IFREG >> 12], _KIND[stat.S_IFDIR >> 12], _KIND[stat.S_IFLNK >> 12] = FILE, DIR, SYMLINK
 _REGULAR: Final = stat.S_IFREG >> 12
+_I64_MIN: Final = -(1 << 63)  # the manifest's mtimes: signed 64-bit ns
+_I64_MAX: Final = (1 << 63) - 1
 _NLINK: Final = attrgetter("st_nlink")
 _NOT_UTF8: Final = "name is not valid UTF-8"
 
@@ -85,11 +87,13 @@ class Walked:
 
 
 _Extra = str | tuple[StatKey, tuple[int, int] | None] | None
+_Identity = tuple[int, int]  # a directory's (st_dev, st_ino)
 
 
 class _Dir(NamedTuple):
     """One directory read: its entries' columns in name order; ``cuts``: where each piece of
-    it ends and the subdirectory whose contents follow that piece (None: the last)."""
+    it ends and the subdirectory whose contents follow that piece, with the (device, inode)
+    its listing showed (None: the last piece)."""
 
     paths: list[str]
     kinds: list[str]
@@ -98,7 +102,7 @@ class _Dir(NamedTuple):
     sizes: list[int]
     found: list[int]
     extra: list[_Extra]  # a symlink's target, a file's (key, inode) where found is -1
-    cuts: list[tuple[int, str | None]]
+    cuts: list[tuple[int, tuple[str, _Identity] | None]]
 
 
 def walk_tree(
@@ -118,7 +122,8 @@ def walk_tree(
     out = Walked(root_st, [], [], array("H"), array("q"), array("Q"), [], array("q"), {})
     extra: list[_Extra] = []
     try:
-        stack = [(reader.read(""), 0, 0)]  # a directory, its next cut, where its piece starts
+        top = ("", (root_st.st_dev, root_st.st_ino))
+        stack = [(reader.read(*top), 0, 0)]  # a directory, its next cut, where its piece starts
         while stack:
             d, k, start = stack[-1]
             if k == len(d.cuts):
@@ -128,7 +133,7 @@ def walk_tree(
             stack[-1] = (d, k + 1, end)
             _append(out, extra, d, start, end)
             if sub is not None:
-                stack.append((reader.read(sub), 0, 0))
+                stack.append((reader.read(*sub), 0, 0))
     finally:
         os.close(reader.root_fd)
     _resolve_links(out, extra, statcache)
@@ -180,12 +185,21 @@ class _Reader:
         except OSError as exc:
             raise PackError(f"cannot read directory {root}: {exc.strerror}") from exc
 
-    def read(self, rel: str) -> _Dir:
+    def read(self, rel: str, listed: _Identity) -> _Dir:
+        """Directory ``rel``, which must be the directory its parent listed (``listed``):
+        it is opened by its path below the root, and ``O_NOFOLLOW`` guards only the last
+        name, so a parent swapped for a symlink meanwhile would lead outside the tree."""
         try:
             fd = os.open(rel or ".", _OPEN_DIR, dir_fd=self.root_fd)
         except OSError as exc:
             raise PackError(f"cannot read directory {self._shown(rel)}: {exc.strerror}") from exc
         try:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != listed:
+                raise PackError(
+                    f"cannot pack {self._shown(rel)}: it was replaced while packing "
+                    "(moved, or a directory above it swapped for a link)"
+                )
             try:
                 names = sorted(os.listdir(fd))
             except OSError as exc:
@@ -222,6 +236,12 @@ class _Reader:
         mask = self.mask
         modes = [m & mask for m in raw_modes]
         mtimes = [st.st_mtime_ns for st in sts]
+        if mtimes and (min(mtimes) < _I64_MIN or max(mtimes) > _I64_MAX):
+            bad = next(i for i, t in enumerate(mtimes) if not _I64_MIN <= t <= _I64_MAX)
+            raise PackError(
+                f"cannot pack {self._shown(paths[bad])}: its mtime is outside what a manifest "
+                "holds (nanoseconds in 64 bits: the years 1677 to 2262)"
+            )
         sizes = [st.st_size for st in sts]
         extra: list[_Extra] = [None] * n
         subdirs: list[int] = []
@@ -252,10 +272,12 @@ class _Reader:
                 extra[i] = f_extra[j]
                 if f_found is not None:
                     found[i] = f_found[j]
-        cuts: list[tuple[int, str | None]] = []
+        cuts: list[tuple[int, tuple[str, _Identity] | None]] = []
         if subdirs:  # a subdirectory's contents follow its siblings that sort below "name/"
-            after = sorted((names[i] + "/", paths[i]) for i in subdirs)
-            cuts = [(bisect_left(names, key), path) for key, path in after]
+            after = sorted(
+                (names[i] + "/", paths[i], (sts[i].st_dev, sts[i].st_ino)) for i in subdirs
+            )
+            cuts = [(bisect_left(names, key), (path, listed)) for key, path, listed in after]
         cuts.append((n, None))
         return _Dir(paths, kinds, modes, mtimes, sizes, found, extra, cuts)
 

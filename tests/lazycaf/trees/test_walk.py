@@ -13,6 +13,7 @@ from lazycaf.cas.local import LocalCAS
 from lazycaf.core.digest import Digest
 from lazycaf.core.errors import PackError
 from lazycaf.core.manifest import DIR, FILE, HARDLINK, SYMLINK
+from lazycaf.trees import walk as walkmod
 from lazycaf.trees.pack import pack
 from lazycaf.trees.statcache import StatCache
 from lazycaf.trees.walk import walk_tree
@@ -160,3 +161,39 @@ def test_a_path_as_long_as_a_manifest_holds_walks_below_an_open_root(tmp_path: P
             walk_tree(tree)
     finally:
         os.close(fd)
+
+
+def test_a_directory_swapped_for_a_link_while_walking_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``a`` is listed, then swapped for a symlink to a tree outside before ``a/b`` is
+    opened (by its path below the root: ``O_NOFOLLOW`` guards only ``b``): the walk sees that
+    ``a/b`` is not the directory ``a`` listed and stops, packing nothing from outside."""
+    tree = tmp_path / "t"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "f").write_text("inside")
+    outside = tmp_path / "outside"
+    (outside / "b").mkdir(parents=True)
+    (outside / "b" / "SECRET").write_text("outside")
+    original = walkmod._Reader.read
+
+    def read(self: walkmod._Reader, rel: str, listed: tuple[int, int]) -> object:
+        listing = original(self, rel, listed)
+        if rel == "a":
+            os.rename(tree / "a", tmp_path / "a-away")
+            os.symlink(outside, tree / "a")
+        return listing
+
+    monkeypatch.setattr(walkmod._Reader, "read", read)
+    with pytest.raises(PackError, match=r"t/a/b: it was replaced while packing"):
+        walk_tree(tree)
+
+
+def test_an_mtime_a_manifest_cannot_hold_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "future").write_text("x")
+    os.utime(tree / "future", ns=(0, 2**63 + 10**18))  # the year 2293: ext4 holds it
+    assert os.stat(tree / "future").st_mtime_ns > 2**63 - 1
+    with pytest.raises(PackError, match=r"t/future: its mtime is outside what a manifest holds"):
+        walk_tree(tree)
