@@ -1,3 +1,3 @@
-from lazycaf.cli.main import console_main
+from lazycaf.cli.entry import console_main
 
 console_main()

@@ -228,19 +228,24 @@ class BlobCache:
     def path(self, digest: Digest) -> Path:
         return self.layout.blob(digest)
 
-    def warm(self, digests: list[Digest]) -> None:
+    def warm(self, digests: list[Digest]) -> list[Digest]:
         """Ask the kernel to read these blob files into the page cache, in this order
-        (``POSIX_FADV_WILLNEED``: reads are queued, not waited for). Blocking: call it in a
-        thread. A blob evicted meanwhile is skipped."""
+        (``POSIX_FADV_WILLNEED``: reads are queued, not waited for); returns those whose
+        files are gone. Blocking: call it in a thread."""
+        gone: list[Digest] = []
         for digest in digests:
             try:
                 fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                gone.append(digest)
+                continue
             except OSError:
                 continue
             try:
                 will_need(fd)
             finally:
                 os.close(fd)
+        return gone
 
     def has(self, digest: Digest) -> bool:
         return digest in self.index and self.path(digest).exists()

@@ -5,7 +5,7 @@ Mounts add digests in their profile's hot-set order; workers take them first in,
 a few at a time (8; with peers 8 per peer up to 64, since a group is split by home peer and
 every request has its own cost), and fetch each group with one request per source
 (``FetchService.fetch_many``), which uses its own download slots and connections. A digest
-in flight (a read got to it first) is skipped, one already cached is warmed (below).
+in flight (a read got to it first) is skipped, one the cache's index lists is warmed (below).
 Failures are logged and dropped: a later read fetches on demand.
 
 Blobs of a hot set that are cached already are read into the page cache in the same order
@@ -73,7 +73,7 @@ class PrefetchQueue:
         for d in digests:
             if d in self._queue or self.service.in_flight(d):
                 continue
-            if self.service.is_cached(d):
+            if self.service.indexed(d):
                 cached.append(d)
                 continue
             self._queue[d] = None
@@ -83,6 +83,14 @@ class PrefetchQueue:
         if cached and self._nursery is not None:
             self._nursery.start_soon(self._warm, cached)
         return added
+
+    def _requeue(self, gone: list[Digest]) -> None:
+        """Queue blobs the index lists whose files ``_warm`` did not find."""
+        for d in gone:
+            if d not in self._queue and not self.service.in_flight(d):
+                self._queue[d] = None
+        self.service.queued = len(self._queue)
+        self._wakeup.set()
 
     def add_bundle(self, parts: list[tuple[Digest, list[Digest]]]) -> int:
         """Queue the blobs of a bundle's parts (``lazycaf.cas.bundle``; each part with the
@@ -102,7 +110,7 @@ class PrefetchQueue:
                 if d in seen or d in self._queue or self.service.in_flight(d):
                     continue
                 seen.add(d)
-                if self.service.is_cached(d):
+                if self.service.indexed(d):
                     cached.append(d)
                 else:
                     mine.append(d)
@@ -118,8 +126,10 @@ class PrefetchQueue:
         return queued
 
     async def _warm(self, digests: list[Digest]) -> None:
-        """Cached blobs of a hot set: into the page cache, in order, ahead of the run."""
-        await trio.to_thread.run_sync(self.service.cache.warm, digests)
+        """Cached blobs of a hot set: into the page cache, in order, ahead of the run; those
+        whose files are gone are fetched after all."""
+        if gone := await trio.to_thread.run_sync(self.service.cache.warm, digests):
+            self._requeue(gone)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

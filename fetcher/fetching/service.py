@@ -272,6 +272,15 @@ class FetchService:
     def is_cached(self, digest: Digest) -> bool:
         return self._cached_size(digest) is not None
 
+    def indexed(self, digest: Digest) -> bool:
+        """The cache's index lists the blob: what prefetch goes by. A memory-mapped lookup
+        and no ``stat``: a hot set's 1,220 blob files take 36 ms to ``stat`` from a cold page
+        cache, on the loop, before a mount may answer its first read. The file may be gone
+        (evicted between its unlink and its index entry's removal, or removed by hand): a
+        read then fetches it on demand (``ensure`` stats), and a prefetch's warm pass, which
+        opens every file anyway, queues it (``PrefetchQueue``)."""
+        return digest in self.cache.index
+
     def in_flight(self, digest: Digest) -> bool:
         return (digest, False) in self._flights or (digest, True) in self._flights
 

@@ -1,7 +1,8 @@
 """The ``lazycaf`` command line: ``main(argv) -> int`` and one module per command group.
 
-``main`` (the parser, error-to-exit-code mapping; standard library only at import time so a
-``lazycaf mount`` can reach the zygote fast), ``store`` (pack, ls, cat, diff, cas serve),
+``entry`` (the command's entry point: a background mount to the zygote before ``main`` is
+imported), ``main`` (the parser, error-to-exit-code mapping; standard library only at import
+time), ``store`` (pack, ls, cat, diff, cas serve),
 ``storeadmin`` (cas gc, ref ls, ref rm),
 ``host`` (mount, umount, stats, fetcher, materialize), ``cache`` (cache status, gc, pin),
 ``peers`` (affinity), ``profile`` (profile show, save), ``run`` (run, profile record),

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from lazycaf.core.errors import UsageError
+from lazycaf.host.paths import CONFIG_ENV, CONFIG_SEARCH_PATH
 
 __all__ = [
     "CONFIG_ENV",
@@ -58,8 +59,7 @@ __all__ = [
     "without_config",
 ]
 
-CONFIG_ENV: Final = "LAZYCAF_CONFIG"
-SEARCH_PATH: Final = ("~/.config/lazycaf/config.toml", "/etc/lazycaf/config.toml")
+SEARCH_PATH: Final = CONFIG_SEARCH_PATH
 SHARED_KEYS: Final = frozenset({"cas", "cacert", "cache", "socket"})
 ENV_OPTIONS: Final = {"cas": "LAZYCAF_CAS", "cache": "LAZYCAF_CACHE", "cacert": "SSL_CERT_FILE"}
 # every other command's table: its words joined by "-"

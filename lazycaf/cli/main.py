@@ -23,7 +23,7 @@ from lazycaf.core.chunking import DEFAULT_CHUNK_SIZE
 from lazycaf.core.errors import LazyCafError, first_error
 from lazycaf.host.defaults import FETCH_TIMEOUT, PEER_TIMEOUT
 
-__all__ = ["console_main", "main"]
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -612,7 +612,3 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     except BrokenPipeError:
         return 141
-
-
-def console_main() -> None:
-    sys.exit(main())

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from lazycaf.core.digest import Digest
 
 __all__ = [
+    "CONFIG_ENV",
+    "CONFIG_SEARCH_PATH",
     "NO_ZYGOTE_ENV",
     "CacheLayout",
     "cache_paths",
@@ -27,6 +29,8 @@ __all__ = [
 ]
 
 NO_ZYGOTE_ENV = "LAZYCAF_NO_ZYGOTE"
+CONFIG_ENV = "LAZYCAF_CONFIG"  # the config file (``lazycaf.cli.config``), else the first of:
+CONFIG_SEARCH_PATH = ("~/.config/lazycaf/config.toml", "/etc/lazycaf/config.toml")
 
 
 def default_cache_dir() -> Path:

@@ -151,6 +151,23 @@ async def test_prefetch_queues_and_fetches_in_the_background(tmp_path: Path) -> 
         assert (await d.client.stats())["misses"] == 0
 
 
+async def test_prefetch_goes_by_the_index_and_fetches_a_listed_blob_whose_file_is_gone(
+    tmp_path: Path,
+) -> None:
+    """Prefetch asks the index alone (no ``stat`` per blob on the daemon's loop); the warm
+    pass, which opens every listed file anyway, fetches one removed behind the index."""
+    async with daemon(tmp_path) as d:
+        for x in DIGESTS[:2]:
+            await d.client.ensure(x)
+        d.cache.path(DIGESTS[0]).unlink()  # the index still lists it
+        assert await d.client.prefetch(DIGESTS[:3]) == 1  # only the one the index lacks
+        await wait_for_async(
+            lambda: all(d.cache.has(x) for x in DIGESTS[:3]), "the gone blob fetched again"
+        )
+        assert d.cache.path(DIGESTS[0]).read_bytes() == BLOBS[0]
+        assert (await d.client.stats())["prefetched"] == 2
+
+
 async def test_holds_and_pins_of_an_executable(tmp_path: Path) -> None:
     async with daemon(tmp_path) as d:
         await d.client.ensure(d.manifest)

@@ -116,6 +116,30 @@ def test_mounts_go_through_the_zygote_and_behave_the_same(host: Host, tmp_path: 
     wait_for(lambda: not _zygote_pids(path) and not path.exists(), "the zygote to stop")
 
 
+def test_a_zygote_mount_imports_neither_the_parsers_nor_the_config_reader(
+    host: Host, tmp_path: Path
+) -> None:
+    """With no config file to read, the command line hands a mount to the zygote before it
+    imports ``lazycaf.cli.main`` (argparse, logging) or ``lazycaf.cli.config`` (tomllib,
+    dataclasses): 30-40 ms of a mount from a cold page cache. A mount it cannot hand over
+    still works (the in-process path imports them then)."""
+    digest, cas = _started(host, tmp_path)
+    home = tmp_path / "home"  # no ~/.config/lazycaf/config.toml
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "LAZYCAF_CONFIG"}
+    env |= {**host.env, "HOME": str(home)}
+    mnt = host.mountpoint()
+    cmd = [sys.executable, "-X", "importtime", "-m", "lazycaf", "mount", digest, str(mnt)]
+    proc = subprocess.run([*cmd, "--cas", str(cas)], capture_output=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    imported = set(re.findall(r"\|\s*([\w.]+)\n", proc.stderr.decode()))
+    assert "lazycaf.cli.zygote_client" in imported  # the -X importtime lines are there
+    assert not imported & {"lazycaf.cli.main", "lazycaf.cli.config", "argparse", "tomllib"}
+    assert any(cmd.endswith(f"mount {digest} {mnt} --cas {cas}") for cmd in _served(host))
+    assert (mnt / "lib/pkg/__init__.py").read_text() == "x = 1\n"
+    host.cli("umount", mnt)
+
+
 def _mount_pid(mnt: Path) -> int:
     from lazycaf.mount.root import mount_pid
 
