@@ -71,16 +71,22 @@ class CacheLayout:
     <root>/fetcher.sock, fetcher.lock, fetcher.log   the daemon's socket, lock and log
     """
 
-    __slots__ = ("blobs", "index", "root", "tmp")
+    __slots__ = ("_blobs_prefix", "blobs", "index", "root", "tmp")
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.index = root / "index.lmdb"
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
+        self._blobs_prefix = f"{self.blobs}/"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / self.blob_name(digest)
+
+    def blob_str(self, digest: Digest) -> str:
+        """``blob`` as a string, without ``pathlib`` (~5 us less: a mount asks it per read)."""
+        h = digest.hex
+        return f"{self._blobs_prefix}{h[:2]}/{h}"
 
     @property
     def manifests(self) -> Path:

@@ -139,7 +139,7 @@ class BlobReader:
             if digest not in self._index:
                 return None
             try:
-                fd = os.open(self._cache.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self._cache.blob_str(digest), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None  # evicted since the index said so: fetch again
             held = fd, os.fstat(fd).st_size

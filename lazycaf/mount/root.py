@@ -210,6 +210,7 @@ async def run_mount(config: MountConfig, *, ready: Callable[[str], None]) -> Non
             crowd=config.crowd,
             import_graph=config.import_graph,
             bundle_queued=loaded.bundle_queued,
+            mountpoint=real_mountpoint,
         )
         reader = BlobReader(
             cache,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
 import os
 import py_compile
+import re
 import shutil
 import subprocess
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from lazycaf.core.digest import Digest
 from tests.conftest import CasServer, Host, require, run_cli
-from tests.helpers import wait_for
+from tests.helpers import make_tree, wait_for
 from tests.slowproxy import slow_proxy
 
 IMPORT_NUMPY = ["-c", "import numpy"]
@@ -358,3 +360,47 @@ def test_a_cached_hot_set_is_read_into_the_page_cache(host: Host, tmp_path: Path
         "the daemon to read the hot set into the page cache",
     )
     host.cli("umount", mnt)
+
+
+def _fuse_requests(host: Host) -> list[dict[str, int]]:
+    """The FUSE request counts each mount of ``host`` logged at its end, oldest first."""
+    text = "".join(p.read_text() for p in sorted((host.cache / "logs").glob("mount*.log")))
+    return [json.loads(m) for m in re.findall(r"FUSE requests by opcode: (\{.*\})", text)]
+
+
+def test_the_hot_paths_are_looked_up_ahead_and_the_run_still_records_its_reads(
+    host: Host, tmp_path: Path
+) -> None:
+    """A mount with a profile looks its hot paths up through the kernel as soon as it is
+    up (the run then finds them in the dentry cache), and only looks them up: the run's
+    reads still reach the mount and its trace, so the profile keeps learning."""
+    tree = make_tree(tmp_path / "tree")
+    cas = tmp_path / "cas"
+    run_cli("pack", tree, "--cas", cas, "--tag", "warm:v1")
+    hot = ["bin/tool", "lib/pkg/__init__.py", "lib/pkg/sub/data.bin", "lib/pkg/ünïcode.txt"]
+    mnt = host.mountpoint()
+    host.cli("mount", "warm:v1", mnt, "--cas", cas)
+    for p in hot:
+        assert (mnt / p).read_bytes() == (tree / p).read_bytes()
+    host.cli("umount", mnt)  # the profile 'warm' now holds the four files
+
+    host.cli("mount", "warm:v1", mnt, "--cas", cas, "--no-record")
+    log = host.cache / "logs"
+    wait_for(
+        lambda: "looked up ahead of the run: 4" in "".join(p.read_text() for p in log.iterdir()),
+        "the hot paths looked up",
+    )
+    host.cli("umount", mnt)  # nothing but the mount itself looked anything up
+    assert _fuse_requests(host)[-1].get("lookup", 0) >= 6  # bin, tool, lib, pkg, sub, ...
+    host.cli("mount", "warm:v1", mnt, "--cas", cas, "--no-record", "--no-prefetch")
+    host.cli("umount", mnt)
+    assert _fuse_requests(host)[-1].get("lookup", 0) == 0  # no profile asked: none ahead
+
+    host.cli("mount", "warm:v1", mnt, "--cas", cas)  # records its run
+    for p in hot:
+        assert (mnt / p).read_bytes() == (tree / p).read_bytes()
+    host.cli("umount", mnt)
+    assert _fuse_requests(host)[-1]["read"] >= len(hot)  # the reads reached the mount
+    lines = show(host, "warm", cas)
+    assert lines[0].startswith("profile 'warm': 2 run(s)")
+    assert sum(served_from(lines).values()) == len(hot)  # every read is in the trace
