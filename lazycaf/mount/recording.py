@@ -231,14 +231,18 @@ class MountProfile:
         profile = self.profile
         assert profile is not None
         self._hot, self._plan = await trio.to_thread.run_sync(self._plan_hot_set, profile)
+        asked = set(self.prefetched)  # the bundle's blobs, when it went first
         self.prefetched.update(self._plan)
         if self._bundle_queued is None and (parts := self._bundled(self._plan)) is not None:
             try:
                 self._queued = await self.client.prefetch_bundle(parts)
+                asked.update(d for _, blobs in parts for d in blobs)
             except LazyCafError as exc:  # a daemon that predates bundles: blob by blob
                 log.info("hot set not fetched through its bundle: %s", exc)
+        # not the bundle's blobs again: the daemon queued them, or warmed them (once)
+        rest = [d for d in self._plan if d not in asked]
         try:
-            self._queued += await self.client.prefetch(self._plan)
+            self._queued += await self.client.prefetch(rest)
         except LazyCafError as exc:
             log.warning("no prefetch for profile %r: %s", self.name, exc)
 
