@@ -14,6 +14,7 @@ returned (its blobs durable), so a manifest in the CAS is always complete.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -119,11 +120,29 @@ class Blob(NamedTuple):
     data: bytes | None = None
 
 
-def _open(where: str) -> int:
+def _open(where: str, seen: Scanned | None = None) -> int:
+    """``where``, opened to read. With ``seen`` (the file as the walk saw it): a regular file,
+    not a symlink, and where the walk found its inode, the same inode; a file or a
+    directory above it replaced after the walk (a symlink to elsewhere put in its place)
+    is a ``PackError``, never bytes from outside the tree. ``O_NONBLOCK``: a FIFO put in a
+    file's place fails the check instead of blocking the open."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    if seen is not None:
+        flags |= os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(where, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(where, flags)
     except OSError as exc:
+        if seen is not None and exc.errno == errno.ELOOP:
+            raise PackError(f"{where} changed while packing (now a symlink)") from None
         raise PackError(f"cannot read {where}: {exc.strerror}") from exc
+    if seen is None:
+        return fd
+    st = os.fstat(fd)
+    same = seen.key is None or (st.st_ino, st.st_dev) == (seen.key[3], seen.key[4])
+    if not (stat.S_ISREG(st.st_mode) and same):
+        os.close(fd)
+        raise PackError(f"{where} changed while packing (not the file the walk found)")
+    return fd
 
 
 def _read(fd: int, length: int, where: str, *, last: bool = False) -> bytes:
@@ -161,7 +180,7 @@ class ReadAhead:
     def take(self, k: int) -> int:
         while self._opened < len(self._files) and self._opened <= k + _READ_AHEAD_FILES:
             s = self._files[self._opened]
-            fd = _open(f"{self._root}/{s.path}")
+            fd = _open(f"{self._root}/{s.path}", s)
             self._fds[self._opened] = fd
             self._opened += 1
             will_need(fd)
@@ -246,7 +265,7 @@ def hash_pyc(
     (_, _), blob = hash_small(root, s.path, s.size, fd)
     assert blob.data is not None
     where = f"{root}/{source.path}"
-    source_fd = _open(where)
+    source_fd = _open(where, source)
     try:
         source_bytes = _read(source_fd, source.size, where, last=True)
     finally:

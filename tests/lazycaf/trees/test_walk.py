@@ -197,3 +197,44 @@ def test_an_mtime_a_manifest_cannot_hold_is_one_line_naming_the_file(tmp_path: P
     assert os.stat(tree / "future").st_mtime_ns > 2**63 - 1
     with pytest.raises(PackError, match=r"t/future: its mtime is outside what a manifest holds"):
         walk_tree(tree)
+
+
+def test_a_file_or_directory_replaced_after_the_walk_is_never_read_through(
+    tmp_path: Path,
+) -> None:
+    """Between the walk and the hashing, a directory of the tree swapped for a symlink to
+    elsewhere (holding a file of the same name and size), or a file swapped for a symlink or
+    a FIFO: the pack stops with one line and never reads the bytes it would reach."""
+    from lazycaf.trees.pack import hash_batch
+
+    root = tmp_path / "tree"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg/a.py").write_text("inside\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.py").write_text("secret\n")  # same size: only the inode tells them apart
+
+    def files() -> list[walkmod.Scanned]:
+        walked = walk_tree(root)
+        return [walked.scanned(i) for i, k in enumerate(walked.kinds) if k == FILE]
+
+    seen = files()
+    ((hashes, _),) = hash_batch(str(root), seen, CS)
+    assert hashes[0] == Digest.of(b"inside\n")
+
+    (root / "pkg").rename(tmp_path / "moved")
+    os.symlink(outside, root / "pkg")
+    with pytest.raises(PackError, match=r"pkg/a.py changed while packing \(not the file"):
+        hash_batch(str(root), seen, CS)
+    os.unlink(root / "pkg")
+    (tmp_path / "moved").rename(root / "pkg")
+
+    seen = files()
+    os.unlink(root / "pkg/a.py")
+    os.symlink(outside / "a.py", root / "pkg/a.py")
+    with pytest.raises(PackError, match=r"changed while packing \(now a symlink\)"):
+        hash_batch(str(root), seen, CS)
+    os.unlink(root / "pkg/a.py")
+    os.mkfifo(root / "pkg/a.py")  # no writer: a plain open would block forever
+    with pytest.raises(PackError, match="changed while packing"):
+        hash_batch(str(root), seen, CS)
