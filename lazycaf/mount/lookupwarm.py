@@ -20,17 +20,22 @@ import os
 import threading
 from collections.abc import Iterable
 
+from lazycaf.core.manifest import check_path
+
 __all__ = ["warm_lookups"]
 
 
 def warm_lookups(mountpoint: str, paths: Iterable[str], stop: threading.Event) -> int:
-    """``lstat`` each of ``paths`` (relative to ``mountpoint``) until ``stop`` is set or the
-    mount goes away; returns how many were found. Blocking, and answered by the mount's own
+    """``lstat`` each of ``paths`` (relative to ``mountpoint``; one a manifest could not
+    hold, absolute or with a ``..``, is skipped) until ``stop`` is set or the mount goes
+    away; returns how many were found. Blocking, and answered by the mount's own
     event loop: call it in a worker thread that the loop never waits for."""
     found = 0
     for path in paths:
         if stop.is_set():
             break
+        if check_path(path) is not None:  # a crafted profile's "/etc/x" or "../x": not ours
+            continue
         try:
             os.lstat(os.path.join(mountpoint, path))
         except FileNotFoundError:

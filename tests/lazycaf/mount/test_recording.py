@@ -76,3 +76,21 @@ async def test_without_its_bundle_asked_the_plan_goes_through_it_once(tmp_path: 
     ((part, blobs),) = client.bundles[0]
     assert part == Digest.of(b"part") and blobs == [DIGESTS[p] for p in list(FILES)[:3]]
     assert client.prefetched == [[DIGESTS["pkg/m3.py"]]]
+
+
+def test_the_lookups_ahead_stay_below_the_mountpoint(tmp_path: Path) -> None:
+    """A profile is data from the store: a hot path that is absolute or climbs out with
+    ``..`` is never looked up (the mount runs as root)."""
+    import threading
+
+    from lazycaf.mount.lookupwarm import warm_lookups
+
+    mnt = tmp_path / "mnt"
+    (mnt / "pkg").mkdir(parents=True)
+    (mnt / "pkg/a.py").write_text("x")
+    (tmp_path / "outside").write_text("x")
+    paths = ["pkg/a.py", "pkg/missing.py", str(tmp_path / "outside"), "../outside", "pkg/../.."]
+    assert warm_lookups(str(mnt), paths, threading.Event()) == 1
+    stop = threading.Event()
+    stop.set()
+    assert warm_lookups(str(mnt), paths, stop) == 0
