@@ -159,7 +159,7 @@ class MountProfile:
         self.profile = profile
         self.crowd = crowd
         self.crowd_planned = 0  # blobs the crowd hot set queued (no profile of its own)
-        self._hot: list[HotFile] = []  # the profile's hot set, as queue_hot_set planned it
+        self._hot: list[HotFile] = []  # the profile's hot set, computed once (queue_hot_set or run)
         self._plan: list[Digest] = []
         self._queued = 0
         self._bundle_queued = bundle_queued
@@ -230,7 +230,10 @@ class MountProfile:
         """Plan the hot set on this tree and queue what the bundle did not bring."""
         profile = self.profile
         assert profile is not None
-        self._hot, self._plan = await trio.to_thread.run_sync(self._plan_hot_set, profile)
+        if not self._hot:
+            self._hot = await trio.to_thread.run_sync(profile.hot_set)
+        hot, per_path, chunk_size = self._hot, self.manifest.by_path, self.manifest.chunk_size
+        self._plan = await trio.to_thread.run_sync(plan_prefetch, hot, per_path, chunk_size)
         asked = set(self.prefetched)  # the bundle's blobs, when it went first
         self.prefetched.update(self._plan)
         if self._bundle_queued is None and (parts := self._bundled(self._plan)) is not None:
@@ -246,23 +249,18 @@ class MountProfile:
         except LazyCafError as exc:
             log.warning("no prefetch for profile %r: %s", self.name, exc)
 
-    async def _warm_lookups(self, profile: Profile, mountpoint: str) -> None:
+    async def _warm_lookups(self, mountpoint: str) -> None:
         """The hot set's paths into the kernel's dentry cache (``lazycaf.mount.lookupwarm``);
         the thread is left behind when the mount ends (its lookups fail then)."""
         stop = threading.Event()
-
-        def warm() -> int:  # the hot set computed in the thread too (5-10 ms for torch's)
-            return warm_lookups(mountpoint, (h.path for h in profile.hot_set()), stop)
-
+        paths = [h.path for h in self._hot]
         try:
-            found = await trio.to_thread.run_sync(warm, abandon_on_cancel=True)
+            found = await trio.to_thread.run_sync(
+                warm_lookups, mountpoint, paths, stop, abandon_on_cancel=True
+            )
         finally:
             stop.set()
         log.info("hot set's paths looked up ahead of the run: %d", found)
-
-    def _plan_hot_set(self, profile: Profile) -> tuple[list[HotFile], list[Digest]]:
-        hot = profile.hot_set()
-        return hot, plan_prefetch(hot, self.manifest.by_path, self.manifest.chunk_size)
 
     def _bundled(self, plan: list[Digest]) -> list[tuple[Digest, list[Digest]]] | None:
         """The parts of the profile's bundle to fetch through, each with its blobs in the
@@ -284,8 +282,10 @@ class MountProfile:
             task_status.started()
             if not self.prefetch:
                 return
-            if self.profile is not None and self.mountpoint is not None:
-                nursery.start_soon(self._warm_lookups, self.profile, self.mountpoint)
+            if self.profile is not None and not self._hot:  # once, for both uses below
+                self._hot = await trio.to_thread.run_sync(self.profile.hot_set)
+            if self._hot and self.mountpoint is not None:
+                nursery.start_soon(self._warm_lookups, self.mountpoint)
             if self._plan_later:
                 await self._queue_plan()
             if self.profile is None and self.crowd:
